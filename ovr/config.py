@@ -1,0 +1,123 @@
+"""Run configuration: frozen dataclasses, filled from a TOML file and then from CLI flags (flags win)."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import tomllib
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from .errors import OvrError
+
+
+@dataclass(frozen=True)
+class FeatureConfig:
+    backbone: str = "efficientnet_lite0"
+    weights: str = "default"  # "default" (the backbone's pretrained weights), "none" (random init) or a file
+    device: str = "auto"
+    batch_size: int = 64
+    workers: int = -1  # -1: as many DataLoader workers as CPU cores, at most 4
+    cache_dir: str = ""  # "": $OVR_CACHE_DIR or the user's cache dir
+    strict: bool = False  # a bad image file is an error instead of a skipped file
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    val_fraction: float = 0.15
+    test_fraction: float = 0.15
+    split_seed: int = 0
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    head: str = "linear"  # linear | mlp
+    hidden: int = 256
+    epochs: int = 100
+    lr: float = 1e-2
+    batch_size: int = 512
+    patience: int = 5
+    l2_grid: tuple[float, ...] = (0.0, 1e-4, 1e-3, 1e-2)
+    pos_weight: bool = True
+    normalize: str = "standardize"  # standardize | l2
+    calibration: str = "platt"  # platt | temperature | none
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    seeds: int = 3
+    sklearn: bool = True
+    sklearn_max_samples: int = 20000
+    few_shot_k: int = 5
+    imbalance_ratio: float = 0.1  # the subsampled classes keep this fraction of their training images
+
+
+@dataclass(frozen=True)
+class Config:
+    features: FeatureConfig = field(default_factory=FeatureConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    bench: BenchConfig = field(default_factory=BenchConfig)
+
+
+SECTIONS = {f.name: f.type for f in fields(Config)}
+_CLASSES = {"features": FeatureConfig, "data": DataConfig, "train": TrainConfig, "bench": BenchConfig}
+
+
+def _coerce(cls: type, name: str, value: Any) -> Any:
+    default = getattr(cls(), name)
+    if isinstance(default, tuple):
+        return tuple(float(v) for v in value)
+    if isinstance(default, bool):
+        if not isinstance(value, bool):
+            raise OvrError(f"config: {name} must be true or false, got {value!r}")
+        return value
+    if isinstance(default, (int, float)) and not isinstance(value, (int, float)):
+        raise OvrError(f"config: {name} must be a number, got {value!r}")
+    return type(default)(value)
+
+
+def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> Config:
+    """Defaults, then the TOML file's [features]/[data]/[train]/[bench] tables, then non-None overrides by field name."""
+    values: dict[str, dict[str, Any]] = {s: {} for s in _CLASSES}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise OvrError(f"config file not found: {p}")
+        try:
+            raw = tomllib.loads(p.read_text(encoding="utf-8"))
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+            raise OvrError(f"config file {p} is not valid TOML: {e}") from None
+        for section, table in raw.items():
+            if section not in _CLASSES or not isinstance(table, dict):
+                raise OvrError(f"config file {p}: unknown section [{section}] (expected {', '.join(_CLASSES)})")
+            known = {f.name for f in fields(_CLASSES[section])}
+            for k, v in table.items():
+                if k not in known:
+                    raise OvrError(f"config file {p}: unknown key {k!r} in [{section}]")
+                values[section][k] = _coerce(_CLASSES[section], k, v)
+    for k, v in (overrides or {}).items():
+        if v is None:
+            continue
+        owners = [s for s, c in _CLASSES.items() if k in {f.name for f in fields(c)}]
+        if not owners:
+            raise ValueError(f"unknown config field {k!r}")
+        for s in owners:
+            values[s][k] = _coerce(_CLASSES[s], k, v)
+    return Config(**{s: _CLASSES[s](**values[s]) for s in _CLASSES})
+
+
+def config_to_dict(cfg: Config) -> dict[str, Any]:
+    return json.loads(json.dumps(dataclasses.asdict(cfg)))
+
+
+def config_to_toml(cfg: Config) -> str:
+    """The resolved config as TOML that `--config` reads back (values are flat scalars or lists of numbers)."""
+    lines = []
+    for section, table in config_to_dict(cfg).items():
+        lines.append(f"[{section}]")
+        for k, v in table.items():
+            lines.append(f"{k} = {json.dumps(v)}")
+        lines.append("")
+    return "\n".join(lines)
