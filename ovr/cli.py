@@ -145,3 +145,112 @@ def demo(
             emb = embed_data(data, cfg, progress=cb)
         console.print(embed_table(emb))
         console.print(embed_line(emb), highlight=False)
+
+
+def _train_table(model, title: str, names=None) -> Table:
+    t = Table(title=title)
+    for col, just in [("class", "left"), ("positives", "right"), ("negatives", "right"), ("L2", "right"),
+                      ("best epoch", "right"), ("val loss", "right"), ("threshold", "right"), ("val P", "right"),
+                      ("val R", "right"), ("val F1", "right")]:
+        t.add_column(col, justify=just)
+    for c in names or model.classes:
+        r = model.records[c]
+        v = r.get("val") or {}
+        f = lambda x: "-" if x is None else f"{x:.3f}"  # noqa: E731
+        t.add_row(c, str(r["positives"]), str(r["negatives"]), f"{r['l2']:g}", str(r["best_epoch"]), f(r["val_loss"]),
+                  f(r["threshold"]), f(v.get("precision")), f(v.get("recall")), f(v.get("f1")))
+    return t
+
+
+@app.command()
+def train(
+    data: Annotated[Path, typer.Argument(help="Image folder: DATA/<class>/* or DATA/train|val|test/<class>/*.")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Model folder to write.")],
+    backbone: BackboneOpt = None, weights: WeightsOpt = None, device: DeviceOpt = None, batch_size: BatchOpt = None,
+    workers: WorkersOpt = None, cache_dir: CacheOpt = None, strict: StrictOpt = None,
+    head: Annotated[Optional[str], typer.Option(help="linear | mlp. [default: linear]")] = None,
+    hidden: Annotated[Optional[int], typer.Option(help="Hidden units of an mlp head. [default: 256]")] = None,
+    epochs: Annotated[Optional[int], typer.Option(help="Max epochs; each head stops early on its val loss. [default: 100]")] = None,
+    lr: Annotated[Optional[float], typer.Option(help="Adam learning rate. [default: 0.003]")] = None,
+    seed: Annotated[Optional[int], typer.Option(help="Global seed; each head's seed derives from it and its class name.")] = None,
+    pos_weight: Annotated[Optional[bool], typer.Option("--pos-weight/--no-pos-weight", help="Weight positives by negatives/positives per head. [default: on]")] = None,
+    normalize: Annotated[Optional[str], typer.Option(help="standardize | l2 feature normalisation. [default: standardize]")] = None,
+    calibration: Annotated[Optional[str], typer.Option(help="platt | temperature | none, fitted per head on val. [default: platt]")] = None,
+    force: Annotated[bool, typer.Option("--force", help="Overwrite an existing model folder.")] = False,
+    config: ConfigOpt = None,
+) -> None:
+    """Embed DATA (through the cache) and train one binary head per class, all in parallel."""
+    with user_errors():
+        from .pipeline import train_model
+        from .report import embed_line
+
+        cfg = _config(config, backbone=backbone, weights=weights, device=device, batch_size=batch_size,
+                      workers=workers, cache_dir=cache_dir, strict=strict, head=head, hidden=hidden, epochs=epochs,
+                      lr=lr, seed=seed, pos_weight=pos_weight, normalize=normalize, calibration=calibration)
+        with progress_bar() as cb:
+            model, emb = train_model(data, out, cfg, force=force, progress=cb)
+        _warn_skipped(emb.result.skipped)
+        console.print(embed_line(emb), highlight=False)
+        console.print(_train_table(model, f"{len(model.classes)} heads ({model.head_type}) trained -> {out}"))
+
+
+@app.command()
+def predict(
+    model: Annotated[Path, typer.Argument(help="Model folder.")],
+    paths: Annotated[list[str], typer.Argument(help="Image files, folders or glob patterns.")],
+    top_k: Annotated[int, typer.Option("--top-k", help="Classes to show per image.")] = 1,
+    reject_below: Annotated[Optional[float], typer.Option("--reject-below", help="Answer 'unknown' when the best confidence is below T.")] = None,
+    thresholds: Annotated[bool, typer.Option("--thresholds", help="Answer 'unknown' when no head passes its stored threshold.")] = False,
+    multilabel: Annotated[bool, typer.Option("--multilabel", help="Also list every class whose head fires.")] = False,
+    calibrated: Annotated[bool, typer.Option("--calibrated", help="Use the stored per-head calibration.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="One JSON object per image on stdout.")] = False,
+    device: DeviceOpt = None, cache_dir: CacheOpt = None,
+) -> None:
+    """Classify images with a trained model (a corrupt image gets an error row; the rest are still predicted)."""
+    with user_errors():
+        from .data import expand_inputs
+        from .pipeline import Predictor
+
+        files = expand_inputs(paths)
+        pred = Predictor(model, device or "auto", cache_dir)
+        rows = pred.predict(files, top_k, reject_below, thresholds, multilabel, calibrated)
+        if as_json:
+            for r in rows:
+                print(json.dumps(r, ensure_ascii=False))
+            return
+        t = Table(title=f"Predictions of {model}")
+        for col in ["file", "class", "confidence", "runner-up"] + (["top-k"] if top_k > 1 else []) + (["labels"] if multilabel else []):
+            t.add_column(col, justify="right" if col == "confidence" else "left")
+        for r in rows:
+            if "error" in r:
+                t.add_row(r["input"], "[red]error", "", r["error"])
+                continue
+            ru = r.get("runner_up")
+            extra = [", ".join(f"{x['class']} {x['confidence']:.2f}" for x in r["top"])] if top_k > 1 else []
+            extra += [", ".join(r["labels"])] if multilabel else []
+            t.add_row(r["input"], r["class"], f"{r['confidence']:.3f}", f"{ru['class']} {ru['confidence']:.3f}" if ru else "", *extra)
+        console.print(t)
+
+
+@app.command()
+def evaluate(
+    model: Annotated[Path, typer.Argument(help="Model folder.")],
+    data: Annotated[Path, typer.Argument(help="Image folder, split as at training time.")],
+    split: Annotated[str, typer.Option(help="train | val | test.")] = "test",
+    reject_below: Annotated[Optional[float], typer.Option("--reject-below")] = None,
+    thresholds: Annotated[bool, typer.Option("--thresholds", help="Unknown when no head passes its threshold.")] = False,
+    calibrated: Annotated[bool, typer.Option("--calibrated", help="Use the stored per-head calibration.")] = False,
+    json_out: Annotated[Optional[Path], typer.Option("--json", help="Write every metric as JSON here.")] = None,
+    device: DeviceOpt = None, cache_dir: CacheOpt = None,
+) -> None:
+    """Accuracy, macro-F1, balanced accuracy, per-class metrics, confusion matrix and ECE on one split."""
+    with user_errors():
+        from .pipeline import evaluate_model
+        from .report import metrics_tables
+
+        with progress_bar() as cb:
+            m = evaluate_model(model, data, split, device, cache_dir, reject_below, thresholds, calibrated, cb)
+        for t in metrics_tables(m):
+            console.print(t)
+        if json_out:
+            json_out.write_text(json.dumps(m, indent=2))

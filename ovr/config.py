@@ -34,10 +34,10 @@ class TrainConfig:
     head: str = "linear"  # linear | mlp
     hidden: int = 256
     epochs: int = 100
-    lr: float = 1e-2
-    batch_size: int = 512
-    patience: int = 5
-    l2_grid: tuple[float, ...] = (0.0, 1e-4, 1e-3, 1e-2)
+    lr: float = 3e-3
+    head_batch_size: int = 128
+    patience: int = 10
+    l2_grid: tuple[float, ...] = (1e-3, 1e-2, 1e-1, 1.0)
     pos_weight: bool = True
     normalize: str = "standardize"  # standardize | l2
     calibration: str = "platt"  # platt | temperature | none

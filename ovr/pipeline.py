@@ -24,3 +24,204 @@ def embed_data(data: str | Path, cfg: Config, progress: Progress | None = None,
     emb = embed_folder(folder, backbone, open_cache(cfg, backbone), device, f.batch_size, f.workers, f.strict, progress)
     emb.backbone = backbone
     return emb
+
+
+# --- training a model ------------------------------------------------------------------------------------
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from . import aggregate  # noqa: E402
+from .config import TrainConfig, config_to_dict, config_to_toml, load_config  # noqa: E402
+from .data import expand_inputs  # noqa: E402
+from .errors import OvrError  # noqa: E402
+from .features import embed_images, embed_paths  # noqa: E402
+from .heads import Normalizer, fit_ovr_heads, stack_heads, stacked_logits  # noqa: E402
+from .metrics import binary_head_metrics  # noqa: E402
+from .store import Model, check_backbone, load_model, now, save_model  # noqa: E402
+
+
+def fit_kwargs(t: TrainConfig) -> dict:
+    return dict(head=t.head, hidden=t.hidden, epochs=t.epochs, lr=t.lr, batch_size=t.head_batch_size,
+                patience=t.patience, l2_grid=t.l2_grid, pos_weight=t.pos_weight, seed=t.seed)
+
+
+def model_logits(model: Model, X: torch.Tensor, classes: list[str] | None = None) -> np.ndarray:
+    classes = classes or model.classes
+    p = stack_heads([model.heads[c] for c in classes], X.device)
+    with torch.no_grad():
+        return stacked_logits(p, model.normalizer(X)).cpu().numpy()
+
+
+def model_confidences(model: Model, X: torch.Tensor, calibrated: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """(confidences [n, N], per-head thresholds in the same space). Raw sigmoid by default; calibrated
+    applies each head's stored Platt/temperature map (monotonic, so thresholds map through it too)."""
+    z = model_logits(model, X)
+    thr = np.array([model.records[c]["threshold"] for c in model.classes])
+    if not calibrated:
+        return aggregate.confidences(z), thr
+    a = np.array([model.records[c]["calibration"]["a"] for c in model.classes])
+    b = np.array([model.records[c]["calibration"]["b"] for c in model.classes])
+    t = np.log(np.clip(thr, 1e-12, 1 - 1e-12) / np.clip(1 - thr, 1e-12, None))
+    return aggregate.confidences(z, a, b), aggregate.confidences(t, a, b)
+
+
+def fit_heads_into(model: Model, names: list[str], X: torch.Tensor, y: torch.Tensor, Xv: torch.Tensor,
+                   yv: torch.Tensor, t: TrainConfig, progress: Progress | None = None) -> None:
+    """Train the heads of `names` (labels index model.classes) and record calibration, threshold, val metrics."""
+    targets = [model.classes.index(c) for c in names]
+    Xn, Xvn = model.normalizer(X), (model.normalizer(Xv) if len(Xv) else None)
+    heads, fits = fit_ovr_heads(Xn, y, Xvn, yv if len(Xv) else None, targets, names, progress=progress,
+                                **fit_kwargs(t))
+    tmp = Model(model.backbone, model.normalizer, t.head, names, dict(zip(names, heads)), {})
+    if len(Xv):
+        z = model_logits(tmp, Xv)
+        T = (yv.cpu().numpy()[:, None] == np.asarray(targets)).astype(float)
+        a, b = aggregate.fit_calibration(z, T, t.calibration)
+        conf = aggregate.confidences(z)
+        thr = aggregate.fit_thresholds(conf, T)
+        val = binary_head_metrics(conf, T, thr)
+    else:
+        a, b, thr = np.ones(len(names)), np.zeros(len(names)), np.full(len(names), 0.5)
+        val = [{} for _ in names]
+    for j, c in enumerate(names):
+        f = fits[j]
+        model.heads[c] = heads[j]
+        model.records[c] = {
+            "seed": f.seed, "positives": f.positives, "negatives": f.negatives, "pos_weight": f.pos_weight,
+            "l2": f.l2, "val_loss": f.val_loss if np.isfinite(f.val_loss) else None, "best_epoch": f.best_epoch,
+            "threshold": float(thr[j]), "calibration": {"kind": t.calibration, "a": float(a[j]), "b": float(b[j])},
+            "val": val[j], "created": now(),
+        }
+
+
+def train_model(data: str | Path, out: str | Path, cfg: Config, force: bool = False,
+                progress: Progress | None = None) -> tuple[Model, EmbeddedFolder]:
+    out = Path(out)
+    if out.exists() and not force:  # fail before the long part
+        raise OvrError(f"{out} exists; pass --force to overwrite it")
+    emb = embed_data(data, cfg, progress)
+    classes = emb.folder.classes
+    X, y, _ = emb.split("train")
+    Xv, yv, _ = emb.split("val")
+    empty = [c for i, c in enumerate(classes) if not (y == i).any()]
+    if empty:
+        raise OvrError(f"no readable training images for class {empty[0]!r}")
+    if len(classes) < 2:
+        raise OvrError("one-vs-rest needs at least two classes to train (add more with `ovr add-class` later)")
+    model = Model(emb.backbone.spec(), Normalizer.fit(cfg.train.normalize, X), cfg.train.head, list(classes), {}, {},
+                  calibration=cfg.train.calibration, config=config_to_dict(cfg))
+    fit_heads_into(model, list(classes), X, y, Xv, yv, cfg.train, progress)
+    model.examples = [{"key": k, "label": classes[int(lab)], "split": str(sp)}
+                      for k, lab, sp in zip(emb.result.keys, emb.labels, emb.splits)]
+    save_model(model, out, force=force, config_toml=config_to_toml(cfg))
+    return model, emb
+
+
+# --- using a model ---------------------------------------------------------------------------------------
+
+class Predictor:
+    """A loaded model plus its backbone: `ovr.load(MODEL).predict([...paths or PIL images...])`."""
+
+    def __init__(self, root: str | Path, device: str = "auto", cache_dir: str | Path | None = None) -> None:
+        self.root = Path(root)
+        self.model = load_model(root)
+        self.device = resolve_device(device)
+        self.cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
+        self._backbone: Backbone | None = None
+
+    @property
+    def classes(self) -> list[str]:
+        return self.model.classes
+
+    @property
+    def backbone(self) -> Backbone:
+        if self._backbone is None:
+            spec = self.model.backbone
+            bb = load_backbone(spec["name"], spec["weights"])
+            check_backbone(spec, bb.spec())
+            self._backbone = bb
+        return self._backbone
+
+    def embed(self, inputs: list, progress: Progress | None = None) -> tuple[torch.Tensor, list[int], list[tuple]]:
+        """-> embeddings of the usable inputs, their positions, and (input, reason) for the unusable ones."""
+        if inputs and all(isinstance(x, Image.Image) for x in inputs):
+            return embed_images(inputs, self.backbone, self.device), list(range(len(inputs))), []
+        paths = [Path(p) for p in inputs]
+        cache = EmbeddingCache(self.cache_dir, self.backbone.key)
+        r = embed_paths(paths, self.backbone, cache, self.device, workers=0 if len(paths) < 64 else -1,
+                        progress=progress)
+        return r.embeddings, r.input_index.tolist(), r.skipped
+
+    def confidences(self, X: torch.Tensor, calibrated: bool = False) -> tuple[np.ndarray, np.ndarray]:
+        return model_confidences(self.model, X, calibrated)
+
+    def predict(self, inputs: list, top_k: int = 1, reject_below: float | None = None, thresholds: bool = False,
+                multilabel: bool = False, calibrated: bool = False, progress: Progress | None = None) -> list[dict]:
+        """One dict per input, in order: class (or 'unknown'), confidence, top-k, or an error."""
+        X, idx, skipped = self.embed(inputs, progress)
+        if len(idx):
+            conf, thr = self.confidences(X, calibrated)
+        else:
+            conf, thr = np.zeros((0, len(self.classes))), np.full(len(self.classes), 0.5)
+        pred = aggregate.predict(conf, reject_below, thr if thresholds else None)
+        ti, tc = aggregate.top_k(conf, max(top_k, 2))
+        rows: list[dict] = [{}] * len(inputs)
+        name = (lambda x: str(x)) if not (inputs and isinstance(inputs[0], Image.Image)) else (lambda x: "<image>")
+        for r, i in enumerate(idx):
+            row = {"input": name(inputs[i]),
+                   "class": self.classes[pred[r]] if pred[r] >= 0 else "unknown",
+                   "confidence": float(conf[r].max()),
+                   "top": [{"class": self.classes[j], "confidence": float(c)} for j, c in zip(ti[r][:top_k], tc[r][:top_k])]}
+            if len(self.classes) > 1:
+                row["runner_up"] = {"class": self.classes[ti[r][1]], "confidence": float(tc[r][1])}
+            if multilabel:
+                fired = aggregate.multilabel(conf[r:r + 1], thr)[0]
+                row["labels"] = [c for c, f in zip(self.classes, fired) if f]
+            rows[i] = row
+        bad = {str(p): why for p, why in skipped}
+        for i, x in enumerate(inputs):
+            if not rows[i]:
+                rows[i] = {"input": str(x), "error": bad.get(str(x), "unreadable")}
+        return rows
+
+
+def load(root: str | Path, device: str = "auto", cache_dir: str | Path | None = None) -> Predictor:
+    return Predictor(root, device, cache_dir)
+
+
+def model_config(root: str | Path, config: str | Path | None = None, **overrides) -> Config:
+    """The config a model was trained with (so evaluate splits DATA the same way), then file, then flags."""
+    from .store import read_manifest
+
+    stored = read_manifest(root).get("config", {})
+    base = {k: v for section in stored.values() for k, v in section.items()}
+    base = {k: (tuple(v) if isinstance(v, list) else v) for k, v in base.items()}
+    cfg = load_config(config, {**base, **{k: v for k, v in overrides.items() if v is not None}})
+    return cfg
+
+
+def evaluate_model(root: str | Path, data: str | Path, split: str = "test", device: str | None = None,
+                   cache_dir: str | None = None, reject_below: float | None = None, thresholds: bool = False,
+                   calibrated: bool = False, progress: Progress | None = None) -> dict:
+    from .metrics import classification_metrics, expected_calibration_error
+
+    cfg = model_config(root, device=device, cache_dir=cache_dir)
+    pred = Predictor(root, cfg.features.device, cfg.features.cache_dir or None)
+    emb = embed_data(data, cfg, progress, backbone=pred.backbone)
+    X, y, _ = emb.split(split)
+    if len(X) == 0:
+        raise OvrError(f"no images in the {split} split of {data}")
+    unknown = [c for c in emb.folder.classes if c not in pred.classes]
+    if unknown:
+        raise OvrError(f"DATA has classes the model does not know: {', '.join(unknown[:5])}")
+    remap = np.array([pred.classes.index(c) for c in emb.folder.classes])
+    y = remap[y.numpy()]
+    conf, thr = pred.confidences(X, calibrated)
+    p = aggregate.predict(conf, reject_below, thr if thresholds else None)
+    out = classification_metrics(y, p, aggregate.normalise_rows(conf), pred.classes)
+    cal, _ = pred.confidences(X, True)
+    out["ece_calibrated"] = expected_calibration_error(aggregate.normalise_rows(cal), y)
+    out.update({"split": split, "model": str(root), "data": str(data), "skipped": len(emb.result.skipped)})
+    return out

@@ -1,0 +1,69 @@
+"""Metrics as plain dicts, from scikit-learn where it has them (ECE is computed here: scikit-learn has none)."""
+from __future__ import annotations
+
+import numpy as np
+from sklearn.metrics import (accuracy_score, balanced_accuracy_score, confusion_matrix, f1_score, log_loss,
+                             precision_recall_fscore_support, top_k_accuracy_score)
+
+
+def expected_calibration_error(proba: np.ndarray, y: np.ndarray, bins: int = 15) -> float:
+    conf = proba.max(1)
+    correct = proba.argmax(1) == y
+    edges = np.linspace(0, 1, bins + 1)
+    which = np.clip(np.digitize(conf, edges[1:-1], right=True), 0, bins - 1)
+    ece = 0.0
+    for b in range(bins):
+        m = which == b
+        if m.any():
+            ece += m.mean() * abs(correct[m].mean() - conf[m].mean())
+    return float(ece)
+
+
+def reliability(proba: np.ndarray, y: np.ndarray, bins: int = 10) -> dict[str, list[float]]:
+    conf = proba.max(1)
+    correct = proba.argmax(1) == y
+    edges = np.linspace(0, 1, bins + 1)
+    which = np.clip(np.digitize(conf, edges[1:-1], right=True), 0, bins - 1)
+    out = {"bin_confidence": [], "bin_accuracy": [], "bin_count": []}
+    for b in range(bins):
+        m = which == b
+        out["bin_confidence"].append(float(conf[m].mean()) if m.any() else float("nan"))
+        out["bin_accuracy"].append(float(correct[m].mean()) if m.any() else float("nan"))
+        out["bin_count"].append(int(m.sum()))
+    return out
+
+
+def classification_metrics(y: np.ndarray, pred: np.ndarray, proba: np.ndarray | None, classes: list[str],
+                           top: int = 3) -> dict:
+    """y, pred: label indices (pred may hold -1 for 'unknown'); proba: [n, K] rows summing to 1, or None."""
+    labels = list(range(len(classes)))
+    p, r, f, s = precision_recall_fscore_support(y, pred, labels=labels, zero_division=0)
+    out = {
+        "n": int(len(y)),
+        "accuracy": float(accuracy_score(y, pred)),
+        "macro_f1": float(f1_score(y, pred, labels=labels, average="macro", zero_division=0)),
+        "balanced_accuracy": float(balanced_accuracy_score(y, np.where(pred < 0, -1, pred))) if len(y) else 0.0,
+        "unknown_rate": float((pred < 0).mean()) if len(pred) else 0.0,
+        "per_class": {c: {"precision": float(p[i]), "recall": float(r[i]), "f1": float(f[i]), "support": int(s[i])}
+                      for i, c in enumerate(classes)},
+        "confusion_matrix": confusion_matrix(y, pred, labels=labels).tolist(),
+        "classes": list(classes),
+    }
+    if proba is not None and len(y):
+        out["nll"] = float(log_loss(y, np.clip(proba, 1e-12, 1), labels=labels))
+        out["ece"] = expected_calibration_error(proba, y)
+        if len(classes) > 2:
+            k = min(top, len(classes) - 1)
+            out[f"top{k}_accuracy"] = float(top_k_accuracy_score(y, proba, k=k, labels=labels))
+    return out
+
+
+def binary_head_metrics(conf: np.ndarray, targets: np.ndarray, thresholds: np.ndarray) -> list[dict]:
+    """Each head as a detector on validation data: precision, recall, F1 at its threshold."""
+    out = []
+    for j in range(conf.shape[1]):
+        fired = conf[:, j] >= thresholds[j]
+        p, r, f, _ = precision_recall_fscore_support(targets[:, j].astype(int), fired.astype(int), average="binary",
+                                                     zero_division=0)
+        out.append({"precision": float(p), "recall": float(r), "f1": float(f)})
+    return out

@@ -1,0 +1,218 @@
+"""The model directory: manifest.json + normalizer + one safetensors file per head + the training examples index.
+
+Files other than manifest.json are content-addressed (their name carries their hash), so an update writes new
+files beside the old ones and then swaps the manifest atomically: a crash at any point leaves the old model
+readable, and an untouched head keeps the very same file (same bytes, same sha256).
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import json
+import os
+import re
+import shutil
+import uuid
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+
+from . import __version__
+from .errors import OvrError
+from .features import atomic_write_bytes
+from .heads import Normalizer, Tensors
+
+SCHEMA_VERSION = 1
+MANIFEST = "manifest.json"
+
+
+def now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+@dataclass
+class Model:
+    backbone: dict  # Backbone.spec(): name, weights, fingerprint, preprocess, dim
+    normalizer: Normalizer
+    head_type: str  # linear | mlp
+    classes: list[str]  # ordered; the index of a class is its label
+    heads: dict[str, Tensors]
+    records: dict[str, dict]  # per class: seed, positives, negatives, l2, threshold, calibration, val metrics, created
+    examples: list[dict] = field(default_factory=list)  # {key, label, split}: the cached embeddings it learned from
+    calibration: str = "platt"
+    config: dict = field(default_factory=dict)
+    created: str = field(default_factory=now)
+
+
+def head_filename(name: str, data: bytes) -> str:
+    """Derived, never trusted: a safe ASCII stem, a hash of the exact name (case collisions differ), the content hash."""
+    stem = re.sub(r"[^a-z0-9_-]+", "_", name.lower()).strip("_")[:32] or "class"
+    return f"{stem}-{hashlib.sha256(name.encode()).hexdigest()[:10]}-{hashlib.sha256(data).hexdigest()[:16]}.safetensors"
+
+
+def _sha(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _head_bytes(name: str, tensors: Tensors) -> bytes:
+    return st_save({k: v.detach().cpu().contiguous().float() for k, v in tensors.items()},
+                   metadata={"format": "ovr-head", "class": name})
+
+
+def _blob(data: bytes, folder: Path, prefix: str, suffix: str) -> str:
+    name = f"{prefix}-{_sha(data)[:16]}{suffix}"
+    if not (folder / name).exists():
+        atomic_write_bytes(folder / name, data)
+    return name
+
+
+def _write_files(model: Model, root: Path, changed: set[str] | None, old: dict | None) -> dict:
+    """Write what changed (content-addressed) and return the manifest that points at it."""
+    (root / "heads").mkdir(parents=True, exist_ok=True)
+    heads = {}
+    for c in model.classes:
+        if old is not None and changed is not None and c not in changed and c in old["heads"]:
+            heads[c] = old["heads"][c]  # untouched: same file, same bytes
+            continue
+        data = _head_bytes(c, model.heads[c])
+        fname = head_filename(c, data)
+        if not (root / "heads" / fname).exists():
+            atomic_write_bytes(root / "heads" / fname, data)
+        heads[c] = {**model.records[c], "file": f"heads/{fname}", "sha256": _sha(data)}
+    norm = st_save({k: v.cpu().contiguous() for k, v in model.normalizer.tensors().items()} or {"none": torch.zeros(0)})
+    ex = json.dumps(model.examples, ensure_ascii=False).encode()
+    return {
+        "schema_version": SCHEMA_VERSION, "ovr_version": __version__, "created": model.created, "updated": now(),
+        "backbone": model.backbone, "head_type": model.head_type, "calibration": model.calibration,
+        "normalizer": {"kind": model.normalizer.kind, "file": _blob(norm, root, "normalizer", ".safetensors"),
+                       "sha256": _sha(norm)},
+        "examples": {"file": _blob(ex, root, "examples", ".json"), "sha256": _sha(ex), "count": len(model.examples)},
+        "classes": list(model.classes), "heads": heads, "config": model.config,
+    }
+
+
+def _prune(root: Path, manifest: dict) -> None:
+    """Delete files the manifest no longer names (left by a replaced head or an interrupted update)."""
+    keep = {h["file"] for h in manifest["heads"].values()} | {manifest["normalizer"]["file"], manifest["examples"]["file"]}
+    for p in list(root.glob("heads/*")) + list(root.glob("normalizer-*")) + list(root.glob("examples-*")):
+        rel = p.relative_to(root).as_posix()
+        if rel not in keep:
+            p.unlink(missing_ok=True)
+
+
+def save_model(model: Model, out: str | Path, force: bool = False, config_toml: str | None = None) -> dict:
+    """A whole new model: built in a temp folder beside OUT and renamed into place (never half-written)."""
+    out = Path(out)
+    if out.exists() and not force:
+        raise OvrError(f"{out} exists; pass --force to overwrite it")
+    if out.exists() and not (out / MANIFEST).is_file() and any(out.iterdir()):
+        raise OvrError(f"{out} exists and is not an ovr model; refusing to overwrite it")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp-{uuid.uuid4().hex[:8]}")
+    try:
+        manifest = _write_files(model, tmp, None, None)
+        if config_toml is not None:
+            atomic_write_bytes(tmp / "config.toml", config_toml.encode())
+        atomic_write_bytes(tmp / MANIFEST, json.dumps(manifest, indent=2, ensure_ascii=False).encode())
+        if out.exists():
+            old = out.with_name(f".{out.name}.old-{uuid.uuid4().hex[:8]}")
+            os.replace(out, old)
+            os.replace(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return manifest
+
+
+def update_model(model: Model, root: str | Path, changed: set[str]) -> dict:
+    """Rewrite only the heads in `changed` (and the examples index), then swap the manifest atomically.
+    Call it while holding `model_lock(root)`."""
+    root = Path(root)
+    old = read_manifest(root)
+    manifest = _write_files(model, root, changed, old)
+    atomic_write_bytes(root / MANIFEST, json.dumps(manifest, indent=2, ensure_ascii=False).encode())
+    _prune(root, manifest)
+    return manifest
+
+
+@contextmanager
+def model_lock(root: str | Path, timeout: float = 600):
+    """One writer at a time per model: a second add-class waits for the first, then sees its head."""
+    from filelock import FileLock, Timeout
+
+    root = Path(root)
+    if not (root / MANIFEST).is_file():
+        raise OvrError(f"not an ovr model (no {MANIFEST}): {root}")
+    lock = FileLock(str(root / ".lock"))
+    try:
+        lock.acquire(timeout=timeout)
+    except Timeout:
+        raise OvrError(f"{root} is locked by another ovr process (waited {timeout:.0f} s); try again later") from None
+    try:
+        yield
+    finally:
+        lock.release()
+
+
+def read_manifest(root: str | Path) -> dict:
+    root = Path(root)
+    p = root / MANIFEST
+    if not root.is_dir():
+        raise OvrError(f"model folder not found: {root}")
+    if not p.is_file():
+        raise OvrError(f"not an ovr model (no {MANIFEST}): {root}")
+    try:
+        m = json.loads(p.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise OvrError(f"{p} is corrupt: {e}") from None
+    v = m.get("schema_version")
+    if not isinstance(v, int):
+        raise OvrError(f"{p} has no schema_version; not an ovr model")
+    if v > SCHEMA_VERSION:
+        raise OvrError(f"{root} was written by a newer ovr (schema {v}, this ovr reads up to {SCHEMA_VERSION}); upgrade ovr")
+    return m
+
+
+def _read_verified(root: Path, rel: str, sha: str, what: str) -> bytes:
+    p = root / rel
+    if not p.is_file():
+        raise OvrError(f"{what} is missing: {p}")
+    data = p.read_bytes()
+    if _sha(data) != sha:
+        raise OvrError(f"{what} is corrupt (sha256 mismatch): {p}")
+    return data
+
+
+def load_model(root: str | Path) -> Model:
+    """Read and verify every file against the manifest's sha256."""
+    root = Path(root)
+    m = read_manifest(root)
+    heads, records = {}, {}
+    for c in m["classes"]:
+        rec = dict(m["heads"][c])
+        data = _read_verified(root, rec.pop("file"), rec.pop("sha256"), f"head of class {c!r}")
+        heads[c] = st_load(data)
+        records[c] = rec
+    n = m["normalizer"]
+    t = st_load(_read_verified(root, n["file"], n["sha256"], "feature normalizer"))
+    normalizer = Normalizer(n["kind"], t.get("mean"), t.get("std"))
+    e = m["examples"]
+    examples = json.loads(_read_verified(root, e["file"], e["sha256"], "training examples index"))
+    return Model(m["backbone"], normalizer, m["head_type"], list(m["classes"]), heads, records, examples,
+                 m.get("calibration", "platt"), m.get("config", {}), m["created"])
+
+
+def check_backbone(model_spec: dict, spec: dict) -> None:
+    """A model only makes sense on the embeddings it was trained on."""
+    if model_spec["name"] != spec["name"] or model_spec["fingerprint"] != spec["fingerprint"] \
+            or model_spec["preprocess"] != spec["preprocess"]:
+        raise OvrError(f"model was made with backbone {model_spec['name']} (weights {model_spec['weights']}, "
+                       f"fingerprint {model_spec['fingerprint'][:12]}), not {spec['name']} (weights {spec['weights']}, "
+                       f"fingerprint {spec['fingerprint'][:12]})")
