@@ -12,7 +12,7 @@ __all__ = ["OvrError", "__version__", "load", "OvRClassifier", "SoftmaxClassifie
 def __getattr__(name: str):
     # Lazy so `import ovr` and `ovr --help` do not pay for importing torch.
     if name == "load":
-        from .store import load
+        from .pipeline import load
         return load
     if name == "OvRClassifier":
         from .heads import OvRClassifier

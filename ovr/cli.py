@@ -254,3 +254,101 @@ def evaluate(
             console.print(t)
         if json_out:
             json_out.write_text(json.dumps(m, indent=2))
+
+
+def _grow_config(model: Path, config, **flags):
+    from .pipeline import model_config
+    return model_config(model, config, **flags)
+
+
+def _print_confused(confused: dict[str, float]) -> None:
+    if confused:
+        names = ", ".join(f"{c} ({r:.0%})" for c, r in sorted(confused.items(), key=lambda x: -x[1]))
+        console.print(f"[yellow]old heads that fire on the new images:[/] {names}\n"
+                      f"  they never saw this class as a negative; `ovr refresh MODEL` retrains just those.",
+                      highlight=False)
+
+
+@app.command("add-class")
+def add_class_cmd(
+    model: Annotated[Path, typer.Argument(help="Model folder.")],
+    name: Annotated[str, typer.Argument(help="Name of the new class.")],
+    images: Annotated[list[str], typer.Argument(help="Its images: folders, files or glob patterns.")],
+    negatives: Annotated[Optional[Path], typer.Option(help="Extra negatives: an image folder (its images are never this class).")] = None,
+    replace: Annotated[bool, typer.Option("--replace", help="Retrain the class if it already exists.")] = False,
+    backbone: BackboneOpt = None, device: DeviceOpt = None, cache_dir: CacheOpt = None, strict: StrictOpt = None,
+    config: ConfigOpt = None,
+) -> None:
+    """Train one new head (negatives: the model's cached training embeddings); every other head file stays byte-identical."""
+    with user_errors():
+        from .pipeline import add_class, load_model  # noqa: F401
+
+        cfg = _grow_config(model, config, backbone=backbone, device=device, cache_dir=cache_dir, strict=strict)
+        with progress_bar() as cb:
+            r = add_class(model, name, images, cfg, replace=replace, negatives=negatives, progress=cb)
+        _warn_skipped(r.skipped)
+        console.print(f"added [bold]{name}[/] from {r.images} images in {r.seconds:.1f} s "
+                      f"(head training {r.train_seconds:.2f} s)", highlight=False)
+        console.print(_train_table(load_model(model), f"new head in {model}", [name]))
+        _print_confused(r.confused)
+
+
+@app.command()
+def refresh(
+    model: Annotated[Path, typer.Argument(help="Model folder.")],
+    classes: Annotated[Optional[list[str]], typer.Argument(help="Heads to retrain; none: those confused by newer classes.")] = None,
+    device: DeviceOpt = None, cache_dir: CacheOpt = None, config: ConfigOpt = None,
+) -> None:
+    """Retrain chosen old heads with all current negatives; the other heads stay byte-identical."""
+    with user_errors():
+        from .pipeline import load_model, refresh as do_refresh
+
+        cfg = _grow_config(model, config, device=device, cache_dir=cache_dir)
+        with progress_bar() as cb:
+            r = do_refresh(model, classes or [], cfg, progress=cb)
+        if not r.changed:
+            console.print("no head fires on newer classes; nothing to refresh")
+            return
+        console.print(f"refreshed {len(r.changed)} heads in {r.seconds:.1f} s", highlight=False)
+        console.print(_train_table(load_model(model), f"refreshed heads in {model}", r.changed))
+
+
+@app.command("remove-class")
+def remove_class_cmd(
+    model: Annotated[Path, typer.Argument(help="Model folder.")],
+    name: Annotated[str, typer.Argument(help="Class to remove.")],
+) -> None:
+    """Remove one head; the rest stay byte-identical."""
+    with user_errors():
+        from .pipeline import remove_class
+
+        remove_class(model, name)
+        console.print(f"removed {name} from {model}", highlight=False)
+
+
+@app.command()
+def info(
+    model: Annotated[Path, typer.Argument(help="Model folder.")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print the manifest as JSON.")] = False,
+) -> None:
+    """The model's backbone and a table of its heads."""
+    with user_errors():
+        from .store import read_manifest
+
+        m = read_manifest(model)
+        if as_json:
+            print(json.dumps(m, indent=2, ensure_ascii=False))
+            return
+        b = m["backbone"]
+        console.print(f"[bold]{model}[/]: {len(m['classes'])} {m['head_type']} heads on [bold]{b['name']}[/] "
+                      f"(weights {b['weights']}, dim {b['dim']}, fingerprint {b['fingerprint'][:12]}), "
+                      f"{m['examples']['count']} remembered examples, ovr {m['ovr_version']}", highlight=False)
+        t = Table(title="heads")
+        for col in ["class", "positives", "negatives", "val F1", "threshold", "created", "sha256"]:
+            t.add_column(col, justify="right" if col in ("positives", "negatives", "val F1", "threshold") else "left")
+        for c in m["classes"]:
+            h = m["heads"][c]
+            f1 = (h.get("val") or {}).get("f1")
+            t.add_row(c, str(h["positives"]), str(h["negatives"]), "-" if f1 is None else f"{f1:.3f}",
+                      f"{h['threshold']:.3f}", h["created"][:19], h["sha256"][:12])
+        console.print(t)

@@ -2,12 +2,24 @@
 progress goes through a (stage, done, total) callback that the CLI renders."""
 from __future__ import annotations
 
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from .config import Config
-from .data import scan_folder
-from .features import Backbone, EmbeddedFolder, EmbeddingCache, Progress, default_cache_dir, embed_folder, load_backbone
+import numpy as np
+import torch
+from PIL import Image
+
+from . import aggregate
+from .config import Config, TrainConfig, config_to_dict, config_to_toml, load_config
+from .data import expand_inputs, scan_folder, split_assignments
+from .errors import OvrError
+from .features import (Backbone, EmbeddedFolder, EmbeddingCache, Progress, default_cache_dir, embed_folder,
+                       embed_images, embed_paths, load_backbone)
+from .heads import Normalizer, fit_ovr_heads, stack_heads, stacked_logits
+from .metrics import binary_head_metrics
 from .runtime import resolve_device
+from .store import Model, check_backbone, load_model, model_lock, now, save_model, update_model
 
 
 def open_cache(cfg: Config, backbone: Backbone) -> EmbeddingCache:
@@ -27,19 +39,6 @@ def embed_data(data: str | Path, cfg: Config, progress: Progress | None = None,
 
 
 # --- training a model ------------------------------------------------------------------------------------
-
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from PIL import Image  # noqa: E402
-
-from . import aggregate  # noqa: E402
-from .config import TrainConfig, config_to_dict, config_to_toml, load_config  # noqa: E402
-from .data import expand_inputs  # noqa: E402
-from .errors import OvrError  # noqa: E402
-from .features import embed_images, embed_paths  # noqa: E402
-from .heads import Normalizer, fit_ovr_heads, stack_heads, stacked_logits  # noqa: E402
-from .metrics import binary_head_metrics  # noqa: E402
-from .store import Model, check_backbone, load_model, now, save_model  # noqa: E402
 
 
 def fit_kwargs(t: TrainConfig) -> dict:
@@ -225,3 +224,144 @@ def evaluate_model(root: str | Path, data: str | Path, split: str = "test", devi
     out["ece_calibrated"] = expected_calibration_error(aggregate.normalise_rows(cal), y)
     out.update({"split": split, "model": str(root), "data": str(data), "skipped": len(emb.result.skipped)})
     return out
+
+
+# --- growing a model one class at a time -----------------------------------------------------------------
+
+
+CONFUSED_RATE = 0.10  # an old head that fires on more than this share of a new class's images is "confused"
+
+
+@dataclass
+class GrowResult:
+    changed: list[str]
+    images: int = 0
+    skipped: list = field(default_factory=list)
+    confused: dict[str, float] = field(default_factory=dict)  # old head -> share of the new images it fires on
+    seconds: float = 0.0
+    train_seconds: float = 0.0
+
+
+def _open_for_update(root: Path, cfg: Config) -> tuple[Model, Backbone, EmbeddingCache, torch.device]:
+    model = load_model(root)
+    f = cfg.features
+    spec = model.backbone
+    if f.backbone != spec["name"]:
+        raise OvrError(f"model was made with backbone {spec['name']}, not {f.backbone}")
+    bb = load_backbone(spec["name"], spec["weights"])
+    check_backbone(spec, bb.spec())
+    return model, bb, EmbeddingCache(f.cache_dir or default_cache_dir(), bb.key), resolve_device(f.device)
+
+
+def _xy(model: Model, cache: EmbeddingCache, device: torch.device, split: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """The model's remembered examples of one split, from the cache; labels of classes no longer in it are -1."""
+    index = {c: i for i, c in enumerate(model.classes)}
+    ex = [e for e in model.examples if e["split"] == split]
+    try:
+        X = cache.get([e["key"] for e in ex]).to(device) if ex else torch.empty(0, model.backbone["dim"], device=device)
+    except OvrError as e:
+        raise OvrError(f"{e} (the model's training images must be embedded on this machine first)") from None
+    y = torch.tensor([index.get(e["label"], -1) if e["label"] is not None else -1 for e in ex], dtype=torch.long)
+    return X, y
+
+
+def fire_rates(model: Model, X: torch.Tensor, heads: list[str]) -> dict[str, float]:
+    """Share of the rows of X on which each head passes its own threshold."""
+    if not len(X) or not heads:
+        return {}
+    conf = aggregate.confidences(model_logits(model, X, heads))
+    thr = np.array([model.records[c]["threshold"] for c in heads])
+    return {c: float(r) for c, r in zip(heads, (conf >= thr).mean(0))}
+
+
+def add_class(root: str | Path, name: str, inputs: list[str], cfg: Config, replace: bool = False,
+              negatives: str | Path | None = None, progress: Progress | None = None) -> GrowResult:
+    """Embed only the new images, train exactly one head, and swap it into the model under a lock."""
+    t0 = time.perf_counter()
+    root = Path(root)
+    if not name or name.strip() != name or "\x00" in name:
+        raise OvrError(f"invalid class name {name!r}")
+    files = expand_inputs(inputs)
+    with model_lock(root):
+        model, bb, cache, device = _open_for_update(root, cfg)
+        if name in model.classes and not replace:
+            raise OvrError(f"class {name!r} already exists in {root}; pass --replace to retrain it")
+        r = embed_paths(files, bb, cache, device, cfg.features.batch_size, cfg.features.workers, cfg.features.strict,
+                        progress)
+        if not r.keys:
+            raise OvrError(f"none of the {len(files)} images for {name!r} could be read")
+        d = cfg.data
+        splits = split_assignments(len(r.keys), d.val_fraction, d.test_fraction, d.split_seed, name)
+        new_ex = [{"key": k, "label": name, "split": s} for k, s in zip(r.keys, splits)]
+        if negatives is not None:
+            neg = embed_data(negatives, cfg, progress, backbone=bb)
+            new_ex += [{"key": k, "label": None, "split": str(s)} for k, s in zip(neg.result.keys, neg.splits)]
+        old_heads = [c for c in model.classes if c != name]
+        model.examples = [e for e in model.examples if e["label"] != name] + new_ex
+        if name not in model.classes:
+            model.classes.append(name)
+        X, y = _xy(model, cache, device, "train")
+        Xv, yv = _xy(model, cache, device, "val")
+        t1 = time.perf_counter()
+        fit_heads_into(model, [name], X, y, Xv, yv, train_config(model), progress)
+        train_s = time.perf_counter() - t1
+        confused = fire_rates(model, r.embeddings, old_heads)
+        update_model(model, root, {name})
+    return GrowResult([name], len(r.keys), r.skipped, {c: v for c, v in confused.items() if v > CONFUSED_RATE},
+                      time.perf_counter() - t0, train_s)
+
+
+def train_config(model: Model) -> TrainConfig:
+    """The training settings the model was made with, so a new or refreshed head is trained like the others."""
+    t = dict(model.config.get("train", {}))
+    if "l2_grid" in t:
+        t["l2_grid"] = tuple(t["l2_grid"])
+    return TrainConfig(**t)
+
+
+def confused_heads(model: Model, cache: EmbeddingCache, device: torch.device) -> dict[str, float]:
+    """Old heads that fire on the images of classes added after them (which they never saw as negatives)."""
+    out: dict[str, float] = {}
+    created = {c: model.records[c]["created"] for c in model.classes}
+    for c in model.classes:
+        later = {o for o in model.classes if created[o] > created[c]}
+        keys = [e["key"] for e in model.examples if e["label"] in later and e["split"] in ("train", "val")]
+        if keys:
+            rate = fire_rates(model, cache.get(keys).to(device), [c])[c]
+            if rate > CONFUSED_RATE:
+                out[c] = rate
+    return out
+
+
+def refresh(root: str | Path, classes: list[str], cfg: Config, progress: Progress | None = None) -> GrowResult:
+    """Retrain the named heads (or the confused ones) on all current data; every other head stays byte-identical."""
+    t0 = time.perf_counter()
+    root = Path(root)
+    with model_lock(root):
+        model, bb, cache, device = _open_for_update(root, cfg)
+        unknown = [c for c in classes if c not in model.classes]
+        if unknown:
+            raise OvrError(f"no class {unknown[0]!r} in {root}")
+        confused = confused_heads(model, cache, device) if not classes else {}
+        chosen = classes or sorted(confused)
+        if chosen:
+            X, y = _xy(model, cache, device, "train")
+            Xv, yv = _xy(model, cache, device, "val")
+            fit_heads_into(model, chosen, X, y, Xv, yv, train_config(model), progress)
+            update_model(model, root, set(chosen))
+    return GrowResult(chosen, confused=confused, seconds=time.perf_counter() - t0)
+
+
+def remove_class(root: str | Path, name: str) -> GrowResult:
+    """Drop one head; its images stay in the examples index as negatives for heads trained later."""
+    root = Path(root)
+    with model_lock(root):
+        model = load_model(root)
+        if name not in model.classes:
+            raise OvrError(f"no class {name!r} in {root}")
+        if len(model.classes) == 1:
+            raise OvrError(f"{name!r} is the model's only class; delete the folder instead")
+        model.classes.remove(name)
+        del model.heads[name], model.records[name]
+        update_model(model, root, set())
+    return GrowResult([name])

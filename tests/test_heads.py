@@ -1,0 +1,132 @@
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from ovr import aggregate
+from ovr.heads import OvRClassifier, bce_columns, bce_linear_grad, fit_ovr_heads, init_linear, train_columns
+from ovr.softmax import SoftmaxClassifier
+
+
+def blobs(n_classes=5, n=40, d=16, seed=0):
+    g = np.random.default_rng(seed)
+    centers = g.normal(0, 3, (n_classes, d))
+    y = np.repeat(np.arange(n_classes), n)
+    X = centers[y] + g.normal(0, 1, (len(y), d))
+    return torch.tensor(X, dtype=torch.float32), torch.tensor(y)
+
+
+FAST = dict(epochs=30, lr=1e-2, batch_size=32, patience=5, l2_grid=(1e-3, 1e-1))
+
+
+def test_closed_form_gradient_equals_autograd_bce():
+    X, y = blobs(3, 10, 6)
+    T = (y[:, None] == torch.arange(3)).float()
+    p = init_linear([1, 2, 3], 6)
+    pw = torch.tensor([2.0, 1.0, 5.0])
+    q = {k: v.clone().requires_grad_(True) for k, v in p.items()}
+    loss = F.binary_cross_entropy_with_logits(X @ q["weight"].T + q["bias"], T, pos_weight=pw, reduction="none").mean(0).sum()
+    loss.backward()
+    g = bce_linear_grad(p, X, T, pw)
+    assert torch.allclose(g["weight"], q["weight"].grad, atol=1e-6)
+    assert torch.allclose(g["bias"], q["bias"].grad, atol=1e-6)
+
+
+@pytest.mark.parametrize("head", ["linear", "mlp"])
+def test_head_alone_equals_head_in_a_stack_of_100(head):
+    X, y = blobs(100, 6, 12, seed=1)
+    Xv, yv = blobs(100, 2, 12, seed=2)
+    names = [f"class{i}" for i in range(100)]
+    kw = dict(FAST, head=head, hidden=8, seed=7, epochs=10)
+    alone, fa = fit_ovr_heads(X, y, Xv, yv, [42], [names[42]], **kw)
+    stack, fs = fit_ovr_heads(X, y, Xv, yv, list(range(100)), names, **kw)
+    for k in alone[0]:
+        assert torch.allclose(alone[0][k], stack[42][k], atol=1e-5), k
+    assert fa[0].l2 == fs[42].l2 and fa[0].best_epoch == fs[42].best_epoch
+    # order of the other classes does not matter either
+    rev, _ = fit_ovr_heads(X, y, Xv, yv, list(range(99, -1, -1)), names[::-1], **kw)
+    assert torch.allclose(rev[99 - 42]["weight" if head == "linear" else "w1"],
+                          stack[42]["weight" if head == "linear" else "w1"], atol=1e-5)
+
+
+def test_seed_changes_heads():
+    X, y = blobs()
+    a, _ = fit_ovr_heads(X, y, None, None, [0], ["a"], **dict(FAST, seed=1))
+    b, _ = fit_ovr_heads(X, y, None, None, [0], ["a"], **dict(FAST, seed=2))
+    assert not torch.allclose(a[0]["weight"], b[0]["weight"])
+
+
+def test_pos_weight_is_negatives_over_positives_and_raises_recall():
+    X, y = blobs(8, 30, 4, seed=3)  # hard: 4 dims, 8 classes -> one vs seven, imbalanced
+    _, fits = fit_ovr_heads(X, y, None, None, [0], ["c0"], **FAST)
+    assert fits[0].positives == 30 and fits[0].negatives == 210 and fits[0].pos_weight == pytest.approx(7.0)
+    on = OvRClassifier(**FAST, device="cpu").fit(X, y)
+    off = OvRClassifier(**FAST, pos_weight=False, device="cpu").fit(X, y)
+    recall = lambda m: ((m.confidences(X) > 0.5) & (y[:, None].numpy() == np.arange(8))).sum() / len(y)  # noqa: E731
+    assert recall(on) > recall(off)
+    assert off.fits_[0].pos_weight == 1.0
+
+
+def test_early_stopping_is_per_head_and_keeps_best_weights():
+    X, y = blobs(4, 20, 8)
+    Xv, yv = blobs(4, 10, 8, seed=5)
+    g = torch.Generator().manual_seed(0)
+    noisy = torch.where(torch.rand(len(y), generator=g) < 0.3, torch.randint(0, 4, (len(y),), generator=g), y)
+    T = (noisy[:, None] == torch.arange(4)).float()  # label noise: heads start to overfit at different epochs
+    Tv = (yv[:, None] == torch.arange(4)).float()
+    seen = []
+    res = train_columns(init_linear([0, 1, 2, 3], 8), bce_linear_grad, bce_columns, X, T, Xv, Tv,
+                        torch.zeros(4), torch.ones(4), epochs=300, lr=0.003, batch_size=16,
+                        patience=3, seed=0, progress=lambda s, d, t, **kw: seen.append(kw["training"]))
+    assert res.epochs_run < 300  # all stopped before the limit
+    assert len(set(res.best_epoch.tolist())) > 1  # stopped at different epochs
+    assert seen == sorted(seen, reverse=True) and seen[-1] == 0
+    with torch.no_grad():
+        best = bce_columns(Xv @ res.params["weight"].T + res.params["bias"], Tv, torch.ones(4))
+    assert torch.allclose(best, res.best_val, atol=1e-5)
+
+
+def test_l2_grid_picks_per_head():
+    X, y = blobs(3, 15, 30, seed=4)
+    Xv, yv = blobs(3, 15, 30, seed=4)
+    _, fits = fit_ovr_heads(X, y, Xv, yv, [0, 1, 2], ["a", "b", "c"], **dict(FAST, l2_grid=(0.0, 10.0)))
+    assert {f.l2 for f in fits} <= {0.0, 10.0}
+    assert all(f.l2 == 0.0 for f in fits)  # huge L2 can only hurt on separable blobs
+
+
+def test_estimators_learn_and_match_sklearn_api():
+    X, y = blobs(4, 30, 10)
+    names = np.array(["cat", "dog", "eel", "fox"])[y.numpy()]
+    for est in [OvRClassifier(**FAST, device="cpu"), SoftmaxClassifier(**FAST, device="cpu")]:
+        assert est.fit(X.numpy(), names) is est
+        assert list(est.classes_) == ["cat", "dog", "eel", "fox"]
+        assert (est.predict(X.numpy()) == names).mean() > 0.95
+        p = est.predict_proba(X.numpy())
+        assert p.shape == (120, 4) and np.allclose(p.sum(1), 1)
+        assert est.decision_function(X.numpy()).shape == (120, 4)
+
+
+def test_platt_calibration_reduces_nll_and_thresholds_maximise_f1():
+    g = np.random.default_rng(0)
+    t = (g.random((500, 2)) < 0.3).astype(float)
+    z = (t * 2 - 1) * 6 + g.normal(0, 3, t.shape) + 4  # overconfident and shifted
+    a, b = aggregate.fit_calibration(z, t, "platt")
+    nll = lambda c: -np.mean(t * np.log(c) + (1 - t) * np.log(1 - c))  # noqa: E731
+    assert nll(aggregate.confidences(z, a, b)) < nll(aggregate.confidences(z)) - 0.1
+    at, bt = aggregate.fit_calibration(z, t, "temperature")
+    assert np.all(bt == 0) and np.all(at != 1)
+    conf = aggregate.confidences(z)
+    thr = aggregate.fit_thresholds(conf, t)
+    from sklearn.metrics import f1_score
+    for j in range(2):
+        best = f1_score(t[:, j], conf[:, j] >= thr[j])
+        for other in [0.3, 0.5, 0.7, 0.9]:
+            assert best >= f1_score(t[:, j], conf[:, j] >= other) - 1e-9
+
+
+def test_aggregator_unknown_and_multilabel():
+    conf = np.array([[0.9, 0.2], [0.4, 0.3], [0.8, 0.7]])
+    assert aggregate.predict(conf).tolist() == [0, 0, 0]
+    assert aggregate.predict(conf, reject_below=0.5).tolist() == [0, -1, 0]
+    assert aggregate.predict(conf, thresholds=np.array([0.85, 0.6])).tolist() == [0, -1, 0]
+    assert aggregate.multilabel(conf, np.array([0.5, 0.5])).tolist() == [[True, False], [False, False], [True, True]]

@@ -1,0 +1,258 @@
+"""train / predict / evaluate / add-class / refresh / remove-class / info, end to end on tiny_cnn."""
+import hashlib
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+import ovr
+from ovr.cli import app
+from ovr.store import load_model, read_manifest
+
+from conftest import make_folder, make_image
+
+runner = CliRunner()
+TINY = ["--backbone", "tiny_cnn", "--device", "cpu", "--workers", "0"]
+QUICK = ["--epochs", "15", "--lr", "0.01"]
+
+
+def run(*args):
+    r = runner.invoke(app, [str(a) for a in args])
+    return r
+
+
+def train(data, out, *extra):
+    r = run("train", data, "--out", out, *TINY, *QUICK, *extra)
+    assert r.exit_code == 0, r.output
+    return r
+
+
+def head_hashes(model: Path) -> dict[str, str]:
+    m = read_manifest(model)
+    return {c: hashlib.sha256((model / m["heads"][c]["file"]).read_bytes()).hexdigest() for c in m["classes"]}
+
+
+@pytest.fixture
+def data4(tmp_path):
+    return make_folder(tmp_path / "data", n_classes=4, per_class=12)
+
+
+@pytest.fixture
+def model(data4, tmp_path, cache_dir):
+    train(data4, tmp_path / "model")
+    return tmp_path / "model"
+
+
+def test_train_predict_evaluate(model, data4, tmp_path):
+    m = read_manifest(model)
+    assert m["classes"] == ["c0", "c1", "c2", "c3"] and m["backbone"]["name"] == "tiny_cnn"
+    for c in m["classes"]:
+        h = m["heads"][c]
+        assert {"sha256", "seed", "positives", "negatives", "l2", "threshold", "calibration", "val", "created"} <= set(h)
+    assert (model / "config.toml").is_file()
+    r = run("predict", model, data4 / "c2", "--json", "--top-k", "2")
+    rows = [json.loads(line) for line in r.stdout.strip().splitlines()]
+    assert len(rows) == 12 and sum(row["class"] == "c2" for row in rows) >= 10
+    assert len(rows[0]["top"]) == 2
+    r = run("evaluate", model, data4, "--json", tmp_path / "ev.json")
+    assert r.exit_code == 0, r.output
+    ev = json.loads((tmp_path / "ev.json").read_text())
+    assert ev["accuracy"] >= 0.75 and len(ev["confusion_matrix"]) == 4 and "ece" in ev and "macro_f1" in ev
+    assert sum(map(sum, ev["confusion_matrix"])) == ev["n"]
+
+
+def test_refuses_overwrite_without_force(model, data4):
+    r = run("train", data4, "--out", model, *TINY, *QUICK)
+    assert r.exit_code == 2 and "--force" in r.output
+    before = head_hashes(model)
+    train(data4, model, "--force", "--seed", "3")
+    assert head_hashes(model) != before
+
+
+def test_predict_corrupt_image_gets_error_row(model, data4, tmp_path):
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"\x89PNG broken")
+    r = run("predict", model, data4 / "c0" / "img000.png", bad, "--json")
+    rows = [json.loads(line) for line in r.stdout.strip().splitlines()]
+    assert rows[0]["class"] == "c0" and "error" in rows[1] and r.exit_code == 0
+
+
+def test_python_api_paths_and_pil(model, data4, cache_dir):
+    p = ovr.load(model, device="cpu", cache_dir=cache_dir)
+    files = sorted((data4 / "c1").glob("*.png"))[:4]
+    a = p.predict(files)
+    b = p.predict([Image.open(f) for f in files])
+    assert [x["class"] for x in a] == [x["class"] for x in b]
+    assert np.allclose([x["confidence"] for x in a], [x["confidence"] for x in b], atol=1e-5)
+
+
+def test_unknown_answer_and_multilabel(model, data4, tmp_path):
+    noise = tmp_path / "noise.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (24, 24, 3), dtype=np.uint8)).save(noise)
+    r = run("predict", model, noise, data4 / "c0" / "img001.png", "--json", "--reject-below", "1.01")
+    rows = [json.loads(line) for line in r.stdout.strip().splitlines()]
+    assert all(row["class"] == "unknown" for row in rows)
+    r = run("predict", model, data4 / "c0" / "img001.png", "--json", "--multilabel", "--thresholds", "--calibrated")
+    row = json.loads(r.stdout.strip())
+    assert "c0" in row["labels"] and row["class"] == "c0"
+
+
+@pytest.mark.parametrize("damage", ["missing_head", "corrupt_head", "newer_schema", "foreign_backbone", "no_manifest"])
+def test_load_errors(model, damage, data4):
+    m = read_manifest(model)
+    head = model / m["heads"]["c1"]["file"]
+    if damage == "missing_head":
+        head.unlink()
+    elif damage == "corrupt_head":
+        head.write_bytes(head.read_bytes()[:-1] + b"\x00")
+    elif damage == "newer_schema":
+        m["schema_version"] = 99
+        (model / "manifest.json").write_text(json.dumps(m))
+    elif damage == "foreign_backbone":
+        m["backbone"]["fingerprint"] = "0" * 64
+        (model / "manifest.json").write_text(json.dumps(m))
+    else:
+        (model / "manifest.json").unlink()
+    r = run("predict", model, data4 / "c0" / "img000.png")
+    assert r.exit_code == 2, r.output
+    expect = {"missing_head": "missing", "corrupt_head": "corrupt", "newer_schema": "newer",
+              "foreign_backbone": "model was made with backbone", "no_manifest": "not an ovr model"}[damage]
+    assert expect in r.output and "Traceback" not in r.output
+
+
+def test_crash_during_save_leaves_old_model(model):
+    from ovr.store import save_model
+
+    before = head_hashes(model)
+    m = load_model(model)
+    m.heads["c2"] = {"weight": "not a tensor"}
+    with pytest.raises(Exception):
+        save_model(m, model, force=True)
+    assert head_hashes(model) == before and load_model(model).classes == ["c0", "c1", "c2", "c3"]
+    assert not [p for p in model.parent.iterdir() if p.name.startswith(".model.tmp")]
+
+
+def test_unsafe_and_unicode_class_names(tmp_path, cache_dir):
+    root = tmp_path / "d"
+    for i, name in enumerate(["Ünïcødé 猫", "A", "a", "dots..\\back"]):
+        for j in range(8):
+            make_image(root / name / f"{j}.png", i, j)
+    train(root, tmp_path / "m")
+    m = read_manifest(tmp_path / "m")
+    files = [m["heads"][c]["file"] for c in m["classes"]]
+    assert len({f.lower() for f in files}) == 4  # no case-insensitive collision
+    assert all(f.startswith("heads/") and "/" not in f[6:] and ".." not in f for f in files)
+    r = run("add-class", tmp_path / "m", "../escape", root / "A", "--device", "cpu")
+    assert r.exit_code == 0, r.output
+    assert not (tmp_path / "escape").exists()
+    f = read_manifest(tmp_path / "m")["heads"]["../escape"]["file"]
+    assert (tmp_path / "m" / f).resolve().parent == (tmp_path / "m" / "heads").resolve()
+
+
+# --- issue 5: growing a model ------------------------------------------------------------------------------
+
+def test_add_class_keeps_other_heads_byte_identical(model, tmp_path, cache_dir):
+    new = make_folder(tmp_path / "new", n_classes=5, per_class=12)  # c4 is the new class
+    before = head_hashes(model)
+    r = run("add-class", model, "c4", new / "c4", "--device", "cpu")
+    assert r.exit_code == 0, r.output
+    after = head_hashes(model)
+    assert {c: after[c] for c in before} == before and "c4" in after
+    m = read_manifest(model)
+    assert m["classes"][-1] == "c4" and m["heads"]["c4"]["positives"] > 0
+    assert m["heads"]["c4"]["negatives"] == sum(h["positives"] for c, h in m["heads"].items() if c != "c4")
+    assert len(list((model / "heads").iterdir())) == 5
+    r = run("predict", model, new / "c4", "--json", "--top-k", "2")
+    rows = [json.loads(line) for line in r.stdout.strip().splitlines()]
+    # the new head fires on its class (old heads may too, until `refresh`: see the refresh test)
+    assert sum("c4" in [t["class"] for t in row["top"]] for row in rows) >= 9
+    r = run("add-class", model, "c4", new / "c4", "--device", "cpu")
+    assert r.exit_code == 2 and "--replace" in r.output
+    r = run("add-class", model, "c4", str(new / "c4" / "*.png"), "--replace", "--device", "cpu")
+    assert r.exit_code == 0, r.output
+    assert {c: head_hashes(model)[c] for c in before} == before
+
+
+def test_add_class_embeds_only_new_images(model, tmp_path, cache_dir):
+    from ovr.features import EmbeddingCache, load_backbone
+
+    new = make_folder(tmp_path / "new", n_classes=5, per_class=6)
+    n0 = len(EmbeddingCache(cache_dir, load_backbone("tiny_cnn").key))
+    run("add-class", model, "c4", new / "c4", "--device", "cpu")
+    assert len(EmbeddingCache(cache_dir, load_backbone("tiny_cnn").key)) == n0 + 6
+
+
+def test_add_class_equals_the_head_trained_alone_with_same_data(model, tmp_path, cache_dir):
+    """The new head depends on the data and its seed only: adding it twice gives the same head (to float
+    tolerance: BLAS kernels may round differently with memory alignment, so bytes are not promised here)."""
+    import torch
+
+    new = make_folder(tmp_path / "new", n_classes=5, per_class=8)
+    run("add-class", model, "c4", new / "c4", "--device", "cpu")
+    h1 = load_model(model).heads["c4"]
+    run("add-class", model, "c4", new / "c4", "--replace", "--device", "cpu")
+    h2 = load_model(model).heads["c4"]
+    assert all(torch.allclose(h1[k], h2[k], atol=1e-4) for k in h1)
+
+
+def test_remove_class_and_info(model):
+    before = head_hashes(model)
+    r = run("remove-class", model, "c1")
+    assert r.exit_code == 0
+    after = head_hashes(model)
+    assert "c1" not in after and all(after[c] == before[c] for c in after)
+    assert run("remove-class", model, "nope").exit_code == 2
+    r = run("info", model)
+    assert r.exit_code == 0 and "c0" in r.output and "tiny_cnn" in r.output and "c1" not in r.output.split("heads")[-1]
+    info = json.loads(run("info", model, "--json").stdout)
+    assert info["classes"] == ["c0", "c2", "c3"]
+
+
+def test_refresh_retrains_only_confused_heads(tmp_path, cache_dir):
+    # c3 looks like c0 (same pattern, other noise): the c0 head fires on it after add-class
+    root = tmp_path / "d"
+    for c in range(3):
+        for i in range(12):
+            make_image(root / f"c{c}" / f"{i}.png", c, i)
+    for i in range(12):
+        make_image(tmp_path / "look_alike" / f"{i}.png", 0, 100 + i)
+    train(root, tmp_path / "m")
+    before = head_hashes(tmp_path / "m")
+    r = run("add-class", tmp_path / "m", "c0-twin", tmp_path / "look_alike", "--device", "cpu")
+    assert r.exit_code == 0 and "c0" in r.output.split("fire on the new images")[-1], r.output
+    r = run("refresh", tmp_path / "m", "--device", "cpu")
+    assert r.exit_code == 0 and "refreshed" in r.output, r.output
+    after = head_hashes(tmp_path / "m")
+    m = read_manifest(tmp_path / "m")
+    assert after["c0"] != before["c0"]
+    assert after["c1"] == before["c1"] and after["c2"] == before["c2"]
+    assert m["heads"]["c0"]["negatives"] > load_model(tmp_path / "m").records["c1"]["negatives"] - 1
+    r = run("refresh", tmp_path / "m", "c1", "--device", "cpu")
+    assert r.exit_code == 0 and head_hashes(tmp_path / "m")["c1"] != before["c1"]
+    assert head_hashes(tmp_path / "m")["c2"] == before["c2"]
+
+
+def test_add_class_errors(model, tmp_path):
+    assert run("add-class", model, "x", tmp_path / "nope", "--device", "cpu").exit_code == 2
+    assert run("add-class", tmp_path / "nomodel", "x", model, "--device", "cpu").exit_code == 2
+    r = run("add-class", model, "x", model, "--backbone", "resnet18", "--device", "cpu")
+    assert r.exit_code == 2 and "backbone" in r.output
+
+
+def test_two_concurrent_add_class_processes_both_land(model, tmp_path, cache_dir):
+    new = make_folder(tmp_path / "new", n_classes=6, per_class=8)
+    env = {**__import__("os").environ, "OVR_CACHE_DIR": str(cache_dir)}
+    procs = [subprocess.Popen([sys.executable, "-m", "ovr", "add-class", str(model), f"c{k}", str(new / f"c{k}"),
+                               "--device", "cpu"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+             for k in (4, 5)]
+    outs = [p.communicate(timeout=240)[0].decode() for p in procs]
+    assert all(p.returncode == 0 for p in procs), outs
+    m = load_model(model)  # verifies every sha256
+    assert set(m.classes) == {"c0", "c1", "c2", "c3", "c4", "c5"}
+    labels = {e["label"] for e in m.examples}
+    assert {"c4", "c5"} <= labels
