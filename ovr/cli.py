@@ -127,26 +127,6 @@ def embed(
             json_out.write_text(json.dumps(embed_summary(emb), indent=2))
 
 
-@app.command()
-def demo(
-    out: Annotated[Path, typer.Option(help="Folder for the demo's data, model and report.")] = Path("ovr-demo"),
-    device: DeviceOpt = None, cache_dir: CacheOpt = None,
-) -> None:
-    """The main job on the embedded default data: scikit-learn's digits as an image folder, end to end, offline."""
-    with user_errors():
-        from .data import write_digits_folder
-        from .pipeline import embed_data
-        from .report import embed_line, embed_table
-
-        cfg = _config(None, device=device, cache_dir=cache_dir)
-        data = write_digits_folder(out / "digits")
-        console.rule("1. embed the digits with the default backbone (cached)")
-        with progress_bar() as cb:
-            emb = embed_data(data, cfg, progress=cb)
-        console.print(embed_table(emb))
-        console.print(embed_line(emb), highlight=False)
-
-
 def _train_table(model, title: str, names=None) -> Table:
     t = Table(title=title)
     for col, just in [("class", "left"), ("positives", "right"), ("negatives", "right"), ("L2", "right"),
@@ -352,3 +332,85 @@ def info(
             t.add_row(c, str(h["positives"]), str(h["negatives"]), "-" if f1 is None else f"{f1:.3f}",
                       f"{h['threshold']:.3f}", h["created"][:19], h["sha256"][:12])
         console.print(t)
+
+
+@app.command()
+def bench(
+    data: Annotated[Path, typer.Argument(help="Image folder (as for train).")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Report folder: report.json, report.md, PNG plots.")],
+    backbone: BackboneOpt = None, weights: WeightsOpt = None, device: DeviceOpt = None, batch_size: BatchOpt = None,
+    workers: WorkersOpt = None, cache_dir: CacheOpt = None,
+    seeds: Annotated[Optional[int], typer.Option(help="Seeds per method and scenario. [default: 3]")] = None,
+    sklearn: Annotated[Optional[bool], typer.Option("--sklearn/--no-sklearn", help="Include the scikit-learn references.")] = None,
+    head: Annotated[Optional[str], typer.Option(help="linear | mlp, for both OvR and softmax.")] = None,
+    epochs: Annotated[Optional[int], typer.Option(help="Max epochs for both.")] = None,
+    config: ConfigOpt = None,
+) -> None:
+    """One-vs-rest vs softmax (and scikit-learn) on the same features: quality, calibration, time, add-class."""
+    with user_errors():
+        from .bench import run_bench
+        from .config import config_to_toml
+        from .pipeline import embed_data
+        from .report import bench_tables, write_bench_report
+
+        cfg = _config(config, backbone=backbone, weights=weights, device=device, batch_size=batch_size,
+                      workers=workers, cache_dir=cache_dir, seeds=seeds, sklearn=sklearn, head=head, epochs=epochs)
+        with progress_bar() as cb:
+            emb = embed_data(data, cfg, progress=cb)
+            rep = run_bench(emb, cfg, progress=cb)
+        write_bench_report(rep, out)
+        (out / "config.toml").write_text(config_to_toml(cfg))
+        for t in bench_tables(rep):
+            console.print(t)
+        console.print(f"report: {out / 'report.md'} (JSON: {out / 'report.json'})", highlight=False)
+
+
+@app.command()
+def demo(
+    out: Annotated[Path, typer.Option(help="Folder for the demo's data, model and report.")] = Path("ovr-demo"),
+    seeds: Annotated[int, typer.Option(help="Benchmark seeds.")] = 3,
+    device: DeviceOpt = None, cache_dir: CacheOpt = None,
+) -> None:
+    """The main job, offline: scikit-learn's digits as images -> embed -> train 9 classes -> add the 10th -> predict -> bench."""
+    with user_errors():
+        import shutil
+
+        from .bench import run_bench
+        from .data import write_digits_folder
+        from .pipeline import Predictor, add_class, embed_data, model_config, train_model
+        from .report import bench_tables, embed_line, write_bench_report
+
+        cfg = _config(None, device=device, cache_dir=cache_dir, seeds=seeds)
+        digits = write_digits_folder(out / "digits")
+        nine = out / "digits-0-8"
+        if not nine.exists():  # the first nine classes; digit_9 comes later through add-class
+            shutil.copytree(digits, nine, ignore=lambda d, names: ["digit_9"] if Path(d) == digits else [])
+        console.rule("1. train one-vs-rest heads on digits 0-8 (EfficientNet-Lite0 features, cached)")
+        with progress_bar() as cb:
+            model, emb = train_model(nine, out / "model", cfg, force=True, progress=cb)
+        console.print(embed_line(emb), highlight=False)
+        console.print(_train_table(model, f"{len(model.classes)} heads -> {out / 'model'}"))
+        console.rule("2. add digit_9 without retraining the others")
+        mcfg = model_config(out / "model", device=device, cache_dir=cache_dir)
+        with progress_bar() as cb:
+            r = add_class(out / "model", "digit_9", [str(digits / "digit_9")], mcfg, progress=cb)
+        console.print(f"added digit_9 from {r.images} images; head training took {r.train_seconds:.2f} s", highlight=False)
+        _print_confused(r.confused)
+        console.rule("3. predict a few images")
+        samples = [sorted((digits / f"digit_{d}").glob("*.png"))[-1] for d in (0, 3, 9)]
+        rows = Predictor(out / "model", mcfg.features.device, mcfg.features.cache_dir or None).predict(samples, top_k=2)
+        t = Table()
+        for col in ["file", "class", "confidence", "runner-up"]:
+            t.add_column(col)
+        for row in rows:
+            t.add_row(row["input"], row["class"], f"{row['confidence']:.3f}",
+                      f"{row['runner_up']['class']} {row['runner_up']['confidence']:.3f}")
+        console.print(t)
+        console.rule("4. benchmark one-vs-rest vs softmax on all ten digits")
+        with progress_bar() as cb:
+            emb = embed_data(digits, cfg, progress=cb)
+            rep = run_bench(emb, cfg, progress=cb)
+        write_bench_report(rep, out / "report")
+        for tb in bench_tables(rep):
+            console.print(tb)
+        console.print(f"[bold]report:[/] {out / 'report' / 'report.md'} (plots and report.json beside it)", highlight=False)

@@ -161,6 +161,9 @@ def train_columns(params: Tensors, grad_fn: Callable, loss_fn: Callable, X: torc
     bad = torch.zeros(C, dtype=torch.long, device=dev)
     g = torch.Generator().manual_seed(seed)
     n = X.shape[0]
+    # Small training sets (few-shot) would get one step per epoch and stop before learning anything:
+    # keep at least ~8 steps per epoch. Depends on n only, so columns stay independent.
+    batch_size = max(1, min(batch_size, n // 8))
     epoch = 0
     for epoch in range(1, epochs + 1):
         perm = torch.randperm(n, generator=g).to(dev)

@@ -1,7 +1,11 @@
 """Results for people (Rich tables, Markdown, plots) and for machines (JSON-ready dicts)."""
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from rich.table import Table
 
@@ -59,3 +63,136 @@ def metrics_tables(m: dict) -> list[Table]:
     for i, (c, row) in enumerate(zip(m["classes"], m["confusion_matrix"])):
         cm.add_row(f"{i} {c}", *(str(v) for v in row))
     return [s, pc, cm]
+
+
+# --- the benchmark report --------------------------------------------------------------------------------
+
+
+BENCH_COLUMNS = [("accuracy", "acc", "{:.3f}"), ("macro_f1", "macro-F1", "{:.3f}"),
+                 ("balanced_accuracy", "bal acc", "{:.3f}"), ("top3_accuracy", "top-3", "{:.3f}"),
+                 ("nll", "NLL", "{:.3f}"), ("ece", "ECE", "{:.3f}"), ("ece_calibrated", "ECE cal", "{:.3f}"),
+                 ("train_seconds", "train s", "{:.2f}"), ("predict_per_second", "pred/s", "{:,.0f}"),
+                 ("add_class_seconds", "add-class s", "{:.3f}"), ("accuracy_after_add", "acc after add", "{:.3f}")]
+
+
+def _cell(stat: dict | None, fmt: str) -> str:
+    if not stat:
+        return "-"
+    return fmt.format(stat["mean"]) + (f" ±{fmt.format(stat['std'])}" if stat["std"] > 0 and "," not in fmt else "")
+
+
+TERMINAL_COLUMNS = ("accuracy", "macro_f1", "nll", "ece", "ece_calibrated", "train_seconds", "add_class_seconds",
+                    "accuracy_after_add")
+
+
+def bench_tables(rep: dict) -> list[Table]:
+    """The terminal view (report.md and report.json have every column)."""
+    out = []
+    for scen in rep["scenarios"]:
+        res = rep["results"][scen]
+        cols = [c for c in BENCH_COLUMNS if c[0] in TERMINAL_COLUMNS and any(c[0] in r for r in res.values())]
+        t = Table(title=f"{scen}: mean ± std over {len(rep['seeds'])} seeds "
+                        f"(train {rep['n']['train_per_scenario'][scen]}, test {rep['n']['test']} images)")
+        t.add_column("method")
+        for _, label, _ in cols:
+            t.add_column(label, justify="right")
+        for m in rep["methods"]:
+            t.add_row(m, *(_cell(res[m].get(k), fmt) for k, _, fmt in cols))
+        out.append(t)
+    return out
+
+
+def _md_table(rep: dict, scen: str) -> str:
+    res = rep["results"][scen]
+    cols = [c for c in BENCH_COLUMNS if any(c[0] in r for r in res.values())]
+    lines = ["| method | " + " | ".join(label for _, label, _ in cols) + " |",
+             "|---|" + "---:|" * len(cols)]
+    for m in rep["methods"]:
+        lines.append(f"| {m} | " + " | ".join(_cell(res[m].get(k), fmt) for k, _, fmt in cols) + " |")
+    return "\n".join(lines)
+
+
+def plot_bench(rep: dict, out: Path) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    files = []
+    d = rep["plain_seed0"]
+    pair = [m for m in ("ovr", "softmax") if m in d]
+    fig, axes = plt.subplots(1, len(pair), figsize=(5.5 * len(pair), 4.8))
+    for ax, m in zip(np.atleast_1d(axes), pair):
+        cm = np.array(d[m]["confusion_matrix"])
+        ax.imshow(cm, cmap="Blues")
+        for (i, j), v in np.ndenumerate(cm):
+            if v:
+                ax.text(j, i, str(v), ha="center", va="center", fontsize=7, color="white" if v > cm.max() / 2 else "black")
+        ax.set_title(f"{m}: confusion matrix (test)")
+        ax.set_xlabel("predicted"), ax.set_ylabel("true")
+        ax.set_xticks(range(len(rep["classes"]))), ax.set_yticks(range(len(rep["classes"])))
+    fig.tight_layout()
+    fig.savefig(out / "confusion.png", dpi=110), plt.close(fig)
+    files.append("confusion.png")
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4.5), sharey=True)
+    for ax, key, title in zip(axes, ["reliability", "reliability_calibrated"], ["before calibration", "after calibration"]):
+        ax.plot([0, 1], [0, 1], "k:", lw=1)
+        for m in d:
+            r = d[m][key]
+            ax.plot(r["bin_confidence"], r["bin_accuracy"], "o-", label=m)
+        ax.set_title(f"reliability, {title}"), ax.set_xlabel("confidence"), ax.set_ylabel("accuracy")
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / "reliability.png", dpi=110), plt.close(fig)
+    files.append("reliability.png")
+
+    pc = rep["per_class_f1"]["plain"]
+    x = np.arange(len(rep["classes"]))
+    fig, ax = plt.subplots(figsize=(max(6, 0.6 * len(x)), 4))
+    for i, m in enumerate(pair):
+        ax.bar(x + (i - 0.5) * 0.4, [pc[m][c]["mean"] for c in rep["classes"]], 0.4,
+               yerr=[pc[m][c]["std"] for c in rep["classes"]], label=m)
+    ax.set_xticks(x, rep["classes"], rotation=45, ha="right"), ax.set_ylabel("F1 (test)"), ax.set_ylim(0, 1.05)
+    ax.set_title("per-class F1, one-vs-rest vs softmax"), ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / "per_class_f1.png", dpi=110), plt.close(fig)
+    files.append("per_class_f1.png")
+
+    s = rep["add_class_scaling"]
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for m in s:
+        if m != "n_classes":
+            ax.plot(s["n_classes"], s[m], "o-", label=f"{m} ({'one new head' if m == 'ovr' else 'retrain all'})")
+    ax.set_xlabel("classes after adding one"), ax.set_ylabel("seconds to add a class"), ax.set_title("add-class time")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / "add_class_time.png", dpi=110), plt.close(fig)
+    files.append("add_class_time.png")
+    return files
+
+
+def write_bench_report(rep: dict, out: str | Path) -> Path:
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    plots = plot_bench(rep, out)
+    (out / "report.json").write_text(json.dumps(rep, indent=2))
+    b = rep["backbone"] or {}
+    md = [f"# ovr bench: one-vs-rest vs softmax on {rep['dataset']['root']}", "",
+          f"Backbone `{b.get('name')}` (dim {b.get('dim')}), {len(rep['classes'])} classes, "
+          f"{rep['n']['train']}/{rep['n']['val']}/{rep['n']['test']} train/val/test images, seeds {rep['seeds']}, "
+          f"device {rep['device']}. Every method sees the same cached embeddings and splits.", ""]
+    for scen in rep["scenarios"]:
+        md += [f"## {scen} ({rep['n']['train_per_scenario'][scen]} training images)", "", _md_table(rep, scen), ""]
+    md += ["## How to read it", "",
+           "- *acc*, *macro-F1*, *bal acc*, *top-3*: test-split quality, mean ± std over seeds.",
+           "- *NLL*, *ECE*: quality of the confidences. OvR confidences are per-head sigmoids normalised per row "
+           "(as scikit-learn's OneVsRestClassifier does); *ECE cal* is after calibration on the val split "
+           "(per-head Platt for OvR methods, one temperature for softmax methods).",
+           "- *add-class s*: time to go from N-1 to N classes: one new head for OvR methods, a full retrain for "
+           "softmax ones; *acc after add* is the test accuracy of that grown model.",
+           "- *imbalance*: odd classes keep a fraction of their training images; *few-shot*: k training images per class.",
+           ""]
+    md += [f"![{p}]({p})" for p in plots]
+    (out / "report.md").write_text("\n".join(md) + "\n")
+    return out

@@ -1,0 +1,218 @@
+"""`ovr bench`: one-vs-rest against softmax (and scikit-learn references) on the same cached features.
+
+Every method sees the same embeddings, splits and scenarios; each number is a mean and spread over seeds.
+Prints nothing: returns a dict that report.py renders as tables, JSON, Markdown and plots.
+"""
+from __future__ import annotations
+
+import hashlib
+import platform
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from . import __version__, aggregate
+from .config import Config, config_to_dict
+from .features import Progress
+from .heads import OvRClassifier, fit_ovr_heads, stack_heads, stacked_logits
+from .metrics import classification_metrics, expected_calibration_error, reliability
+from .softmax import SoftmaxClassifier
+
+METHODS = ("ovr", "softmax", "sklearn-ovr", "sklearn-multinomial")
+SCENARIOS = ("plain", "imbalance", "few-shot")
+
+
+def _softmax(z: np.ndarray) -> np.ndarray:
+    z = z - z.max(1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(1, keepdims=True)
+
+
+def fit_temperature(z: np.ndarray, y: np.ndarray) -> float:
+    """The softmax baseline's calibration: one temperature minimising validation NLL (a 1-D search)."""
+    if len(z) == 0:
+        return 1.0
+    ts = np.exp(np.linspace(np.log(0.05), np.log(20), 200))
+    nll = [-np.log(np.clip(_softmax(z / t)[np.arange(len(y)), y], 1e-12, None)).mean() for t in ts]
+    return float(ts[int(np.argmin(nll))])
+
+
+def _scenario_train(y: np.ndarray, scenario: str, seed: int, cfg: Config) -> np.ndarray:
+    """Indices of the training rows a scenario keeps: all; odd classes cut to a fraction; k per class."""
+    rng = np.random.default_rng(seed)
+    keep = []
+    for c in np.unique(y):
+        idx = rng.permutation(np.flatnonzero(y == c))
+        if scenario == "imbalance" and c % 2 == 1:
+            idx = idx[:max(1, int(round(len(idx) * cfg.bench.imbalance_ratio)))]
+        elif scenario == "few-shot":
+            idx = idx[:cfg.bench.few_shot_k]
+        keep.append(idx)
+    return np.sort(np.concatenate(keep))
+
+
+class _Method:
+    """Fit + scores for one method, with the same (X, y, Xv, yv) interface for all of them."""
+
+    def __init__(self, name: str, cfg: Config, seed: int, device: str) -> None:
+        self.name, self.cfg, self.seed, self.device = name, cfg, seed, device
+        self.ovr_like = name in ("ovr", "sklearn-ovr")
+
+    def fit(self, X, y, Xv, yv):
+        t = self.cfg.train
+        kw = dict(head=t.head, hidden=t.hidden, epochs=t.epochs, lr=t.lr, batch_size=t.head_batch_size,
+                  patience=t.patience, l2_grid=t.l2_grid, normalize=t.normalize, seed=self.seed, device=self.device)
+        t0 = time.perf_counter()
+        if self.name == "ovr":
+            self.m = OvRClassifier(pos_weight=t.pos_weight, **kw).fit(X, y, Xv, yv)
+        elif self.name == "softmax":
+            self.m = SoftmaxClassifier(**kw).fit(X, y, Xv, yv)
+        else:
+            from sklearn.linear_model import LogisticRegression
+            from sklearn.multiclass import OneVsRestClassifier
+            from sklearn.pipeline import make_pipeline
+            from sklearn.preprocessing import StandardScaler
+
+            lr = LogisticRegression(max_iter=1000)
+            est = OneVsRestClassifier(lr, n_jobs=-1) if self.name == "sklearn-ovr" else lr
+            self.m = make_pipeline(StandardScaler(), est).fit(X.cpu().numpy(), y.numpy())
+        self.fit_seconds = time.perf_counter() - t0
+        return self
+
+    def logits(self, X) -> np.ndarray:
+        if self.name in ("ovr", "softmax"):
+            return self.m.decision_function(X)
+        return self.m.decision_function(X.cpu().numpy())
+
+    def proba(self, z: np.ndarray) -> np.ndarray:
+        return aggregate.normalise_rows(aggregate.confidences(z)) if self.ovr_like else _softmax(z)
+
+    def calibrated(self, zv, yv, z) -> np.ndarray:
+        if self.ovr_like:
+            T = (yv[:, None] == np.arange(z.shape[1])).astype(float)
+            a, b = aggregate.fit_calibration(zv, T, "platt")
+            return aggregate.normalise_rows(aggregate.confidences(z, a, b))
+        return _softmax(z / fit_temperature(zv, yv))
+
+
+def _add_class(method: _Method, X, y, Xv, yv, Xt, K: int) -> tuple[float, np.ndarray]:
+    """Train on classes 0..K-2, then add class K-1: OvR-style methods train one head, the others retrain all.
+    Returns (seconds to add, test predictions over K classes)."""
+    old, oldv = y < K - 1, yv < K - 1
+    base = _Method(method.name, method.cfg, method.seed, method.device).fit(X[old.to(X.device)], y[old], Xv[oldv.to(Xv.device)], yv[oldv])
+    t0 = time.perf_counter()
+    if method.name == "ovr":
+        m, t = base.m, method.cfg.train
+        heads, _ = fit_ovr_heads(m.normalizer_(X), y, m.normalizer_(Xv), yv, [K - 1], [str(K - 1)], head=t.head,
+                                 hidden=t.hidden, epochs=t.epochs, lr=t.lr, batch_size=t.head_batch_size,
+                                 patience=t.patience, l2_grid=t.l2_grid, pos_weight=t.pos_weight, seed=method.seed)
+        seconds = time.perf_counter() - t0
+        with torch.no_grad():
+            new = stacked_logits(stack_heads(heads, Xt.device), m.normalizer_(Xt)).cpu().numpy()
+        z = np.concatenate([m.decision_function(Xt), new], 1)
+    elif method.name == "sklearn-ovr":
+        from sklearn.linear_model import LogisticRegression
+
+        scaler = base.m[0]
+        head = LogisticRegression(max_iter=1000).fit(scaler.transform(X.cpu().numpy()), (y.numpy() == K - 1))
+        seconds = time.perf_counter() - t0
+        z = np.concatenate([base.logits(Xt), head.decision_function(scaler.transform(Xt.cpu().numpy()))[:, None]], 1)
+    else:
+        full = _Method(method.name, method.cfg, method.seed, method.device).fit(X, y, Xv, yv)
+        seconds = time.perf_counter() - t0
+        z = full.logits(Xt)
+    return seconds, z.argmax(1)
+
+
+def _mean_std(values: list[float]) -> dict:
+    v = np.asarray(values, dtype=float)
+    return {"mean": float(v.mean()), "std": float(v.std()), "values": [float(x) for x in v]}
+
+
+SCALARS = ("accuracy", "macro_f1", "balanced_accuracy", "top3_accuracy", "nll", "ece", "ece_calibrated",
+           "train_seconds", "predict_per_second", "add_class_seconds", "accuracy_after_add")
+
+
+def run_bench(emb, cfg: Config, progress: Progress | None = None, methods: tuple[str, ...] | None = None,
+              scenarios: tuple[str, ...] = SCENARIOS) -> dict:
+    """emb: an EmbeddedFolder. Every method x scenario x seed; add-class and its scaling on the plain scenario."""
+    classes = list(emb.folder.classes)
+    K = len(classes)
+    dev = str(emb.result.embeddings.device)
+    X, y, _ = emb.split("train")
+    Xv, yv, _ = emb.split("val")
+    Xt, yt, _ = emb.split("test")
+    if len(Xt) == 0 or len(Xv) == 0 or K < 3:
+        from .errors import OvrError
+        raise OvrError("bench needs at least 3 classes and images in the val and test splits")
+    y, yv, yt = y.cpu(), yv.cpu(), yt.cpu()
+    methods = methods or tuple(m for m in METHODS if cfg.bench.sklearn and len(X) <= cfg.bench.sklearn_max_samples
+                               or not m.startswith("sklearn"))
+    seeds = list(range(cfg.train.seed, cfg.train.seed + cfg.bench.seeds))
+    runs: dict = {s: {m: [] for m in methods} for s in scenarios}
+    n_train: dict = {}
+    detail: dict = {}
+    total = len(scenarios) * len(methods) * len(seeds)
+    done = 0
+    yt_np, yv_np = yt.numpy(), yv.numpy()
+    for scen in scenarios:
+        for seed in seeds:
+            keep = torch.from_numpy(_scenario_train(y.numpy(), scen, seed, cfg))
+            Xs, ys = X[keep.to(X.device)], y[keep]
+            n_train[scen] = int(len(keep))
+            for name in methods:
+                meth = _Method(name, cfg, seed, dev).fit(Xs, ys, Xv, yv)
+                t0 = time.perf_counter()
+                z = meth.logits(Xt)
+                pps = len(Xt) / max(time.perf_counter() - t0, 1e-9)
+                proba = meth.proba(z)
+                cal = meth.calibrated(meth.logits(Xv), yv_np, z)
+                r = classification_metrics(yt_np, z.argmax(1), proba, classes)
+                r.update(ece_calibrated=expected_calibration_error(cal, yt_np), train_seconds=meth.fit_seconds,
+                         predict_per_second=pps)
+                if scen == "plain":
+                    secs, pred = _add_class(meth, Xs, ys, Xv, yv, Xt, K)
+                    r.update(add_class_seconds=secs, accuracy_after_add=float((pred == yt_np).mean()))
+                    if seed == seeds[0]:
+                        detail[name] = {"confusion_matrix": r["confusion_matrix"], "per_class": r["per_class"],
+                                        "reliability": reliability(proba, yt_np),
+                                        "reliability_calibrated": reliability(cal, yt_np)}
+                runs[scen][name].append(r)
+                done += 1
+                if progress:
+                    progress("bench", done, total)
+    results = {s: {m: {k: _mean_std([r[k] for r in rs]) for k in SCALARS if k in rs[0]}
+                   for m, rs in per.items()} for s, per in runs.items()}
+    per_class = {s: {m: {c: _mean_std([r["per_class"][c]["f1"] for r in rs]) for c in classes}
+                     for m, rs in per.items()} for s, per in runs.items()}
+    scaling = add_class_scaling(X, y, Xv, yv, cfg, dev, [m for m in ("ovr", "softmax") if m in methods])
+    digest = hashlib.sha256("".join(sorted(emb.result.keys)).encode()).hexdigest()
+    return {
+        "classes": classes, "methods": list(methods), "scenarios": list(scenarios), "seeds": seeds,
+        "n": {"train": int(len(X)), "val": int(len(Xv)), "test": int(len(Xt)), "train_per_scenario": n_train},
+        "results": results, "per_class_f1": per_class, "plain_seed0": detail, "add_class_scaling": scaling,
+        "dataset": {"root": str(emb.folder.root), "fingerprint": digest, "images": len(emb.result.keys)},
+        "backbone": emb.backbone.spec() if emb.backbone else None, "config": config_to_dict(cfg),
+        "versions": {"ovr": __version__, "torch": torch.__version__, "python": platform.python_version(),
+                     "numpy": np.__version__, "sklearn": __import__("sklearn").__version__},
+        "device": dev if dev == "cpu" else torch.cuda.get_device_name(0), "cpu": platform.processor() or platform.machine(),
+    }
+
+
+def add_class_scaling(X, y, Xv, yv, cfg: Config, dev: str, methods: list[str]) -> dict:
+    """Time to add the n-th class for growing n (one seed): OvR trains one head, softmax retrains everything."""
+    K = int(y.max()) + 1
+    ns = sorted({n for n in (3, K // 2, K - 2, K) if 3 <= n <= K})
+    out: dict = {"n_classes": ns}
+    for name in methods:
+        secs = []
+        for n in ns:
+            m, mv = y < n, yv < n
+            secs.append(_add_class(_Method(name, cfg, cfg.train.seed, dev), X[m.to(X.device)], y[m], Xv[mv.to(Xv.device)],
+                                   yv[mv], X[:1], n)[0])
+        out[name] = secs
+    return out
