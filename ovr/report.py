@@ -93,7 +93,7 @@ def bench_tables(rep: dict) -> list[Table]:
         cols = [c for c in BENCH_COLUMNS if c[0] in TERMINAL_COLUMNS and any(c[0] in r for r in res.values())]
         t = Table(title=f"{scen}: mean ± std over {len(rep['seeds'])} seeds "
                         f"(train {rep['n']['train_per_scenario'][scen]}, test {rep['n']['test']} images)")
-        t.add_column("method")
+        t.add_column("method", no_wrap=True, min_width=19)
         for _, label, _ in cols:
             t.add_column(label, justify="right")
         for m in rep["methods"]:

@@ -1,0 +1,104 @@
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from ovr.bench import METHODS, SCALARS, SCENARIOS
+from ovr.cli import app
+from ovr.metrics import expected_calibration_error
+
+from conftest import make_folder
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("bench")
+    data = make_folder(tmp / "data", n_classes=4, per_class=20)
+    os.environ["OVR_CACHE_DIR"] = str(tmp / "cache")
+    r = runner.invoke(app, ["bench", str(data), "--out", str(tmp / "rep"), "--backbone", "tiny_cnn", "--device", "cpu",
+                            "--workers", "0", "--seeds", "2", "--epochs", "20"])
+    assert r.exit_code == 0, r.output
+    return tmp, json.loads((tmp / "rep" / "report.json").read_text()), r.output
+
+
+def test_report_has_every_method_metric_and_file(report):
+    tmp, rep, out = report
+    assert rep["methods"] == list(METHODS) and rep["scenarios"] == list(SCENARIOS)
+    for scen in SCENARIOS:
+        for m in METHODS:
+            res = rep["results"][scen][m]
+            for k in SCALARS:
+                if k in ("add_class_seconds", "accuracy_after_add") and scen != "plain":
+                    continue
+                assert k in res and len(res[k]["values"]) == 2, (scen, m, k)
+    for f in ["report.md", "report.json", "confusion.png", "reliability.png", "per_class_f1.png", "add_class_time.png"]:
+        assert (tmp / "rep" / f).stat().st_size > 100
+    md = (tmp / "rep" / "report.md").read_text()
+    assert all(m in md for m in METHODS) and "How to read it" in md
+    assert rep["dataset"]["fingerprint"] and rep["versions"]["torch"] and rep["config"]["train"]
+    assert "sklearn-multinomial" in out and "softmax" in out
+    few = rep["n"]["train_per_scenario"]["few-shot"]
+    assert few == 4 * rep["config"]["bench"]["few_shot_k"] < rep["n"]["train"]
+
+
+def test_numbers_agree_with_sklearn_on_the_same_predictions(report):
+    """Refit the deterministic scikit-learn reference on the same embeddings and recompute its metrics."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.metrics import accuracy_score, balanced_accuracy_score, f1_score, log_loss
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    from ovr.config import load_config
+    from ovr.pipeline import embed_data
+
+    tmp, rep, _ = report
+    cfg = load_config(None, {"backbone": "tiny_cnn", "device": "cpu", "workers": 0, "cache_dir": str(tmp / "cache")})
+    emb = embed_data(tmp / "data", cfg)
+    assert emb.result.n_new == 0  # the bench embedded these already
+    X, y, _ = emb.split("train")
+    Xt, yt, _ = emb.split("test")
+    m = make_pipeline(StandardScaler(), LogisticRegression(max_iter=1000)).fit(X.numpy(), y.numpy())
+    pred, proba = m.predict(Xt.numpy()), m.predict_proba(Xt.numpy())
+    res = rep["results"]["plain"]["sklearn-multinomial"]
+    assert res["accuracy"]["values"][0] == pytest.approx(accuracy_score(yt, pred))
+    assert res["macro_f1"]["values"][0] == pytest.approx(f1_score(yt, pred, average="macro"))
+    assert res["balanced_accuracy"]["values"][0] == pytest.approx(balanced_accuracy_score(yt, pred))
+    assert res["nll"]["values"][0] == pytest.approx(log_loss(yt, proba), rel=1e-3)
+    assert res["ece"]["values"][0] == pytest.approx(expected_calibration_error(proba, yt.numpy()), abs=1e-6)
+
+
+def test_ece_by_hand():
+    proba = np.array([[0.9, 0.1], [0.6, 0.4], [0.2, 0.8], [0.3, 0.7]])
+    y = np.array([0, 1, 1, 1])
+    # bins: 0.9 -> correct, 0.6 -> wrong, 0.8 -> correct, 0.7 -> correct; 15 equal bins, each its own bin
+    expect = (abs(1 - 0.9) + abs(0 - 0.6) + abs(1 - 0.8) + abs(1 - 0.7)) / 4
+    assert expected_calibration_error(proba, y) == pytest.approx(expect)
+
+
+def test_bench_needs_val_and_test(tmp_path, cache_dir):
+    for split in ["train"]:
+        make_folder(tmp_path / "d" / split, n_classes=3, per_class=4)
+    r = runner.invoke(app, ["bench", str(tmp_path / "d"), "--out", str(tmp_path / "r"), "--backbone", "tiny_cnn",
+                            "--device", "cpu", "--workers", "0"])
+    assert r.exit_code == 2 and "val and test" in r.output
+
+
+@pytest.mark.slow
+def test_demo_end_to_end(tmp_path):
+    """The README's main job, as a user runs it: a real process, the real pretrained backbone, offline."""
+    env = {**os.environ, "OVR_CACHE_DIR": str(tmp_path / "cache"), "HF_HUB_OFFLINE": "1", "MPLBACKEND": "Agg"}
+    p = subprocess.run([sys.executable, "-m", "ovr", "demo", "--out", str(tmp_path / "demo"), "--seeds", "1"],
+                       env=env, capture_output=True, text=True, timeout=1200)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    rep = json.loads((tmp_path / "demo" / "report" / "report.json").read_text())
+    assert rep["results"]["plain"]["ovr"]["accuracy"]["mean"] > 0.85  # pretrained features separate digits
+    m = json.loads((tmp_path / "demo" / "model" / "manifest.json").read_text())
+    assert m["classes"][-1] == "digit_9" and len(m["classes"]) == 10
+    assert "report:" in p.stdout
