@@ -24,16 +24,30 @@ Progress = Callable[[str, int, int], None]  # (stage, done, total)
 
 @dataclass
 class Backbone:
+    """A frozen feature extractor. The network is built on first use: a run whose images are all cached
+    never builds it (nor imports timm), which is most of what makes a warm run fast."""
     name: str
-    model: nn.Module  # frozen, eval mode, classifier removed
-    transform: Callable  # PIL image -> CHW float tensor, taken from the weights' own preprocessing
     dim: int
     weights: str  # what was loaded: "default", "none" or a file path
     fingerprint: str  # sha256 over the weights' tensors
+    preprocess: str  # the preprocessing, as text (part of the cache key)
+    build: Callable[[], tuple[nn.Module, Callable]] = field(repr=False, default=None)
+    _built: tuple[nn.Module, Callable] | None = field(repr=False, default=None)
+
+    def _get(self) -> tuple[nn.Module, Callable]:
+        if self._built is None:
+            model, transform = self.build()
+            model.eval().requires_grad_(False)
+            self._built = (model, transform)
+        return self._built
 
     @property
-    def preprocess(self) -> str:
-        return " ".join(repr(self.transform).split())
+    def model(self) -> nn.Module:
+        return self._get()[0]
+
+    @property
+    def transform(self) -> Callable:
+        return self._get()[1]
 
     @property
     def key(self) -> str:
@@ -224,13 +238,58 @@ def fingerprint_state_dict(sd: dict[str, torch.Tensor]) -> str:
     return h.hexdigest()
 
 
-def load_backbone(name: str, weights: str = "default") -> Backbone:
+def _describe(transform: Callable) -> str:
+    return " ".join(repr(transform).split())
+
+
+def _weights_identity(name: str, weights: str) -> str | None:
+    """What the weights are, cheaply (file path, size, mtime; torch version for seeded inits), or None."""
+    if weights == "none" or (name == "tiny_cnn" and weights == "default"):
+        path = None
+    elif weights == "default":
+        path = _lite0_file() if name == "efficientnet_lite0" else None
+        if path is None:
+            import torchvision.models as tvm
+
+            url = tvm.get_model_weights(name).DEFAULT.url
+            path = str(Path(torch.hub.get_dir()) / "checkpoints" / url.rsplit("/", 1)[-1])
+    else:
+        path = weights
+    if path is None:
+        return f"{name}|{weights}|torch {torch.__version__}"
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return f"{name}|{os.path.abspath(path)}|{st.st_size}|{st.st_mtime_ns}|torch {torch.__version__}"
+
+
+def load_backbone(name: str, weights: str = "default", memo_dir: str | Path | None = None) -> Backbone:
+    """The backbone's identity (dim, weights fingerprint, preprocessing), remembered under memo_dir so that
+    later runs know it without building the network; the network itself is built lazily."""
     if name not in REGISTRY:
         raise OvrError(f"unknown backbone {name!r}; `ovr backbones` lists them ({', '.join(REGISTRY)})")
     info = REGISTRY[name]
-    model, transform = info.build(weights)
+    build = lambda: info.build(weights)  # noqa: E731
+    ident = _weights_identity(name, weights) if memo_dir else None
+    memo_path = Path(memo_dir) / "backbones.json" if memo_dir else None
+    memo: dict = {}
+    if ident and memo_path.is_file():
+        try:
+            memo = json.loads(memo_path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError, OSError):
+            memo = {}
+        if ident in memo:
+            m = memo[ident]
+            return Backbone(name, m["dim"], weights, m["fingerprint"], m["preprocess"], build)
+    model, transform = build()
     model.eval().requires_grad_(False)
-    return Backbone(name, model, transform, info.dim, weights, fingerprint_state_dict(model.state_dict()))
+    bb = Backbone(name, info.dim, weights, fingerprint_state_dict(model.state_dict()), _describe(transform), build,
+                  (model, transform))
+    if ident:
+        memo[ident] = {"dim": bb.dim, "fingerprint": bb.fingerprint, "preprocess": bb.preprocess}
+        atomic_write_bytes(memo_path, json.dumps(memo, indent=1).encode())
+    return bb
 
 
 # --- the cache ------------------------------------------------------------------------------------------------

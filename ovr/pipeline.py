@@ -31,7 +31,7 @@ def embed_data(data: str | Path, cfg: Config, progress: Progress | None = None,
     """Scan DATA, load the backbone, embed through the cache; embeddings end up on the compute device."""
     f = cfg.features
     folder = scan_folder(data, cfg.data.val_fraction, cfg.data.test_fraction, cfg.data.split_seed)
-    backbone = backbone or load_backbone(f.backbone, f.weights)
+    backbone = backbone or load_backbone(f.backbone, f.weights, f.cache_dir or default_cache_dir())
     device = resolve_device(f.device)
     emb = embed_folder(folder, backbone, open_cache(cfg, backbone), device, f.batch_size, f.workers, f.strict, progress)
     emb.backbone = backbone
@@ -138,7 +138,7 @@ class Predictor:
     def backbone(self) -> Backbone:
         if self._backbone is None:
             spec = self.model.backbone
-            bb = load_backbone(spec["name"], spec["weights"])
+            bb = load_backbone(spec["name"], spec["weights"], self.cache_dir)
             check_backbone(spec, bb.spec())
             self._backbone = bb
         return self._backbone
@@ -248,9 +248,10 @@ def _open_for_update(root: Path, cfg: Config) -> tuple[Model, Backbone, Embeddin
     spec = model.backbone
     if f.backbone != spec["name"]:
         raise OvrError(f"model was made with backbone {spec['name']}, not {f.backbone}")
-    bb = load_backbone(spec["name"], spec["weights"])
+    root_dir = f.cache_dir or default_cache_dir()
+    bb = load_backbone(spec["name"], spec["weights"], root_dir)
     check_backbone(spec, bb.spec())
-    return model, bb, EmbeddingCache(f.cache_dir or default_cache_dir(), bb.key), resolve_device(f.device)
+    return model, bb, EmbeddingCache(root_dir, bb.key), resolve_device(f.device)
 
 
 def _xy(model: Model, cache: EmbeddingCache, device: torch.device, split: str) -> tuple[torch.Tensor, torch.Tensor]:
