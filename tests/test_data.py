@@ -108,3 +108,17 @@ def test_bad_folders_are_one_line_errors(tmp_path, cache_dir, case):
     assert r.exit_code == 2, r.output
     assert "error:" in r.output and "Traceback" not in r.output
     assert len([ln for ln in r.output.strip().splitlines() if ln.strip()]) <= 2
+
+
+def test_shipped_configs_load_and_round_trip(tmp_path):
+    from pathlib import Path
+
+    from ovr.config import config_to_toml, load_config
+
+    root = Path(__file__).parent.parent / "configs"
+    for f in sorted(root.glob("*.toml")):
+        cfg = load_config(f)
+        (tmp_path / "c.toml").write_text(config_to_toml(cfg))
+        assert load_config(tmp_path / "c.toml") == cfg
+    assert load_config(root / "fast.toml").train.l2_grid == (0.001,)
+    assert load_config(root / "fast.toml", {"epochs": 3}).train.epochs == 3
