@@ -64,8 +64,7 @@ class _Method:
 
     def fit(self, X, y, Xv, yv):
         t = self.cfg.train
-        kw = dict(head=t.head, hidden=t.hidden, epochs=t.epochs, lr=t.lr, batch_size=t.head_batch_size,
-                  patience=t.patience, l2_grid=t.l2_grid, normalize=t.normalize, seed=self.seed, device=self.device)
+        kw = {**t.fit_kwargs(), "seed": self.seed, "normalize": t.normalize, "device": self.device}
         t0 = time.perf_counter()
         if self.name == "ovr":
             self.m = OvRClassifier(pos_weight=t.pos_weight, **kw).fit(X, y, Xv, yv)
@@ -107,9 +106,8 @@ def _add_class(method: _Method, X, y, Xv, yv, Xt, K: int) -> tuple[float, np.nda
     t0 = time.perf_counter()
     if method.name == "ovr":
         m, t = base.m, method.cfg.train
-        heads, _ = fit_ovr_heads(m.normalizer_(X), y, m.normalizer_(Xv), yv, [K - 1], [str(K - 1)], head=t.head,
-                                 hidden=t.hidden, epochs=t.epochs, lr=t.lr, batch_size=t.head_batch_size,
-                                 patience=t.patience, l2_grid=t.l2_grid, pos_weight=t.pos_weight, seed=method.seed)
+        heads, _ = fit_ovr_heads(m.normalizer_(X), y, m.normalizer_(Xv), yv, [K - 1], [str(K - 1)],
+                                 **{**t.fit_kwargs(), "seed": method.seed, "pos_weight": t.pos_weight})
         seconds = time.perf_counter() - t0
         with torch.no_grad():
             new = stacked_logits(stack_heads(heads, Xt.device), m.normalizer_(Xt)).cpu().numpy()

@@ -43,6 +43,11 @@ class TrainConfig:
     calibration: str = "platt"  # platt | temperature | none
     seed: int = 0
 
+    def fit_kwargs(self) -> dict:
+        """The keyword arguments shared by fit_ovr_heads, OvRClassifier and SoftmaxClassifier."""
+        return dict(head=self.head, hidden=self.hidden, epochs=self.epochs, lr=self.lr, batch_size=self.head_batch_size,
+                    patience=self.patience, l2_grid=self.l2_grid, seed=self.seed)
+
 
 @dataclass(frozen=True)
 class BenchConfig:

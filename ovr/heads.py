@@ -259,6 +259,12 @@ def stack_heads(heads: list[Tensors], device: torch.device | str = "cpu") -> Ten
     return {k: torch.stack([h[k] for h in heads]).to(device) for k in heads[0]}
 
 
+def encode_labels(classes: np.ndarray, y) -> torch.Tensor:
+    """Labels (any hashable values) -> their index in classes_, as the estimators store them."""
+    index = {c: i for i, c in enumerate(classes.tolist())}
+    return torch.as_tensor([index[v] for v in np.asarray(y).tolist()], dtype=torch.long)
+
+
 class OvRClassifier:
     """scikit-learn style estimator on embeddings: N independent sigmoid heads, argmax of confidence."""
 
@@ -270,8 +276,7 @@ class OvRClassifier:
         self.normalize, self.seed, self.device = normalize, seed, device
 
     def _labels(self, y) -> torch.Tensor:
-        index = {c: i for i, c in enumerate(self.classes_)}
-        return torch.as_tensor([index[v] for v in np.asarray(y).tolist()], dtype=torch.long)
+        return encode_labels(self.classes_, y)
 
     def fit(self, X, y, X_val=None, y_val=None, progress: Callable | None = None) -> "OvRClassifier":
         dev = resolve_device(self.device)

@@ -41,11 +41,6 @@ def embed_data(data: str | Path, cfg: Config, progress: Progress | None = None,
 # --- training a model ------------------------------------------------------------------------------------
 
 
-def fit_kwargs(t: TrainConfig) -> dict:
-    return dict(head=t.head, hidden=t.hidden, epochs=t.epochs, lr=t.lr, batch_size=t.head_batch_size,
-                patience=t.patience, l2_grid=t.l2_grid, pos_weight=t.pos_weight, seed=t.seed)
-
-
 def model_logits(model: Model, X: torch.Tensor, classes: list[str] | None = None) -> np.ndarray:
     classes = classes or model.classes
     p = stack_heads([model.heads[c] for c in classes], X.device)
@@ -72,7 +67,7 @@ def fit_heads_into(model: Model, names: list[str], X: torch.Tensor, y: torch.Ten
     targets = [model.classes.index(c) for c in names]
     Xn, Xvn = model.normalizer(X), (model.normalizer(Xv) if len(Xv) else None)
     heads, fits = fit_ovr_heads(Xn, y, Xvn, yv if len(Xv) else None, targets, names, progress=progress,
-                                **fit_kwargs(t))
+                                pos_weight=t.pos_weight, **t.fit_kwargs())
     tmp = Model(model.backbone, model.normalizer, t.head, names, dict(zip(names, heads)), {})
     if len(Xv):
         z = model_logits(tmp, Xv)

@@ -8,8 +8,8 @@ from typing import Callable
 import numpy as np
 import torch
 
-from .heads import (Normalizer, autograd_grad, ce_columns, ce_linear_grad, init_linear, init_mlp, stacked_logits,
-                    train_columns)
+from .heads import (Normalizer, autograd_grad, ce_columns, ce_linear_grad, encode_labels, init_linear, init_mlp,
+                    stacked_logits, train_columns)
 from .runtime import head_seed, resolve_device
 
 
@@ -22,8 +22,7 @@ class SoftmaxClassifier:
         self.normalize, self.seed, self.device = normalize, seed, device
 
     def _labels(self, y) -> torch.Tensor:
-        index = {c: i for i, c in enumerate(self.classes_)}
-        return torch.as_tensor([index[v] for v in np.asarray(y).tolist()], dtype=torch.long)
+        return encode_labels(self.classes_, y)
 
     def fit(self, X, y, X_val=None, y_val=None, progress: Callable | None = None) -> "SoftmaxClassifier":
         """Each L2 strength is one column (a whole softmax model); the one with the lowest val loss is kept."""
