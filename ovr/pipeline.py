@@ -290,7 +290,9 @@ def add_class(root: str | Path, name: str, inputs: list[str], cfg: Config, repla
         splits = split_assignments(len(r.keys), d.val_fraction, d.test_fraction, d.split_seed, name)
         new_ex = [{"key": k, "label": name, "split": s} for k, s in zip(r.keys, splits)]
         if negatives is not None:
-            neg = embed_data(negatives, cfg, progress, backbone=bb)
+            folder = scan_folder(negatives, d.val_fraction, d.test_fraction, d.split_seed)
+            f = cfg.features
+            neg = embed_folder(folder, bb, cache, device, f.batch_size, f.workers, f.strict, progress)
             new_ex += [{"key": k, "label": None, "split": str(s)} for k, s in zip(neg.result.keys, neg.splits)]
         old_heads = [c for c in model.classes if c != name]
         model.examples = [e for e in model.examples if e["label"] != name] + new_ex

@@ -256,3 +256,26 @@ def test_two_concurrent_add_class_processes_both_land(model, tmp_path, cache_dir
     assert set(m.classes) == {"c0", "c1", "c2", "c3", "c4", "c5"}
     labels = {e["label"] for e in m.examples}
     assert {"c4", "c5"} <= labels
+
+
+def test_mlp_heads_train_save_load_predict(data4, tmp_path, cache_dir):
+    train(data4, tmp_path / "mlp", "--head", "mlp", "--hidden", "16")
+    m = load_model(tmp_path / "mlp")
+    assert m.head_type == "mlp" and set(m.heads["c0"]) == {"w1", "b1", "w2", "b2"} and m.heads["c0"]["w1"].shape[1] == 16
+    r = run("evaluate", tmp_path / "mlp", data4, "--json", tmp_path / "ev.json")
+    assert r.exit_code == 0 and json.loads((tmp_path / "ev.json").read_text())["accuracy"] > 0.5
+
+
+def test_add_class_with_extra_negatives(model, tmp_path, cache_dir):
+    new = make_folder(tmp_path / "new", n_classes=6, per_class=8)
+    negs = tmp_path / "negs"
+    (negs / "other").mkdir(parents=True)
+    for p in sorted((new / "c5").glob("*.png")):
+        p.rename(negs / "other" / p.name)
+    before = load_model(model).records
+    r = run("add-class", model, "c4", new / "c4", "--negatives", negs, "--device", "cpu")
+    assert r.exit_code == 0, r.output
+    m = load_model(model)
+    old_negatives = sum(before[c]["positives"] for c in before)
+    assert m.records["c4"]["negatives"] > old_negatives  # the extra images were used as negatives
+    assert sum(e["label"] is None for e in m.examples) == 8  # and remembered for heads trained later
