@@ -79,7 +79,7 @@ def bench(name, Xtr, ytr, Xv, yv, Xte, yte, loop_heads: int) -> dict:
     print(f"[{name}] {K} heads stacked {t_stack:.2f} s vs loop {t_loop_all:.2f} s{note}: "
           f"{t_loop_all / t_stack:.1f}x = {t_loop_all / t_stack / K:.2f} x N (target >= 0.8 x N)")
     for cname, kw in CONFIGS.items():
-        m, t = timed(lambda: OvRClassifier(device="cpu", **kw).fit(Xtr, ytr, Xv, yv))
+        m, t = timed(lambda kw=kw: OvRClassifier(device="cpu", **kw).fit(Xtr, ytr, Xv, yv))
         acc = float((m.predict(Xte) == yte).mean())
         res[f"ovr_{cname}"] = {"seconds": t, "accuracy": acc,
                                "config": {k: list(v) if isinstance(v, tuple) else v for k, v in kw.items()}}

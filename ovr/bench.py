@@ -8,9 +8,6 @@ from __future__ import annotations
 import hashlib
 import platform
 import time
-from dataclasses import asdict
-from pathlib import Path
-from typing import Callable
 
 import numpy as np
 import torch

@@ -54,7 +54,7 @@ def user_errors():
         _fail(e)
     except KeyboardInterrupt:
         err.print("interrupted: finished cache shards and saved models are kept; run again to resume")
-        raise typer.Exit(130)
+        raise typer.Exit(130) from None
 
 
 @contextmanager

@@ -13,7 +13,6 @@ from typing import Callable
 import numpy as np
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 from torch import nn
 
 from .data import ImageFolder, decode_image, describe_error

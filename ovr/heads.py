@@ -7,7 +7,7 @@ order comes from the global seed and initial weights from (seed, class name), ne
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable
 
 import numpy as np

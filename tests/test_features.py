@@ -1,7 +1,5 @@
 import json
-import shutil
 
-import numpy as np
 import pytest
 import torch
 from safetensors.torch import save_file
@@ -12,7 +10,7 @@ from ovr.errors import OvrError
 from ovr.features import EmbeddingCache, embed_paths, load_backbone
 from ovr.pipeline import embed_data, open_cache
 
-from conftest import make_folder, make_image
+from conftest import make_image
 
 runner = CliRunner()
 TINY = ["--backbone", "tiny_cnn", "--device", "cpu", "--workers", "0"]

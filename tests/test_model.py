@@ -131,7 +131,7 @@ def test_crash_during_save_leaves_old_model(model):
     before = head_hashes(model)
     m = load_model(model)
     m.heads["c2"] = {"weight": "not a tensor"}
-    with pytest.raises(Exception):
+    with pytest.raises(AttributeError):  # a str has no .detach(): fails half way through writing the heads
         save_model(m, model, force=True)
     assert head_hashes(model) == before and load_model(model).classes == ["c0", "c1", "c2", "c3"]
     assert not [p for p in model.parent.iterdir() if p.name.startswith(".model.tmp")]

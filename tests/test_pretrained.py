@@ -1,5 +1,4 @@
 """The default backbone really is ImageNet-pretrained, offline, from the wheel."""
-import numpy as np
 import pytest
 import torch
 from PIL import Image
