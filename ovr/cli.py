@@ -23,12 +23,12 @@ err = Console(stderr=True)
 
 # Options shared by several commands (None = take it from --config, then the built-in default).
 ConfigOpt = Annotated[Optional[Path], typer.Option("--config", help="TOML config file; flags given here override it.")]
-BackboneOpt = Annotated[Optional[str], typer.Option(help="Backbone name (see `ovr backbones`). [default: efficientnet_lite0]")]
+BackboneOpt = Annotated[Optional[str], typer.Option(help="Backbone name (see `ovr backbones`). \\[default: efficientnet_lite0]")]
 WeightsOpt = Annotated[Optional[str], typer.Option(help="'default' (pretrained), 'none' (random init) or a local .pth/.safetensors state dict.")]
-DeviceOpt = Annotated[Optional[str], typer.Option(help="auto | cpu | cuda. [default: auto]")]
-BatchOpt = Annotated[Optional[int], typer.Option("--batch-size", help="Images per forward pass. [default: 64]")]
+DeviceOpt = Annotated[Optional[str], typer.Option(help="auto | cpu | cuda. \\[default: auto]")]
+BatchOpt = Annotated[Optional[int], typer.Option("--batch-size", help="Images per forward pass. \\[default: 64]")]
 WorkersOpt = Annotated[Optional[int], typer.Option(help="DataLoader decode workers (-1: one per core, max 4).")]
-CacheOpt = Annotated[Optional[str], typer.Option("--cache-dir", help="Embedding cache folder. [default: $OVR_CACHE_DIR or ~/.cache/ovr]")]
+CacheOpt = Annotated[Optional[str], typer.Option("--cache-dir", help="Embedding cache folder. \\[default: $OVR_CACHE_DIR or ~/.cache/ovr]")]
 StrictOpt = Annotated[Optional[bool], typer.Option("--strict/--no-strict", help="Treat an unreadable image as an error instead of skipping it.")]
 
 
@@ -148,14 +148,14 @@ def train(
     out: Annotated[Path, typer.Option("--out", "-o", help="Model folder to write.")],
     backbone: BackboneOpt = None, weights: WeightsOpt = None, device: DeviceOpt = None, batch_size: BatchOpt = None,
     workers: WorkersOpt = None, cache_dir: CacheOpt = None, strict: StrictOpt = None,
-    head: Annotated[Optional[str], typer.Option(help="linear | mlp. [default: linear]")] = None,
-    hidden: Annotated[Optional[int], typer.Option(help="Hidden units of an mlp head. [default: 256]")] = None,
-    epochs: Annotated[Optional[int], typer.Option(help="Max epochs; each head stops early on its val loss. [default: 100]")] = None,
-    lr: Annotated[Optional[float], typer.Option(help="Adam learning rate. [default: 0.003]")] = None,
+    head: Annotated[Optional[str], typer.Option(help="linear | mlp. \\[default: linear]")] = None,
+    hidden: Annotated[Optional[int], typer.Option(help="Hidden units of an mlp head. \\[default: 256]")] = None,
+    epochs: Annotated[Optional[int], typer.Option(help="Max epochs; each head stops early on its val loss. \\[default: 100]")] = None,
+    lr: Annotated[Optional[float], typer.Option(help="Adam learning rate. \\[default: 0.003]")] = None,
     seed: Annotated[Optional[int], typer.Option(help="Global seed; each head's seed derives from it and its class name.")] = None,
-    pos_weight: Annotated[Optional[bool], typer.Option("--pos-weight/--no-pos-weight", help="Weight positives by negatives/positives per head. [default: on]")] = None,
-    normalize: Annotated[Optional[str], typer.Option(help="standardize | l2 feature normalisation. [default: standardize]")] = None,
-    calibration: Annotated[Optional[str], typer.Option(help="platt | temperature | none, fitted per head on val. [default: platt]")] = None,
+    pos_weight: Annotated[Optional[bool], typer.Option("--pos-weight/--no-pos-weight", help="Weight positives by negatives/positives per head. \\[default: on]")] = None,
+    normalize: Annotated[Optional[str], typer.Option(help="standardize | l2 feature normalisation. \\[default: standardize]")] = None,
+    calibration: Annotated[Optional[str], typer.Option(help="platt | temperature | none, fitted per head on val. \\[default: platt]")] = None,
     force: Annotated[bool, typer.Option("--force", help="Overwrite an existing model folder.")] = False,
     config: ConfigOpt = None,
 ) -> None:
@@ -340,7 +340,7 @@ def bench(
     out: Annotated[Path, typer.Option("--out", "-o", help="Report folder: report.json, report.md, PNG plots.")],
     backbone: BackboneOpt = None, weights: WeightsOpt = None, device: DeviceOpt = None, batch_size: BatchOpt = None,
     workers: WorkersOpt = None, cache_dir: CacheOpt = None,
-    seeds: Annotated[Optional[int], typer.Option(help="Seeds per method and scenario. [default: 3]")] = None,
+    seeds: Annotated[Optional[int], typer.Option(help="Seeds per method and scenario. \\[default: 3]")] = None,
     sklearn: Annotated[Optional[bool], typer.Option("--sklearn/--no-sklearn", help="Include the scikit-learn references.")] = None,
     head: Annotated[Optional[str], typer.Option(help="linear | mlp, for both OvR and softmax.")] = None,
     epochs: Annotated[Optional[int], typer.Option(help="Max epochs for both.")] = None,
