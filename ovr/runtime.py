@@ -1,19 +1,11 @@
-"""Seeds and devices: the only process-wide state `ovr` touches."""
+"""Seeds and devices. No global RNG is seeded: every random draw takes an explicit generator from a seed."""
 from __future__ import annotations
 
 import hashlib
-import random
 
-import numpy as np
 import torch
 
 from .errors import OvrError
-
-
-def set_seed(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
 
 
 def head_seed(seed: int, class_name: str) -> int:
