@@ -319,13 +319,17 @@ def train_config(model: Model) -> TrainConfig:
 
 def confused_heads(model: Model, cache: EmbeddingCache, device: torch.device) -> dict[str, float]:
     """Old heads that fire on the images of classes added after them (which they never saw as negatives)."""
-    out: dict[str, float] = {}
     created = {c: model.records[c]["created"] for c in model.classes}
+    ex = [e for e in model.examples if e["label"] in created and e["split"] in ("train", "val")]
+    if not ex:
+        return {}
+    X = cache.get([e["key"] for e in ex]).to(device)  # read once, then one mask per head
+    born = np.array([created[e["label"]] for e in ex])
+    out: dict[str, float] = {}
     for c in model.classes:
-        later = {o for o in model.classes if created[o] > created[c]}
-        keys = [e["key"] for e in model.examples if e["label"] in later and e["split"] in ("train", "val")]
-        if keys:
-            rate = fire_rates(model, cache.get(keys).to(device), [c])[c]
+        later = torch.from_numpy(born > created[c]).to(device)
+        if later.any():
+            rate = fire_rates(model, X[later], [c])[c]
             if rate > CONFUSED_RATE:
                 out[c] = rate
     return out
