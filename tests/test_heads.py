@@ -130,3 +130,20 @@ def test_aggregator_unknown_and_multilabel():
     assert aggregate.predict(conf, reject_below=0.5).tolist() == [0, -1, 0]
     assert aggregate.predict(conf, thresholds=np.array([0.85, 0.6])).tolist() == [0, -1, 0]
     assert aggregate.multilabel(conf, np.array([0.5, 0.5])).tolist() == [[True, False], [False, False], [True, True]]
+
+
+def test_standardize_floor_keeps_dimensions_dead_in_training_bounded():
+    from ovr.heads import STD_FLOOR, Normalizer
+
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(200, 16, generator=g) * 2 + 1
+    X[:, 0] = 0.0  # a dimension no training image activates
+    n = Normalizer.fit("standardize", X)
+    Z = n(X)
+    assert torch.allclose(Z[:, 1:].mean(0), torch.zeros(15), atol=1e-5)
+    assert torch.allclose(Z[:, 1:].std(0, unbiased=False), torch.ones(15), atol=1e-4)
+    new = torch.zeros(1, 16)
+    new[0, 0] = 1.0  # an image of a class added later lights it up
+    bound = 1.0 / (STD_FLOOR * float(X.std(0, unbiased=False).mean()))
+    assert float(n(new)[0, 0]) == pytest.approx(bound, rel=1e-4)
+    assert float(n(new).abs().max()) < 100  # a bare 1e-6 floor gave 1e6
