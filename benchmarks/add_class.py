@@ -5,7 +5,7 @@
     `add-class` the last, vs train on all N; then `refresh` of the heads the new class confuses. Each of the
     10 digits takes a turn as the added class. Also the end-to-end `add_class` call on a saved model.
 
-    python benchmarks/add_class.py [--sizes 10 100 1000]
+    python benchmarks/add_class.py [--sizes 10 100 1000] [--device cpu|cuda|auto]
 """
 from __future__ import annotations
 
@@ -21,12 +21,14 @@ import numpy as np
 import torch
 
 from ovr.heads import Normalizer, fit_ovr_heads, stack_heads, stacked_logits
+from ovr.runtime import resolve_device
 
 # Scaling runs use one L2 value and at most 20 epochs so N = 1000 (1000 columns x 20,000 rows) fits the budget.
 SCALE_KW = dict(l2_grid=(1e-2,), epochs=20, batch_size=512, patience=5, lr=3e-3)
 
 
-def scaling(sizes: list[int], per_class: int = 20, dim: int = 512) -> list[dict]:
+def scaling(sizes: list[int], per_class: int = 20, dim: int = 512, device: str = "cpu") -> list[dict]:
+    dev = resolve_device(device)
     out = []
     for N in sizes:
         g = torch.Generator().manual_seed(N)
@@ -36,8 +38,9 @@ def scaling(sizes: list[int], per_class: int = 20, dim: int = 512) -> list[dict]
         yv = torch.arange(N).repeat_interleave(4)
         Xv = centers[yv] + torch.randn(len(yv), dim, generator=g)
         norm = Normalizer.fit("standardize", X)
-        X, Xv = norm(X), norm(Xv)
+        X, Xv = norm(X).to(dev), norm(Xv).to(dev)
         names = [f"c{k}" for k in range(N)]
+        fit_ovr_heads(X, y, Xv, yv, [0], names[:1], **{**SCALE_KW, "epochs": 1})  # warm-up
         t0 = time.perf_counter()
         fit_ovr_heads(X, y, Xv, yv, list(range(N)), names, **SCALE_KW)
         full = time.perf_counter() - t0
@@ -52,14 +55,14 @@ def scaling(sizes: list[int], per_class: int = 20, dim: int = 512) -> list[dict]
     return out
 
 
-def real_accuracy(cache_dir: str) -> dict:
+def real_accuracy(cache_dir: str, device: str = "cpu") -> dict:
     from ovr.config import load_config
     from ovr.data import write_digits_folder
     from ovr.pipeline import embed_data
 
     root = Path(cache_dir) / "digits-images"
     write_digits_folder(root)
-    cfg = load_config(None, {"cache_dir": cache_dir, "device": "cpu"})
+    cfg = load_config(None, {"cache_dir": cache_dir, "device": device})
     emb = embed_data(root, cfg)
     X, y, _ = emb.split("train")
     Xv, yv, _ = emb.split("val")
@@ -71,8 +74,8 @@ def real_accuracy(cache_dir: str) -> dict:
               pos_weight=t.pos_weight, seed=t.seed)
 
     def acc(heads_by_class):
-        z = stacked_logits(stack_heads([heads_by_class[k] for k in range(K)]), norm(Xt))
-        return float((z.argmax(1) == yt).float().mean())
+        z = stacked_logits(stack_heads([heads_by_class[k] for k in range(K)], Xt.device), norm(Xt))
+        return float((z.argmax(1).cpu() == yt).float().mean())
 
     norm = Normalizer.fit("standardize", X)
     full, _ = fit_ovr_heads(norm(X), y, norm(Xv), yv, list(range(K)), names, **kw)
@@ -88,7 +91,7 @@ def real_accuracy(cache_dir: str) -> dict:
         heads[new] = added[0]
         a_add = acc(heads)
         # refresh: old heads that fire on >10% of the new class's val images get retrained with it as a negative
-        zv = stacked_logits(stack_heads([heads[k] for k in old]), norm(Xv[yv == new]))
+        zv = stacked_logits(stack_heads([heads[k] for k in old], Xv.device), norm(Xv[yv == new]))
         confused = [k for k, rate in zip(old, (torch.sigmoid(zv) > 0.5).float().mean(0).tolist()) if rate > 0.10]
         if confused:
             ref, _ = fit_ovr_heads(norm(X), y, norm(Xv), yv, confused, [names[k] for k in confused], **kw)
@@ -105,7 +108,7 @@ def real_accuracy(cache_dir: str) -> dict:
             "add_within_1_point": abs(mean_add - acc_full) <= 0.01}
 
 
-def end_to_end(cache_dir: str) -> dict:
+def end_to_end(cache_dir: str, device: str = "cpu") -> dict:
     """The library call behind `ovr add-class` on a saved 9-class model: lock, load, embed (cached), train, save."""
     from ovr.config import load_config
     from ovr.pipeline import add_class, model_config, train_model
@@ -114,11 +117,11 @@ def end_to_end(cache_dir: str) -> dict:
     src = Path(cache_dir) / "digits-images"
     nine = tmp / "nine"
     shutil.copytree(src, nine, ignore=lambda d, n: ["digit_9"] if Path(d) == src else [])
-    cfg = load_config(None, {"cache_dir": cache_dir, "device": "cpu"})
+    cfg = load_config(None, {"cache_dir": cache_dir, "device": device})
     t0 = time.perf_counter()
     train_model(nine, tmp / "model", cfg)
     t_train = time.perf_counter() - t0
-    r = add_class(tmp / "model", "digit_9", [str(src / "digit_9")], model_config(tmp / "model", cache_dir=cache_dir))
+    r = add_class(tmp / "model", "digit_9", [str(src / "digit_9")], model_config(tmp / "model", cache_dir=cache_dir, device=device))
     print(f"end to end: train 9 classes {t_train:.2f} s (embeddings cached); add-class digit_9 {r.seconds:.2f} s "
           f"of which head training {r.train_seconds:.2f} s")
     return {"train_9_s": t_train, "add_class_s": r.seconds, "add_class_head_training_s": r.train_seconds}
@@ -127,11 +130,13 @@ def end_to_end(cache_dir: str) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sizes", type=int, nargs="+", default=[10, 100, 1000])
+    ap.add_argument("--device", default="cpu", help="cpu | cuda | auto")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "add_class.json"))
     a = ap.parse_args()
     cache = os.environ.get("OVR_CACHE_DIR") or tempfile.mkdtemp()
-    res = {"cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "scaling_config": SCALE_KW,
-           "scaling": scaling(a.sizes), "digits": real_accuracy(cache), "end_to_end": end_to_end(cache)}
+    res = {"cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "device": a.device,
+           "scaling_config": SCALE_KW, "scaling": scaling(a.sizes, device=a.device),
+           "digits": real_accuracy(cache, a.device), "end_to_end": end_to_end(cache, a.device)}
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text(json.dumps(res, indent=2, default=list))
     print(f"-> {a.out}")

@@ -45,11 +45,12 @@ def main() -> None:
     ap.add_argument("--backbone", default="efficientnet_lite0")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--batch-size", type=int, default=64)
+    ap.add_argument("--workers", type=int, default=-1, help="DataLoader decode workers (-1: one per core, max 4)")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "embed_throughput.json"))
     a = ap.parse_args()
 
     from ovr.data import load_image, scan_folder
-    from ovr.features import EmbeddingCache, embed_paths, forward, load_backbone
+    from ovr.features import EmbeddingCache, default_workers, embed_paths, forward, load_backbone
     from ovr.runtime import resolve_device
 
     dev = resolve_device(a.device)
@@ -74,14 +75,15 @@ def main() -> None:
     # the whole pipeline from files, cold cache
     cache = EmbeddingCache(tmp / "cache1", bb.key)
     t0 = time.perf_counter()
-    r = embed_paths(paths, bb, cache, dev, batch_size=a.batch_size)
+    r = embed_paths(paths, bb, cache, dev, batch_size=a.batch_size, workers=a.workers)
     pipe_s = time.perf_counter() - t0
     assert r.n_new == len(paths)
     pipe = len(paths) / pipe_s
 
     # cold vs warm `ovr embed` as a user runs it (a process each: includes start-up and model load)
     env = {**os.environ, "OVR_CACHE_DIR": str(tmp / "cache2")}
-    cmd = [sys.executable, "-m", "ovr", "embed", str(data), "--backbone", a.backbone, "--device", a.device]
+    cmd = [sys.executable, "-m", "ovr", "embed", str(data), "--backbone", a.backbone, "--device", a.device,
+           "--workers", str(a.workers), "--batch-size", str(a.batch_size)]
     times = []
     for _ in range(2):
         t0 = time.perf_counter()
@@ -96,6 +98,7 @@ def main() -> None:
     res = {
         "images": len(paths), "image_size": "640x480 JPEG", "backbone": a.backbone, "device": str(dev),
         "torch_threads": torch.get_num_threads(), "cpu_count": os.cpu_count(), "batch_size": a.batch_size,
+        "workers": default_workers(a.workers),
         "raw_forward_images_per_s": raw, "pipeline_images_per_s": pipe, "pipeline_over_raw": pipe / raw,
         "cold_embed_cli_s": times[0], "warm_embed_cli_s": times[1], "cold_over_warm_cli": times[0] / times[1],
         "cold_embed_step_s": pipe_s, "warm_embed_step_s": warm_inner, "cold_over_warm_step": pipe_s / warm_inner,

@@ -4,7 +4,9 @@
 Datasets: (a) synthetic 20,000 x 512 features, 100 classes; (b) real EfficientNet-Lite0 embeddings of
 scikit-learn's digits (1,797 images, 10 classes; embedded once through the cache).
 
-    python benchmarks/heads_vs_sklearn.py [--loop-heads 10] [--skip-real]
+    python benchmarks/heads_vs_sklearn.py [--loop-heads 10] [--skip-real] [--device cpu|cuda|auto]
+
+scikit-learn always runs on the CPU; `--device cuda` moves only the ovr side (features and heads) to the GPU.
 """
 from __future__ import annotations
 
@@ -23,6 +25,7 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
 from ovr.heads import Normalizer, OvRClassifier, fit_ovr_heads
+from ovr.runtime import resolve_device
 
 # "fast": one L2 value (as scikit-learn's fixed C) instead of the default grid of four, big batches, a higher
 # learning rate and at most 10 epochs: what a user passes for large data (same flags on the CLI / in a config).
@@ -36,17 +39,17 @@ def synthetic():
     return X[:20000], y[:20000], X[20000:22000], y[20000:22000], X[22000:], y[22000:]
 
 
-def digits(cache_dir: str | None):
+def digits(cache_dir: str | None, device: str):
     from ovr.config import load_config
     from ovr.data import write_digits_folder
     from ovr.pipeline import embed_data
 
     root = Path(cache_dir or ".") / "digits-images"
     write_digits_folder(root)
-    cfg = load_config(None, {"cache_dir": cache_dir or "", "device": "cpu"})
+    cfg = load_config(None, {"cache_dir": cache_dir or "", "device": device})
     emb = embed_data(root, cfg)
     parts = [emb.split(s) for s in ("train", "val", "test")]
-    return tuple(v for X, y, _ in parts for v in (X.numpy(), y.numpy()))
+    return tuple(v for X, y, _ in parts for v in (X.cpu().numpy(), y.numpy()))
 
 
 def timed(fn):
@@ -55,18 +58,20 @@ def timed(fn):
     return out, time.perf_counter() - t0
 
 
-def bench(name, Xtr, ytr, Xv, yv, Xte, yte, loop_heads: int) -> dict:
-    res: dict = {"dataset": name, "train": Xtr.shape, "classes": int(ytr.max() + 1)}
+def bench(name, Xtr, ytr, Xv, yv, Xte, yte, loop_heads: int, device: str = "cpu") -> dict:
+    dev = resolve_device(device)
+    res: dict = {"dataset": name, "train": Xtr.shape, "classes": int(ytr.max() + 1), "device": str(dev)}
     # Order: the loop and ovr first, scikit-learn last: OpenBLAS threads that scikit-learn leaves spinning
     # slowed torch's threads measured right after it (a single head looked 10x slower).
     # stacked vs loop: the same heads, same config (fast), same data
     kw = dict(CONFIGS["fast"])
-    X, Xvt = torch.from_numpy(Xtr), torch.from_numpy(Xv)
+    X, Xvt = torch.from_numpy(Xtr).to(dev), torch.from_numpy(Xv).to(dev)
     norm = Normalizer.fit("standardize", X)
     X, Xvt = norm(X), norm(Xvt)
     y, yvt = torch.from_numpy(ytr), torch.from_numpy(yv)
     K = int(ytr.max() + 1)
     names = [str(k) for k in range(K)]
+    fit_ovr_heads(X, y, Xvt, yvt, [0], names[:1], **{**kw, "epochs": 1})  # warm-up (CUDA context, kernels)
     _, t_stack = timed(lambda: fit_ovr_heads(X, y, Xvt, yvt, list(range(K)), names, **kw))
     n_loop = min(loop_heads, K)
     _, t_loop = timed(lambda: [fit_ovr_heads(X, y, Xvt, yvt, [k], [names[k]], **kw) for k in range(n_loop)])
@@ -79,7 +84,7 @@ def bench(name, Xtr, ytr, Xv, yv, Xte, yte, loop_heads: int) -> dict:
     print(f"[{name}] {K} heads stacked {t_stack:.2f} s vs loop {t_loop_all:.2f} s{note}: "
           f"{t_loop_all / t_stack:.1f}x = {t_loop_all / t_stack / K:.2f} x N (target >= 0.8 x N)")
     for cname, kw in CONFIGS.items():
-        m, t = timed(lambda kw=kw: OvRClassifier(device="cpu", **kw).fit(Xtr, ytr, Xv, yv))
+        m, t = timed(lambda kw=kw: OvRClassifier(device=str(dev), **kw).fit(Xtr, ytr, Xv, yv))
         acc = float((m.predict(Xte) == yte).mean())
         res[f"ovr_{cname}"] = {"seconds": t, "accuracy": acc,
                                "config": {k: list(v) if isinstance(v, tuple) else v for k, v in kw.items()}}
@@ -101,13 +106,14 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--loop-heads", type=int, default=10, help="heads timed in the loop on the synthetic set")
     ap.add_argument("--skip-real", action="store_true")
+    ap.add_argument("--device", default="cpu", help="where the ovr heads train: cpu | cuda | auto")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "heads_vs_sklearn.json"))
     a = ap.parse_args()
     out = {"cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "results": []}
-    out["results"].append(bench("synthetic 20000x512, 100 classes", *synthetic(), loop_heads=a.loop_heads))
+    out["results"].append(bench("synthetic 20000x512, 100 classes", *synthetic(), loop_heads=a.loop_heads, device=a.device))
     if not a.skip_real:
-        out["results"].append(bench("digits, EfficientNet-Lite0 embeddings", *digits(os.environ.get("OVR_CACHE_DIR")),
-                                    loop_heads=100))
+        out["results"].append(bench("digits, EfficientNet-Lite0 embeddings", *digits(os.environ.get("OVR_CACHE_DIR"), a.device),
+                                    loop_heads=100, device=a.device))
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text(json.dumps(out, indent=2, default=lambda o: list(o)))
     print(f"-> {a.out}")
