@@ -33,6 +33,9 @@ def make_photos(root: Path, n: int) -> Path:
         crop = img.crop((x, y, x + 640, y + 480))
         if rng.random() < 0.5:
             crop = crop.transpose(Image.FLIP_LEFT_RIGHT)
+        # the same crop can come up twice, and the cache embeds equal bytes once: mark each image as its own
+        for b in range(16):
+            crop.putpixel((b, 0), (255, 255, 255) if (i >> b) & 1 else (0, 0, 0))
         d = root / f"class{c}"
         d.mkdir(parents=True, exist_ok=True)
         crop.save(d / f"{i:05d}.jpg", quality=90)
