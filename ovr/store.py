@@ -59,8 +59,10 @@ def _sha(data: bytes) -> str:
 
 
 def _head_bytes(name: str, tensors: Tensors) -> bytes:
+    # One metadata key: safetensors writes several in hash-map order, which changes from call to call, and then
+    # the same head would get other bytes, another sha256 and another file name.
     return st_save({k: v.detach().cpu().contiguous().float() for k, v in tensors.items()},
-                   metadata={"format": "ovr-head", "class": name})
+                   metadata={"ovr-head": name})
 
 
 def _blob(data: bytes, folder: Path, prefix: str, suffix: str) -> str:
