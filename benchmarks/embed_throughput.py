@@ -48,7 +48,7 @@ def main() -> None:
     ap.add_argument("--backbone", default="efficientnet_lite0")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--batch-size", type=int, default=64)
-    ap.add_argument("--workers", type=int, default=-1, help="DataLoader decode workers (-1: one per core, max 4)")
+    ap.add_argument("--workers", type=int, default=-1, help="DataLoader decode workers (-1: one per core, max 8)")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "embed_throughput.json"))
     a = ap.parse_args()
 

@@ -27,7 +27,7 @@ BackboneOpt = Annotated[Optional[str], typer.Option(help="Backbone name (see `ov
 WeightsOpt = Annotated[Optional[str], typer.Option(help="'default' (pretrained), 'none' (random init) or a local .pth/.safetensors state dict.")]
 DeviceOpt = Annotated[Optional[str], typer.Option(help="auto | cpu | cuda. \\[default: auto]")]
 BatchOpt = Annotated[Optional[int], typer.Option("--batch-size", help="Images per forward pass. \\[default: 64]")]
-WorkersOpt = Annotated[Optional[int], typer.Option(help="DataLoader decode workers (-1: one per core, max 4).")]
+WorkersOpt = Annotated[Optional[int], typer.Option(help="DataLoader decode workers (-1: one per core, max 8).")]
 CacheOpt = Annotated[Optional[str], typer.Option("--cache-dir", help="Embedding cache folder. \\[default: $OVR_CACHE_DIR or ~/.cache/ovr]")]
 StrictOpt = Annotated[Optional[bool], typer.Option("--strict/--no-strict", help="Treat an unreadable image as an error instead of skipping it.")]
 
