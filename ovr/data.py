@@ -12,7 +12,6 @@ from PIL import Image, ImageOps
 from .errors import OvrError
 
 SPLITS = ("train", "val", "test")
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif"}
 
 
 @dataclass
