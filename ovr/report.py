@@ -154,7 +154,7 @@ def plot_bench(rep: dict, out: Path) -> list[str]:
         ax.bar(x + (i - 0.5) * 0.4, [pc[m][c]["mean"] for c in rep["classes"]], 0.4,
                yerr=[pc[m][c]["std"] for c in rep["classes"]], label=m)
     ax.set_xticks(x, rep["classes"], rotation=45, ha="right"), ax.set_ylabel("F1 (test)"), ax.set_ylim(0, 1.05)
-    ax.set_title("per-class F1, one-vs-rest vs softmax"), ax.legend()
+    ax.set_title("per-class F1, one-vs-rest vs softmax"), ax.legend(loc="upper left", bbox_to_anchor=(1.0, 1.0))
     fig.tight_layout()
     fig.savefig(out / "per_class_f1.png", dpi=110), plt.close(fig)
     files.append("per_class_f1.png")
