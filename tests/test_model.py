@@ -188,16 +188,12 @@ def test_add_class_embeds_only_new_images(model, tmp_path, cache_dir):
 
 
 def test_add_class_equals_the_head_trained_alone_with_same_data(model, tmp_path, cache_dir):
-    """The new head depends on the data and its seed only: adding it twice gives the same head (to float
-    tolerance: BLAS kernels may round differently with memory alignment, so bytes are not promised here)."""
-    import torch
-
+    """The new head depends on the data and its seed only: adding it twice gives the same head file."""
     new = make_folder(tmp_path / "new", n_classes=5, per_class=8)
     run("add-class", model, "c4", new / "c4", "--device", "cpu")
-    h1 = load_model(model).heads["c4"]
+    h1 = head_hashes(model)
     run("add-class", model, "c4", new / "c4", "--replace", "--device", "cpu")
-    h2 = load_model(model).heads["c4"]
-    assert all(torch.allclose(h1[k], h2[k], atol=1e-4) for k in h1)
+    assert head_hashes(model) == h1
 
 
 def test_same_data_and_seed_give_the_same_head_files(model, data4, tmp_path):
