@@ -10,6 +10,15 @@ from typing import Any
 
 from .errors import OvrError
 
+HEADS = ("linear", "mlp")
+NORMALIZE = ("standardize", "l2")
+CALIBRATION = ("platt", "temperature", "none")
+
+
+def _check(ok: bool, message: str) -> None:
+    if not ok:
+        raise OvrError(f"config: {message}")
+
 
 @dataclass(frozen=True)
 class FeatureConfig:
@@ -21,12 +30,21 @@ class FeatureConfig:
     cache_dir: str = ""  # "": $OVR_CACHE_DIR or the user's cache dir
     strict: bool = False  # a bad image file is an error instead of a skipped file
 
+    def __post_init__(self) -> None:
+        _check(self.batch_size >= 1, f"batch_size must be at least 1, got {self.batch_size}")
+        _check(self.workers >= -1, f"workers must be -1 (one per core) or more, got {self.workers}")
+
 
 @dataclass(frozen=True)
 class DataConfig:
     val_fraction: float = 0.15
     test_fraction: float = 0.15
     split_seed: int = 0
+
+    def __post_init__(self) -> None:
+        _check(0 <= self.val_fraction < 1 and 0 <= self.test_fraction < 1 and self.val_fraction + self.test_fraction < 1,
+               f"val_fraction and test_fraction must be in [0, 1) and sum to less than 1, got "
+               f"{self.val_fraction} and {self.test_fraction}")
 
 
 @dataclass(frozen=True)
@@ -43,6 +61,15 @@ class TrainConfig:
     calibration: str = "platt"  # platt | temperature | none
     seed: int = 0
 
+    def __post_init__(self) -> None:
+        for name, allowed in (("head", HEADS), ("normalize", NORMALIZE), ("calibration", CALIBRATION)):
+            _check(getattr(self, name) in allowed, f"{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
+        for name in ("hidden", "epochs", "head_batch_size", "patience"):
+            _check(getattr(self, name) >= 1, f"{name} must be at least 1, got {getattr(self, name)}")
+        _check(self.lr > 0, f"lr must be positive, got {self.lr}")
+        _check(len(self.l2_grid) > 0 and all(v >= 0 for v in self.l2_grid),
+               f"l2_grid must hold one or more values >= 0, got {list(self.l2_grid)}")
+
     def fit_kwargs(self) -> dict:
         """The keyword arguments shared by fit_ovr_heads, OvRClassifier and SoftmaxClassifier."""
         return dict(head=self.head, hidden=self.hidden, epochs=self.epochs, lr=self.lr, batch_size=self.head_batch_size,
@@ -56,6 +83,11 @@ class BenchConfig:
     sklearn_max_samples: int = 20000
     few_shot_k: int = 5
     imbalance_ratio: float = 0.1  # the subsampled classes keep this fraction of their training images
+
+    def __post_init__(self) -> None:
+        _check(self.seeds >= 1, f"seeds must be at least 1, got {self.seeds}")
+        _check(self.few_shot_k >= 1, f"few_shot_k must be at least 1, got {self.few_shot_k}")
+        _check(0 < self.imbalance_ratio <= 1, f"imbalance_ratio must be in (0, 1], got {self.imbalance_ratio}")
 
 
 @dataclass(frozen=True)

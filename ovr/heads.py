@@ -234,6 +234,8 @@ def fit_ovr_heads(X: torch.Tensor, y: torch.Tensor, Xv: torch.Tensor | None, yv:
     Grid values are extra columns of the same problem: N heads x G strengths train as N*G columns, and each head
     keeps the strength with the lowest validation loss.
     """
+    if head not in ("linear", "mlp"):
+        raise ValueError(f"head must be linear or mlp, not {head!r}")
     dev = X.device
     N, G = len(targets), len(l2_grid)
     tgt = torch.as_tensor(targets, device=dev)

@@ -26,6 +26,8 @@ class SoftmaxClassifier:
 
     def fit(self, X, y, X_val=None, y_val=None, progress: Callable | None = None) -> "SoftmaxClassifier":
         """Each L2 strength is one column (a whole softmax model); the one with the lowest val loss is kept."""
+        if self.head not in ("linear", "mlp"):
+            raise ValueError(f"head must be linear or mlp, not {self.head!r}")
         dev = resolve_device(self.device)
         X = torch.as_tensor(X, dtype=torch.float32).to(dev)
         self.classes_ = np.unique(np.asarray(y))

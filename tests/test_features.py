@@ -125,6 +125,24 @@ def test_config_file_and_flag_override(folder, cache_dir, tmp_path):
     assert r.exit_code == 2 and "unknown key" in r.output
 
 
+@pytest.mark.parametrize("flags,message", [
+    (["--head", "foo"], "head must be one of linear, mlp"),
+    (["--normalize", "bar"], "normalize must be one of standardize, l2"),
+    (["--calibration", "x"], "calibration must be one of platt, temperature, none"),
+    (["--epochs", "0"], "epochs must be at least 1"),
+    (["--lr", "-1"], "lr must be positive"),
+    (["--batch-size", "0"], "batch_size must be at least 1"),
+])
+def test_bad_settings_are_one_line_errors_before_any_work(flags, message, folder, cache_dir, tmp_path):
+    r = runner.invoke(app, ["train", str(folder), "--out", str(tmp_path / "m"), "--backbone", "tiny_cnn", *flags])
+    assert r.exit_code == 2 and message in r.output and "Traceback" not in r.output, r.output
+    assert not (tmp_path / "m").exists() and not cache_dir.exists()  # refused before embedding or writing
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[train]\nl2_grid = []\n")
+    r = runner.invoke(app, ["train", str(folder), "--out", str(tmp_path / "m"), "--config", str(bad)])
+    assert r.exit_code == 2 and "l2_grid must hold one or more values" in r.output
+
+
 @pytest.mark.parametrize("arch,dim", [("resnet18", 512), ("mobilenet_v3_large", 960)])
 def test_torchvision_backbones_random_init(arch, dim, tmp_path):
     bb = load_backbone(arch, "none")

@@ -147,3 +147,15 @@ def test_standardize_floor_keeps_dimensions_dead_in_training_bounded():
     bound = 1.0 / (STD_FLOOR * float(X.std(0, unbiased=False).mean()))
     assert float(n(new)[0, 0]) == pytest.approx(bound, rel=1e-4)
     assert float(n(new).abs().max()) < 100  # a bare 1e-6 floor gave 1e6
+
+
+def test_estimators_reject_unknown_options():
+    X, y = blobs()[:2]
+    with pytest.raises(ValueError, match="head must be"):
+        OvRClassifier(head="foo", epochs=1, device="cpu").fit(X, y)
+    with pytest.raises(ValueError, match="head must be"):
+        SoftmaxClassifier(head="foo", epochs=1, device="cpu").fit(X, y)
+    with pytest.raises(ValueError, match="normalize must be"):
+        OvRClassifier(normalize="bar", epochs=1, device="cpu").fit(X, y)
+    with pytest.raises(ValueError, match="calibration must be"):
+        aggregate.fit_calibration(np.zeros((4, 2)), np.zeros((4, 2)), "isotonic")
