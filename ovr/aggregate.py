@@ -4,6 +4,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from .config import CALIBRATION
+
 UNKNOWN = -1
 
 
@@ -14,7 +16,7 @@ def fit_calibration(logits: np.ndarray, targets: np.ndarray, kind: str = "platt"
     'temperature' fits a only (b = 0); 'none' returns the identity. Each head's 2x2 Newton step uses its
     own column only, so calibration keeps heads independent.
     """
-    if kind not in ("platt", "temperature", "none"):
+    if kind not in CALIBRATION:
         raise ValueError(f"calibration must be platt, temperature or none, not {kind!r}")
     N = logits.shape[1]
     if kind == "none" or len(logits) == 0:

@@ -41,11 +41,6 @@ class DataConfig:
     test_fraction: float = 0.15
     split_seed: int = 0
 
-    def __post_init__(self) -> None:
-        _check(0 <= self.val_fraction < 1 and 0 <= self.test_fraction < 1 and self.val_fraction + self.test_fraction < 1,
-               f"val_fraction and test_fraction must be in [0, 1) and sum to less than 1, got "
-               f"{self.val_fraction} and {self.test_fraction}")
-
 
 @dataclass(frozen=True)
 class TrainConfig:

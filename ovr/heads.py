@@ -14,6 +14,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .config import HEADS, NORMALIZE
 from .runtime import head_seed, resolve_device
 
 Tensors = dict[str, torch.Tensor]
@@ -37,10 +38,10 @@ class Normalizer:
 
     @classmethod
     def fit(cls, kind: str, X: torch.Tensor) -> "Normalizer":
+        if kind not in NORMALIZE:
+            raise ValueError(f"normalize must be standardize or l2, not {kind!r}")
         if kind == "l2":
             return cls("l2")
-        if kind != "standardize":
-            raise ValueError(f"normalize must be standardize or l2, not {kind!r}")
         std = X.std(0, unbiased=False)
         return cls(kind, X.mean(0), std.clamp_min(max(1e-6, STD_FLOOR * float(std.mean()))))
 
@@ -234,7 +235,7 @@ def fit_ovr_heads(X: torch.Tensor, y: torch.Tensor, Xv: torch.Tensor | None, yv:
     Grid values are extra columns of the same problem: N heads x G strengths train as N*G columns, and each head
     keeps the strength with the lowest validation loss.
     """
-    if head not in ("linear", "mlp"):
+    if head not in HEADS:
         raise ValueError(f"head must be linear or mlp, not {head!r}")
     dev = X.device
     N, G = len(targets), len(l2_grid)
