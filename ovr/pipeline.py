@@ -17,7 +17,6 @@ from .errors import OvrError
 from .features import (Backbone, EmbeddedFolder, EmbeddingCache, Progress, default_cache_dir, embed_folder,
                        embed_images, embed_paths, load_backbone)
 from .heads import Normalizer, fit_ovr_heads, stack_heads, stacked_logits
-from .metrics import binary_head_metrics
 from .runtime import resolve_device
 from .store import Model, check_backbone, load_model, model_lock, now, save_model, update_model
 
@@ -75,6 +74,8 @@ def fit_heads_into(model: Model, names: list[str], X: torch.Tensor, y: torch.Ten
         a, b = aggregate.fit_calibration(z, T, t.calibration)
         conf = aggregate.confidences(z)
         thr = aggregate.fit_thresholds(conf, T)
+        from .metrics import binary_head_metrics  # here: scikit-learn takes 0.6 s to import, embed/predict never need it
+
         val = binary_head_metrics(conf, T, thr)
     else:
         a, b, thr = np.ones(len(names)), np.zeros(len(names)), np.full(len(names), 0.5)
