@@ -82,6 +82,38 @@ def test_predict_corrupt_image_gets_error_row(model, data4, tmp_path):
     assert rows[0]["class"] == "c0" and "error" in rows[1] and r.exit_code == 0
 
 
+def table_rows(output: str) -> list[list[str]]:
+    """The body rows of a Rich table, with cells that wrapped onto continuation lines joined back."""
+    rows: list[list[str]] = []
+    for ln in output.splitlines():
+        if ln.startswith("│"):
+            cells = [c.strip() for c in ln.split("│")[1:-1]]
+            if rows and not cells[0]:
+                rows[-1] = [(a + " " + b).strip() for a, b in zip(rows[-1], cells)]
+            else:
+                rows.append(cells)
+    return rows
+
+
+def test_predict_table_shows_top_k_labels_and_error_rows(model, data4, tmp_path, monkeypatch):
+    (data4 / "bad.png").write_bytes(b"\x89PNG broken")
+    monkeypatch.chdir(data4)  # short relative paths keep the table narrow
+    r = run("predict", model, "c2/img001.png", "bad.png", "--top-k", "2", "--multilabel")
+    assert r.exit_code == 0, r.output
+    good, bad = table_rows(r.output)
+    assert good[0] == "c2/img001.png" and good[1] == "c2" and 0.5 < float(good[2]) <= 1.0
+    assert good[3].split()[0] in {"c0", "c1", "c3"}  # runner-up: another class
+    assert good[4].startswith("c2 ") and good[4].count(",") == 1  # top-2
+    assert "c2" in good[5].split(", ")  # multi-label: at least the c2 head fires
+    assert bad[0] == "bad.png" and bad[1] == "error"
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks the message on a machine without CUDA")
+def test_device_cuda_without_cuda_is_a_one_line_error(data4, tmp_path, cache_dir):
+    r = run("train", data4, "--out", tmp_path / "m", "--backbone", "tiny_cnn", "--device", "cuda")
+    assert r.exit_code == 2 and "CUDA is not available" in r.output and not (tmp_path / "m").exists()
+
+
 def test_python_api_paths_and_pil(model, data4, cache_dir):
     p = ovr.load(model, device="cpu", cache_dir=cache_dir)
     files = sorted((data4 / "c1").glob("*.png"))[:4]
@@ -216,7 +248,7 @@ def test_remove_class_and_info(model):
     r = run("info", model)
     assert r.exit_code == 0 and "tiny_cnn" in r.output
     # the class column of the table's rows (a search of the whole output would also hit the sha256 column)
-    assert [ln.split("│")[1].strip() for ln in r.output.splitlines() if ln.startswith("│")] == ["c0", "c2", "c3"]
+    assert [row[0] for row in table_rows(r.output)] == ["c0", "c2", "c3"]
     info = json.loads(run("info", model, "--json").stdout)
     assert info["classes"] == ["c0", "c2", "c3"]
 
