@@ -18,7 +18,7 @@ from .features import (Backbone, EmbeddedFolder, EmbeddingCache, Progress, defau
                        embed_images, embed_paths, load_backbone)
 from .heads import Normalizer, fit_ovr_heads, stack_heads, stacked_logits
 from .runtime import resolve_device
-from .store import Model, check_backbone, load_model, model_lock, now, save_model, update_model
+from .store import Model, check_backbone, check_can_write, load_model, model_lock, now, save_model, update_model
 
 
 def open_cache(cfg: Config, backbone: Backbone) -> EmbeddingCache:
@@ -94,8 +94,7 @@ def fit_heads_into(model: Model, names: list[str], X: torch.Tensor, y: torch.Ten
 def train_model(data: str | Path, out: str | Path, cfg: Config, force: bool = False,
                 progress: Progress | None = None) -> tuple[Model, EmbeddedFolder]:
     out = Path(out)
-    if out.exists() and not force:  # fail before the long part
-        raise OvrError(f"{out} exists; pass --force to overwrite it")
+    check_can_write(out, force)  # before the long part
     emb = embed_data(data, cfg, progress)
     classes = emb.folder.classes
     X, y, _ = emb.split("train")

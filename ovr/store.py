@@ -106,13 +106,18 @@ def _prune(root: Path, manifest: dict) -> None:
             p.unlink(missing_ok=True)
 
 
-def save_model(model: Model, out: str | Path, force: bool = False, config_toml: str | None = None) -> dict:
-    """A whole new model: built in a temp folder beside OUT and renamed into place (never half-written)."""
-    out = Path(out)
+def check_can_write(out: Path, force: bool) -> None:
+    """Only a missing folder, an empty one, or (with --force) an ovr model may become a model folder."""
     if out.exists() and not force:
         raise OvrError(f"{out} exists; pass --force to overwrite it")
     if out.exists() and not (out / MANIFEST).is_file() and any(out.iterdir()):
         raise OvrError(f"{out} exists and is not an ovr model; refusing to overwrite it")
+
+
+def save_model(model: Model, out: str | Path, force: bool = False, config_toml: str | None = None) -> dict:
+    """A whole new model: built in a temp folder beside OUT and renamed into place (never half-written)."""
+    out = Path(out)
+    check_can_write(out, force)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp-{uuid.uuid4().hex[:8]}")
     try:

@@ -157,6 +157,37 @@ def test_load_errors(model, damage, data4):
     assert expect in r.output and "Traceback" not in r.output
 
 
+def test_corrupt_manifest_is_a_one_line_error(model, data4):
+    (model / "manifest.json").write_text("{not json")
+    r = run("predict", model, data4 / "c0" / "img000.png")
+    assert r.exit_code == 2 and "corrupt" in r.output and "Traceback" not in r.output
+    (model / "manifest.json").write_text("{}")
+    r = run("info", model)
+    assert r.exit_code == 2 and "no schema_version" in r.output
+
+
+def test_train_refuses_what_it_cannot_train_and_never_overwrites_a_foreign_folder(tmp_path, cache_dir):
+    one = make_folder(tmp_path / "one", n_classes=1, per_class=6)
+    r = run("train", one, "--out", tmp_path / "m1", *TINY)
+    assert r.exit_code == 2 and "at least two classes" in r.output
+    unreadable = make_folder(tmp_path / "bad", n_classes=2, per_class=6)
+    for f in (unreadable / "c1").iterdir():
+        f.write_bytes(b"not an image")
+    r = run("train", unreadable, "--out", tmp_path / "m2", *TINY)
+    assert r.exit_code == 2 and "no readable training images for class 'c1'" in r.output
+    mine = tmp_path / "my-documents"
+    mine.mkdir()
+    (mine / "thesis.txt").write_text("irreplaceable")
+    r = run("train", make_folder(tmp_path / "ok"), "--out", mine, "--force", *TINY, *QUICK)
+    assert r.exit_code == 2 and "not an ovr model" in r.output and "embed" not in r.output  # refused up front
+    assert (mine / "thesis.txt").read_text() == "irreplaceable"
+
+
+def test_add_class_needs_the_training_embeddings_in_this_cache(model, data4, tmp_path):
+    r = run("add-class", model, "c9", data4 / "c0", "--cache-dir", tmp_path / "empty-cache", "--device", "cpu")
+    assert r.exit_code == 2 and "must be embedded on this machine first" in r.output, r.output
+
+
 def test_crash_during_save_leaves_old_model(model):
     from ovr.store import save_model
 
