@@ -256,12 +256,13 @@ def add_class_cmd(
     images: Annotated[list[str], typer.Argument(help="Its images: folders, files or glob patterns.")],
     negatives: Annotated[Optional[Path], typer.Option(help="Extra negatives: an image folder (its images are never this class).")] = None,
     replace: Annotated[bool, typer.Option("--replace", help="Retrain the class if it already exists.")] = False,
+    refresh_confused: Annotated[bool, typer.Option("--refresh", help="Then retrain the old heads that fire on the new images (as `ovr refresh` would); the rest stay byte-identical.")] = False,
     backbone: BackboneOpt = None, device: DeviceOpt = None, cache_dir: CacheOpt = None, strict: StrictOpt = None,
     config: ConfigOpt = None,
 ) -> None:
     """Train one new head (negatives: the model's cached training embeddings); every other head file stays byte-identical."""
     with user_errors():
-        from .pipeline import add_class, load_model  # noqa: F401
+        from .pipeline import add_class, load_model, refresh as do_refresh
 
         cfg = _grow_config(model, config, backbone=backbone, device=device, cache_dir=cache_dir, strict=strict)
         with progress_bar() as cb:
@@ -270,7 +271,14 @@ def add_class_cmd(
         console.print(f"added [bold]{name}[/] from {r.images} images in {r.seconds:.1f} s "
                       f"(head training {r.train_seconds:.2f} s)", highlight=False)
         console.print(_train_table(load_model(model), f"new head in {model}", [name]))
-        _print_confused(r.confused)
+        if not (refresh_confused and r.confused):
+            _print_confused(r.confused)
+            return
+        with progress_bar() as cb:
+            rr = do_refresh(model, sorted(r.confused), cfg, progress=cb)
+        n = len(rr.changed)
+        console.print(f"refreshed {n} old head{'s' * (n != 1)} that fired on {name} in {rr.seconds:.1f} s", highlight=False)
+        console.print(_train_table(load_model(model), f"refreshed heads in {model}", rr.changed))
 
 
 @app.command()

@@ -308,6 +308,27 @@ def test_refresh_retrains_only_confused_heads(tmp_path, cache_dir):
     assert head_hashes(tmp_path / "m")["c2"] == before["c2"]
 
 
+def test_add_class_refresh_equals_add_then_refresh(tmp_path, cache_dir):
+    import shutil
+
+    root = tmp_path / "d"
+    for c in range(3):
+        for i in range(12):
+            make_image(root / f"c{c}" / f"{i}.png", c, i)
+    for i in range(12):
+        make_image(tmp_path / "look_alike" / f"{i}.png", 0, 100 + i)
+    train(root, tmp_path / "m1")
+    shutil.copytree(tmp_path / "m1", tmp_path / "m2")
+    before = head_hashes(tmp_path / "m1")
+    r = run("add-class", tmp_path / "m1", "c0-twin", tmp_path / "look_alike", "--refresh", "--device", "cpu")
+    assert r.exit_code == 0 and "refreshed 1 old head that fired on c0-twin" in r.output, r.output
+    one_step = head_hashes(tmp_path / "m1")
+    assert one_step["c0"] != before["c0"] and one_step["c1"] == before["c1"] and one_step["c2"] == before["c2"]
+    run("add-class", tmp_path / "m2", "c0-twin", tmp_path / "look_alike", "--device", "cpu")
+    run("refresh", tmp_path / "m2", "c0", "--device", "cpu")
+    assert head_hashes(tmp_path / "m2") == one_step
+
+
 def test_add_class_errors(model, tmp_path):
     assert run("add-class", model, "x", tmp_path / "nope", "--device", "cpu").exit_code == 2
     assert run("add-class", tmp_path / "nomodel", "x", model, "--device", "cpu").exit_code == 2
