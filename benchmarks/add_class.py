@@ -73,29 +73,29 @@ def real_accuracy(cache_dir: str, device: str = "cpu") -> dict:
     kw = dict(epochs=t.epochs, lr=t.lr, batch_size=t.head_batch_size, patience=t.patience, l2_grid=t.l2_grid,
               pos_weight=t.pos_weight, seed=t.seed)
 
+    def fit(Xtr, ytr, Xva, yva, targets) -> dict:
+        """As ovr trains heads: standardise with the statistics of these data, fold that into the heads."""
+        norm = Normalizer.fit("standardize", Xtr)
+        heads, _ = fit_ovr_heads(norm(Xtr), ytr, norm(Xva), yva, targets, [names[k] for k in targets], **kw)
+        return dict(zip(targets, (norm.fold(h) for h in heads)))
+
     def acc(heads_by_class):
-        z = stacked_logits(stack_heads([heads_by_class[k] for k in range(K)], Xt.device), norm(Xt))
+        z = stacked_logits(stack_heads([heads_by_class[k] for k in range(K)], Xt.device), Xt)
         return float((z.argmax(1).cpu() == yt).float().mean())
 
-    norm = Normalizer.fit("standardize", X)
-    full, _ = fit_ovr_heads(norm(X), y, norm(Xv), yv, list(range(K)), names, **kw)
-    acc_full = acc(dict(enumerate(full)))
+    acc_full = acc(fit(X, y, Xv, yv, list(range(K))))
     rows = []
     for new in range(K):
         old = [k for k in range(K) if k != new]
         m, mv = y != new, yv != new
-        norm = Normalizer.fit("standardize", X[m])  # the N-1 model's normaliser stays for the added head
-        base, _ = fit_ovr_heads(norm(X[m]), y[m], norm(Xv[mv]), yv[mv], old, [names[k] for k in old], **kw)
-        heads = dict(zip(old, base))
-        added, _ = fit_ovr_heads(norm(X), y, norm(Xv), yv, [new], [names[new]], **kw)
-        heads[new] = added[0]
+        heads = fit(X[m], y[m], Xv[mv], yv[mv], old)
+        heads.update(fit(X, y, Xv, yv, [new]))  # add-class: all the data the model remembers, the new class too
         a_add = acc(heads)
         # refresh: old heads that fire on >10% of the new class's val images get retrained with it as a negative
-        zv = stacked_logits(stack_heads([heads[k] for k in old], Xv.device), norm(Xv[yv == new]))
+        zv = stacked_logits(stack_heads([heads[k] for k in old], Xv.device), Xv[yv == new])
         confused = [k for k, rate in zip(old, (torch.sigmoid(zv) > 0.5).float().mean(0).tolist()) if rate > 0.10]
         if confused:
-            ref, _ = fit_ovr_heads(norm(X), y, norm(Xv), yv, confused, [names[k] for k in confused], **kw)
-            heads.update(zip(confused, ref))
+            heads.update(fit(X, y, Xv, yv, confused))
         a_ref = acc(heads)
         rows.append({"added": names[new], "acc_add": a_add, "confused": [names[k] for k in confused], "acc_refresh": a_ref})
         print(f"  add {names[new]}: acc {a_add:.4f} ({100 * (a_add - acc_full):+.2f} pts), refresh of "

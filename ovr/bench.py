@@ -15,7 +15,7 @@ import torch
 from . import __version__, aggregate
 from .config import Config, config_to_dict
 from .features import Progress
-from .heads import OvRClassifier, fit_ovr_heads, stack_heads, stacked_logits
+from .heads import Normalizer, OvRClassifier, fit_ovr_heads, stack_heads, stacked_logits
 from .metrics import classification_metrics, expected_calibration_error, reliability
 from .softmax import SoftmaxClassifier
 
@@ -103,11 +103,12 @@ def _add_class(method: _Method, X, y, Xv, yv, Xt, K: int) -> tuple[float, np.nda
     t0 = time.perf_counter()
     if method.name == "ovr":
         m, t = base.m, method.cfg.train
-        heads, _ = fit_ovr_heads(m.normalizer_(X), y, m.normalizer_(Xv), yv, [K - 1], [str(K - 1)],
+        norm = Normalizer.fit(t.normalize, X)  # as `ovr add-class`: the statistics of all the data it has now
+        heads, _ = fit_ovr_heads(norm(X), y, norm(Xv), yv, [K - 1], [str(K - 1)],
                                  **{**t.fit_kwargs(), "seed": method.seed, "pos_weight": t.pos_weight})
         seconds = time.perf_counter() - t0
         with torch.no_grad():
-            new = stacked_logits(stack_heads(heads, Xt.device), m.normalizer_(Xt)).cpu().numpy()
+            new = stacked_logits(stack_heads(heads, Xt.device), norm(Xt)).cpu().numpy()
         z = np.concatenate([m.decision_function(Xt), new], 1)
     elif method.name == "sklearn-ovr":
         from sklearn.linear_model import LogisticRegression

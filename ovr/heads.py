@@ -50,8 +50,26 @@ class Normalizer:
             return F.normalize(X, dim=1)
         return (X - self.mean.to(X.device)) / self.std.to(X.device)
 
-    def tensors(self) -> Tensors:
-        return {} if self.kind == "l2" else {"mean": self.mean, "std": self.std}
+    def fold(self, head: Tensors) -> Tensors:
+        """The same head acting on raw features: standardisation is affine, so it goes into the first layer
+        (w/std, b - w.(mean/std)). Each stored head then carries the statistics of the data it was trained on,
+        and a head added later can use statistics that include its own class without touching the others.
+        L2 normalisation is not affine and needs no statistics: it stays a transform of the inputs."""
+        if self.kind == "l2":
+            return dict(head)
+        mean, std = self.mean.to(torch.float64), self.std.to(torch.float64)
+        out = dict(head)
+        w = head["weight" if "weight" in head else "w1"].to(torch.float64)
+        if "weight" in head:  # linear: w [D]
+            out["weight"], out["bias"] = w / std, head["bias"] - (w * mean / std).sum(-1)
+        else:  # mlp: w1 [D, H]
+            out["w1"], out["b1"] = w / std[:, None], head["b1"] - (mean / std) @ w
+        return {k: v.to(head[k].dtype) for k, v in out.items()}
+
+
+def head_inputs(kind: str, X: torch.Tensor) -> torch.Tensor:
+    """What folded heads read: raw features, or L2-normalised ones."""
+    return F.normalize(X, dim=1) if kind == "l2" else X
 
 
 # --- stacked models: every parameter has a leading column axis C -------------------------------------------

@@ -16,7 +16,7 @@ from .data import expand_inputs, scan_folder, split_assignments
 from .errors import OvrError
 from .features import (Backbone, EmbeddedFolder, EmbeddingCache, Progress, default_cache_dir, embed_folder,
                        embed_images, embed_paths, load_backbone)
-from .heads import Normalizer, fit_ovr_heads, stack_heads, stacked_logits
+from .heads import Normalizer, fit_ovr_heads, head_inputs, stack_heads, stacked_logits
 from .runtime import resolve_device
 from .store import Model, check_backbone, check_can_write, load_model, model_lock, now, save_model, update_model
 
@@ -44,7 +44,7 @@ def model_logits(model: Model, X: torch.Tensor, classes: list[str] | None = None
     classes = classes or model.classes
     p = stack_heads([model.heads[c] for c in classes], X.device)
     with torch.no_grad():
-        return stacked_logits(p, model.normalizer(X)).cpu().numpy()
+        return stacked_logits(p, head_inputs(model.normalize, X)).cpu().numpy()
 
 
 def model_confidences(model: Model, X: torch.Tensor, calibrated: bool = False) -> tuple[np.ndarray, np.ndarray]:
@@ -62,12 +62,16 @@ def model_confidences(model: Model, X: torch.Tensor, calibrated: bool = False) -
 
 def fit_heads_into(model: Model, names: list[str], X: torch.Tensor, y: torch.Tensor, Xv: torch.Tensor,
                    yv: torch.Tensor, t: TrainConfig, progress: Progress | None = None) -> None:
-    """Train the heads of `names` (labels index model.classes) and record calibration, threshold, val metrics."""
+    """Train the heads of `names` (labels index model.classes) and record calibration, threshold, val metrics.
+
+    The features are standardised with the statistics of X, all the data the model remembers now (a class added
+    later included), and that standardisation is folded into the stored heads."""
     targets = [model.classes.index(c) for c in names]
-    Xn, Xvn = model.normalizer(X), (model.normalizer(Xv) if len(Xv) else None)
-    heads, fits = fit_ovr_heads(Xn, y, Xvn, yv if len(Xv) else None, targets, names, progress=progress,
-                                pos_weight=t.pos_weight, **t.fit_kwargs())
-    tmp = Model(model.backbone, model.normalizer, t.head, names, dict(zip(names, heads)), {})
+    norm = Normalizer.fit(model.normalize, X)
+    heads, fits = fit_ovr_heads(norm(X), y, norm(Xv) if len(Xv) else None, yv if len(Xv) else None, targets, names,
+                                progress=progress, pos_weight=t.pos_weight, **t.fit_kwargs())
+    heads = [norm.fold(h) for h in heads]
+    tmp = Model(model.backbone, model.normalize, t.head, names, dict(zip(names, heads)), {})
     if len(Xv):
         z = model_logits(tmp, Xv)
         T = (yv.cpu().numpy()[:, None] == np.asarray(targets)).astype(float)
@@ -104,7 +108,7 @@ def train_model(data: str | Path, out: str | Path, cfg: Config, force: bool = Fa
         raise OvrError(f"no readable training images for class {empty[0]!r}")
     if len(classes) < 2:
         raise OvrError("one-vs-rest needs at least two classes to train (add more with `ovr add-class` later)")
-    model = Model(emb.backbone.spec(), Normalizer.fit(cfg.train.normalize, X), cfg.train.head, list(classes), {}, {},
+    model = Model(emb.backbone.spec(), cfg.train.normalize, cfg.train.head, list(classes), {}, {},
                   calibration=cfg.train.calibration, config=config_to_dict(cfg))
     fit_heads_into(model, list(classes), X, y, Xv, yv, cfg.train, progress)
     model.examples = [{"key": k, "label": classes[int(lab)], "split": str(sp)}

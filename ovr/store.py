@@ -1,4 +1,7 @@
-"""The model directory: manifest.json + normalizer + one safetensors file per head + the training examples index.
+"""The model directory: manifest.json + one safetensors file per head + the training examples index.
+
+A head file is a whole detector: its feature standardisation is folded into its weights (heads.Normalizer.fold),
+so heads trained at different times on different data sit side by side and still run as one matmul.
 
 Files other than manifest.json are content-addressed (their name carries their hash), so an update writes new
 files beside the old ones and then swaps the manifest atomically: a crash at any point leaves the old model
@@ -17,14 +20,13 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from . import __version__
 from .errors import OvrError
 from .features import atomic_write_bytes
-from .heads import Normalizer, Tensors
+from .heads import Tensors
 
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
@@ -37,7 +39,7 @@ def now() -> str:
 @dataclass
 class Model:
     backbone: dict  # Backbone.spec(): name, weights, fingerprint, preprocess, dim
-    normalizer: Normalizer
+    normalize: str  # standardize (folded into each head) | l2 (applied to the inputs of every head)
     head_type: str  # linear | mlp
     classes: list[str]  # ordered; the index of a class is its label
     heads: dict[str, Tensors]
@@ -85,13 +87,11 @@ def _write_files(model: Model, root: Path, changed: set[str] | None, old: dict |
         if not (root / "heads" / fname).exists():
             atomic_write_bytes(root / "heads" / fname, data)
         heads[c] = {**model.records[c], "file": f"heads/{fname}", "sha256": _sha(data)}
-    norm = st_save({k: v.cpu().contiguous() for k, v in model.normalizer.tensors().items()} or {"none": torch.zeros(0)})
     ex = json.dumps(model.examples, ensure_ascii=False).encode()
     return {
         "schema_version": SCHEMA_VERSION, "ovr_version": __version__, "created": model.created, "updated": now(),
         "backbone": model.backbone, "head_type": model.head_type, "calibration": model.calibration,
-        "normalizer": {"kind": model.normalizer.kind, "file": _blob(norm, root, "normalizer", ".safetensors"),
-                       "sha256": _sha(norm)},
+        "normalize": model.normalize,
         "examples": {"file": _blob(ex, root, "examples", ".json"), "sha256": _sha(ex), "count": len(model.examples)},
         "classes": list(model.classes), "heads": heads, "config": model.config,
     }
@@ -99,8 +99,8 @@ def _write_files(model: Model, root: Path, changed: set[str] | None, old: dict |
 
 def _prune(root: Path, manifest: dict) -> None:
     """Delete files the manifest no longer names (left by a replaced head or an interrupted update)."""
-    keep = {h["file"] for h in manifest["heads"].values()} | {manifest["normalizer"]["file"], manifest["examples"]["file"]}
-    for p in list(root.glob("heads/*")) + list(root.glob("normalizer-*")) + list(root.glob("examples-*")):
+    keep = {h["file"] for h in manifest["heads"].values()} | {manifest["examples"]["file"]}
+    for p in list(root.glob("heads/*")) + list(root.glob("examples-*")):
         rel = p.relative_to(root).as_posix()
         if rel not in keep:
             p.unlink(missing_ok=True)
@@ -207,12 +207,9 @@ def load_model(root: str | Path) -> Model:
         data = _read_verified(root, rec.pop("file"), rec.pop("sha256"), f"head of class {c!r}")
         heads[c] = st_load(data)
         records[c] = rec
-    n = m["normalizer"]
-    t = st_load(_read_verified(root, n["file"], n["sha256"], "feature normalizer"))
-    normalizer = Normalizer(n["kind"], t.get("mean"), t.get("std"))
     e = m["examples"]
     examples = json.loads(_read_verified(root, e["file"], e["sha256"], "training examples index"))
-    return Model(m["backbone"], normalizer, m["head_type"], list(m["classes"]), heads, records, examples,
+    return Model(m["backbone"], m["normalize"], m["head_type"], list(m["classes"]), heads, records, examples,
                  m.get("calibration", "platt"), m.get("config", {}), m["created"])
 
 

@@ -159,3 +159,22 @@ def test_estimators_reject_unknown_options():
         OvRClassifier(normalize="bar", epochs=1, device="cpu").fit(X, y)
     with pytest.raises(ValueError, match="calibration must be"):
         aggregate.fit_calibration(np.zeros((4, 2)), np.zeros((4, 2)), "isotonic")
+
+
+def test_fold_puts_the_standardisation_into_the_head():
+    from ovr.heads import Normalizer, head_inputs, init_mlp, stack_heads, stacked_logits
+
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(50, 8, generator=g) * 3 + 2
+    std = Normalizer.fit("standardize", X)
+    for stacked in (init_linear([1], 8), init_mlp([1], 8, 5)):
+        head = {k: v[0] * 10 for k, v in stacked.items()}  # x10: weights and biases far from zero
+        on_standardised = stacked_logits(stack_heads([head]), std(X))
+        on_raw = stacked_logits(stack_heads([std.fold(head)]), head_inputs("standardize", X))
+        assert torch.allclose(on_standardised, on_raw, atol=1e-3, rtol=1e-5)
+        assert not torch.allclose(on_standardised, stacked_logits(stack_heads([head]), X), atol=1e-1)
+    l2 = Normalizer.fit("l2", X)
+    head = {k: v[0] for k, v in init_linear([2], 8).items()}
+    assert all(torch.equal(a, b) for a, b in zip(l2.fold(head).values(), head.values()))
+    assert torch.allclose(stacked_logits(stack_heads([head]), l2(X)),
+                          stacked_logits(stack_heads([l2.fold(head)]), head_inputs("l2", X)))
