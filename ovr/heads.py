@@ -57,9 +57,9 @@ class Normalizer:
         L2 normalisation is not affine and needs no statistics: it stays a transform of the inputs."""
         if self.kind == "l2":
             return dict(head)
-        mean, std = self.mean.to(torch.float64), self.std.to(torch.float64)
-        out = dict(head)
         w = head["weight" if "weight" in head else "w1"].to(torch.float64)
+        mean, std = self.mean.to(w.device, torch.float64), self.std.to(w.device, torch.float64)
+        out = dict(head)
         if "weight" in head:  # linear: w [D]
             out["weight"], out["bias"] = w / std, head["bias"] - (w * mean / std).sum(-1)
         else:  # mlp: w1 [D, H]

@@ -25,3 +25,30 @@ def test_cuda_embeddings_and_heads_match_cpu(tmp_path, cache_dir):
     m = OvRClassifier(device="cuda", epochs=10).fit(X, y.numpy())
     assert (m.predict(X) == y.numpy()).mean() > 0.8
     assert np.isfinite(m.decision_function(X)).all()
+
+
+def test_cuda_train_add_class_refresh_predict(tmp_path):
+    """The model path on CUDA (standardisation statistics on the GPU, heads folded and saved from it) answers as
+    well as the CPU path (not bit for bit: CUDA embeds in fp16)."""
+    from ovr.config import load_config
+    from ovr.pipeline import Predictor, add_class, model_config, refresh, train_model
+
+    data = make_folder(tmp_path / "d", n_classes=3, per_class=10)
+    new = make_folder(tmp_path / "n", n_classes=4, per_class=10) / "c3"
+    probe = sorted((tmp_path / "n").rglob("*.png"))
+
+    def grow(device: str) -> list[str]:
+        cache = str(tmp_path / f"cache-{device}")
+        cfg = load_config(None, {"backbone": "tiny_cnn", "device": device, "workers": 0, "epochs": 30, "lr": 0.01,
+                                 "cache_dir": cache})
+        train_model(data, tmp_path / device, cfg)
+        mcfg = model_config(tmp_path / device, device=device, cache_dir=cache)
+        add_class(tmp_path / device, "c3", [str(new)], mcfg)
+        refresh(tmp_path / device, ["c0"], mcfg)
+        rows = Predictor(tmp_path / device, device, cache).predict(probe)
+        assert all(np.isfinite(r["confidence"]) for r in rows)
+        return [r["class"] for r in rows]
+
+    truth = [p.parent.name for p in probe]
+    for answers in (grow("cuda"), grow("cpu")):
+        assert np.mean([a == t for a, t in zip(answers, truth)]) >= 0.8
