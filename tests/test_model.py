@@ -284,15 +284,20 @@ def test_remove_class_and_info(model):
     assert info["classes"] == ["c0", "c2", "c3"]
 
 
-def test_refresh_retrains_only_confused_heads(tmp_path, cache_dir):
-    # c3 looks like c0 (same pattern, other noise): the c0 head fires on it after add-class
+@pytest.fixture
+def twin_data(tmp_path):
+    """Three classes, and a new class that looks like c0 (same pattern, other noise): the c0 head fires on it."""
     root = tmp_path / "d"
     for c in range(3):
         for i in range(12):
             make_image(root / f"c{c}" / f"{i}.png", c, i)
     for i in range(12):
         make_image(tmp_path / "look_alike" / f"{i}.png", 0, 100 + i)
-    train(root, tmp_path / "m")
+    return root
+
+
+def test_refresh_retrains_only_confused_heads(twin_data, tmp_path, cache_dir):
+    train(twin_data, tmp_path / "m")
     before = head_hashes(tmp_path / "m")
     r = run("add-class", tmp_path / "m", "c0-twin", tmp_path / "look_alike", "--device", "cpu")
     assert r.exit_code == 0 and "c0" in r.output.split("fire on the new images")[-1], r.output
@@ -308,16 +313,10 @@ def test_refresh_retrains_only_confused_heads(tmp_path, cache_dir):
     assert head_hashes(tmp_path / "m")["c2"] == before["c2"]
 
 
-def test_add_class_refresh_equals_add_then_refresh(tmp_path, cache_dir):
+def test_add_class_refresh_equals_add_then_refresh(twin_data, tmp_path, cache_dir):
     import shutil
 
-    root = tmp_path / "d"
-    for c in range(3):
-        for i in range(12):
-            make_image(root / f"c{c}" / f"{i}.png", c, i)
-    for i in range(12):
-        make_image(tmp_path / "look_alike" / f"{i}.png", 0, 100 + i)
-    train(root, tmp_path / "m1")
+    train(twin_data, tmp_path / "m1")
     shutil.copytree(tmp_path / "m1", tmp_path / "m2")
     before = head_hashes(tmp_path / "m1")
     r = run("add-class", tmp_path / "m1", "c0-twin", tmp_path / "look_alike", "--refresh", "--device", "cpu")
