@@ -107,7 +107,7 @@ def _prune(root: Path, manifest: dict) -> None:
 
 
 def check_can_write(out: Path, force: bool) -> None:
-    """Only a missing folder, an empty one, or (with --force) an ovr model may become a model folder."""
+    """Without --force only a new folder may become a model; with it, also an empty folder or an ovr model."""
     if out.exists() and not force:
         raise OvrError(f"{out} exists; pass --force to overwrite it")
     if out.exists() and not (out / MANIFEST).is_file() and any(out.iterdir()):
