@@ -67,6 +67,11 @@ class Normalizer:
         return {k: v.to(head[k].dtype) for k, v in out.items()}
 
 
+def check_head(head: str) -> None:
+    if head not in HEADS:
+        raise ValueError(f"head must be one of {', '.join(HEADS)}, not {head!r}")
+
+
 def head_inputs(kind: str, X: torch.Tensor) -> torch.Tensor:
     """What folded heads read: raw features, or L2-normalised ones."""
     return F.normalize(X, dim=1) if kind == "l2" else X
@@ -253,8 +258,7 @@ def fit_ovr_heads(X: torch.Tensor, y: torch.Tensor, Xv: torch.Tensor | None, yv:
     Grid values are extra columns of the same problem: N heads x G strengths train as N*G columns, and each head
     keeps the strength with the lowest validation loss.
     """
-    if head not in HEADS:
-        raise ValueError(f"head must be linear or mlp, not {head!r}")
+    check_head(head)
     dev = X.device
     N, G = len(targets), len(l2_grid)
     tgt = torch.as_tensor(targets, device=dev)

@@ -8,9 +8,8 @@ from typing import Callable
 import numpy as np
 import torch
 
-from .heads import (Normalizer, autograd_grad, ce_columns, ce_linear_grad, encode_labels, init_linear, init_mlp,
-                    stacked_logits, train_columns)
-from .config import HEADS
+from .heads import (Normalizer, autograd_grad, ce_columns, ce_linear_grad, check_head, encode_labels, init_linear,
+                    init_mlp, stacked_logits, train_columns)
 from .runtime import head_seed, resolve_device
 
 
@@ -27,8 +26,7 @@ class SoftmaxClassifier:
 
     def fit(self, X, y, X_val=None, y_val=None, progress: Callable | None = None) -> "SoftmaxClassifier":
         """Each L2 strength is one column (a whole softmax model); the one with the lowest val loss is kept."""
-        if self.head not in HEADS:
-            raise ValueError(f"head must be linear or mlp, not {self.head!r}")
+        check_head(self.head)
         dev = resolve_device(self.device)
         X = torch.as_tensor(X, dtype=torch.float32).to(dev)
         self.classes_ = np.unique(np.asarray(y))
