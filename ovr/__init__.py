@@ -14,10 +14,7 @@ def __getattr__(name: str):
     if name == "load":
         from .pipeline import load
         return load
-    if name == "OvRClassifier":
-        from .heads import OvRClassifier
-        return OvRClassifier
-    if name == "SoftmaxClassifier":
-        from .softmax import SoftmaxClassifier
-        return SoftmaxClassifier
+    if name in ("OvRClassifier", "SoftmaxClassifier"):
+        from . import estimators
+        return getattr(estimators, name)
     raise AttributeError(name)

@@ -1,6 +1,8 @@
 """Head confidences -> answers. Pure functions on [n, N] arrays: calibration, thresholds, argmax, unknown, multilabel."""
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import torch
 
@@ -112,3 +114,100 @@ def top_k(conf: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
 def normalise_rows(conf: np.ndarray) -> np.ndarray:
     """OvR confidences as a distribution (as scikit-learn's OneVsRestClassifier.predict_proba), for NLL and ECE."""
     return conf / np.clip(conf.sum(1, keepdims=True), 1e-12, None)
+
+
+# --- grown models: the guarded chain and its gate ----------------------------------------------------------
+#
+# A head that never saw class k as a negative is no evidence against k: after `add-class ring`, the circle head
+# fires on rings because it never learned otherwise. The guarded chain keeps today's argmax w whenever w's head
+# saw every class (so a model with nothing added answers exactly as before). Otherwise it compares w with the
+# classes w never saw, by each head's calibrated probability times a gate: one minus the probability, from a
+# shared-covariance LDA over all classes (rebuilt at every add, never touching a head), that the input belongs to
+# a class that head never saw. The winner's own unseen classes are checked in turn, until the answer is stable.
+
+
+@dataclass
+class Gate:
+    """Linear discriminants of a shrinkage LDA on raw embeddings: posterior = softmax(X @ weight.T + bias)."""
+    classes: list[str]
+    weight: torch.Tensor  # [K, D]
+    bias: torch.Tensor  # [K]
+    shrinkage: float
+    temperature: float
+
+    def posterior(self, X: torch.Tensor) -> np.ndarray:
+        z = X.to(torch.float64) @ self.weight.to(X.device, torch.float64).T + self.bias.to(X.device, torch.float64)
+        return torch.softmax(z, 1).cpu().numpy()
+
+
+SHRINKAGES = (1e-3, 1e-2, 0.05, 0.1, 0.2, 0.4, 0.7)
+
+
+def _lda(X: torch.Tensor, y: torch.Tensor, K: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Class means and the eigendecomposition of the pooled within-class covariance (float64)."""
+    mu = torch.zeros(K, X.shape[1], dtype=X.dtype, device=X.device).index_add_(0, y, X)
+    mu /= torch.bincount(y, minlength=K).clamp_min(1)[:, None].to(X.dtype)
+    R = X - mu[y]
+    cov = R.T @ R / max(len(X) - K, 1)
+    evals, evecs = torch.linalg.eigh(cov)
+    return mu, evals.clamp_min(0), evecs
+
+
+def _discriminants(mu, evals, evecs, alpha: float) -> tuple[torch.Tensor, torch.Tensor]:
+    inv = 1.0 / ((1 - alpha) * evals + alpha * evals.mean() + 1e-12)
+    W = ((mu @ evecs) * inv) @ evecs.T  # mu Sigma^-1
+    return W, -0.5 * (W * mu).sum(1)  # uniform class priors: a class added later is not penalised for its count
+
+
+def _nll(z: torch.Tensor, y: torch.Tensor) -> float:
+    return float(torch.nn.functional.cross_entropy(z, y))
+
+
+def fit_gate(X: torch.Tensor, y: torch.Tensor, Xv: torch.Tensor, yv: torch.Tensor, classes: list[str]) -> Gate:
+    """Shrinkage and temperature chosen on validation (NLL), then refit on train + validation. Rows with y < 0
+    (negatives without a class) are left out. Features are standardised for the fit; that is folded back in."""
+    K = len(classes)
+    keep, keepv = y >= 0, yv >= 0
+    X, y = X[keep.to(X.device)].to(torch.float64), y[keep].to(X.device)
+    Xv, yv = Xv[keepv.to(Xv.device)].to(torch.float64), yv[keepv].to(X.device)
+    Xa, ya = torch.cat([X, Xv]), torch.cat([y, yv])
+    mean, std = Xa.mean(0), Xa.std(0, unbiased=False)
+    std = std.clamp_min(max(1e-6, 0.01 * float(std.mean())))
+    alpha, temp = 0.1, 1.0
+    if len(Xv) and len(torch.unique(yv)) > 1:
+        mu, ev, V = _lda((X - mean) / std, y, K)
+        zs = [(a, (lambda W, b: ((Xv - mean) / std) @ W.T + b)(*_discriminants(mu, ev, V, a))) for a in SHRINKAGES]
+        temps = np.exp(np.linspace(np.log(0.05), np.log(50), 60))
+        best = min(((_nll(z / t, yv), a, t) for a, z in zs for t in temps), key=lambda r: r[0])
+        _, alpha, temp = best
+    mu, ev, V = _lda((Xa - mean) / std, ya, K)
+    W, b = _discriminants(mu, ev, V, alpha)
+    W, b = W / temp, b / temp
+    Wr = W / std
+    return Gate(list(classes), Wr.float().cpu(), (b - Wr @ mean).float().cpu(), float(alpha), float(temp))
+
+
+def unseen_matrix(classes: list[str], trained_with: list[list[str]]) -> np.ndarray:
+    """U[h, k]: head h's training set had no example of class k (bool [N, N])."""
+    return np.array([[c not in set(tw) for c in classes] for tw in trained_with], dtype=bool).reshape(len(classes), -1)
+
+
+def gates(posterior: np.ndarray, unseen: np.ndarray) -> np.ndarray:
+    """Per row and head: 1 - P(the input is of a class that head never saw) [n, N]."""
+    return np.clip(1.0 - posterior @ unseen.T.astype(float), 0.0, 1.0)
+
+
+def guarded_chain(conf: np.ndarray, score: np.ndarray, unseen: np.ndarray) -> np.ndarray:
+    """Start from argmax(conf); while the current answer's head never saw some classes, let it compete with them
+    on `score` (calibrated probability x gate). With no unseen classes this is exactly argmax(conf)."""
+    w = conf.argmax(1)
+    N = conf.shape[1]
+    if not unseen.any():
+        return w
+    for _ in range(N):
+        cand = unseen[w] | (np.arange(N) == w[:, None])
+        nw = np.where(cand, score, -np.inf).argmax(1)
+        if (nw == w).all():
+            break
+        w = nw
+    return w

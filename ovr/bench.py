@@ -5,6 +5,7 @@ Prints nothing: returns a dict that report.py renders as tables, JSON, Markdown 
 """
 from __future__ import annotations
 
+import copy
 import hashlib
 import platform
 import time
@@ -15,9 +16,8 @@ import torch
 from . import __version__, aggregate
 from .config import Config, config_to_dict
 from .features import Progress
-from .heads import Normalizer, OvRClassifier, fit_ovr_heads, stack_heads, stacked_logits
+from .estimators import OvRClassifier, SoftmaxClassifier
 from .metrics import classification_metrics, expected_calibration_error, reliability
-from .softmax import SoftmaxClassifier
 
 METHODS = ("ovr", "softmax", "sklearn-ovr", "sklearn-multinomial")
 SCENARIOS = ("plain", "imbalance", "few-shot")
@@ -61,12 +61,16 @@ class _Method:
 
     def fit(self, X, y, Xv, yv):
         t = self.cfg.train
-        kw = {**t.fit_kwargs(), "seed": self.seed, "normalize": t.normalize, "device": self.device}
+        kw = dict(head=t.head, hidden=t.hidden, epochs=t.epochs, lr=t.lr, batch_size=t.head_batch_size,
+                  patience=t.patience, normalize=t.normalize, seed=self.seed, device=self.device)
         t0 = time.perf_counter()
+        if self.name in ("ovr", "softmax"):
+            Xn, yn, ev = X.cpu().numpy(), y.cpu().numpy(), (Xv.cpu().numpy(), yv.cpu().numpy())
         if self.name == "ovr":
-            self.m = OvRClassifier(pos_weight=t.pos_weight, **kw).fit(X, y, Xv, yv)
+            self.m = OvRClassifier(l2_grid=t.l2_grid, pos_weight=t.pos_weight, calibration=t.calibration, tol=t.tol,
+                                   max_iter=t.max_iter, **kw).fit(Xn, yn, eval_set=ev)
         elif self.name == "softmax":
-            self.m = SoftmaxClassifier(**kw).fit(X, y, Xv, yv)
+            self.m = SoftmaxClassifier(**kw).fit(Xn, yn, eval_set=ev)
         else:
             from sklearn.linear_model import LogisticRegression
             from sklearn.multiclass import OneVsRestClassifier
@@ -81,7 +85,7 @@ class _Method:
 
     def logits(self, X) -> np.ndarray:
         if self.name in ("ovr", "softmax"):
-            return self.m.decision_function(X)
+            return self.m._logits(X)
         return self.m.decision_function(X.cpu().numpy())
 
     def proba(self, z: np.ndarray) -> np.ndarray:
@@ -101,15 +105,14 @@ def _add_class(method: _Method, X, y, Xv, yv, Xt, K: int) -> tuple[float, np.nda
     old, oldv = y < K - 1, yv < K - 1
     base = _Method(method.name, method.cfg, method.seed, method.device).fit(X[old.to(X.device)], y[old], Xv[oldv.to(Xv.device)], yv[oldv])
     t0 = time.perf_counter()
-    if method.name == "ovr":
-        m, t = base.m, method.cfg.train
-        norm = Normalizer.fit(t.normalize, X)  # as `ovr add-class`: the statistics of all the data it has now
-        heads, _ = fit_ovr_heads(norm(X), y, norm(Xv), yv, [K - 1], [str(K - 1)],
-                                 **{**t.fit_kwargs(), "seed": method.seed, "pos_weight": t.pos_weight})
+    if method.name == "ovr":  # exactly what `ovr add-class` does, through the same Model
+        m = copy.deepcopy(base.m.model_)
+        name = str(K - 1)
+        m.classes.append(name)
+        m.fit_heads([name], X, y, Xv, yv, method.cfg.train)
         seconds = time.perf_counter() - t0
-        with torch.no_grad():
-            new = stacked_logits(stack_heads(heads, Xt.device), norm(Xt)).cpu().numpy()
-        z = np.concatenate([m.decision_function(Xt), new], 1)
+        m.rebuild_gate(X, y, Xv, yv)
+        return seconds, m.answer(Xt).index
     elif method.name == "sklearn-ovr":
         from sklearn.linear_model import LogisticRegression
 

@@ -9,6 +9,7 @@ from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
@@ -36,12 +37,12 @@ def main() -> None:
     try:
         app()
     except OvrError as e:
-        err.print(f"[bold red]error:[/] {e}", highlight=False)
+        err.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False)
         sys.exit(2)
 
 
 def _fail(e: OvrError) -> None:
-    err.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+    err.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False, soft_wrap=True)
     raise typer.Exit(2)
 
 
@@ -88,7 +89,7 @@ def _config(config, **flags):
 
 def _warn_skipped(skipped) -> None:
     for p, why in skipped:
-        err.print(f"[yellow]warning:[/] skipped {p}: {why}", highlight=False, soft_wrap=True)
+        err.print(f"[yellow]warning:[/] skipped {escape(str(p))}: {escape(str(why))}", highlight=False, soft_wrap=True)
 
 
 @app.command()
@@ -130,15 +131,15 @@ def embed(
 def _train_table(model, title: str, names=None) -> Table:
     t = Table(title=title)
     for col, just in [("class", "left"), ("positives", "right"), ("negatives", "right"), ("L2", "right"),
-                      ("best epoch", "right"), ("val loss", "right"), ("threshold", "right"), ("val P", "right"),
+                      ("iterations", "right"), ("val loss", "right"), ("threshold", "right"), ("val P", "right"),
                       ("val R", "right"), ("val F1", "right")]:
         t.add_column(col, justify=just)
     for c in names or model.classes:
         r = model.records[c]
-        v = r.get("val") or {}
+        v = r.val or {}
         f = lambda x: "-" if x is None else f"{x:.3f}"  # noqa: E731
-        t.add_row(c, str(r["positives"]), str(r["negatives"]), f"{r['l2']:g}", str(r["best_epoch"]), f(r["val_loss"]),
-                  f(r["threshold"]), f(v.get("precision")), f(v.get("recall")), f(v.get("f1")))
+        t.add_row(escape(c), str(r.positives), str(r.negatives), f"{r.l2:g}", f"{r.iterations} ({r.solver})",
+                  f(r.val_loss), f(r.threshold), f(v.get("precision")), f(v.get("recall")), f(v.get("f1")))
     return t
 
 
@@ -203,12 +204,13 @@ def predict(
             t.add_column(col, justify="right" if col == "confidence" else "left")
         for r in rows:
             if "error" in r:
-                t.add_row(r["input"], "[red]error", "", r["error"])
+                t.add_row(escape(r["input"]), "[red]error", "", escape(r["error"]))
                 continue
             ru = r.get("runner_up")
             extra = [", ".join(f"{x['class']} {x['confidence']:.2f}" for x in r["top"])] if top_k > 1 else []
             extra += [", ".join(r["labels"])] if multilabel else []
-            t.add_row(r["input"], r["class"], f"{r['confidence']:.3f}", f"{ru['class']} {ru['confidence']:.3f}" if ru else "", *extra)
+            t.add_row(escape(r["input"]), escape(r["class"]), f"{r['confidence']:.3f}",
+                      escape(f"{ru['class']} {ru['confidence']:.3f}") if ru else "", *map(escape, extra))
         console.print(t)
 
 
@@ -243,9 +245,10 @@ def _grow_config(model: Path, config, **flags):
 
 def _print_confused(confused: dict[str, float]) -> None:
     if confused:
-        names = ", ".join(f"{c} ({r:.0%})" for c, r in sorted(confused.items(), key=lambda x: -x[1]))
+        names = ", ".join(f"{escape(c)} ({r:.0%})" for c, r in sorted(confused.items(), key=lambda x: -x[1]))
         console.print(f"[yellow]old heads that fire on the new images:[/] {names}\n"
-                      f"  they never saw this class as a negative; `ovr refresh MODEL` retrains just those.",
+                      f"  they never saw this class as a negative; answers already arbitrate between them and the new "
+                      f"head (guarded chain), and `ovr refresh MODEL` would retrain just those.",
                       highlight=False)
 
 
@@ -268,7 +271,7 @@ def add_class_cmd(
         with progress_bar() as cb:
             r = add_class(model, name, images, cfg, replace=replace, negatives=negatives, progress=cb)
         _warn_skipped(r.skipped)
-        console.print(f"added [bold]{name}[/] from {r.images} images in {r.seconds:.1f} s "
+        console.print(f"added [bold]{escape(name)}[/] from {r.images} images in {r.seconds:.1f} s "
                       f"(head training {r.train_seconds:.2f} s)", highlight=False)
         console.print(_train_table(load_model(model), f"new head in {model}", [name]))
         if not (refresh_confused and r.confused):
@@ -277,7 +280,7 @@ def add_class_cmd(
         with progress_bar() as cb:
             rr = do_refresh(model, sorted(r.confused), cfg, progress=cb)
         n = len(rr.changed)
-        console.print(f"refreshed {n} old head{'s' * (n != 1)} that fired on {name} in {rr.seconds:.1f} s", highlight=False)
+        console.print(f"refreshed {n} old head{'s' * (n != 1)} that fired on {escape(name)} in {rr.seconds:.1f} s", highlight=False)
         console.print(_train_table(load_model(model), f"refreshed heads in {model}", rr.changed))
 
 
@@ -311,7 +314,7 @@ def remove_class_cmd(
         from .pipeline import remove_class
 
         remove_class(model, name)
-        console.print(f"removed {name} from {model}", highlight=False)
+        console.print(f"removed {escape(name)} from {escape(str(model))}", highlight=False)
 
 
 @app.command()
@@ -328,7 +331,7 @@ def info(
             print(json.dumps(m, indent=2, ensure_ascii=False))
             return
         b = m["backbone"]
-        console.print(f"[bold]{model}[/]: {len(m['classes'])} {m['head_type']} heads on [bold]{b['name']}[/] "
+        console.print(f"[bold]{escape(str(model))}[/]: {len(m['classes'])} {m['head_type']} heads on [bold]{b['name']}[/] "
                       f"(weights {b['weights']}, dim {b['dim']}, fingerprint {b['fingerprint'][:12]}), "
                       f"{m['examples']['count']} remembered examples, ovr {m['ovr_version']}", highlight=False)
         t = Table(title="heads")
@@ -337,7 +340,7 @@ def info(
         for c in m["classes"]:
             h = m["heads"][c]
             f1 = (h.get("val") or {}).get("f1")
-            t.add_row(c, str(h["positives"]), str(h["negatives"]), "-" if f1 is None else f"{f1:.3f}",
+            t.add_row(escape(c), str(h["positives"]), str(h["negatives"]), "-" if f1 is None else f"{f1:.3f}",
                       f"{h['threshold']:.3f}", h["created"][:19], h["sha256"][:12])
         console.print(t)
 
@@ -411,8 +414,8 @@ def demo(
         for col in ["file", "class", "confidence", "runner-up"]:
             t.add_column(col)
         for row in rows:
-            t.add_row(row["input"], row["class"], f"{row['confidence']:.3f}",
-                      f"{row['runner_up']['class']} {row['runner_up']['confidence']:.3f}")
+            t.add_row(escape(row["input"]), escape(row["class"]), f"{row['confidence']:.3f}",
+                      escape(f"{row['runner_up']['class']} {row['runner_up']['confidence']:.3f}"))
         console.print(t)
         console.rule("4. benchmark one-vs-rest vs softmax on all ten digits")
         with progress_bar() as cb:

@@ -46,11 +46,15 @@ class DataConfig:
 class TrainConfig:
     head: str = "linear"  # linear | mlp
     hidden: int = 256
-    epochs: int = 100
+    epochs: int = 100  # mlp heads (Adam) and the softmax baseline; linear heads are solved exactly
     lr: float = 3e-3
     head_batch_size: int = 128
     patience: int = 10
-    l2_grid: tuple[float, ...] = (1e-3, 1e-2, 1e-1, 1.0)
+    # L2 strengths in the per-sample-mean scale (scikit-learn's C = 1 / (l2 * n)): half-decades from 1e-4 to 10.
+    # Each head keeps the one with its best validation loss, then is refit on train + val.
+    l2_grid: tuple[float, ...] = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1, 1.0, 3.0, 10.0)
+    tol: float = 1e-5  # linear heads: stop when max |gradient| of a head's objective is below this
+    max_iter: int = 500  # linear heads: L-BFGS iterations at most
     pos_weight: bool = True
     normalize: str = "standardize"  # standardize | l2
     calibration: str = "platt"  # platt | temperature | none
@@ -62,13 +66,16 @@ class TrainConfig:
         for name in ("hidden", "epochs", "head_batch_size", "patience"):
             _check(getattr(self, name) >= 1, f"{name} must be at least 1, got {getattr(self, name)}")
         _check(self.lr > 0, f"lr must be positive, got {self.lr}")
+        _check(self.tol > 0, f"tol must be positive, got {self.tol}")
+        _check(self.max_iter >= 1, f"max_iter must be at least 1, got {self.max_iter}")
         _check(len(self.l2_grid) > 0 and all(v >= 0 for v in self.l2_grid),
                f"l2_grid must hold one or more values >= 0, got {list(self.l2_grid)}")
 
     def fit_kwargs(self) -> dict:
-        """The keyword arguments shared by fit_ovr_heads, OvRClassifier and SoftmaxClassifier."""
+        """The keyword arguments of heads.fit_ovr_heads."""
         return dict(head=self.head, hidden=self.hidden, epochs=self.epochs, lr=self.lr, batch_size=self.head_batch_size,
-                    patience=self.patience, l2_grid=self.l2_grid, seed=self.seed)
+                    patience=self.patience, l2_grid=self.l2_grid, pos_weight=self.pos_weight, seed=self.seed,
+                    tol=self.tol, max_iter=self.max_iter)
 
 
 @dataclass(frozen=True)
@@ -110,9 +117,15 @@ def _coerce(cls: type, name: str, value: Any) -> Any:
     return type(default)(value)
 
 
-def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> Config:
-    """Defaults, then the TOML file's [features]/[data]/[train]/[bench] tables, then non-None overrides by field name."""
+def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None = None,
+                stored: dict[str, dict[str, Any]] | None = None) -> Config:
+    """Defaults < `stored` (a model's saved config, by section) < the TOML file's [features]/[data]/[train]/[bench]
+    tables < non-None overrides (flags) by field name."""
     values: dict[str, dict[str, Any]] = {s: {} for s in _CLASSES}
+    for section, table in (stored or {}).items():
+        if section in _CLASSES and isinstance(table, dict):
+            known = {f.name for f in fields(_CLASSES[section])}
+            values[section].update({k: _coerce(_CLASSES[section], k, v) for k, v in table.items() if k in known})
     if path is not None:
         p = Path(path)
         if not p.is_file():

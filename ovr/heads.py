@@ -6,7 +6,6 @@ order comes from the global seed and initial weights from (seed, class name), ne
 """
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 from typing import Callable
 
@@ -15,7 +14,8 @@ import torch
 import torch.nn.functional as F
 
 from .config import HEADS, NORMALIZE
-from .runtime import head_seed, resolve_device
+from .runtime import head_seed
+from .solver import adam_columns, logistic_lbfgs, weighted_bce
 
 Tensors = dict[str, torch.Tensor]
 
@@ -123,18 +123,6 @@ def bce_columns(z: torch.Tensor, t: torch.Tensor, pos_weight: torch.Tensor) -> t
     return F.binary_cross_entropy_with_logits(z, t, pos_weight=pos_weight, reduction="none").mean(0)
 
 
-def bce_linear_grad(p: Tensors, X: torch.Tensor, t: torch.Tensor, pos_weight: torch.Tensor) -> Tensors:
-    """Closed-form gradient of bce_columns for linear columns: dL/dz = sigmoid(z)(1 + (pw-1)t) - pw t.
-
-    Same numbers as autograd through BCEWithLogitsLoss (a test checks it), without the graph: several times
-    faster on CPU, where this loop is the whole cost of training.
-    """
-    z = X @ p["weight"].T + p["bias"]
-    r = torch.sigmoid(z) * (1 + (pos_weight - 1) * t) - pos_weight * t
-    r /= X.shape[0]
-    return {"weight": r.T @ X, "bias": r.sum(0)}
-
-
 def ce_columns(z: torch.Tensor, y: torch.Tensor, _unused=None) -> torch.Tensor:
     """Cross-entropy of each softmax column: z [B, C, K], y [B] -> [C]."""
     B, C, K = z.shape
@@ -158,190 +146,99 @@ def autograd_grad(loss_fn: Callable) -> Callable:
     return grad
 
 
-# --- the trainer: Adam, per-column L2, per-column early stopping, best weights kept ----------------------
+# --- one-vs-rest: N heads x G strengths as columns of one solve --------------------------------------------
 
-@dataclass
-class TrainResult:
-    params: Tensors  # best weights per column
-    best_val: torch.Tensor  # [C]
-    best_epoch: torch.Tensor  # [C]
-    epochs_run: int
-    seconds: float
+DEFAULT_TOL = 1e-5  # max |gradient| of a head's per-sample-mean objective; scikit-learn's lbfgs default is 1e-4
 
-
-def _col(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    return v.view(-1, *([1] * (like.dim() - 1)))
-
-
-def train_columns(params: Tensors, grad_fn: Callable, loss_fn: Callable, X: torch.Tensor, T: torch.Tensor,
-                  Xv: torch.Tensor | None, Tv: torch.Tensor | None, l2: torch.Tensor, extra: torch.Tensor | None,
-                  epochs: int, lr: float, batch_size: int, patience: int, seed: int,
-                  progress: Callable | None = None) -> TrainResult:
-    """Minibatch Adam on C independent columns. Without validation data every column runs all epochs."""
-    t0 = time.perf_counter()
-    dev = X.device
-    p = {k: v.to(dev).clone() for k, v in params.items()}
-    C = next(iter(p.values())).shape[0]
-    l2 = l2.to(dev)
-    m = {k: torch.zeros_like(v) for k, v in p.items()}
-    s = {k: torch.zeros_like(v) for k, v in p.items()}
-    b1, b2, eps = 0.9, 0.999, 1e-8
-    active = torch.ones(C, dtype=torch.bool, device=dev)
-    steps = torch.zeros(C, device=dev)
-    best = {k: v.clone() for k, v in p.items()}
-    best_val = torch.full((C,), float("inf"), device=dev)
-    best_epoch = torch.zeros(C, dtype=torch.long, device=dev)
-    bad = torch.zeros(C, dtype=torch.long, device=dev)
-    g = torch.Generator().manual_seed(seed)
-    n = X.shape[0]
-    # Small training sets (few-shot) would get one step per epoch and stop before learning anything:
-    # keep at least ~8 steps per epoch. Depends on n only, so columns stay independent.
-    batch_size = max(1, min(batch_size, n // 8))
-    epoch = 0
-    for epoch in range(1, epochs + 1):
-        perm = torch.randperm(n, generator=g).to(dev)
-        for i in range(0, n, batch_size):
-            idx = perm[i:i + batch_size]
-            grads = grad_fn(p, X[idx], T[idx], extra)
-            steps += active
-            bc1 = _col(1 - b1 ** steps.clamp_min(1), steps)
-            bc2 = _col(1 - b2 ** steps.clamp_min(1), steps)
-            for k, gk in grads.items():
-                if k in ("weight", "w1", "w2"):
-                    gk = gk + _col(l2, gk) * p[k]
-                m[k].mul_(b1).add_(gk, alpha=1 - b1)
-                s[k].mul_(b2).addcmul_(gk, gk, value=1 - b2)
-                upd = (m[k] / _col(bc1, gk)) / ((s[k] / _col(bc2, gk)).sqrt() + eps)
-                p[k] -= lr * _col(active.float(), gk) * upd
-        if Xv is None or len(Xv) == 0:
-            best = p
-            best_epoch[:] = epoch
-            continue
-        with torch.no_grad():
-            val = loss_fn(stacked_logits(p, Xv), Tv, extra)
-        improved = (val < best_val - 1e-6) & active
-        for k in p:
-            best[k] = torch.where(_col(improved, p[k]), p[k], best[k])
-        best_val = torch.where(improved, val, best_val)
-        best_epoch = torch.where(improved, epoch, best_epoch)
-        bad = torch.where(improved, 0, bad + active.long())
-        active &= bad < patience
-        if progress:
-            progress("train", epoch, epochs, training=int(active.sum()), finished=int(C - active.sum()),
-                     best_val=f"{float(best_val[torch.isfinite(best_val)].mean()) if torch.isfinite(best_val).any() else float('nan'):.4f}")
-        if not active.any():
-            break
-    return TrainResult({k: v.detach() for k, v in best.items()}, best_val, best_epoch, epoch, time.perf_counter() - t0)
-
-
-# --- one-vs-rest -----------------------------------------------------------------------------------------
 
 @dataclass
 class HeadFit:
-    """What training decided for one head, beside its weights."""
+    """What training decided for one head, beside its weights (which act on normalised features)."""
+    params: Tensors
     seed: int
     positives: int
     negatives: int
     pos_weight: float
     l2: float
-    val_loss: float
-    best_epoch: int
+    val_loss: float  # nan without validation data
+    solver: str  # lbfgs (exact, linear heads) | adam (mlp heads)
+    iterations: int  # L-BFGS iterations of the final solve, or Adam's best epoch
+    grad_norm: float  # max |gradient| at the answer (nan for adam)
+    val_logits: np.ndarray | None  # held-out logits on the validation rows (the head before its refit)
 
 
-def fit_ovr_heads(X: torch.Tensor, y: torch.Tensor, Xv: torch.Tensor | None, yv: torch.Tensor | None,
-                  targets: list[int], names: list[str], *, head: str = "linear", hidden: int = 256, epochs: int = 100,
-                  lr: float = 3e-3, batch_size: int = 128, patience: int = 10, l2_grid=(1e-3, 1e-2, 1e-1, 1.0),
-                  pos_weight: bool = True, seed: int = 0, progress: Callable | None = None
-                  ) -> tuple[list[Tensors], list[HeadFit]]:
-    """Train one binary head per target label (positives: y == target) on normalised features.
+def _pos_weights(T: torch.Tensor, on: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    pos = T.sum(0)
+    neg = T.shape[0] - pos
+    return pos, neg, (neg / pos.clamp_min(1)) if on else torch.ones_like(pos)
 
-    Grid values are extra columns of the same problem: N heads x G strengths train as N*G columns, and each head
-    keeps the strength with the lowest validation loss.
+
+def fit_ovr_heads(X: torch.Tensor, T: torch.Tensor, Xv: torch.Tensor | None, Tv: torch.Tensor | None,
+                  names: list[str], *, head: str, hidden: int, epochs: int, lr: float, batch_size: int,
+                  patience: int, l2_grid: tuple[float, ...], pos_weight: bool, seed: int, tol: float = DEFAULT_TOL,
+                  max_iter: int = 500, refit: bool = True, progress: Callable | None = None) -> list[HeadFit]:
+    """One binary head per column of T (targets in {0, 1}, [n, N]) on normalised features.
+
+    Linear heads: the exact solver. Every head x strength of `l2_grid` is one column of a single L-BFGS solve on
+    the training rows; each head keeps the strength with the lowest validation loss (pos-weighted BCE) and is then
+    refit on train + validation at that strength (more data; the linear-probe protocol), warm-started. The
+    validation logits of the head before its refit are kept, so calibration and thresholds are fitted on rows the
+    head has not seen. MLP heads: minibatch Adam with per-column early stopping (no refit).
+    Without validation data every head uses the middle strength of the grid.
     """
     check_head(head)
     dev = X.device
-    N, G = len(targets), len(l2_grid)
-    tgt = torch.as_tensor(targets, device=dev)
-    T = (y.to(dev)[:, None] == tgt).float()
-    pos = T.sum(0)
-    neg = len(y) - pos
-    pw = (neg / pos.clamp_min(1)) if pos_weight else torch.ones(N, device=dev)
+    N, G = T.shape[1], len(l2_grid)
+    T = T.to(dev, torch.float32)
+    pos, neg, pw = _pos_weights(T, pos_weight)
     seeds = [head_seed(seed, nm) for nm in names]
-    col_seeds = [s for s in seeds for _ in range(G)]
-    D = X.shape[1]
-    params = init_linear(col_seeds, D) if head == "linear" else init_mlp(col_seeds, D, hidden)
-    Tc = T.repeat_interleave(G, dim=1)
-    pwc = pw.repeat_interleave(G)
     has_val = Xv is not None and len(Xv) > 0
-    grid = torch.tensor(l2_grid if has_val else [l2_grid[len(l2_grid) // 2]] * G, dtype=torch.float32)
-    Tvc = (yv.to(dev)[:, None] == tgt).float().repeat_interleave(G, dim=1) if has_val else None
-    grad_fn = bce_linear_grad if head == "linear" else autograd_grad(bce_columns)
-    res = train_columns(params, grad_fn, bce_columns, X, Tc, Xv if has_val else None, Tvc, grid.repeat(N), pwc,
-                        epochs, lr, batch_size, patience, seed, progress)
-    val = res.best_val.view(N, G)
-    choice = val.argmin(1) if has_val else torch.zeros(N, dtype=torch.long, device=dev)
-    heads, fits = [], []
-    for j in range(N):
-        c = j * G + int(choice[j])
-        heads.append({k: v[c].cpu().clone() for k, v in res.params.items()})
-        fits.append(HeadFit(seeds[j], int(pos[j]), int(neg[j]), float(pw[j]), float(grid[int(choice[j])]),
-                            float(val[j, choice[j]]) if has_val else float("nan"), int(res.best_epoch[c])))
-    return heads, fits
+    grid = torch.tensor(l2_grid if has_val else [sorted(l2_grid)[G // 2]], dtype=torch.float64)
+    G = len(grid)
+    Tv = Tv.to(dev, torch.float32) if has_val else None
+    if head == "linear":
+        sol = logistic_lbfgs(X, T.repeat_interleave(G, 1), pw.repeat_interleave(G), grid.repeat(N), tol=tol,
+                             max_iter=max_iter, progress=progress)
+        W, b = sol.weight, sol.bias
+        if has_val:
+            zv = Xv.to(W.dtype) @ W.T + b
+            val = weighted_bce(zv, Tv.repeat_interleave(G, 1), pw.repeat_interleave(G)).view(N, G)
+        else:
+            val = torch.full((N, G), float("nan"), dtype=W.dtype, device=dev)
+        choice = val.nan_to_num(float("inf")).argmin(1)
+        cols = torch.arange(N, device=dev) * G + choice
+        W, b, iters, gn = W[cols], b[cols], sol.iterations[cols], sol.grad_norm[cols]
+        val_logits = (Xv.to(W.dtype) @ W.T + b).cpu().numpy() if has_val else None
+        if has_val and refit:
+            Xa, Ta = torch.cat([X, Xv.to(X.dtype)]), torch.cat([T, Tv])
+            pos, neg, pw = _pos_weights(Ta, pos_weight)
+            sol = logistic_lbfgs(Xa, Ta, pw, grid[choice.cpu()], init=(W, b), tol=tol, max_iter=max_iter,
+                                 progress=progress)
+            W, b, iters, gn = sol.weight, sol.bias, sol.iterations, sol.grad_norm
+        params = [{"weight": W[j].float().cpu(), "bias": b[j].float().cpu()} for j in range(N)]
+        stats = [(int(iters[j]), float(gn[j])) for j in range(N)]
+        solver = "lbfgs"
+    else:
+        col_seeds = [s for s in seeds for _ in range(G)]
+        p0 = init_mlp(col_seeds, X.shape[1], hidden)
+        Tvc = Tv.repeat_interleave(G, 1) if has_val else None
+        res = adam_columns(p0, autograd_grad(bce_columns), bce_columns, X, T.repeat_interleave(G, 1),
+                           Xv if has_val else None, Tvc, grid.float().repeat(N), pw.repeat_interleave(G),
+                           logits_fn=stacked_logits, epochs=epochs, lr=lr, batch_size=batch_size, patience=patience,
+                           seed=seed, progress=progress)
+        val = res.best_val.view(N, G) if has_val else torch.full((N, G), float("nan"))
+        choice = val.nan_to_num(float("inf")).argmin(1)
+        cols = torch.arange(N) * G + choice.cpu()
+        params = [{k: v[int(c)].cpu().clone() for k, v in res.params.items()} for c in cols]
+        val_logits = stacked_logits(stack_heads(params, dev), Xv).cpu().numpy() if has_val else None
+        stats = [(int(res.best_epoch[int(c)]), float("nan")) for c in cols]
+        solver = "adam"
+    return [HeadFit(params[j], seeds[j], int(pos[j]), int(neg[j]), float(pw[j]), float(grid[int(choice[j])]),
+                    float(val[j, choice[j]]), solver, stats[j][0], stats[j][1],
+                    val_logits[:, j] if val_logits is not None else None) for j in range(N)]
 
 
 def stack_heads(heads: list[Tensors], device: torch.device | str = "cpu") -> Tensors:
     return {k: torch.stack([h[k] for h in heads]).to(device) for k in heads[0]}
 
 
-def encode_labels(classes: np.ndarray, y) -> torch.Tensor:
-    """Labels (any hashable values) -> their index in classes_, as the estimators store them."""
-    index = {c: i for i, c in enumerate(classes.tolist())}
-    return torch.as_tensor([index[v] for v in np.asarray(y).tolist()], dtype=torch.long)
-
-
-class OvRClassifier:
-    """scikit-learn style estimator on embeddings: N independent sigmoid heads, argmax of confidence."""
-
-    def __init__(self, head: str = "linear", hidden: int = 256, epochs: int = 100, lr: float = 3e-3,
-                 batch_size: int = 128, patience: int = 10, l2_grid=(1e-3, 1e-2, 1e-1, 1.0), pos_weight: bool = True,
-                 normalize: str = "standardize", seed: int = 0, device: str = "auto") -> None:
-        self.head, self.hidden, self.epochs, self.lr = head, hidden, epochs, lr
-        self.batch_size, self.patience, self.l2_grid, self.pos_weight = batch_size, patience, l2_grid, pos_weight
-        self.normalize, self.seed, self.device = normalize, seed, device
-
-    def _labels(self, y) -> torch.Tensor:
-        return encode_labels(self.classes_, y)
-
-    def fit(self, X, y, X_val=None, y_val=None, progress: Callable | None = None) -> "OvRClassifier":
-        dev = resolve_device(self.device)
-        X = torch.as_tensor(X, dtype=torch.float32).to(dev)
-        self.classes_ = np.unique(np.asarray(y))
-        self.normalizer_ = Normalizer.fit(self.normalize, X)
-        Xv = torch.as_tensor(X_val, dtype=torch.float32).to(dev) if X_val is not None else None
-        yv = self._labels(y_val) if y_val is not None else None
-        t0 = time.perf_counter()
-        self.heads_, self.fits_ = fit_ovr_heads(
-            self.normalizer_(X), self._labels(y), self.normalizer_(Xv) if Xv is not None else None, yv,
-            list(range(len(self.classes_))), [str(c) for c in self.classes_], head=self.head, hidden=self.hidden,
-            epochs=self.epochs, lr=self.lr, batch_size=self.batch_size, patience=self.patience,
-            l2_grid=self.l2_grid, pos_weight=self.pos_weight, seed=self.seed, progress=progress)
-        self.fit_seconds_ = time.perf_counter() - t0
-        return self
-
-    def decision_function(self, X) -> np.ndarray:
-        X = torch.as_tensor(X, dtype=torch.float32)
-        p = stack_heads(self.heads_, X.device)
-        with torch.no_grad():
-            return stacked_logits(p, self.normalizer_(X)).cpu().numpy()
-
-    def confidences(self, X) -> np.ndarray:
-        """Each head's own sigmoid confidence (rows do not sum to 1)."""
-        return 1 / (1 + np.exp(-self.decision_function(X)))
-
-    def predict_proba(self, X) -> np.ndarray:
-        """Confidences normalised per row, as scikit-learn's OneVsRestClassifier does."""
-        c = self.confidences(X)
-        return c / np.clip(c.sum(1, keepdims=True), 1e-12, None)
-
-    def predict(self, X) -> np.ndarray:
-        return self.classes_[self.decision_function(X).argmax(1)]

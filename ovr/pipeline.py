@@ -16,9 +16,9 @@ from .data import expand_inputs, scan_folder, split_assignments
 from .errors import OvrError
 from .features import (Backbone, EmbeddedFolder, EmbeddingCache, Progress, default_cache_dir, embed_folder,
                        embed_images, embed_paths, load_backbone)
-from .heads import Normalizer, fit_ovr_heads, head_inputs, stack_heads, stacked_logits
+from .model import Model
 from .runtime import resolve_device
-from .store import Model, check_backbone, check_can_write, load_model, model_lock, now, save_model, update_model
+from .store import check_backbone, check_can_write, load_model, model_lock, save_model, update_model
 
 
 def open_cache(cfg: Config, backbone: Backbone) -> EmbeddingCache:
@@ -40,61 +40,6 @@ def embed_data(data: str | Path, cfg: Config, progress: Progress | None = None,
 # --- training a model ------------------------------------------------------------------------------------
 
 
-def model_logits(model: Model, X: torch.Tensor, classes: list[str] | None = None) -> np.ndarray:
-    classes = classes or model.classes
-    p = stack_heads([model.heads[c] for c in classes], X.device)
-    with torch.no_grad():
-        return stacked_logits(p, head_inputs(model.normalize, X)).cpu().numpy()
-
-
-def model_confidences(model: Model, X: torch.Tensor, calibrated: bool = False) -> tuple[np.ndarray, np.ndarray]:
-    """(confidences [n, N], per-head thresholds in the same space). Raw sigmoid by default; calibrated
-    applies each head's stored Platt/temperature map (monotonic, so thresholds map through it too)."""
-    z = model_logits(model, X)
-    thr = np.array([model.records[c]["threshold"] for c in model.classes])
-    if not calibrated:
-        return aggregate.confidences(z), thr
-    a = np.array([model.records[c]["calibration"]["a"] for c in model.classes])
-    b = np.array([model.records[c]["calibration"]["b"] for c in model.classes])
-    t = np.log(np.clip(thr, 1e-12, 1 - 1e-12) / np.clip(1 - thr, 1e-12, None))
-    return aggregate.confidences(z, a, b), aggregate.confidences(t, a, b)
-
-
-def fit_heads_into(model: Model, names: list[str], X: torch.Tensor, y: torch.Tensor, Xv: torch.Tensor,
-                   yv: torch.Tensor, t: TrainConfig, progress: Progress | None = None) -> None:
-    """Train the heads of `names` (labels index model.classes) and record calibration, threshold, val metrics.
-
-    The features are standardised with the statistics of X, all the data the model remembers now (a class added
-    later included), and that standardisation is folded into the stored heads."""
-    targets = [model.classes.index(c) for c in names]
-    norm = Normalizer.fit(model.normalize, X)
-    heads, fits = fit_ovr_heads(norm(X), y, norm(Xv) if len(Xv) else None, yv if len(Xv) else None, targets, names,
-                                progress=progress, pos_weight=t.pos_weight, **t.fit_kwargs())
-    heads = [norm.fold(h) for h in heads]
-    tmp = Model(model.backbone, model.normalize, t.head, names, dict(zip(names, heads)), {})
-    if len(Xv):
-        z = model_logits(tmp, Xv)
-        T = (yv.cpu().numpy()[:, None] == np.asarray(targets)).astype(float)
-        a, b = aggregate.fit_calibration(z, T, t.calibration)
-        conf = aggregate.confidences(z)
-        thr = aggregate.fit_thresholds(conf, T)
-        from .metrics import binary_head_metrics  # here: scikit-learn takes 0.6 s to import, embed/predict never need it
-
-        val = binary_head_metrics(conf, T, thr)
-    else:
-        a, b, thr = np.ones(len(names)), np.zeros(len(names)), np.full(len(names), 0.5)
-        val = [{} for _ in names]
-    for j, c in enumerate(names):
-        f = fits[j]
-        model.heads[c] = heads[j]
-        model.records[c] = {
-            "seed": f.seed, "positives": f.positives, "negatives": f.negatives, "pos_weight": f.pos_weight,
-            "l2": f.l2, "val_loss": f.val_loss if np.isfinite(f.val_loss) else None, "best_epoch": f.best_epoch,
-            "threshold": float(thr[j]), "calibration": {"kind": t.calibration, "a": float(a[j]), "b": float(b[j])},
-            "val": val[j], "created": now(),
-        }
-
-
 def train_model(data: str | Path, out: str | Path, cfg: Config, force: bool = False,
                 progress: Progress | None = None) -> tuple[Model, EmbeddedFolder]:
     out = Path(out)
@@ -108,9 +53,9 @@ def train_model(data: str | Path, out: str | Path, cfg: Config, force: bool = Fa
         raise OvrError(f"no readable training images for class {empty[0]!r}")
     if len(classes) < 2:
         raise OvrError("one-vs-rest needs at least two classes to train (add more with `ovr add-class` later)")
-    model = Model(emb.backbone.spec(), cfg.train.normalize, cfg.train.head, list(classes), {}, {},
+    model = Model(emb.backbone.spec(), cfg.train.normalize, cfg.train.head, list(classes),
                   calibration=cfg.train.calibration, config=config_to_dict(cfg))
-    fit_heads_into(model, list(classes), X, y, Xv, yv, cfg.train, progress)
+    model.fit_heads(list(classes), X, y, Xv, yv, cfg.train, progress=progress)
     model.examples = [{"key": k, "label": classes[int(lab)], "split": str(sp)}
                       for k, lab, sp in zip(emb.result.keys, emb.labels, emb.splits)]
     save_model(model, out, force=force, config_toml=config_to_toml(cfg))
@@ -152,31 +97,28 @@ class Predictor:
                         progress=progress)
         return r.embeddings, r.input_index.tolist(), r.skipped
 
-    def confidences(self, X: torch.Tensor, calibrated: bool = False) -> tuple[np.ndarray, np.ndarray]:
-        return model_confidences(self.model, X, calibrated)
 
     def predict(self, inputs: list, top_k: int = 1, reject_below: float | None = None, thresholds: bool = False,
                 multilabel: bool = False, calibrated: bool = False, progress: Progress | None = None) -> list[dict]:
         """One dict per input, in order: class (or 'unknown'), confidence, top-k, or an error."""
         X, idx, skipped = self.embed(inputs, progress)
-        if len(idx):
-            conf, thr = self.confidences(X, calibrated)
-        else:
-            conf, thr = np.zeros((0, len(self.classes))), np.full(len(self.classes), 0.5)
-        pred = aggregate.predict(conf, reject_below, thr if thresholds else None)
+        if not len(idx):
+            X = torch.empty(0, self.model.backbone["dim"])
+        ans = self.model.answer(X, calibrated=calibrated, reject_below=reject_below, thresholds=thresholds)
+        pred, conf = ans.index, ans.confidences
+        fired_all = ans.multilabel()
         ti, tc = aggregate.top_k(conf, max(top_k, 2))
         rows: list[dict] = [{}] * len(inputs)
         name = (lambda x: str(x)) if not (inputs and isinstance(inputs[0], Image.Image)) else (lambda x: "<image>")
         for r, i in enumerate(idx):
             row = {"input": name(inputs[i]),
                    "class": self.classes[pred[r]] if pred[r] >= 0 else "unknown",
-                   "confidence": float(conf[r].max()),
+                   "confidence": float(conf[r, pred[r]] if pred[r] >= 0 else conf[r].max()),
                    "top": [{"class": self.classes[j], "confidence": float(c)} for j, c in zip(ti[r][:top_k], tc[r][:top_k])]}
             if len(self.classes) > 1:
                 row["runner_up"] = {"class": self.classes[ti[r][1]], "confidence": float(tc[r][1])}
             if multilabel:
-                fired = aggregate.multilabel(conf[r:r + 1], thr)[0]
-                row["labels"] = [c for c, f in zip(self.classes, fired) if f]
+                row["labels"] = [c for c, f in zip(self.classes, fired_all[r]) if f]
             rows[i] = row
         bad = {str(p): why for p, why in skipped}
         for i, x in enumerate(inputs):
@@ -190,14 +132,13 @@ def load(root: str | Path, device: str = "auto", cache_dir: str | Path | None = 
 
 
 def model_config(root: str | Path, config: str | Path | None = None, **overrides) -> Config:
-    """The config a model was trained with (so evaluate splits DATA the same way), then file, then flags."""
+    """The config a model was trained with (so evaluate splits DATA the same way and add-class trains like the
+    others): defaults < stored model config < --config file < flags."""
     from .store import read_manifest
 
-    stored = read_manifest(root).get("config", {})
-    base = {k: v for section in stored.values() for k, v in section.items()}
-    base = {k: (tuple(v) if isinstance(v, list) else v) for k, v in base.items()}
-    cfg = load_config(config, {**base, **{k: v for k, v in overrides.items() if v is not None}})
-    return cfg
+    stored = {k: dict(v) for k, v in read_manifest(root).get("config", {}).items() if isinstance(v, dict)}
+    stored.get("features", {}).pop("cache_dir", None)  # where to write comes from the user, never from a model file
+    return load_config(config, overrides, stored=stored)
 
 
 def evaluate_model(root: str | Path, data: str | Path, split: str = "test", device: str | None = None,
@@ -216,19 +157,15 @@ def evaluate_model(root: str | Path, data: str | Path, split: str = "test", devi
         raise OvrError(f"DATA has classes the model does not know: {', '.join(unknown[:5])}")
     remap = np.array([pred.classes.index(c) for c in emb.folder.classes])
     y = remap[y.numpy()]
-    conf, thr = pred.confidences(X, calibrated)
-    p = aggregate.predict(conf, reject_below, thr if thresholds else None)
-    out = classification_metrics(y, p, aggregate.normalise_rows(conf), pred.classes)
-    cal, _ = pred.confidences(X, True)
+    ans = pred.model.answer(X, calibrated=calibrated, reject_below=reject_below, thresholds=thresholds)
+    out = classification_metrics(y, ans.index, aggregate.normalise_rows(ans.confidences), pred.classes)
+    cal = pred.model.answer(X, calibrated=True).confidences
     out["ece_calibrated"] = expected_calibration_error(aggregate.normalise_rows(cal), y)
     out.update({"split": split, "model": str(root), "data": str(data), "skipped": len(emb.result.skipped)})
     return out
 
 
 # --- growing a model one class at a time -----------------------------------------------------------------
-
-
-CONFUSED_RATE = 0.10  # an old head that fires on more than this share of a new class's images is "confused"
 
 
 @dataclass
@@ -239,6 +176,7 @@ class GrowResult:
     confused: dict[str, float] = field(default_factory=dict)  # old head -> share of the new images it fires on
     seconds: float = 0.0
     train_seconds: float = 0.0
+    remembered_as: dict[str, int] = field(default_factory=dict)  # these images were already examples of ...
 
 
 def _open_for_update(root: Path, cfg: Config) -> tuple[Model, Backbone, EmbeddingCache, torch.device]:
@@ -265,15 +203,6 @@ def _xy(model: Model, cache: EmbeddingCache, device: torch.device, split: str) -
     return X, y
 
 
-def fire_rates(model: Model, X: torch.Tensor, heads: list[str]) -> dict[str, float]:
-    """Share of the rows of X on which each head passes its own threshold."""
-    if not len(X) or not heads:
-        return {}
-    conf = aggregate.confidences(model_logits(model, X, heads))
-    thr = np.array([model.records[c]["threshold"] for c in heads])
-    return {c: float(r) for c, r in zip(heads, (conf >= thr).mean(0))}
-
-
 def add_class(root: str | Path, name: str, inputs: list[str], cfg: Config, replace: bool = False,
               negatives: str | Path | None = None, progress: Progress | None = None) -> GrowResult:
     """Embed only the new images, train exactly one head, and swap it into the model under a lock."""
@@ -290,53 +219,53 @@ def add_class(root: str | Path, name: str, inputs: list[str], cfg: Config, repla
                         progress)
         if not r.keys:
             raise OvrError(f"none of the {len(files)} images for {name!r} could be read")
-        d = cfg.data
-        splits = split_assignments(len(r.keys), d.val_fraction, d.test_fraction, d.split_seed, name)
+        # All its images train the new head: a validation part picks the strength, then the head is refit on all.
+        splits = split_assignments(len(r.keys), cfg.data.val_fraction, 0.0, cfg.data.split_seed, name)
+        dupes = remembered_under_other_labels(model, r.keys, name)
         new_ex = [{"key": k, "label": name, "split": s} for k, s in zip(r.keys, splits)]
         if negatives is not None:
-            folder = scan_folder(negatives, d.val_fraction, d.test_fraction, d.split_seed)
-            f = cfg.features
+            d, f = cfg.data, cfg.features
+            folder = scan_folder(negatives, d.val_fraction, 0.0, d.split_seed)
             neg = embed_folder(folder, bb, cache, device, f.batch_size, f.workers, f.strict, progress)
             new_ex += [{"key": k, "label": None, "split": str(s)} for k, s in zip(neg.result.keys, neg.splits)]
-        old_heads = [c for c in model.classes if c != name]
         model.examples = [e for e in model.examples if e["label"] != name] + new_ex
         if name not in model.classes:
             model.classes.append(name)
-        X, y = _xy(model, cache, device, "train")
-        Xv, yv = _xy(model, cache, device, "val")
+        X, y, Xv, yv = remembered(model, cache, device)
         t1 = time.perf_counter()
-        fit_heads_into(model, [name], X, y, Xv, yv, train_config(model), progress)
+        model.fit_heads([name], X, y, Xv, yv, train_config(model, cfg), progress=progress)
         train_s = time.perf_counter() - t1
-        confused = fire_rates(model, r.embeddings, old_heads)
+        model.rebuild_gate(X, y, Xv, yv)
+        new = torch.tensor([model.classes.index(name)] * len(r.keys))
+        confused = {c: v for c, v in model.confused_heads(r.embeddings, new).items() if c != name}
         update_model(model, root, {name})
-    return GrowResult([name], len(r.keys), r.skipped, {c: v for c, v in confused.items() if v > CONFUSED_RATE},
-                      time.perf_counter() - t0, train_s)
+    return GrowResult([name], len(r.keys), r.skipped, confused, time.perf_counter() - t0, train_s, dupes)
 
 
-def train_config(model: Model) -> TrainConfig:
-    """The training settings the model was made with, so a new or refreshed head is trained like the others."""
-    t = dict(model.config.get("train", {}))
-    if "l2_grid" in t:
-        t["l2_grid"] = tuple(t["l2_grid"])
-    return TrainConfig(**t)
+def remembered(model: Model, cache: EmbeddingCache, device: torch.device
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(X, y, Xv, yv): the model's remembered train and validation examples, from the cache."""
+    return (*_xy(model, cache, device, "train"), *_xy(model, cache, device, "val"))
 
 
-def confused_heads(model: Model, cache: EmbeddingCache, device: torch.device) -> dict[str, float]:
-    """Old heads that fire on the images of classes added after them (which they never saw as negatives)."""
-    created = {c: model.records[c]["created"] for c in model.classes}
-    ex = [e for e in model.examples if e["label"] in created and e["split"] in ("train", "val")]
-    if not ex:
-        return {}
-    X = cache.get([e["key"] for e in ex]).to(device)  # read once, then one mask per head
-    born = np.array([created[e["label"]] for e in ex])
-    out: dict[str, float] = {}
-    for c in model.classes:
-        later = torch.from_numpy(born > created[c]).to(device)
-        if later.any():
-            rate = fire_rates(model, X[later], [c])[c]
-            if rate > CONFUSED_RATE:
-                out[c] = rate
+def remembered_under_other_labels(model: Model, keys: list[str], name: str) -> dict[str, int]:
+    """How many of these images the model already remembers under another class (a typo'd class re-added)."""
+    keys = set(keys)
+    out: dict[str, int] = {}
+    for e in model.examples:
+        if e["key"] in keys and e["label"] not in (None, name):
+            out[e["label"]] = out.get(e["label"], 0) + 1
     return out
+
+
+def train_config(model: Model, cfg: Config | None = None) -> TrainConfig:
+    """The training settings of a new or refreshed head: as the model was made, unless `cfg` (defaults < stored
+    model config < --config file < flags, see model_config) says otherwise."""
+    if cfg is not None:
+        return cfg.train
+    t = dict(model.config.get("train", {}))
+    t = {k: tuple(v) if isinstance(v, list) else v for k, v in t.items() if k in TrainConfig.__dataclass_fields__}
+    return TrainConfig(**t)
 
 
 def refresh(root: str | Path, classes: list[str], cfg: Config, progress: Progress | None = None) -> GrowResult:
@@ -348,18 +277,18 @@ def refresh(root: str | Path, classes: list[str], cfg: Config, progress: Progres
         unknown = [c for c in classes if c not in model.classes]
         if unknown:
             raise OvrError(f"no class {unknown[0]!r} in {root}")
-        confused = confused_heads(model, cache, device) if not classes else {}
+        X, y, Xv, yv = remembered(model, cache, device)
+        confused = model.confused_heads(torch.cat([X, Xv]), torch.cat([y, yv])) if not classes else {}
         chosen = classes or sorted(confused)
         if chosen:
-            X, y = _xy(model, cache, device, "train")
-            Xv, yv = _xy(model, cache, device, "val")
-            fit_heads_into(model, chosen, X, y, Xv, yv, train_config(model), progress)
+            model.fit_heads(chosen, X, y, Xv, yv, train_config(model, cfg), progress=progress)
+            model.rebuild_gate(X, y, Xv, yv)
             update_model(model, root, set(chosen))
     return GrowResult(chosen, confused=confused, seconds=time.perf_counter() - t0)
 
 
 def remove_class(root: str | Path, name: str) -> GrowResult:
-    """Drop one head; its images stay in the examples index as negatives for heads trained later."""
+    """Drop one head and its class's remembered examples; the other heads stay byte-identical."""
     root = Path(root)
     with model_lock(root):
         model = load_model(root)
@@ -367,7 +296,6 @@ def remove_class(root: str | Path, name: str) -> GrowResult:
             raise OvrError(f"no class {name!r} in {root}")
         if len(model.classes) == 1:
             raise OvrError(f"{name!r} is the model's only class; delete the folder instead")
-        model.classes.remove(name)
-        del model.heads[name], model.records[name]
+        model.remove(name)
         update_model(model, root, set())
     return GrowResult([name])

@@ -7,6 +7,7 @@ from typing import Any
 
 import numpy as np
 
+from rich.markup import escape
 from rich.table import Table
 
 from .data import SPLITS
@@ -33,7 +34,7 @@ def embed_table(emb) -> Table:
     for sp in SPLITS:
         t.add_column(sp, justify="right")
     for c, row in s["images"].items():
-        t.add_row(c, *(str(row[sp]) for sp in SPLITS))
+        t.add_row(escape(c), *(str(row[sp]) for sp in SPLITS))
     t.add_row("[bold]total", *(f"[bold]{sum(r[sp] for r in s['images'].values())}" for sp in SPLITS))
     return t
 
@@ -55,13 +56,13 @@ def metrics_tables(m: dict) -> list[Table]:
     for col in ["class", "precision", "recall", "F1", "support"]:
         pc.add_column(col, justify="left" if col == "class" else "right")
     for c, r in m["per_class"].items():
-        pc.add_row(c, f"{r['precision']:.3f}", f"{r['recall']:.3f}", f"{r['f1']:.3f}", str(r["support"]))
+        pc.add_row(escape(c), f"{r['precision']:.3f}", f"{r['recall']:.3f}", f"{r['f1']:.3f}", str(r["support"]))
     cm = Table(title="confusion matrix (rows: true, columns: predicted)")
     cm.add_column("")
     for i in range(len(m["classes"])):
         cm.add_column(str(i), justify="right")
     for i, (c, row) in enumerate(zip(m["classes"], m["confusion_matrix"])):
-        cm.add_row(f"{i} {c}", *(str(v) for v in row))
+        cm.add_row(escape(f"{i} {c}"), *(str(v) for v in row))
     return [s, pc, cm]
 
 

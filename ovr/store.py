@@ -9,7 +9,6 @@ readable, and an untouched head keeps the very same file (same bytes, same sha25
 """
 from __future__ import annotations
 
-import datetime as _dt
 import hashlib
 import json
 import os
@@ -17,37 +16,20 @@ import re
 import shutil
 import uuid
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 from pathlib import Path
 
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from . import __version__
+from .aggregate import Gate
 from .errors import OvrError
 from .features import atomic_write_bytes
 from .heads import Tensors
+from .model import HeadRecord, Model, now
 
 SCHEMA_VERSION = 1
 MANIFEST = "manifest.json"
-
-
-def now() -> str:
-    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="microseconds")
-
-
-@dataclass
-class Model:
-    backbone: dict  # Backbone.spec(): name, weights, fingerprint, preprocess, dim
-    normalize: str  # standardize (folded into each head) | l2 (applied to the inputs of every head)
-    head_type: str  # linear | mlp
-    classes: list[str]  # ordered; the index of a class is its label
-    heads: dict[str, Tensors]
-    records: dict[str, dict]  # per class: seed, positives, negatives, l2, threshold, calibration, val metrics, created
-    examples: list[dict] = field(default_factory=list)  # {key, label, split}: the cached embeddings it learned from
-    calibration: str = "platt"
-    config: dict = field(default_factory=dict)
-    created: str = field(default_factory=now)
 
 
 def head_filename(name: str, data: bytes) -> str:
@@ -86,23 +68,32 @@ def _write_files(model: Model, root: Path, changed: set[str] | None, old: dict |
         fname = head_filename(c, data)
         if not (root / "heads" / fname).exists():
             atomic_write_bytes(root / "heads" / fname, data)
-        heads[c] = {**model.records[c], "file": f"heads/{fname}", "sha256": _sha(data)}
+        heads[c] = {**model.records[c].to_json(), "file": f"heads/{fname}", "sha256": _sha(data)}
     ex = json.dumps(model.examples, ensure_ascii=False).encode()
+    gate = None
+    if model.gate is not None:
+        g = model.gate
+        data = st_save({"weight": g.weight.contiguous().float(), "bias": g.bias.contiguous().float()},
+                       metadata={"ovr-gate": json.dumps(g.classes, ensure_ascii=False)})
+        gate = {"file": _blob(data, root, "gate", ".safetensors"), "sha256": _sha(data), "classes": list(g.classes),
+                "shrinkage": g.shrinkage, "temperature": g.temperature}
     return {
         "schema_version": SCHEMA_VERSION, "ovr_version": __version__, "created": model.created, "updated": now(),
         "backbone": model.backbone, "head_type": model.head_type, "calibration": model.calibration,
         "normalize": model.normalize,
         "examples": {"file": _blob(ex, root, "examples", ".json"), "sha256": _sha(ex), "count": len(model.examples)},
-        "classes": list(model.classes), "heads": heads, "config": model.config,
+        "classes": list(model.classes), "heads": heads, "gate": gate, "config": model.config,
     }
 
 
 def _prune(root: Path, manifest: dict) -> None:
     """Delete files the manifest no longer names (left by a replaced head or an interrupted update)."""
     keep = {h["file"] for h in manifest["heads"].values()} | {manifest["examples"]["file"]}
-    for p in list(root.glob("heads/*")) + list(root.glob("examples-*")):
+    if manifest.get("gate"):
+        keep.add(manifest["gate"]["file"])
+    for p in list(root.glob("heads/*")) + list(root.glob("examples-*")) + list(root.glob("gate-*")):
         rel = p.relative_to(root).as_posix()
-        if rel not in keep:
+        if rel not in keep and not p.is_symlink() and p.parent.resolve() in (root.resolve(), (root / "heads").resolve()):
             p.unlink(missing_ok=True)
 
 
@@ -187,8 +178,19 @@ def read_manifest(root: str | Path) -> dict:
     return m
 
 
-def _read_verified(root: Path, rel: str, sha: str, what: str) -> bytes:
+def _inside(root: Path, rel) -> Path:
+    """A path the manifest names, only if it stays inside the model folder (no absolute paths, no '..', no
+    symlink leading out): a crafted manifest must not make ovr read or write elsewhere."""
+    if not isinstance(rel, str) or not rel or Path(rel).is_absolute() or ".." in Path(rel).parts:
+        raise OvrError(f"{root / MANIFEST} names a file outside the model folder: {rel!r}")
     p = root / rel
+    if not p.resolve().is_relative_to(root.resolve()):
+        raise OvrError(f"{root / MANIFEST}: {rel!r} leads outside the model folder (symlink)")
+    return p
+
+
+def _read_verified(root: Path, rel: str, sha: str, what: str) -> bytes:
+    p = _inside(root, rel)
     if not p.is_file():
         raise OvrError(f"{what} is missing: {p}")
     data = p.read_bytes()
@@ -202,15 +204,48 @@ def load_model(root: str | Path) -> Model:
     root = Path(root)
     m = read_manifest(root)
     heads, records = {}, {}
+    raw = {c: dict(m["heads"][c]) for c in m["classes"]}
+    legacy = _legacy_trained_with(raw)
     for c in m["classes"]:
-        rec = dict(m["heads"][c])
+        rec = raw[c]
         data = _read_verified(root, rec.pop("file"), rec.pop("sha256"), f"head of class {c!r}")
         heads[c] = st_load(data)
-        records[c] = rec
+        records[c] = _record(rec, legacy.get(c))
     e = m["examples"]
     examples = json.loads(_read_verified(root, e["file"], e["sha256"], "training examples index"))
+    gate = None
+    if m.get("gate"):
+        g = m["gate"]
+        t = st_load(_read_verified(root, g["file"], g["sha256"], "gate"))
+        gate = Gate(list(g["classes"]), t["weight"], t["bias"], float(g["shrinkage"]), float(g["temperature"]))
     return Model(m["backbone"], m["normalize"], m["head_type"], list(m["classes"]), heads, records, examples,
-                 m.get("calibration", "platt"), m.get("config", {}), m["created"])
+                 m.get("calibration", "platt"), m.get("config", {}), m["created"], gate)
+
+
+# Heads trained by one `ovr train` call were written microseconds apart; a head added later, seconds or more after.
+SAME_RUN_SECONDS = 5.0
+
+
+def _legacy_trained_with(raw: dict[str, dict]) -> dict[str, list[str]]:
+    """Manifests written before `trained_with` existed: a head saw every class whose head existed when it was
+    trained, i.e. was created no later than it (heads of one training run count as one moment). Said in `ovr info`."""
+    if all("trained_with" in r for r in raw.values()):
+        return {}
+    import datetime as dt
+
+    when = {c: dt.datetime.fromisoformat(r["created"]).timestamp() for c, r in raw.items()}
+    return {c: [k for k in raw if when[k] <= when[c] + SAME_RUN_SECONDS] for c in raw if "trained_with" not in raw[c]}
+
+
+_OLD_KEYS = {"best_epoch": "iterations"}
+
+
+def _record(rec: dict, legacy_trained_with: list[str] | None) -> HeadRecord:
+    rec = {_OLD_KEYS.get(k, k): v for k, v in rec.items()}
+    if legacy_trained_with is not None:
+        rec["trained_with"], rec["trained_with_inferred"] = legacy_trained_with, True
+    rec.setdefault("solver", "adam")
+    return HeadRecord.from_json(rec)
 
 
 def check_backbone(model_spec: dict, spec: dict) -> None:

@@ -1,0 +1,218 @@
+"""THE one-vs-rest model: folded heads, typed per-head records and the gate; fit / add / refresh / remove / answer.
+
+Everything that uses an OvR model goes through this object: `store` serialises it, `pipeline` (and so the CLI)
+feeds it embeddings, `OvRClassifier` wraps it, and both `ovr bench` and `benchmarks/` measure it.
+
+Rows are labelled by their index in `classes`; -1 marks a row that is a negative for every head (extra negatives,
+or an example of a class that has been removed).
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import uuid
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import torch
+
+from . import aggregate
+from .config import TrainConfig
+from .heads import Normalizer, Tensors, fit_ovr_heads, head_inputs, stack_heads, stacked_logits
+
+CONFUSED_RATE = 0.10  # a head that fires on more than this share of a class it never saw is "confused"
+
+
+def now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="microseconds")
+
+
+def new_run_id() -> str:
+    return uuid.uuid4().hex[:12]
+
+
+@dataclass
+class Calibration:
+    kind: str = "none"  # platt | temperature | none: p = sigmoid(a * logit + b)
+    a: float = 1.0
+    b: float = 0.0
+
+
+@dataclass
+class HeadRecord:
+    """What training decided for one head, beside its weights."""
+    seed: int
+    positives: int
+    negatives: int
+    pos_weight: float
+    l2: float
+    threshold: float  # on the raw sigmoid confidence: best F1 on held-out validation rows
+    calibration: Calibration
+    trained_with: list[str]  # the classes with examples in this head's training set (positives or negatives)
+    solver: str = "lbfgs"  # lbfgs (exact, linear) | adam (mlp)
+    iterations: int = 0
+    grad_norm: float | None = None
+    val_loss: float | None = None
+    val: dict[str, float] = field(default_factory=dict)  # precision, recall, f1 at the threshold
+    run: str = ""  # id of the train / add-class / refresh call that made it
+    created: str = field(default_factory=now)
+    trained_with_inferred: bool = False  # from a manifest older than trained_with (see store.py)
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, d: dict) -> "HeadRecord":
+        d = dict(d)
+        d["calibration"] = Calibration(**d.get("calibration") or {})
+        return cls(**d)
+
+
+@dataclass
+class Model:
+    backbone: dict  # Backbone.spec(): name, weights, fingerprint, preprocess, dim
+    normalize: str  # standardize (folded into each head) | l2 (applied to the inputs of every head)
+    head_type: str  # linear | mlp
+    classes: list[str]  # ordered; the index of a class is its label
+    heads: dict[str, Tensors] = field(default_factory=dict)
+    records: dict[str, HeadRecord] = field(default_factory=dict)
+    examples: list[dict] = field(default_factory=list)  # {key, label, split}: the cached embeddings it learned from
+    calibration: str = "platt"
+    config: dict = field(default_factory=dict)
+    created: str = field(default_factory=now)
+    gate: aggregate.Gate | None = None  # only while some head has not seen every class
+
+    # --- reading --------------------------------------------------------------------------------------------
+
+    def logits(self, X: torch.Tensor, classes: list[str] | None = None) -> np.ndarray:
+        classes = classes or self.classes
+        p = stack_heads([self.heads[c] for c in classes], X.device)
+        with torch.no_grad():
+            return stacked_logits(p, head_inputs(self.normalize, X.to(p[next(iter(p))].dtype))).cpu().numpy()
+
+    def unseen(self) -> np.ndarray:
+        """U[h, k]: head h never saw an example of class k (bool [N, N])."""
+        return aggregate.unseen_matrix(self.classes, [self.records[c].trained_with for c in self.classes])
+
+    def grown(self) -> bool:
+        return bool(self.unseen().any())
+
+    def answer(self, X: torch.Tensor, *, calibrated: bool = False, reject_below: float | None = None,
+               thresholds: bool = False) -> "Answer":
+        """Confidences, the class of each row (guarded chain; plain argmax when no head missed a class), and
+        'unknown' (-1) by --reject-below / --thresholds. With a gate, every confidence is multiplied by its
+        head's gate, so a head is not believed on a class it never saw; thresholds and multi-label use those."""
+        z = self.logits(X)
+        N = len(self.classes)
+        a = np.array([self.records[c].calibration.a for c in self.classes])
+        b = np.array([self.records[c].calibration.b for c in self.classes])
+        thr = np.array([self.records[c].threshold for c in self.classes])
+        raw, cal = aggregate.confidences(z), aggregate.confidences(z, a, b)
+        conf = cal if calibrated else raw
+        if calibrated:  # the thresholds were chosen on raw confidences; calibration is monotonic
+            t = np.clip(thr, 1e-12, 1 - 1e-12)
+            thr = aggregate.confidences(np.log(t / (1 - t)), a, b)
+        U = self.unseen()
+        g = np.ones((len(z), N))
+        if U.any() and self.gate is not None and len(z):
+            post = self.gate.posterior(X)
+            order = [self.gate.classes.index(c) for c in self.classes]
+            g = aggregate.gates(post[:, order], U)
+            idx = aggregate.guarded_chain(conf, cal * g, U)
+        else:
+            idx = conf.argmax(1) if len(z) else np.zeros(0, dtype=int)
+        conf = conf * g
+        best = conf[np.arange(len(idx)), idx] if len(idx) else np.zeros(0)
+        if reject_below is not None:
+            idx = np.where(best < reject_below, aggregate.UNKNOWN, idx)
+        if thresholds:
+            idx = np.where((conf >= thr).any(1), idx, aggregate.UNKNOWN)
+        return Answer(idx, conf, thr, z)
+
+    def fire_rates(self, X: torch.Tensor, heads: list[str]) -> dict[str, float]:
+        """Share of the rows of X on which each head passes its own threshold (raw, ungated)."""
+        if not len(X) or not heads:
+            return {}
+        conf = aggregate.confidences(self.logits(X, heads))
+        thr = np.array([self.records[c].threshold for c in heads])
+        return {c: float(r) for c, r in zip(heads, (conf >= thr).mean(0))}
+
+    def confused_heads(self, X: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
+        """Heads that fire on more than CONFUSED_RATE of the rows of classes they never saw. The one rule behind
+        add-class's warning, `refresh` with no class names, `add-class --refresh` and the benchmarks."""
+        out: dict[str, float] = {}
+        y = y.cpu().numpy()
+        for c in self.classes:
+            never = [k for k in self.classes if k not in set(self.records[c].trained_with)]
+            rows = np.isin(y, [self.classes.index(k) for k in never])
+            if rows.any():
+                rate = self.fire_rates(X[torch.from_numpy(rows).to(X.device)], [c])[c]
+                if rate > CONFUSED_RATE:
+                    out[c] = rate
+        return out
+
+    # --- writing --------------------------------------------------------------------------------------------
+
+    def fit_heads(self, names: list[str], X: torch.Tensor, y: torch.Tensor, Xv: torch.Tensor, yv: torch.Tensor,
+                  settings: TrainConfig, *, run: str | None = None, progress=None) -> None:
+        """Train (or retrain) the heads of `names` on rows X (train) and Xv (validation), labels indexing
+        `classes`. Features are standardised with the statistics of all these rows, and that standardisation is
+        folded into the stored heads; calibration and thresholds are fitted on held-out validation logits."""
+        from .metrics import binary_head_metrics  # here: scikit-learn takes 0.6 s to import; predict never needs it
+
+        run = run or new_run_id()
+        targets = np.array([self.classes.index(c) for c in names])
+        has_val = len(Xv) > 0
+        norm = Normalizer.fit(self.normalize, torch.cat([X, Xv]) if has_val else X)
+        T = (y.to(X.device)[:, None] == torch.as_tensor(targets, device=X.device)).float()
+        Tv = (yv.to(X.device)[:, None] == torch.as_tensor(targets, device=X.device)).float() if has_val else None
+        fits = fit_ovr_heads(norm(X), T, norm(Xv) if has_val else None, Tv, names, progress=progress,
+                             **settings.fit_kwargs())
+        seen = set(y[y >= 0].tolist()) | (set(yv[yv >= 0].tolist()) if has_val else set())
+        trained_with = [c for i, c in enumerate(self.classes) if i in seen]
+        if has_val:
+            zv = np.stack([f.val_logits for f in fits], 1)
+            Tn = Tv.cpu().numpy()
+            a, b = aggregate.fit_calibration(zv, Tn, settings.calibration)
+            conf = aggregate.confidences(zv)
+            thr = aggregate.fit_thresholds(conf, Tn)
+            val = binary_head_metrics(conf, Tn, thr)
+        else:
+            a, b, thr, val = np.ones(len(names)), np.zeros(len(names)), np.full(len(names), 0.5), [{}] * len(names)
+        for j, (c, f) in enumerate(zip(names, fits)):
+            self.heads[c] = norm.fold(f.params)
+            self.records[c] = HeadRecord(
+                seed=f.seed, positives=f.positives, negatives=f.negatives, pos_weight=f.pos_weight, l2=f.l2,
+                threshold=float(thr[j]), calibration=Calibration(settings.calibration, float(a[j]), float(b[j])),
+                trained_with=list(trained_with), solver=f.solver, iterations=f.iterations,
+                grad_norm=None if np.isnan(f.grad_norm) else f.grad_norm,
+                val_loss=None if np.isnan(f.val_loss) else f.val_loss, val=val[j], run=run)
+
+    def rebuild_gate(self, X: torch.Tensor, y: torch.Tensor, Xv: torch.Tensor, yv: torch.Tensor) -> None:
+        """The gate from all remembered examples, or none when every head has seen every class."""
+        self.gate = aggregate.fit_gate(X, y, Xv, yv, self.classes) if self.grown() else None
+
+    def remove(self, name: str) -> None:
+        """Drop one head and its class's examples (so no later head learns from them as negatives). The gate
+        loses that class's discriminant: the others' do not depend on it."""
+        self.classes.remove(name)
+        del self.heads[name], self.records[name]
+        self.examples = [e for e in self.examples if e["label"] != name]
+        if self.gate is not None:
+            if not self.grown():
+                self.gate = None
+            elif name in self.gate.classes:
+                keep = [i for i, c in enumerate(self.gate.classes) if c != name]
+                g = self.gate
+                self.gate = aggregate.Gate([g.classes[i] for i in keep], g.weight[keep], g.bias[keep], g.shrinkage,
+                                           g.temperature)
+
+
+@dataclass
+class Answer:
+    index: np.ndarray  # [n] class index, or -1 for unknown
+    confidences: np.ndarray  # [n, N] per head (calibrated if asked), times its gate
+    thresholds: np.ndarray  # [N] in the same space
+    logits: np.ndarray  # [n, N]
+
+    def multilabel(self) -> np.ndarray:
+        return aggregate.multilabel(self.confidences, self.thresholds)
