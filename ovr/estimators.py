@@ -44,7 +44,7 @@ def _encode(classes: np.ndarray, y: np.ndarray, what: str) -> np.ndarray:
     idx = np.clip(idx, 0, len(classes) - 1)
     bad = classes[idx] != y
     if bad.any():
-        raise ValueError(f"{what} has a label that is not in the training labels: {y[bad][0]!r}")
+        raise ValueError(f"{what} has a label that is not in the training labels: {y[bad].tolist()[0]!r}")
     return idx
 
 
@@ -63,22 +63,23 @@ class _Base(ClassifierMixin, BaseEstimator):
             _encode(self.classes_, eval_set[1], "eval_set")
         X, y, Xv, yv = _split(X, y, eval_set, self.val_fraction, self.seed)
         dev = resolve_device(self.device)
-        t = lambda a: torch.as_tensor(np.asarray(a), dtype=torch.float32, device=dev)  # noqa: E731
+        t = lambda a: torch.tensor(np.asarray(a), dtype=torch.float32, device=dev)  # noqa: E731
         lab = lambda a: torch.as_tensor(_encode(self.classes_, np.asarray(a), "y"), dtype=torch.long)  # noqa: E731
         return t(X), lab(y), t(Xv), lab(yv) if len(yv) else torch.zeros(0, dtype=torch.long)
 
     def _X(self, X) -> torch.Tensor:
         check_is_fitted(self)
         X = validate_data(self, X, reset=False, dtype=np.float64)
-        return torch.as_tensor(X, dtype=torch.float32)
+        return torch.tensor(X, dtype=torch.float32)
 
     def decision_function(self, X) -> np.ndarray:
         """Per-class scores [n, K]; for two classes, one column (class 1 minus class 0) as scikit-learn expects."""
         z = self._logits(self._X(X))
-        return z[:, 1] - z[:, 0] if len(self.classes_) == 2 else z
+        return z[:, 1] - z[:, 0] if z.shape[1] == 2 else z
 
     def predict(self, X) -> np.ndarray:
-        return self.classes_[self._logits(self._X(X)).argmax(1)]
+        z = self._logits(self._X(X))
+        return self.classes_[z.argmax(1)]
 
 
 class OvRClassifier(_Base):

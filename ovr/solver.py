@@ -145,7 +145,7 @@ def logistic_lbfgs(X: torch.Tensor, T: torch.Tensor, pos_weight: torch.Tensor, l
             lo = torch.where(d1 < 0, a, lo)
             hi = torch.where(d1 >= 0, a, hi)
             nxt = torch.where(d2 > 0, a - d1 / d2.clamp_min(1e-300), a)
-            inside = (nxt > lo) & (nxt < hi)
+            inside = (nxt >= lo) & (nxt <= hi)  # inclusive: a converged step (nxt == a) stays put
             fallback = torch.where(torch.isfinite(hi), (lo + hi) / 2, 2 * a)
             a = torch.where(inside, nxt, fallback)
         za = z + a * zp

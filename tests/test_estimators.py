@@ -1,0 +1,98 @@
+"""The scikit-learn estimators: scikit-learn's own check suite, the meta-estimators, and the exact solver against
+LogisticRegression on the same problem."""
+import numpy as np
+import pytest
+import torch
+from sklearn.base import clone
+from sklearn.exceptions import NotFittedError
+from sklearn.linear_model import LogisticRegression
+from sklearn.model_selection import GridSearchCV, cross_val_score
+from sklearn.pipeline import make_pipeline
+from sklearn.preprocessing import StandardScaler
+from sklearn.utils.estimator_checks import parametrize_with_checks
+
+from ovr.estimators import OvRClassifier, SoftmaxClassifier
+from ovr.solver import logistic_lbfgs
+
+FAST_SOFTMAX = dict(epochs=20, lr=0.02, device="cpu")
+
+
+@parametrize_with_checks([OvRClassifier(device="cpu"), SoftmaxClassifier(**FAST_SOFTMAX)])
+def test_scikit_learn_checks(estimator, check):
+    # No check is skipped.
+    check(estimator)
+
+
+def blobs(n_classes=4, n=40, d=8, seed=0):
+    g = np.random.default_rng(seed)
+    centers = g.normal(0, 2, (n_classes, d))
+    y = np.repeat(np.arange(n_classes), n)
+    return centers[y] + g.normal(0, 1, (len(y), d)), y
+
+
+def test_meta_estimators_work():
+    X, y = blobs()
+    est = OvRClassifier(device="cpu")
+    assert clone(est).get_params() == est.get_params()
+    scores = cross_val_score(est, X, y, cv=3)
+    assert scores.mean() > 0.9
+    gs = GridSearchCV(est, {"pos_weight": [True, False]}, cv=3).fit(X, y)
+    assert gs.best_score_ > 0.9
+    pipe = make_pipeline(StandardScaler(), OvRClassifier(device="cpu")).fit(X, y)
+    assert (pipe.predict(X) == y).mean() > 0.95
+
+
+def test_predict_before_fit_and_unseen_validation_label():
+    X, y = blobs()
+    with pytest.raises(NotFittedError):
+        OvRClassifier(device="cpu").predict(X)
+    with pytest.raises(ValueError, match="not in the training labels: 7"):
+        OvRClassifier(device="cpu").fit(X, y, eval_set=(X[:5], np.array([0, 1, 7, 2, 3])))
+    with pytest.raises(ValueError, match="expecting 8 features"):
+        OvRClassifier(device="cpu").fit(X, y).predict(X[:, :3])
+    bad = X.copy()
+    bad[0, 0] = np.nan
+    with pytest.raises(ValueError, match="NaN"):
+        OvRClassifier(device="cpu").fit(bad, y)
+
+
+def test_eval_set_picks_the_strength_and_heads_are_refit_on_everything():
+    X, y = blobs(n=80, seed=1)
+    X, y, Xv, yv = X[::2], y[::2], X[1::2], y[1::2]
+    m = OvRClassifier(device="cpu", l2_grid=(1e-3, 1e-1, 10.0)).fit(X, y, eval_set=(Xv, yv))
+    recs = m.model_.records
+    assert all(r.l2 in (1e-3, 1e-1, 10.0) and r.l2 < 10 for r in recs.values())
+    assert all(r.positives == 80 for r in recs.values())  # 40 train + 40 validation rows per class
+    assert all(r.grad_norm <= m.tol for r in recs.values())
+
+
+@pytest.mark.parametrize("l2", [1e-4, 1e-2, 1.0])
+def test_exact_solver_matches_scikit_learn(l2):
+    """Same standardised features, pos-weights as sample_weight, C = 1 / (l2 * n): same weights and predictions."""
+    X, y = blobs(5, 60, 20, seed=3)
+    X = StandardScaler().fit_transform(X)
+    n, K = len(y), 5
+    T = (y[:, None] == np.arange(K)).astype(float)
+    pw = (n - T.sum(0)) / T.sum(0)
+    sol = logistic_lbfgs(torch.tensor(X), torch.tensor(T), torch.tensor(pw), torch.full((K,), l2), tol=1e-10,
+                         max_iter=5000)
+    assert (sol.grad_norm <= 1e-10).all()
+    for c in range(K):
+        sk = LogisticRegression(C=1 / (l2 * n), tol=1e-10, max_iter=10000).fit(
+            X, T[:, c], sample_weight=np.where(T[:, c] > 0, pw[c], 1.0))
+        w = sol.weight[c].numpy()
+        assert np.abs(w - sk.coef_[0]).max() <= 1e-4 * np.abs(sk.coef_[0]).max()
+        assert sol.bias[c].item() == pytest.approx(sk.intercept_[0], abs=1e-4 * max(1, abs(sk.intercept_[0])))
+        z = X @ w + sol.bias[c].item()
+        assert np.array_equal(z > 0, sk.decision_function(X) > 0)
+
+
+def test_converged_columns_stop_changing_while_others_go_on():
+    X, y = blobs(3, 50, 10, seed=4)
+    T = torch.tensor((y[:, None] == np.arange(3)).astype(float)).repeat(1, 2)
+    l2 = torch.tensor([10.0, 10.0, 10.0, 1e-4, 1e-4, 1e-4])  # strong L2 converges in a few steps, weak in many
+    sol = logistic_lbfgs(torch.tensor(X), T, torch.ones(6), l2, tol=1e-9)
+    assert sol.iterations[:3].max() < sol.iterations[3:].min()
+    alone = logistic_lbfgs(torch.tensor(X), T[:, :1], torch.ones(1), l2[:1], tol=1e-9)
+    assert alone.iterations[0] == sol.iterations[0]
+    assert torch.allclose(alone.weight[0], sol.weight[0], atol=1e-10)
