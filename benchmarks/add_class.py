@@ -1,144 +1,197 @@
-"""Cost and accuracy of growing a model one class at a time, in one run:
-(1) scaling: time to add one class (one new head) vs a full retrain of all N heads, N = 10, 100, 1000,
-    on synthetic embeddings (20 images per class, 512 dims);
-(2) accuracy on real EfficientNet-Lite0 embeddings of scikit-learn's digits: train on N-1 classes then
-    `add-class` the last, vs train on all N; then `refresh` of the heads the new class confuses. Each of the
-    10 digits takes a turn as the added class. Also the end-to-end `add_class` call on a saved model.
+"""Growing a model one class at a time, through the same `Model` that `ovr add-class` uses, in one run:
 
-    python benchmarks/add_class.py [--sizes 10 100 1000] [--device cpu|cuda|auto]
+(1) leave-one-class-out: for each class, train on the others, add it (one head), evaluate on all classes; the gap
+    to joint training, for three answers side by side: plain argmax, the guarded chain (what ovr answers), and
+    `refresh` of the confused old heads (which retrains them). Old-class accuracy and new-class recall separately.
+(2) sequential growth: start with 2 classes and add the rest one at a time, 3 class orders; the gap to a joint
+    model of the same classes at every step.
+(3) scaling: time to add one head vs training all N heads, N = 10, 100, 1000 (synthetic, one L2 strength).
+Datasets: digits and photos (benchmarks/datasets.py), EfficientNet-Lite0 embeddings.
+
+    python benchmarks/add_class.py [--device cpu|cuda] [--sizes 10 100 1000] [--datasets digits photos]
 """
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
-import shutil
-import tempfile
+import platform
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from ovr.heads import Normalizer, fit_ovr_heads, stack_heads, stacked_logits
+import datasets
+from ovr.config import TrainConfig
+from ovr.model import Model
 from ovr.runtime import resolve_device
 
-# Scaling runs use one L2 value and at most 20 epochs so N = 1000 (1000 columns x 20,000 rows) fits the budget.
-SCALE_KW = dict(l2_grid=(1e-2,), epochs=20, batch_size=512, patience=5, lr=3e-3)
+SETTINGS = TrainConfig()
 
 
-def scaling(sizes: list[int], per_class: int = 20, dim: int = 512, device: str = "cpu") -> list[dict]:
-    dev = resolve_device(device)
-    out = []
-    for N in sizes:
-        g = torch.Generator().manual_seed(N)
-        centers = torch.randn(N, dim, generator=g) * 0.5
-        y = torch.arange(N).repeat_interleave(per_class)
-        X = centers[y] + torch.randn(len(y), dim, generator=g)
-        yv = torch.arange(N).repeat_interleave(4)
-        Xv = centers[yv] + torch.randn(len(yv), dim, generator=g)
-        norm = Normalizer.fit("standardize", X)
-        X, Xv = norm(X).to(dev), norm(Xv).to(dev)
-        names = [f"c{k}" for k in range(N)]
-        fit_ovr_heads(X, y, Xv, yv, [0], names[:1], **{**SCALE_KW, "epochs": 1})  # warm-up
-        t0 = time.perf_counter()
-        fit_ovr_heads(X, y, Xv, yv, list(range(N)), names, **SCALE_KW)
-        full = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        fit_ovr_heads(X, y, Xv, yv, [N - 1], [names[-1]], **SCALE_KW)
-        add = time.perf_counter() - t0
-        r = {"classes": N, "rows": len(y), "full_retrain_s": full, "add_one_s": add, "speedup": full / add,
-             "target_speedup": N / 2, "reached": full / add >= N / 2}
-        print(f"N={N:5d}: full retrain {full:8.2f} s, add one head {add:6.3f} s -> {full / add:7.1f}x "
-              f"(target >= N/2 = {N / 2:.0f}x: {'reached' if r['reached'] else 'NOT reached'})")
-        out.append(r)
+def fit(names: list[str], X, y, Xv, yv, classes: list[str]) -> Model:
+    """A model of `classes` (labels index them) trained jointly on the rows of those classes."""
+    m = Model({"dim": X.shape[1]}, "standardize", "linear", list(classes))
+    m.fit_heads(list(names), X, y, Xv, yv, SETTINGS)
+    return m
+
+
+def subset(X, y, keep: list[int]):
+    """Rows of the classes in `keep` (original labels), relabelled to their position in `keep`."""
+    pos = torch.full((int(y.max()) + 1,), -1, dtype=torch.long)
+    pos[torch.tensor(keep)] = torch.arange(len(keep))
+    rows = pos[y] >= 0
+    return X[rows.to(X.device)], pos[y][rows]
+
+
+def add(m: Model, name: str, X, y, Xv, yv) -> tuple[Model, float]:
+    """`ovr add-class` on the in-memory model: one new head on all the rows, then the gate. Returns its seconds."""
+    m = copy.deepcopy(m)
+    m.classes.append(name)
+    t0 = time.perf_counter()
+    m.fit_heads([name], X, y, Xv, yv, SETTINGS)
+    seconds = time.perf_counter() - t0
+    m.rebuild_gate(X, y, Xv, yv)
+    return m, seconds
+
+
+def answers(m: Model, X, y, Xv, yv, Xt) -> dict[str, np.ndarray]:
+    out = {"argmax": m.answer(Xt).logits.argmax(1), "guarded": m.answer(Xt).index}
+    r = copy.deepcopy(m)
+    confused = sorted(r.confused_heads(torch.cat([X, Xv]), torch.cat([y, yv])))
+    if confused:
+        r.fit_heads(confused, X, y, Xv, yv, SETTINGS)
+        r.rebuild_gate(X, y, Xv, yv)
+    out["refresh"] = r.answer(Xt).index
     return out
 
 
-def real_accuracy(cache_dir: str, device: str = "cpu") -> dict:
-    from ovr.config import load_config
-    from ovr.data import write_digits_folder
-    from ovr.pipeline import embed_data
+def stat(v) -> dict:
+    v = np.asarray(v, dtype=float)
+    return {"mean": float(v.mean()), "std": float(v.std()), "min": float(v.min()), "max": float(v.max())}
 
-    root = Path(cache_dir) / "digits-images"
-    write_digits_folder(root)
-    cfg = load_config(None, {"cache_dir": cache_dir, "device": device})
-    emb = embed_data(root, cfg)
-    X, y, _ = emb.split("train")
-    Xv, yv, _ = emb.split("val")
-    Xt, yt, _ = emb.split("test")
-    K = len(emb.folder.classes)
-    names = emb.folder.classes
-    t = cfg.train
-    kw = dict(epochs=t.epochs, lr=t.lr, batch_size=t.head_batch_size, patience=t.patience, l2_grid=t.l2_grid,
-              pos_weight=t.pos_weight, seed=t.seed)
 
-    def fit(Xtr, ytr, Xva, yva, targets) -> dict:
-        """As ovr trains heads: standardise with the statistics of these data, fold that into the heads."""
-        norm = Normalizer.fit("standardize", Xtr)
-        heads, _ = fit_ovr_heads(norm(Xtr), ytr, norm(Xva), yva, targets, [names[k] for k in targets], **kw)
-        return dict(zip(targets, (norm.fold(h) for h in heads)))
-
-    def acc(heads_by_class):
-        z = stacked_logits(stack_heads([heads_by_class[k] for k in range(K)], Xt.device), Xt)
-        return float((z.argmax(1).cpu() == yt).float().mean())
-
-    acc_full = acc(fit(X, y, Xv, yv, list(range(K))))
+def leave_one_out(arrays, classes, dev) -> dict:
+    X, y, Xv, yv, Xt, yt = (torch.as_tensor(a, device=dev) if i % 2 == 0 else torch.as_tensor(a)
+                            for i, a in enumerate(arrays))
+    yt = yt.numpy()
+    K = len(classes)
+    joint = fit(classes, X, y, Xv, yv, classes)
+    acc_joint = float((joint.answer(Xt).index == yt).mean())
     rows = []
-    for new in range(K):
-        old = [k for k in range(K) if k != new]
-        m, mv = y != new, yv != new
-        heads = fit(X[m], y[m], Xv[mv], yv[mv], old)
-        heads.update(fit(X, y, Xv, yv, [new]))  # add-class: all the data the model remembers, the new class too
-        a_add = acc(heads)
-        # refresh: old heads that fire on >10% of the new class's val images get retrained with it as a negative
-        zv = stacked_logits(stack_heads([heads[k] for k in old], Xv.device), Xv[yv == new])
-        confused = [k for k, rate in zip(old, (torch.sigmoid(zv) > 0.5).float().mean(0).tolist()) if rate > 0.10]
-        if confused:
-            heads.update(fit(X, y, Xv, yv, confused))
-        a_ref = acc(heads)
-        rows.append({"added": names[new], "acc_add": a_add, "confused": [names[k] for k in confused], "acc_refresh": a_ref})
-        print(f"  add {names[new]}: acc {a_add:.4f} ({100 * (a_add - acc_full):+.2f} pts), refresh of "
-              f"{len(confused)} heads -> {a_ref:.4f} ({100 * (a_ref - acc_full):+.2f} pts)")
-    mean_add = float(np.mean([r["acc_add"] for r in rows]))
-    mean_ref = float(np.mean([r["acc_refresh"] for r in rows]))
-    print(f"digits: train-on-N {acc_full:.4f}; train-on-N-1-then-add {mean_add:.4f} ({100 * (mean_add - acc_full):+.2f} "
-          f"pts, target within 1); after refresh {mean_ref:.4f} ({100 * (mean_ref - acc_full):+.2f} pts)")
-    return {"train_on_n": acc_full, "add_mean": mean_add, "refresh_mean": mean_ref, "per_class": rows,
-            "add_within_1_point": abs(mean_add - acc_full) <= 0.01}
+    for k in range(K):
+        order = [c for c in range(K) if c != k] + [k]  # the added class comes last, as after add-class
+        names = [classes[c] for c in order]
+        Xo, yo = subset(X, y, order[:-1])
+        Xvo, yvo = subset(Xv, yv, order[:-1])
+        base = fit(names[:-1], Xo, yo, Xvo, yvo, names[:-1])
+        Xa, ya = subset(X, y, order)
+        Xva, yva = subset(Xv, yv, order)
+        grown, secs = add(base, names[-1], Xa, ya, Xva, yva)
+        yt_o = np.argsort(order)[yt]  # test labels in the grown model's class order
+        res = {"added": classes[k], "add_seconds": secs}
+        for rule, pred in answers(grown, Xa, ya, Xva, yva, Xt).items():
+            new = yt_o == K - 1
+            res[rule] = {"accuracy": float((pred == yt_o).mean()), "old_accuracy": float((pred[~new] == yt_o[~new]).mean()),
+                         "new_recall": float((pred[new] == K - 1).mean())}
+        rows.append(res)
+        print(f"  add {classes[k]:>22}: " + ", ".join(f"{r} {100 * (res[r]['accuracy'] - acc_joint):+.2f}"
+                                                      for r in ("argmax", "guarded", "refresh")) + " pts", flush=True)
+    summary = {r: {"gap_points": stat([100 * (x[r]["accuracy"] - acc_joint) for x in rows]),
+                   "new_recall": stat([x[r]["new_recall"] for x in rows]),
+                   "old_accuracy": stat([x[r]["old_accuracy"] for x in rows])} for r in ("argmax", "guarded", "refresh")}
+    return {"joint_accuracy": acc_joint, "summary": summary, "per_class": rows,
+            "add_seconds": stat([x["add_seconds"] for x in rows])}
 
 
-def end_to_end(cache_dir: str, device: str = "cpu") -> dict:
-    """The library call behind `ovr add-class` on a saved 9-class model: lock, load, embed (cached), train, save."""
-    from ovr.config import load_config
-    from ovr.pipeline import add_class, model_config, train_model
+def sequential(arrays, classes, dev, orders: int = 3) -> dict:
+    X, y, Xv, yv, Xt, yt = (torch.as_tensor(a, device=dev) if i % 2 == 0 else torch.as_tensor(a)
+                            for i, a in enumerate(arrays))
+    K = len(classes)
+    runs = []
+    for seed in range(orders):
+        order = np.random.default_rng(seed).permutation(K).tolist()
+        names = [classes[c] for c in order]
+        m = fit(names[:2], *subset(X, y, order[:2]), *subset(Xv, yv, order[:2]), names[:2])
+        steps = []
+        for n in range(3, K + 1):
+            Xa, ya = subset(X, y, order[:n])
+            Xva, yva = subset(Xv, yv, order[:n])
+            m, _ = add(m, names[n - 1], Xa, ya, Xva, yva)
+            Xta, yta = subset(Xt, torch.as_tensor(yt), order[:n])
+            yta = yta.numpy()
+            joint = fit(names[:n], Xa, ya, Xva, yva, names[:n])
+            a = m.answer(Xta)
+            steps.append({"classes": n, "joint": float((joint.answer(Xta).index == yta).mean()),
+                          "argmax": float((a.logits.argmax(1) == yta).mean()),
+                          "guarded": float((a.index == yta).mean())})
+        last = steps[-1]
+        print(f"  order {seed}: final joint {last['joint']:.4f}, argmax {100 * (last['argmax'] - last['joint']):+.2f}, "
+              f"guarded {100 * (last['guarded'] - last['joint']):+.2f} pts; worst guarded step "
+              f"{min(100 * (s['guarded'] - s['joint']) for s in steps):+.2f}", flush=True)
+        runs.append({"order": names, "steps": steps})
+    final = {r: stat([100 * (run["steps"][-1][r] - run["steps"][-1]["joint"]) for run in runs]) for r in ("argmax", "guarded")}
+    return {"runs": runs, "final_gap_points": final}
 
-    tmp = Path(tempfile.mkdtemp())
-    src = Path(cache_dir) / "digits-images"
-    nine = tmp / "nine"
-    shutil.copytree(src, nine, ignore=lambda d, n: ["digit_9"] if Path(d) == src else [])
-    cfg = load_config(None, {"cache_dir": cache_dir, "device": device})
-    t0 = time.perf_counter()
-    train_model(nine, tmp / "model", cfg)
-    t_train = time.perf_counter() - t0
-    r = add_class(tmp / "model", "digit_9", [str(src / "digit_9")], model_config(tmp / "model", cache_dir=cache_dir, device=device))
-    print(f"end to end: train 9 classes {t_train:.2f} s (embeddings cached); add-class digit_9 {r.seconds:.2f} s "
-          f"of which head training {r.train_seconds:.2f} s")
-    return {"train_9_s": t_train, "add_class_s": r.seconds, "add_class_head_training_s": r.train_seconds}
+
+def scaling(sizes: list[int], dev, per_class: int = 20, dim: int = 512) -> list[dict]:
+    global SETTINGS
+    saved, SETTINGS = SETTINGS, TrainConfig(l2_grid=(1e-2,))
+    out = []
+    try:
+        for N in sizes:
+            g = torch.Generator().manual_seed(N)
+            centers = torch.randn(N, dim, generator=g) * 0.5
+            y = torch.arange(N).repeat_interleave(per_class)
+            X = (centers[y] + torch.randn(len(y), dim, generator=g)).to(dev)
+            yv = torch.arange(N).repeat_interleave(4)
+            Xv = (centers[yv] + torch.randn(len(yv), dim, generator=g)).to(dev)
+            names = [f"c{k}" for k in range(N)]
+            t0 = time.perf_counter()
+            fit(names, X, y, Xv, yv, names)
+            full = time.perf_counter() - t0
+            base = Model({"dim": dim}, "standardize", "linear", names[:-1])
+            t0 = time.perf_counter()
+            base.classes.append(names[-1])
+            base.fit_heads([names[-1]], X, y, Xv, yv, SETTINGS)
+            one = time.perf_counter() - t0
+            r = {"classes": N, "rows": len(y), "full_s": full, "add_one_s": one, "speedup": full / one,
+                 "target_speedup": N / 2}
+            print(f"  N={N:5d}: all heads {full:7.2f} s, one head {one:6.3f} s -> {full / one:6.1f}x (target N/2)",
+                  flush=True)
+            out.append(r)
+    finally:
+        SETTINGS = saved
+    return out
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", default="cpu")
     ap.add_argument("--sizes", type=int, nargs="+", default=[10, 100, 1000])
-    ap.add_argument("--device", default="cpu", help="cpu | cuda | auto")
+    ap.add_argument("--datasets", nargs="+", default=["digits", "photos"])
+    ap.add_argument("--orders", type=int, default=3)
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "add_class.json"))
     a = ap.parse_args()
-    cache = os.environ.get("OVR_CACHE_DIR") or tempfile.mkdtemp()
-    res = {"cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "device": a.device,
-           "scaling_config": SCALE_KW, "scaling": scaling(a.sizes, device=a.device),
-           "digits": real_accuracy(cache, a.device), "end_to_end": end_to_end(cache, a.device)}
-    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(a.out).write_text(json.dumps(res, indent=2, default=list))
+    dev = resolve_device(a.device)
+    res = {"cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "machine": platform.machine(),
+           "device": str(dev) if dev.type == "cpu" else torch.cuda.get_device_name(0), "datasets": {}}
+    for d in a.datasets:
+        arrays, classes = getattr(datasets, d)(a.device)
+        print(f"[{d}] leave one class out", flush=True)
+        loo = leave_one_out(arrays, list(classes), dev)
+        s = loo["summary"]
+        print(f"[{d}] joint {loo['joint_accuracy']:.4f}; mean gap: " + ", ".join(
+            f"{r} {s[r]['gap_points']['mean']:+.2f} (+-{s[r]['gap_points']['std']:.2f})" for r in s) + " points", flush=True)
+        print(f"[{d}] sequential growth", flush=True)
+        res["datasets"][d] = {"leave_one_out": loo, "sequential": sequential(arrays, list(classes), dev, a.orders)}
+        Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(a.out).write_text(json.dumps(res, indent=2))
+    print("[scaling] add one head vs train all N", flush=True)
+    res["scaling"] = scaling(a.sizes, dev)
+    Path(a.out).write_text(json.dumps(res, indent=2))
     print(f"-> {a.out}")
 
 

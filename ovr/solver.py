@@ -137,7 +137,7 @@ def logistic_lbfgs(X: torch.Tensor, T: torch.Tensor, pos_weight: torch.Tensor, l
         wp, pp = _dot(w, pw_), _dot(pw_, pw_)
         a = torch.ones_like(f)
         lo, hi = torch.zeros_like(f), torch.full_like(f, float("inf"))
-        for _ in range(8):
+        for _ in range(10):
             za = z + a * zp
             s = torch.sigmoid(za)
             d1 = (Sw * (s - Tw) * zp).sum(0) + lw * (wp + a * pp)
@@ -147,7 +147,11 @@ def logistic_lbfgs(X: torch.Tensor, T: torch.Tensor, pos_weight: torch.Tensor, l
             nxt = torch.where(d2 > 0, a - d1 / d2.clamp_min(1e-300), a)
             inside = (nxt >= lo) & (nxt <= hi)  # inclusive: a converged step (nxt == a) stays put
             fallback = torch.where(torch.isfinite(hi), (lo + hi) / 2, 2 * a)
-            a = torch.where(inside, nxt, fallback)
+            nxt = torch.where(inside, nxt, fallback)
+            settled = bool(((nxt - a).abs() <= 1e-9 * a.abs().clamp_min(1)).all())  # per column; stop when all are
+            a = nxt
+            if settled:
+                break
         za = z + a * zp
         fa = _data_terms(za, Tw, Sw)[0].sum(0) + 0.5 * lw * _dot(w + a[:, None] * pw_, w + a[:, None] * pw_)
         worse = fa > f + 1e-4 * a * gp  # Armijo fails (rare): take the last point known to descend

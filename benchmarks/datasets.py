@@ -1,0 +1,77 @@
+"""The benchmarks' data, all offline: synthetic features, and two real image sets embedded by the default backbone
+(EfficientNet-Lite0) through ovr's cache: scikit-learn's digits, and "photos": 16 classes of crops of the real
+photographs that ship with scikit-image and scikit-learn (each class is one photograph; crops of random size and
+place, grey, flipped and with brightness jitter, so the classes must be told apart by texture and content).
+Each loader returns (X, y, Xv, yv, Xt, yt) as float32 numpy arrays and int labels."""
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+PHOTOS = ("astronaut", "brick", "camera", "chelsea", "coffee", "coins", "grass", "gravel", "hubble_deep_field",
+          "immunohistochemistry", "moon", "retina", "rocket", "cell", "china.jpg", "flower.jpg")
+
+
+def cache_dir() -> str:
+    return os.environ.get("OVR_CACHE_DIR") or str(Path(tempfile.gettempdir()) / "ovr-bench-cache")
+
+
+def synthetic(seed: int = 0):
+    from sklearn.datasets import make_classification
+
+    X, y = make_classification(n_samples=24000, n_features=512, n_informative=128, n_redundant=0, n_classes=100,
+                               n_clusters_per_class=1, class_sep=2.5, random_state=seed)
+    X = X.astype(np.float32)
+    return X[:20000], y[:20000], X[20000:22000], y[20000:22000], X[22000:], y[22000:]
+
+
+def write_photos_folder(root: Path, per_class: int = 60, size: int = 96) -> Path:
+    from PIL import Image, ImageEnhance, ImageOps
+    from skimage import data as skd
+    from sklearn.datasets import load_sample_images
+
+    if (root / ".complete").exists():
+        return root
+    sample = dict(zip(("china.jpg", "flower.jpg"), load_sample_images().images))
+    for ci, name in enumerate(PHOTOS):
+        arr = sample[name] if name in sample else getattr(skd, name)()
+        img = Image.fromarray(np.asarray(arr)[..., :3] if np.asarray(arr).ndim == 3 else np.asarray(arr)).convert("L")
+        rng = np.random.default_rng(ci)
+        W, H = img.size
+        out = root / name.split(".")[0]
+        out.mkdir(parents=True, exist_ok=True)
+        for i in range(per_class):
+            s = int(min(W, H) * rng.uniform(0.15, 0.45))
+            x, y = rng.integers(0, W - s + 1), rng.integers(0, H - s + 1)
+            crop = img.crop((x, y, x + s, y + s)).resize((size, size), Image.BILINEAR)
+            if rng.random() < 0.5:
+                crop = ImageOps.mirror(crop)
+            crop = ImageEnhance.Brightness(crop).enhance(rng.uniform(0.7, 1.3))
+            crop.convert("RGB").save(out / f"{i:03d}.png")
+    (root / ".complete").touch()
+    return root
+
+
+def _embedded(root: Path, device: str):
+    from ovr.config import load_config
+    from ovr.pipeline import embed_data
+
+    cfg = load_config(None, {"cache_dir": cache_dir(), "device": device})
+    emb = embed_data(root, cfg)
+    return tuple(v for s in ("train", "val", "test") for v in
+                 (lambda X, y, _: (X.cpu().numpy().astype(np.float32), y.numpy()))(*emb.split(s))), emb.folder.classes
+
+
+def digits(device: str = "cpu"):
+    from ovr.data import write_digits_folder
+
+    root = Path(cache_dir()) / "digits-images"
+    write_digits_folder(root)
+    return _embedded(root, device)
+
+
+def photos(device: str = "cpu"):
+    return _embedded(write_photos_folder(Path(cache_dir()) / "photos-images"), device)
