@@ -1,7 +1,8 @@
 """The benchmarks' data, all offline: synthetic features, and two real image sets embedded by the default backbone
 (EfficientNet-Lite0) through ovr's cache: scikit-learn's digits, and "photos": 16 classes of crops of the real
-photographs that ship with scikit-image and scikit-learn (each class is one photograph; crops of random size and
-place, grey, flipped and with brightness jitter, so the classes must be told apart by texture and content).
+photographs that ship with scikit-image and scikit-learn (each class is one photograph; small grey 64x64 crops of
+random size and place, flipped, with brightness/contrast jitter and noise, so the classes must be told apart by
+texture and content; joint OvR accuracy is about 0.8, not 1.0).
 Each loader returns (X, y, Xv, yv, Xt, yt) as float32 numpy arrays and int labels."""
 from __future__ import annotations
 
@@ -28,7 +29,7 @@ def synthetic(seed: int = 0):
     return X[:20000], y[:20000], X[20000:22000], y[20000:22000], X[22000:], y[22000:]
 
 
-def write_photos_folder(root: Path, per_class: int = 60, size: int = 96) -> Path:
+def write_photos_folder(root: Path, per_class: int = 60, size: int = 64) -> Path:
     from PIL import Image, ImageEnhance, ImageOps
     from skimage import data as skd
     from sklearn.datasets import load_sample_images
@@ -44,13 +45,15 @@ def write_photos_folder(root: Path, per_class: int = 60, size: int = 96) -> Path
         out = root / name.split(".")[0]
         out.mkdir(parents=True, exist_ok=True)
         for i in range(per_class):
-            s = int(min(W, H) * rng.uniform(0.15, 0.45))
+            s = int(min(W, H) * rng.uniform(0.1, 0.3))
             x, y = rng.integers(0, W - s + 1), rng.integers(0, H - s + 1)
             crop = img.crop((x, y, x + s, y + s)).resize((size, size), Image.BILINEAR)
             if rng.random() < 0.5:
                 crop = ImageOps.mirror(crop)
-            crop = ImageEnhance.Brightness(crop).enhance(rng.uniform(0.7, 1.3))
-            crop.convert("RGB").save(out / f"{i:03d}.png")
+            crop = ImageEnhance.Brightness(crop).enhance(rng.uniform(0.6, 1.4))
+            crop = ImageEnhance.Contrast(crop).enhance(rng.uniform(0.5, 1.5))
+            noisy = np.asarray(crop, dtype=np.float64) + rng.normal(0, 12, (size, size))
+            Image.fromarray(noisy.clip(0, 255).astype(np.uint8)).convert("RGB").save(out / f"{i:03d}.png")
     (root / ".complete").touch()
     return root
 
@@ -74,4 +77,4 @@ def digits(device: str = "cpu"):
 
 
 def photos(device: str = "cpu"):
-    return _embedded(write_photos_folder(Path(cache_dir()) / "photos-images"), device)
+    return _embedded(write_photos_folder(Path(cache_dir()) / "photos3-images"), device)

@@ -33,6 +33,21 @@ CacheOpt = Annotated[Optional[str], typer.Option("--cache-dir", help="Embedding 
 StrictOpt = Annotated[Optional[bool], typer.Option("--strict/--no-strict", help="Treat an unreadable image as an error instead of skipping it.")]
 
 
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON on stdout instead of tables.")]
+JsonOutOpt = Annotated[Optional[Path], typer.Option("--json-out", help="Also write the JSON to this file.")]
+
+
+def _json(obj, as_json: bool, json_out: Path | None) -> bool:
+    """The one JSON convention: --json prints it to stdout (and nothing else), --json-out FILE writes it."""
+    text = json.dumps(obj, indent=2, ensure_ascii=False)
+    if json_out:
+        from .features import atomic_write_bytes
+        atomic_write_bytes(json_out, text.encode())
+    if as_json:
+        print(text)
+    return as_json
+
+
 def main() -> None:
     try:
         app()
@@ -110,7 +125,7 @@ def embed(
     data: Annotated[Path, typer.Argument(help="Image folder: DATA/<class>/* or DATA/train|val|test/<class>/*.")],
     backbone: BackboneOpt = None, weights: WeightsOpt = None, device: DeviceOpt = None, batch_size: BatchOpt = None,
     workers: WorkersOpt = None, cache_dir: CacheOpt = None, strict: StrictOpt = None, config: ConfigOpt = None,
-    json_out: Annotated[Optional[Path], typer.Option("--json", help="Also write the summary as JSON here.")] = None,
+    as_json: JsonOpt = False, json_out: JsonOutOpt = None,
 ) -> None:
     """Embed every image of DATA into the cache (a second run over the same images embeds nothing)."""
     with user_errors():
@@ -122,10 +137,10 @@ def embed(
             emb = embed_data(data, cfg, progress=cb)
         _warn_skipped(emb.result.skipped)
         from .report import embed_line, embed_summary, embed_table
+        if _json(embed_summary(emb), as_json, json_out):
+            return
         console.print(embed_table(emb))
         console.print(embed_line(emb), highlight=False)
-        if json_out:
-            json_out.write_text(json.dumps(embed_summary(emb), indent=2))
 
 
 def _train_table(model, title: str, names=None) -> Table:
@@ -218,11 +233,11 @@ def predict(
 def evaluate(
     model: Annotated[Path, typer.Argument(help="Model folder.")],
     data: Annotated[Path, typer.Argument(help="Image folder, split as at training time.")],
-    split: Annotated[str, typer.Option(help="train | val | test.")] = "test",
+    split: Annotated[str, typer.Option(help="train | val | test | all (every image of DATA).")] = "test",
     reject_below: Annotated[Optional[float], typer.Option("--reject-below")] = None,
     thresholds: Annotated[bool, typer.Option("--thresholds", help="Unknown when no head passes its threshold.")] = False,
     calibrated: Annotated[bool, typer.Option("--calibrated", help="Use the stored per-head calibration.")] = False,
-    json_out: Annotated[Optional[Path], typer.Option("--json", help="Write every metric as JSON here.")] = None,
+    as_json: JsonOpt = False, json_out: JsonOutOpt = None,
     device: DeviceOpt = None, cache_dir: CacheOpt = None,
 ) -> None:
     """Accuracy, macro-F1, balanced accuracy, per-class metrics, confusion matrix and ECE on one split."""
@@ -232,10 +247,10 @@ def evaluate(
 
         with progress_bar() as cb:
             m = evaluate_model(model, data, split, device, cache_dir, reject_below, thresholds, calibrated, cb)
+        if _json(m, as_json, json_out):
+            return
         for t in metrics_tables(m):
             console.print(t)
-        if json_out:
-            json_out.write_text(json.dumps(m, indent=2))
 
 
 def _grow_config(model: Path, config, **flags):
@@ -271,6 +286,9 @@ def add_class_cmd(
         with progress_bar() as cb:
             r = add_class(model, name, images, cfg, replace=replace, negatives=negatives, progress=cb)
         _warn_skipped(r.skipped)
+        for other, n in r.remembered_as.items():
+            err.print(f"[yellow]warning:[/] {n} of these images are already examples of {escape(other)}; "
+                      f"both classes now claim them (remove-class {escape(other)} if it was a mistake)", highlight=False)
         console.print(f"added [bold]{escape(name)}[/] from {r.images} images in {r.seconds:.1f} s "
                       f"(head training {r.train_seconds:.2f} s)", highlight=False)
         console.print(_train_table(load_model(model), f"new head in {model}", [name]))
@@ -334,6 +352,9 @@ def info(
         console.print(f"[bold]{escape(str(model))}[/]: {len(m['classes'])} {m['head_type']} heads on [bold]{b['name']}[/] "
                       f"(weights {b['weights']}, dim {b['dim']}, fingerprint {b['fingerprint'][:12]}), "
                       f"{m['examples']['count']} remembered examples, ovr {m['ovr_version']}", highlight=False)
+        if any(h.get("trained_with") is None for h in m["heads"].values()):
+            console.print("this model was written before ovr recorded which classes each head saw: they are inferred "
+                          "from when each head was created (heads of one training run saw each other)", highlight=False)
         t = Table(title="heads")
         for col in ["class", "positives", "negatives", "val F1", "threshold", "created", "sha256"]:
             t.add_column(col, justify="right" if col in ("positives", "negatives", "val F1", "threshold") else "left")

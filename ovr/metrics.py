@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import numpy as np
-from sklearn.metrics import (accuracy_score, balanced_accuracy_score, confusion_matrix, f1_score, log_loss,
+from sklearn.metrics import (accuracy_score, confusion_matrix, f1_score, log_loss,
                              precision_recall_fscore_support, top_k_accuracy_score)
 
 
@@ -34,15 +34,19 @@ def reliability(proba: np.ndarray, y: np.ndarray, bins: int = 10) -> dict[str, l
 
 
 def classification_metrics(y: np.ndarray, pred: np.ndarray, proba: np.ndarray | None, classes: list[str],
-                           top: int = 3) -> dict:
-    """y, pred: label indices (pred may hold -1 for 'unknown'); proba: [n, K] rows summing to 1, or None."""
-    labels = list(range(len(classes)))
-    p, r, f, s = precision_recall_fscore_support(y, pred, labels=labels, zero_division=0)
+                           top: int = 3, labels: list[int] | None = None) -> dict:
+    """y, pred: label indices (pred may hold -1 for 'unknown'); proba: [n, K] rows summing to 1, or None.
+    `labels`: the classes macro averages run over (default all; evaluate passes those present in the data)."""
+    all_labels = list(range(len(classes)))
+    present = all_labels if labels is None else list(labels)
+    p, r, f, s = precision_recall_fscore_support(y, pred, labels=all_labels, zero_division=0)
+    labels = all_labels
     out = {
         "n": int(len(y)),
         "accuracy": float(accuracy_score(y, pred)),
-        "macro_f1": float(f1_score(y, pred, labels=labels, average="macro", zero_division=0)),
-        "balanced_accuracy": float(balanced_accuracy_score(y, np.where(pred < 0, -1, pred))) if len(y) else 0.0,
+        "macro_f1": float(f1_score(y, pred, labels=present, average="macro", zero_division=0)),
+        "balanced_accuracy": float(np.mean([(pred[y == c] == c).mean() for c in present if (y == c).any()]))
+        if len(y) else 0.0,
         "unknown_rate": float((pred < 0).mean()) if len(pred) else 0.0,
         "per_class": {c: {"precision": float(p[i]), "recall": float(r[i]), "f1": float(f[i]), "support": int(s[i])}
                       for i, c in enumerate(classes)},

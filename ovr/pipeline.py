@@ -149,18 +149,26 @@ def evaluate_model(root: str | Path, data: str | Path, split: str = "test", devi
     cfg = model_config(root, device=device, cache_dir=cache_dir)
     pred = Predictor(root, cfg.features.device, cfg.features.cache_dir or None)
     emb = embed_data(data, cfg, progress, backbone=pred.backbone)
-    X, y, _ = emb.split(split)
+    if split not in ("train", "val", "test", "all"):
+        raise OvrError(f"unknown split {split!r}: use train, val, test or all")
+    X, y, _ = emb.split(split) if split != "all" else (emb.result.embeddings, torch.from_numpy(emb.labels), None)
     if len(X) == 0:
         raise OvrError(f"no images in the {split} split of {data}")
-    unknown = [c for c in emb.folder.classes if c not in pred.classes]
-    if unknown:
-        raise OvrError(f"DATA has classes the model does not know: {', '.join(unknown[:5])}")
-    remap = np.array([pred.classes.index(c) for c in emb.folder.classes])
+    # Classes the model does not know count as "should be unknown": their rejection rate is reported.
+    remap = np.array([pred.classes.index(c) if c in pred.classes else -1 for c in emb.folder.classes])
     y = remap[y.numpy()]
+    foreign = y < 0
+    if foreign.all():
+        raise OvrError(f"none of the classes of {data} is a class of the model")
     ans = pred.model.answer(X, calibrated=calibrated, reject_below=reject_below, thresholds=thresholds)
-    out = classification_metrics(y, ans.index, aggregate.normalise_rows(ans.confidences), pred.classes)
-    cal = pred.model.answer(X, calibrated=True).confidences
-    out["ece_calibrated"] = expected_calibration_error(aggregate.normalise_rows(cal), y)
+    known = torch.from_numpy(~foreign).to(X.device)
+    present = sorted(set(y[~foreign].tolist()))  # metrics over the classes DATA has, not the model's others
+    out = classification_metrics(y[~foreign], ans.index[~foreign], aggregate.normalise_rows(ans.confidences[~foreign]),
+                                 pred.classes, labels=present)
+    cal = pred.model.answer(X[known], calibrated=True).confidences
+    out["ece_calibrated"] = expected_calibration_error(aggregate.normalise_rows(cal), y[~foreign])
+    out["foreign"] = {"n": int(foreign.sum()), "classes": [c for c, r in zip(emb.folder.classes, remap) if r < 0],
+                      "rejected": float((ans.index[foreign] < 0).mean()) if foreign.any() else None}
     out.update({"split": split, "model": str(root), "data": str(data), "skipped": len(emb.result.skipped)})
     return out
 

@@ -46,3 +46,35 @@ def tiny_cfg(cache_dir):
     from ovr.config import load_config
 
     return load_config(None, {"backbone": "tiny_cnn", "device": "cpu", "workers": 0, "cache_dir": str(cache_dir)})
+
+
+SHAPES = ("circle", "square", "triangle", "cross", "ring")
+
+
+def make_shape(path: Path, shape: str, i: int, size: int = 64) -> None:
+    """A filled shape (circle, square, triangle, cross) or a ring, at a random place, size and colour on a random
+    background: the synthetic set of the grown-model issue, where a circle head fires on rings."""
+    from PIL import ImageDraw
+
+    rng = np.random.default_rng(SHAPES.index(shape) * 10000 + i)
+    bg = tuple(int(v) for v in rng.integers(0, 90, 3))
+    fg = tuple(int(v) for v in rng.integers(150, 256, 3))
+    img = Image.new("RGB", (size, size), bg)
+    d = ImageDraw.Draw(img)
+    r = rng.uniform(0.22, 0.34) * size
+    cx, cy = rng.uniform(r + 2, size - r - 2, 2)
+    box = [cx - r, cy - r, cx + r, cy + r]
+    if shape == "circle":
+        d.ellipse(box, fill=fg)
+    elif shape == "ring":
+        d.ellipse(box, outline=fg, width=max(2, int(r * 0.3)))
+    elif shape == "square":
+        d.rectangle(box, fill=fg)
+    elif shape == "triangle":
+        d.polygon([(cx, cy - r), (cx - r, cy + r), (cx + r, cy + r)], fill=fg)
+    elif shape == "cross":
+        w = r * 0.35
+        d.rectangle([cx - w, cy - r, cx + w, cy + r], fill=fg)
+        d.rectangle([cx - r, cy - w, cx + r, cy + w], fill=fg)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    img.save(path)

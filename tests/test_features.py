@@ -92,7 +92,7 @@ def test_bad_files_skipped_with_warning_and_strict_errors(folder, cache_dir):
     (folder / "c0" / "notes.txt").write_text("not an image")
     good = (folder / "c1" / "img000.png").read_bytes()
     (folder / "c1" / "cut.png").write_bytes(good[: len(good) // 2])
-    r = runner.invoke(app, ["embed", str(folder), *TINY, "--json", str(folder.parent / "s.json")])
+    r = runner.invoke(app, ["embed", str(folder), *TINY, "--json-out", str(folder.parent / "s.json")])
     assert r.exit_code == 0, r.output
     assert "notes.txt" in r.output and "cut.png" in r.output and "2 skipped" in r.output
     s = json.loads((folder.parent / "s.json").read_text())

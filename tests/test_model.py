@@ -59,7 +59,7 @@ def test_train_predict_evaluate(model, data4, tmp_path):
     rows = [json.loads(line) for line in r.stdout.strip().splitlines()]
     assert len(rows) == 12 and sum(row["class"] == "c2" for row in rows) >= 10
     assert len(rows[0]["top"]) == 2
-    r = run("evaluate", model, data4, "--json", tmp_path / "ev.json")
+    r = run("evaluate", model, data4, "--json-out", tmp_path / "ev.json")
     assert r.exit_code == 0, r.output
     ev = json.loads((tmp_path / "ev.json").read_text())
     assert ev["accuracy"] >= 0.75 and len(ev["confusion_matrix"]) == 4 and "ece" in ev and "macro_f1" in ev
@@ -353,7 +353,7 @@ def test_mlp_heads_train_save_load_predict(data4, tmp_path, cache_dir):
     train(data4, tmp_path / "mlp", "--head", "mlp", "--hidden", "16")
     m = load_model(tmp_path / "mlp")
     assert m.head_type == "mlp" and set(m.heads["c0"]) == {"w1", "b1", "w2", "b2"} and m.heads["c0"]["w1"].shape[1] == 16
-    r = run("evaluate", tmp_path / "mlp", data4, "--json", tmp_path / "ev.json")
+    r = run("evaluate", tmp_path / "mlp", data4, "--json-out", tmp_path / "ev.json")
     assert r.exit_code == 0 and json.loads((tmp_path / "ev.json").read_text())["accuracy"] > 0.5
 
 
