@@ -48,10 +48,11 @@ def tiny_cfg(cache_dir):
     return load_config(None, {"backbone": "tiny_cnn", "device": "cpu", "workers": 0, "cache_dir": str(cache_dir)})
 
 
+RING_WIDTH = 0.45
 SHAPES = ("circle", "square", "triangle", "cross", "ring")
 
 
-def make_shape(path: Path, shape: str, i: int, size: int = 64) -> None:
+def make_shape(path: Path, shape: str, i: int, size: int = 32) -> None:
     """A filled shape (circle, square, triangle, cross) or a ring, at a random place, size and colour on a random
     background: the synthetic set of the grown-model issue, where a circle head fires on rings."""
     from PIL import ImageDraw
@@ -67,7 +68,7 @@ def make_shape(path: Path, shape: str, i: int, size: int = 64) -> None:
     if shape == "circle":
         d.ellipse(box, fill=fg)
     elif shape == "ring":
-        d.ellipse(box, outline=fg, width=max(2, int(r * 0.3)))
+        d.ellipse(box, outline=fg, width=max(2, int(r * RING_WIDTH)))
     elif shape == "square":
         d.rectangle(box, fill=fg)
     elif shape == "triangle":
