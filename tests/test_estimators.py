@@ -75,6 +75,7 @@ def test_exact_solver_matches_scikit_learn(l2):
     T = (y[:, None] == np.arange(K)).astype(float)
     pw = (n - T.sum(0)) / T.sum(0)
     sol = logistic_lbfgs(torch.tensor(X), torch.tensor(T), torch.tensor(pw), torch.full((K,), l2), tol=1e-10,
+                         matmul_dtype=torch.float64,
                          max_iter=5000)
     assert (sol.grad_norm <= 1e-10).all()
     for c in range(K):
@@ -91,8 +92,21 @@ def test_converged_columns_stop_changing_while_others_go_on():
     X, y = blobs(3, 50, 10, seed=4)
     T = torch.tensor((y[:, None] == np.arange(3)).astype(float)).repeat(1, 2)
     l2 = torch.tensor([10.0, 10.0, 10.0, 1e-4, 1e-4, 1e-4])  # strong L2 converges in a few steps, weak in many
-    sol = logistic_lbfgs(torch.tensor(X), T, torch.ones(6), l2, tol=1e-9)
+    sol = logistic_lbfgs(torch.tensor(X), T, torch.ones(6), l2, tol=1e-9, matmul_dtype=torch.float64)
     assert sol.iterations[:3].max() < sol.iterations[3:].min()
-    alone = logistic_lbfgs(torch.tensor(X), T[:, :1], torch.ones(1), l2[:1], tol=1e-9)
+    alone = logistic_lbfgs(torch.tensor(X), T[:, :1], torch.ones(1), l2[:1], tol=1e-9, matmul_dtype=torch.float64)
     assert alone.iterations[0] == sol.iterations[0]
     assert torch.allclose(alone.weight[0], sol.weight[0], atol=1e-10)
+
+
+def test_default_float32_matmuls_reach_the_same_optimum():
+    """The default (float32 GEMMs, float64 state) against an all-float64 solve, at the default tolerance."""
+    X, y = blobs(5, 60, 30, seed=5)
+    T = torch.tensor((y[:, None] == np.arange(5)).astype(float))
+    l2 = torch.tensor([1e-4, 1e-3, 1e-2, 1e-1, 1.0])
+    a = logistic_lbfgs(torch.tensor(X), T, torch.ones(5), l2)
+    b = logistic_lbfgs(torch.tensor(X), T, torch.ones(5), l2, tol=1e-10, matmul_dtype=torch.float64)
+    assert (a.grad_norm <= 1e-5).all()
+    assert torch.allclose(a.loss, b.loss, rtol=1e-3, atol=1e-6)  # objective at the optimum
+    Xt = torch.tensor(X)
+    assert torch.equal(Xt @ a.weight.T + a.bias > 0, Xt @ b.weight.T + b.bias > 0)
