@@ -53,7 +53,7 @@ class TrainConfig:
     # L2 strengths in the per-sample-mean scale (scikit-learn's C = 1 / (l2 * n)): half-decades from 1e-4 to 10.
     # Each head keeps the one with its best validation loss, then is refit on train + val.
     l2_grid: tuple[float, ...] = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1, 1.0, 3.0, 10.0)
-    tol: float = 1e-5  # linear heads: stop when max |gradient| of a head's objective is below this
+    tol: float = 1e-4  # linear heads: stop when max |gradient| of a head's objective is below this (scikit-learn's default tol, same scale)
     max_iter: int = 500  # linear heads: L-BFGS iterations at most
     pos_weight: bool = True
     normalize: str = "standardize"  # standardize | l2

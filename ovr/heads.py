@@ -148,7 +148,7 @@ def autograd_grad(loss_fn: Callable) -> Callable:
 
 # --- one-vs-rest: N heads x G strengths as columns of one solve --------------------------------------------
 
-DEFAULT_TOL = 1e-5  # max |gradient| of a head's per-sample-mean objective; scikit-learn's lbfgs default is 1e-4
+DEFAULT_TOL = 1e-4  # max |gradient| of a head's per-sample-mean objective, as scikit-learn's lbfgs tol (same scale)
 
 
 @dataclass
