@@ -95,10 +95,15 @@ def logistic_lbfgs(X: torch.Tensor, T: torch.Tensor, pos_weight: torch.Tensor, l
     rho = torch.zeros(m, C, dtype=dtype, device=dev)  # 0 marks an empty or skipped pair (contributes nothing)
     gamma = torch.ones(C, dtype=dtype, device=dev)
     it = torch.zeros(C, dtype=torch.long, device=dev)
+    # Also stop a column whose objective has not moved for 3 iterations in a row (scipy's ftol test, made robust
+    # to one slow step): float32 work cannot push the gradient much below ~1e-5, and without this such a column
+    # would run to max_iter.
+    ftol = 4 * torch.finfo(wd).eps
+    flat = torch.zeros(C, dtype=torch.long, device=dev)
     k = 0
     for step in range(max_iter + 1):
         gnorm = g.abs().amax(1)
-        done = (gnorm <= tol) | (it >= max_iter)
+        done = (gnorm <= tol) | (it >= max_iter) | (flat >= 3)
         if done.any():  # write finished columns out; shrink the working set when a quarter has finished
             idx = cols[done]
             out_theta[idx], out_iter[idx], out_g[idx], out_f[idx] = theta[done], it[done], gnorm[done], f[done]
@@ -107,6 +112,7 @@ def logistic_lbfgs(X: torch.Tensor, T: torch.Tensor, pos_weight: torch.Tensor, l
             if done.sum() * 4 >= len(cols) or step == max_iter:
                 keep = ~done
                 cols, theta, z, f, g, it, gamma = cols[keep], theta[keep], z[:, keep], f[keep], g[keep], it[keep], gamma[keep]
+                flat = flat[keep]
                 Tw, Sw, STw, lw = Tw[:, keep], Sw[:, keep], STw[:, keep], lw[keep]
                 Sh, Yh, rho = Sh[:, keep], Yh[:, keep], rho[:, keep]
                 done = done[keep]
@@ -177,6 +183,8 @@ def logistic_lbfgs(X: torch.Tensor, T: torch.Tensor, pos_weight: torch.Tensor, l
         rho[k % m] = torch.where(ok, 1 / sy.clamp_min(1e-300), torch.zeros_like(sy))
         gamma = torch.where(ok, sy / _dot(yk, yk).clamp_min(1e-300), gamma)
         k += 1
+        still = active & ((f - new_f) <= ftol * torch.maximum(f.abs(), new_f.abs()))
+        flat = torch.where(still, flat + 1, torch.zeros_like(flat))
         theta, f, g, z = new_theta, new_f, new_g, new_z
         it = it + active.long()
     return LogisticSolution(out_theta[:, :D], out_theta[:, D], out_iter, out_g, out_f, time.perf_counter() - t0)
