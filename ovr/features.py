@@ -159,7 +159,8 @@ def _torchvision_builder(arch: str, strip: Callable[[nn.Module], None]):
         model = tvm.get_model(arch, weights=None)
         if weights == "default":
             try:
-                sd = enum.get_state_dict(progress=False, check_hash=True)
+                # weights_only: a pickle planted in the hub cache must not run code (it is loaded without a hash check)
+                sd = enum.get_state_dict(progress=False, check_hash=True, weights_only=True)
             except Exception as e:
                 raise OvrError(f"could not download {arch} weights ({describe_error(e)}); offline, pass a local "
                                f"state dict with --weights FILE.pth|FILE.safetensors (or --weights none)") from None
@@ -263,13 +264,21 @@ def _weights_identity(name: str, weights: str) -> str | None:
     return f"{name}|{os.path.abspath(path)}|{st.st_size}|{st.st_mtime_ns}|torch {torch.__version__}"
 
 
+def _seeded_build(info: "BackboneInfo", weights: str) -> tuple[nn.Module, Callable]:
+    """Build under a fixed seed: `--weights none` (random init) is then the same network every time, as its
+    fingerprint and the cache key claim; the global RNG is left as it was."""
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        return info.build(weights)
+
+
 def load_backbone(name: str, weights: str = "default", memo_dir: str | Path | None = None) -> Backbone:
     """The backbone's identity (dim, weights fingerprint, preprocessing), remembered under memo_dir so that
     later runs know it without building the network; the network itself is built lazily."""
     if name not in REGISTRY:
         raise OvrError(f"unknown backbone {name!r}; `ovr backbones` lists them ({', '.join(REGISTRY)})")
     info = REGISTRY[name]
-    build = lambda: info.build(weights)  # noqa: E731
+    build = lambda: _seeded_build(info, weights)  # noqa: E731
     ident = _weights_identity(name, weights) if memo_dir else None
     memo_path = Path(memo_dir) / "backbones.json" if memo_dir else None
     memo: dict = {}

@@ -159,11 +159,21 @@ def model_lock(root: str | Path, timeout: float = 600):
         lock.release()
 
 
+def check_confined(root: Path) -> None:
+    """Refuse a model folder whose heads/ (or any file in it) is a symlink leading out of the folder: cleanup
+    would otherwise delete files elsewhere, and reads would reveal them."""
+    inside = root.resolve()
+    for p in [root / "heads", *((root / "heads").iterdir() if (root / "heads").is_dir() else [])]:
+        if p.is_symlink() and not p.resolve().is_relative_to(inside):
+            raise OvrError(f"{p} is a symlink leading out of the model folder; refusing to use this model")
+
+
 def read_manifest(root: str | Path) -> dict:
     root = Path(root)
     p = root / MANIFEST
     if not root.is_dir():
         raise OvrError(f"model folder not found: {root}")
+    check_confined(root)
     if not p.is_file():
         raise OvrError(f"not an ovr model (no {MANIFEST}): {root}")
     try:

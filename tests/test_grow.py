@@ -174,3 +174,12 @@ def test_shapes_plus_ring_through_the_cli(tmp_path, cache_dir):
     assert (a.index == y).mean() == pytest.approx(ev["accuracy"])
     print("argmax", (a.logits.argmax(1) == y).mean(), "guarded", (a.index == y).mean())
     assert (a.logits.argmax(1) == y).mean() < ev["accuracy"] - 0.03  # measured: argmax 0.935, guarded 1.000
+
+
+def test_add_class_honours_a_config_file_over_the_stored_config(tiny_model, tmp_path):
+    model, new = tiny_model
+    (tmp_path / "c.toml").write_text("[train]\nmax_iter = 1\nl2_grid = [0.5]\n")
+    r = run("add-class", model, "c4", new / "c4", "--device", "cpu", "--config", tmp_path / "c.toml")
+    assert r.exit_code == 0, r.output
+    rec = load_model(model).records["c4"]
+    assert rec.l2 == 0.5 and rec.iterations <= 1

@@ -1,0 +1,91 @@
+"""The model folder cannot be used to escape it, and backbones load no code: symlinks, stored paths, pickles."""
+import json
+import os
+import pickle
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from ovr.cli import app
+from ovr.errors import OvrError
+from ovr.features import load_backbone
+from ovr.store import load_model
+
+from conftest import make_folder
+
+runner = CliRunner()
+TINY = ["--backbone", "tiny_cnn", "--device", "cpu", "--workers", "0"]
+
+
+def run(*args):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+@pytest.fixture
+def model(tmp_path, cache_dir):
+    data = make_folder(tmp_path / "data", n_classes=3, per_class=8)
+    assert run("train", data, "--out", tmp_path / "m", *TINY).exit_code == 0
+    return tmp_path / "m"
+
+
+def test_heads_symlinked_out_of_the_folder_is_refused_and_nothing_outside_is_deleted(model, tmp_path):
+    victim = tmp_path / "elsewhere"
+    victim.mkdir()
+    (victim / "precious.txt").write_text("keep me")
+    for f in (model / "heads").iterdir():
+        f.rename(victim / f.name)
+    (model / "heads").rmdir()
+    (model / "heads").symlink_to(victim, target_is_directory=True)
+    new = make_folder(tmp_path / "new", n_classes=4, per_class=8)
+    r = run("add-class", model, "c3", new / "c3", "--device", "cpu")
+    assert r.exit_code == 2 and "symlink" in r.output and "Traceback" not in r.output
+    assert (victim / "precious.txt").read_text() == "keep me"
+    assert len(list(victim.iterdir())) == 4
+
+
+@pytest.mark.parametrize("bad", ["/etc/hostname", "../outside.safetensors", "heads/../../outside.safetensors"])
+def test_a_stored_path_outside_the_model_folder_is_refused(model, bad):
+    p = model / "manifest.json"
+    m = json.loads(p.read_text())
+    m["heads"]["c0"]["file"] = bad
+    p.write_text(json.dumps(m))
+    with pytest.raises(OvrError, match="outside the model folder"):
+        load_model(model)
+
+
+def test_cache_dir_stored_in_a_model_is_not_used(model, tmp_path, cache_dir):
+    p = model / "manifest.json"
+    m = json.loads(p.read_text())
+    m["config"]["features"]["cache_dir"] = str(tmp_path / "planted")
+    p.write_text(json.dumps(m))
+    new = make_folder(tmp_path / "new", n_classes=4, per_class=8)
+    assert run("add-class", model, "c3", new / "c3", "--device", "cpu").exit_code == 0
+    assert not (tmp_path / "planted").exists()
+
+
+def test_random_init_is_seeded_so_its_identity_is_true():
+    a = load_backbone("resnet18", "none")
+    b = load_backbone("resnet18", "none")
+    assert a.fingerprint == b.fingerprint
+    x = torch.rand(1, 3, 64, 64)
+    assert torch.equal(a.model(x), b.model(x))
+
+
+class Boom:
+    def __reduce__(self):
+        return (os.system, ("touch " + os.environ["OVR_TEST_PWNED"],))
+
+
+def test_a_pickle_planted_in_the_hub_cache_runs_no_code(tmp_path, monkeypatch):
+    import torchvision.models as tvm
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    monkeypatch.setenv("OVR_TEST_PWNED", str(tmp_path / "pwned"))
+    url = tvm.get_model_weights("resnet18").DEFAULT.url
+    ckpt = tmp_path / "torch" / "hub" / "checkpoints" / url.rsplit("/", 1)[-1]
+    ckpt.parent.mkdir(parents=True)
+    torch.save({"x": Boom()}, ckpt, pickle_module=pickle)
+    with pytest.raises(OvrError):
+        load_backbone("resnet18", "default")
+    assert not (tmp_path / "pwned").exists()
