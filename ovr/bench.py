@@ -189,17 +189,57 @@ def run_bench(emb, cfg: Config, progress: Progress | None = None, methods: tuple
     per_class = {s: {m: {c: _mean_std([r["per_class"][c]["f1"] for r in rs]) for c in classes}
                      for m, rs in per.items()} for s, per in runs.items()}
     scaling = add_class_scaling(X, y, Xv, yv, cfg, dev, [m for m in ("ovr", "softmax") if m in methods])
+    growth = growth_curve(X, y, Xv, yv, Xt, yt, cfg) if "ovr" in methods and cfg.train.head == "linear" else None
     digest = hashlib.sha256("".join(sorted(emb.result.keys)).encode()).hexdigest()
     return {
         "classes": classes, "methods": list(methods), "scenarios": list(scenarios), "seeds": seeds,
         "n": {"train": int(len(X)), "val": int(len(Xv)), "test": int(len(Xt)), "train_per_scenario": n_train},
         "results": results, "per_class_f1": per_class, "plain_seed0": detail, "add_class_scaling": scaling,
+        "growth": growth,
         "dataset": {"root": str(emb.folder.root), "fingerprint": digest, "images": len(emb.result.keys)},
         "backbone": emb.backbone.spec() if emb.backbone else None, "config": config_to_dict(cfg),
         "versions": {"ovr": __version__, "torch": torch.__version__, "python": platform.python_version(),
                      "numpy": np.__version__, "sklearn": __import__("sklearn").__version__},
         "device": dev if dev == "cpu" else torch.cuda.get_device_name(0), "cpu": platform.processor() or platform.machine(),
     }
+
+
+def growth_curve(X, y, Xv, yv, Xt, yt, cfg: Config, points: int = 8) -> dict:
+    """One model grown from 2 classes to all, one add-class at a time (class order seeded), through `Model` as
+    `ovr add-class` does: test accuracy on the classes so far for the guarded chain and plain argmax, beside a
+    model trained jointly on the same classes (at up to `points` steps: a joint fit per step)."""
+    from .model import Model
+
+    K = int(y.max()) + 1
+    order = np.random.default_rng(cfg.train.seed).permutation(K).tolist()
+    names = [str(c) for c in order]
+    pos = torch.empty(K, dtype=torch.long)
+    pos[torch.tensor(order)] = torch.arange(K)
+
+    def rows(A, lab, n):  # the rows of the first n classes of the order, relabelled to their position in it
+        keep = pos[lab] < n
+        return A[keep.to(A.device)], pos[lab][keep]
+
+    steps = sorted({int(round(v)) for v in np.linspace(2, K, min(points, K - 1))} | {K})
+    m = Model({"dim": X.shape[1]}, cfg.train.normalize, "linear", names[:2])
+    m.fit_heads(names[:2], *rows(X, y, 2), *rows(Xv, yv, 2), cfg.train)
+    out = {"order": [int(c) for c in order], "classes": [], "guarded": [], "argmax": [], "joint": []}
+    for n in range(3, K + 1):
+        m.classes.append(names[n - 1])
+        Xa, ya, Xva, yva = *rows(X, y, n), *rows(Xv, yv, n)
+        m.fit_heads([names[n - 1]], Xa, ya, Xva, yva, cfg.train)
+        m.rebuild_gate(Xa, ya, Xva, yva)
+        if n not in steps:
+            continue
+        Xta, yta = rows(Xt, yt, n)
+        a = m.answer(Xta)
+        joint = Model({"dim": X.shape[1]}, cfg.train.normalize, "linear", names[:n])
+        joint.fit_heads(names[:n], Xa, ya, Xva, yva, cfg.train)
+        out["classes"].append(n)
+        out["guarded"].append(float((a.index == yta.numpy()).mean()))
+        out["argmax"].append(float((a.logits.argmax(1) == yta.numpy()).mean()))
+        out["joint"].append(float((joint.answer(Xta).index == yta.numpy()).mean()))
+    return out
 
 
 def add_class_scaling(X, y, Xv, yv, cfg: Config, dev: str, methods: list[str]) -> dict:

@@ -15,11 +15,12 @@ from rich.table import Table
 
 from .errors import OvrError
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode="rich",
+app = typer.Typer(no_args_is_help=True, rich_markup_mode="rich",
                   help="One-vs-rest image classification on frozen pretrained features.\n\n"
                        "Embeddings are cached per (backbone, weights, preprocessing, image content); "
                        "one binary head per class, trained in parallel; classes can be added one at a time.")
-console = Console()
+# Piped or redirected output is plain and complete: no terminal width to fit, so tables keep every value whole.
+console = Console(width=None if sys.stdout.isatty() else 4096)
 err = Console(stderr=True)
 
 # Options shared by several commands (None = take it from --config, then the built-in default).
@@ -46,6 +47,19 @@ def _json(obj, as_json: bool, json_out: Path | None) -> bool:
     if as_json:
         print(text)
     return as_json
+
+
+def _version(value: bool) -> None:
+    if value:
+        from . import __version__
+        print(f"ovr {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
+                                                help="Print the version and exit.")] = False) -> None:
+    """One-vs-rest image classification on frozen pretrained features."""
 
 
 def main() -> None:
@@ -148,7 +162,8 @@ def _train_table(model, title: str, names=None) -> Table:
     for col, just in [("class", "left"), ("positives", "right"), ("negatives", "right"), ("L2", "right"),
                       ("iterations", "right"), ("val loss", "right"), ("threshold", "right"), ("val P", "right"),
                       ("val R", "right"), ("val F1", "right")]:
-        t.add_column(col, justify=just)
+        # narrow terminals wrap names (never cut them) and keep numbers whole
+        t.add_column(col, justify=just, overflow="fold", no_wrap=col != "class")
     for c in names or model.classes:
         r = model.records[c]
         v = r.val or {}
@@ -207,19 +222,24 @@ def predict(
         from .data import expand_inputs
         from .pipeline import Predictor
 
+        if top_k < 1:
+            raise OvrError(f"--top-k must be at least 1, got {top_k}")
         files = expand_inputs(paths)
         pred = Predictor(model, device or "auto", cache_dir)
         rows = pred.predict(files, top_k, reject_below, thresholds, multilabel, calibrated)
+        failed = all("error" in r for r in rows)
         if as_json:
             for r in rows:
                 print(json.dumps(r, ensure_ascii=False))
+            if failed:
+                raise typer.Exit(1)
             return
         t = Table(title=f"Predictions of {model}")
         for col in ["file", "class", "confidence", "runner-up"] + (["top-k"] if top_k > 1 else []) + (["labels"] if multilabel else []):
             t.add_column(col, justify="right" if col == "confidence" else "left")
         for r in rows:
             if "error" in r:
-                t.add_row(escape(r["input"]), "[red]error", "", escape(r["error"]))
+                t.add_row(escape(r["input"]), "[red]error: " + escape(r["error"]), "", "")
                 continue
             ru = r.get("runner_up")
             extra = [", ".join(f"{x['class']} {x['confidence']:.2f}" for x in r["top"])] if top_k > 1 else []
@@ -227,6 +247,9 @@ def predict(
             t.add_row(escape(r["input"]), escape(r["class"]), f"{r['confidence']:.3f}",
                       escape(f"{ru['class']} {ru['confidence']:.3f}") if ru else "", *map(escape, extra))
         console.print(t)
+        if failed:
+            err.print(f"[bold red]error:[/] none of the {len(rows)} images could be read", highlight=False)
+            raise typer.Exit(1)
 
 
 @app.command()
@@ -318,7 +341,8 @@ def refresh(
         if not r.changed:
             console.print("no head fires on newer classes; nothing to refresh")
             return
-        console.print(f"refreshed {len(r.changed)} heads in {r.seconds:.1f} s", highlight=False)
+        n = len(r.changed)
+        console.print(f"refreshed {n} head{'s' * (n != 1)} in {r.seconds:.1f} s", highlight=False)
         console.print(_train_table(load_model(model), f"refreshed heads in {model}", r.changed))
 
 

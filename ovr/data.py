@@ -165,8 +165,13 @@ def load_image(path: str | Path) -> Image.Image:
 
 
 def describe_error(e: BaseException) -> str:
+    """An exception in words: first line, Python object reprs (<_io.BytesIO object at 0x...>) left out."""
+    import re
+
     msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-    return msg[:200]
+    if msg.startswith("cannot identify image file"):
+        return "not an image file (format not recognised)"
+    return re.sub(r"\s*<[\w.]+ object at 0x[0-9a-f]+>", "", msg)[:200]
 
 
 def write_digits_folder(out: str | Path, classes: list[int] | None = None, size: int = 32) -> Path:

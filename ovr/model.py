@@ -85,6 +85,8 @@ class Model:
 
     def logits(self, X: torch.Tensor, classes: list[str] | None = None) -> np.ndarray:
         classes = classes or self.classes
+        if X.ndim != 2 or (self.backbone.get("dim") and X.shape[1] != self.backbone["dim"]):
+            raise ValueError(f"features must be [n, {self.backbone.get('dim')}], got {list(X.shape)}")
         p = stack_heads([self.heads[c] for c in classes], X.device)
         with torch.no_grad():
             return stacked_logits(p, head_inputs(self.normalize, X.to(p[next(iter(p))].dtype))).cpu().numpy()
@@ -160,6 +162,11 @@ class Model:
         from .metrics import binary_head_metrics  # here: scikit-learn takes 0.6 s to import; predict never needs it
 
         run = run or new_run_id()
+        for name, A in (("training", X), ("validation", Xv)):
+            if A.ndim != 2 or (self.backbone.get("dim") and A.shape[1] != self.backbone["dim"]):
+                raise ValueError(f"{name} features must be [n, {self.backbone.get('dim')}], got {list(A.shape)}")
+            if len(A) and not bool(torch.isfinite(A).all()):
+                raise ValueError(f"{name} features contain NaN or infinity")
         targets = np.array([self.classes.index(c) for c in names])
         has_val = len(Xv) > 0
         norm = Normalizer.fit(self.normalize, torch.cat([X, Xv]) if has_val else X)

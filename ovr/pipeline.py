@@ -87,20 +87,52 @@ class Predictor:
             self._backbone = bb
         return self._backbone
 
+    @staticmethod
+    def inputs(items) -> list:
+        """What predict accepts, as a flat list of images and paths: a path, a folder, a glob, a PIL image, an
+        HxWx3 (or HxW) uint8 array, or a list of any of those (folders and globs expanded, in order)."""
+        if isinstance(items, (str, Path, Image.Image, np.ndarray)):
+            items = [items]
+        out: list = []
+        for x in items:
+            if isinstance(x, Image.Image):
+                out.append(x)
+            elif isinstance(x, np.ndarray):
+                if x.ndim not in (2, 3) or x.dtype != np.uint8:
+                    raise OvrError(f"an image array must be HxW or HxWx3 uint8, got shape {x.shape} {x.dtype}")
+                out.append(Image.fromarray(x).convert("RGB"))
+            elif isinstance(x, (str, Path)):
+                out.extend(expand_inputs([str(x)]))
+            else:
+                raise OvrError(f"cannot predict on a {type(x).__name__}: give paths, folders, globs, PIL images or arrays")
+        return out
+
     def embed(self, inputs: list, progress: Progress | None = None) -> tuple[torch.Tensor, list[int], list[tuple]]:
-        """-> embeddings of the usable inputs, their positions, and (input, reason) for the unusable ones."""
-        if inputs and all(isinstance(x, Image.Image) for x in inputs):
-            return embed_images(inputs, self.backbone, self.device), list(range(len(inputs))), []
-        paths = [Path(p) for p in inputs]
-        cache = EmbeddingCache(self.cache_dir, self.backbone.key)
-        r = embed_paths(paths, self.backbone, cache, self.device, workers=0 if len(paths) < 64 else -1,
-                        progress=progress)
-        return r.embeddings, r.input_index.tolist(), r.skipped
+        """-> embeddings of the usable inputs, their positions, and (input, reason) for the unusable ones.
+        Images (PIL) and paths may be mixed."""
+        pil = [i for i, x in enumerate(inputs) if isinstance(x, Image.Image)]
+        paths = [i for i, x in enumerate(inputs) if not isinstance(x, Image.Image)]
+        parts, index, skipped = [], [], []
+        if pil:
+            parts.append(embed_images([inputs[i] for i in pil], self.backbone, self.device))
+            index += pil
+        if paths:
+            cache = EmbeddingCache(self.cache_dir, self.backbone.key)
+            r = embed_paths([Path(inputs[i]) for i in paths], self.backbone, cache, self.device,
+                            workers=0 if len(paths) < 64 else -1, progress=progress)
+            parts.append(r.embeddings.to(self.device))
+            index += [paths[j] for j in r.input_index.tolist()]
+            skipped = r.skipped
+        X = torch.cat(parts) if parts else torch.empty(0, self.model.backbone["dim"])
+        return X, index, skipped
 
 
     def predict(self, inputs: list, top_k: int = 1, reject_below: float | None = None, thresholds: bool = False,
                 multilabel: bool = False, calibrated: bool = False, progress: Progress | None = None) -> list[dict]:
         """One dict per input, in order: class (or 'unknown'), confidence, top-k, or an error."""
+        if top_k < 1:
+            raise OvrError(f"top_k must be at least 1, got {top_k}")
+        inputs = self.inputs(inputs)
         X, idx, skipped = self.embed(inputs, progress)
         if not len(idx):
             X = torch.empty(0, self.model.backbone["dim"])
@@ -109,7 +141,7 @@ class Predictor:
         fired_all = ans.multilabel()
         ti, tc = aggregate.top_k(conf, max(top_k, 2))
         rows: list[dict] = [{}] * len(inputs)
-        name = (lambda x: str(x)) if not (inputs and isinstance(inputs[0], Image.Image)) else (lambda x: "<image>")
+        name = lambda x: "<image>" if isinstance(x, Image.Image) else str(x)  # noqa: E731
         for r, i in enumerate(idx):
             row = {"input": name(inputs[i]),
                    "class": self.classes[pred[r]] if pred[r] >= 0 else "unknown",

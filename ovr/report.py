@@ -100,6 +100,14 @@ def bench_tables(rep: dict) -> list[Table]:
         for m in rep["methods"]:
             t.add_row(m, *(_cell(res[m].get(k), fmt) for k, _, fmt in cols))
         out.append(t)
+    g = rep.get("growth")
+    if g and g["classes"]:
+        t = Table(title="ovr grown one class at a time: test accuracy on the classes so far")
+        for col in ("classes", "joint", "grown (guarded chain)", "grown (plain argmax)"):
+            t.add_column(col, justify="right")
+        for n, j, gu, am in zip(g["classes"], g["joint"], g["guarded"], g["argmax"]):
+            t.add_row(str(n), f"{j:.3f}", f"{gu:.3f}", f"{am:.3f}")
+        out.append(t)
     return out
 
 
@@ -170,7 +178,31 @@ def plot_bench(rep: dict, out: Path) -> list[str]:
     fig.tight_layout()
     fig.savefig(out / "add_class_time.png", dpi=110), plt.close(fig)
     files.append("add_class_time.png")
+
+    g = rep.get("growth")
+    if g and g["classes"]:
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for key, label in (("joint", "trained on all classes at once"), ("guarded", "grown, guarded chain (ovr)"),
+                           ("argmax", "grown, plain argmax")):
+            ax.plot(g["classes"], g[key], "o-", label=label)
+        ax.set_xlabel("classes in the model"), ax.set_ylabel("test accuracy"), ax.set_ylim(0, 1.02)
+        ax.set_title("growing a model one class at a time"), ax.legend()
+        fig.tight_layout()
+        fig.savefig(out / "growth.png", dpi=110), plt.close(fig)
+        files.append("growth.png")
     return files
+
+
+def growth_markdown(rep: dict) -> list[str]:
+    g = rep.get("growth")
+    if not g or not g["classes"]:
+        return []
+    lines = ["## grown one class at a time (ovr)", "",
+             "From 2 classes to all, one `add-class` at a time; test accuracy on the classes so far.", "",
+             "| classes | joint | grown, guarded chain | grown, plain argmax |", "|---:|---:|---:|---:|"]
+    for n, j, gu, am in zip(g["classes"], g["joint"], g["guarded"], g["argmax"]):
+        lines.append(f"| {n} | {j:.3f} | {gu:.3f} | {am:.3f} |")
+    return lines + [""]
 
 
 def write_bench_report(rep: dict, out: str | Path) -> Path:
@@ -185,13 +217,14 @@ def write_bench_report(rep: dict, out: str | Path) -> Path:
           f"device {rep['device']}. Every method sees the same cached embeddings and splits.", ""]
     for scen in rep["scenarios"]:
         md += [f"## {scen} ({rep['n']['train_per_scenario'][scen]} training images)", "", _md_table(rep, scen), ""]
+    md += growth_markdown(rep)
     md += ["## How to read it", "",
            "- *acc*, *macro-F1*, *bal acc*, *top-3*: test-split quality, mean ± std over seeds.",
            "- *NLL*, *ECE*: quality of the confidences. OvR confidences are per-head sigmoids normalised per row "
            "(as scikit-learn's OneVsRestClassifier does); *ECE cal* is after calibration on the val split "
            "(per-head Platt for OvR methods, one temperature for softmax methods).",
            "- *add-class s*: time to go from N-1 to N classes: one new head for OvR methods, a full retrain for "
-           "softmax ones; *acc after add* is the test accuracy of that grown model.",
+           "softmax ones; *acc after add* is the test accuracy of that grown model (OvR: the guarded chain).",
            "- *imbalance*: odd classes keep a fraction of their training images; *few-shot*: k training images per class.",
            ""]
     md += [f"![{p}]({p})" for p in plots]

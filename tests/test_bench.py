@@ -37,7 +37,12 @@ def test_report_has_every_method_metric_and_file(report):
                 if k in ("add_class_seconds", "accuracy_after_add") and scen != "plain":
                     continue
                 assert k in res and len(res[k]["values"]) == 2, (scen, m, k)
-    for f in ["report.md", "report.json", "confusion.png", "reliability.png", "per_class_f1.png", "add_class_time.png"]:
+    g = rep["growth"]
+    assert g["classes"][-1] == 4 and len(g["guarded"]) == len(g["argmax"]) == len(g["joint"]) == len(g["classes"])
+    assert all(0 <= v <= 1 for v in g["guarded"] + g["argmax"] + g["joint"])
+    assert "grown one class at a time" in (tmp / "rep" / "report.md").read_text()
+    for f in ["report.md", "report.json", "confusion.png", "reliability.png", "per_class_f1.png", "add_class_time.png",
+              "growth.png"]:
         assert (tmp / "rep" / f).stat().st_size > 100
     md = (tmp / "rep" / "report.md").read_text()
     assert all(m in md for m in METHODS) and "How to read it" in md

@@ -105,7 +105,7 @@ def test_predict_table_shows_top_k_labels_and_error_rows(model, data4, tmp_path,
     assert good[3].split()[0] in {"c0", "c1", "c3"}  # runner-up: another class
     assert good[4].startswith("c2 ") and good[4].count(",") == 1  # top-2
     assert "c2" in good[5].split(", ")  # multi-label: at least the c2 head fires
-    assert bad[0] == "bad.png" and bad[1] == "error"
+    assert bad[0] == "bad.png" and bad[1] == "error: not an image file (format not recognised)"
 
 
 @pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks the message on a machine without CUDA")

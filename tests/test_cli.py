@@ -1,0 +1,94 @@
+"""What a new user trips over: names with brackets, top-k, all-failed predictions, --version, the Python API's
+inputs, bad features."""
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from typer.testing import CliRunner
+
+import ovr
+from ovr.cli import app
+from ovr.config import TrainConfig
+from ovr.model import Model
+
+from conftest import make_image
+
+runner = CliRunner()
+TINY = ["--backbone", "tiny_cnn", "--device", "cpu", "--workers", "0"]
+
+
+def run(*args):
+    return runner.invoke(app, [str(a) for a in args])
+
+
+@pytest.fixture
+def bracket_model(tmp_path, cache_dir):
+    for c, name in enumerate(["[old] rocket", "cat [v2]", "plain"]):
+        for i in range(8):
+            make_image(tmp_path / "data" / name / f"{i}.png", c, i)
+    r = run("train", tmp_path / "data", "--out", tmp_path / "m", *TINY)
+    assert r.exit_code == 0, r.output
+    return tmp_path / "m", r.output
+
+
+def test_names_with_square_brackets_are_printed_whole(bracket_model, tmp_path):
+    model, out = bracket_model
+    assert "[old] rocket" in out and "cat [v2]" in out
+    r = run("info", model)
+    assert "[old] rocket" in r.output and "cat [v2]" in r.output
+    r = run("predict", model, tmp_path / "data" / "[old] rocket" / "0.png", "--device", "cpu")
+    assert r.exit_code == 0 and "[old] rocket" in r.output
+
+
+def test_config_errors_keep_their_brackets(tmp_path):
+    (tmp_path / "c.toml").write_text("[train]\nfoo = 1\n")
+    r = run("train", tmp_path, "--out", tmp_path / "m", "--config", tmp_path / "c.toml")
+    assert r.exit_code == 2 and "[train]" in r.output
+
+
+def test_top_k_must_be_positive_and_all_failed_is_an_error(bracket_model, tmp_path):
+    model, _ = bracket_model
+    img = tmp_path / "data" / "plain" / "0.png"
+    assert run("predict", model, img, "--top-k", "0", "--device", "cpu").exit_code == 2
+    bad = tmp_path / "bad.png"
+    bad.write_bytes(b"not an image")
+    r = run("predict", model, bad, "--device", "cpu")
+    assert r.exit_code == 1 and "none of the 1 images" in r.output
+    r = run("predict", model, bad, img, "--device", "cpu", "--json")
+    assert r.exit_code == 0 and len(r.stdout.strip().splitlines()) == 2
+
+
+def test_version():
+    r = run("--version")
+    assert r.exit_code == 0 and r.output.strip() == f"ovr {ovr.__version__}"
+
+
+def test_python_api_takes_paths_folders_globs_images_and_arrays(bracket_model, tmp_path):
+    model, _ = bracket_model
+    p = ovr.load(model, device="cpu")
+    folder = tmp_path / "data" / "plain"
+    one = p.predict(str(folder / "0.png"))
+    assert len(one) == 1 and one[0]["class"] in p.classes
+    assert len(p.predict(folder)) == 8
+    assert len(p.predict(str(folder / "*.png"))) == 8
+    arr = np.asarray(Image.open(folder / "1.png").convert("RGB"))
+    mixed = p.predict([Image.open(folder / "1.png"), folder / "1.png", arr])
+    assert [r["class"] for r in mixed] == [mixed[1]["class"]] * 3
+    assert mixed[0]["input"] == "<image>" and mixed[1]["input"].endswith("1.png")
+    with pytest.raises(ovr.OvrError, match="cannot predict on a int"):
+        p.predict([3])
+
+
+def test_model_refuses_nan_and_the_wrong_number_of_features():
+    X = torch.randn(20, 4)
+    y = torch.arange(2).repeat(10)
+    m = Model({"dim": 4}, "standardize", "linear", ["a", "b"])
+    bad = X.clone()
+    bad[3, 1] = float("nan")
+    with pytest.raises(ValueError, match="NaN"):
+        m.fit_heads(["a", "b"], bad, y, X[:0], y[:0], TrainConfig())
+    m.fit_heads(["a", "b"], X, y, X[:0], y[:0], TrainConfig())
+    with pytest.raises(ValueError, match=r"features must be \[n, 4\]"):
+        m.answer(torch.randn(3, 5))
