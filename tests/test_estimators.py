@@ -110,3 +110,15 @@ def test_default_float32_matmuls_reach_the_same_optimum():
     assert torch.allclose(a.loss, b.loss, rtol=1e-3, atol=2e-4)  # objective at the optimum, to the tolerance
     Xt = torch.tensor(X)
     assert torch.equal(Xt @ a.weight.T + a.bias > 0, Xt @ b.weight.T + b.bias > 0)
+
+
+def test_a_column_started_far_off_with_saturated_logits_still_converges():
+    """Found on the photo set: a weakly regularised head refit from a warm start with saturated, wrong logits made
+    no progress for 500 iterations (gradient 0.8) because 4 line-search steps could not reach a usable step."""
+    X, y = blobs(2, 60, 200, seed=7)
+    X = StandardScaler().fit_transform(X)
+    T = torch.tensor((y == 1).astype(float))[:, None]
+    w0 = -500 * torch.tensor(X[y == 1].mean(0) - X[y == 0].mean(0))[None]  # confidently wrong: |logits| ~ 100s
+    sol = logistic_lbfgs(torch.tensor(X), T, torch.ones(1), torch.tensor([1e-4]), init=(w0, torch.zeros(1)))
+    assert sol.grad_norm[0] <= 1e-4 and sol.iterations[0] < 500
+    assert ((torch.tensor(X) @ sol.weight[0] + sol.bias[0] > 0).numpy() == (y == 1)).all()
