@@ -105,27 +105,51 @@ def check_can_write(out: Path, force: bool) -> None:
         raise OvrError(f"{out} exists and is not an ovr model; refusing to overwrite it")
 
 
+def recover(out: Path) -> None:
+    """Finish or undo an interrupted `train --force` replace. It renames OUT to .OUT.old-* and then .OUT.tmp-* to
+    OUT; a crash between the two leaves no model at OUT. The next command that opens OUT puts the old model back;
+    leftover temp folders and old copies are removed once OUT is whole. Call it while holding the model's lock."""
+    olds = sorted(out.parent.glob(f".{out.name}.old-*"), key=lambda p: p.stat().st_mtime)
+    if not out.exists() and olds and (olds[-1] / MANIFEST).is_file():
+        os.replace(olds.pop(), out)
+    if out.exists():
+        for p in olds + list(out.parent.glob(f".{out.name}.tmp-*")):
+            if p.is_dir() and not p.is_symlink():
+                shutil.rmtree(p, ignore_errors=True)
+        for p in out.glob(f".{MANIFEST}.*.tmp"):
+            p.unlink(missing_ok=True)
+
+
+# A test hook: raise right after the first rename of a replace, as a kill there would stop it.
+_CRASH_BETWEEN_RENAMES = "OVR_TEST_CRASH_BETWEEN_RENAMES"
+
+
 def save_model(model: Model, out: str | Path, force: bool = False, config_toml: str | None = None) -> dict:
-    """A whole new model: built in a temp folder beside OUT and renamed into place (never half-written)."""
+    """A whole new model: built in a temp folder beside OUT and renamed into place (never half-written), under the
+    same lock as every other writer of OUT."""
     out = Path(out)
-    check_can_write(out, force)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp-{uuid.uuid4().hex[:8]}")
-    try:
-        manifest = _write_files(model, tmp, None, None)
-        if config_toml is not None:
-            atomic_write_bytes(tmp / "config.toml", config_toml.encode())
-        atomic_write_bytes(tmp / MANIFEST, json.dumps(manifest, indent=2, ensure_ascii=False).encode())
-        if out.exists():
-            old = out.with_name(f".{out.name}.old-{uuid.uuid4().hex[:8]}")
-            os.replace(out, old)
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+    with model_lock(out, must_exist=False):
+        recover(out)
+        check_can_write(out, force)
+        tmp = out.with_name(f".{out.name}.tmp-{uuid.uuid4().hex[:8]}")
+        try:
+            manifest = _write_files(model, tmp, None, None)
+            if config_toml is not None:
+                atomic_write_bytes(tmp / "config.toml", config_toml.encode())
+            atomic_write_bytes(tmp / MANIFEST, json.dumps(manifest, indent=2, ensure_ascii=False).encode())
+            if out.exists():
+                old = out.with_name(f".{out.name}.old-{uuid.uuid4().hex[:8]}")
+                os.replace(out, old)
+                if os.environ.get(_CRASH_BETWEEN_RENAMES):
+                    raise SystemExit("crash between renames (test hook)")
+                os.replace(tmp, out)
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                os.replace(tmp, out)
+        finally:
+            if tmp.exists() and out.exists():
+                shutil.rmtree(tmp, ignore_errors=True)
     return manifest
 
 
@@ -141,14 +165,21 @@ def update_model(model: Model, root: str | Path, changed: set[str]) -> dict:
 
 
 @contextmanager
-def model_lock(root: str | Path, timeout: float = 600):
-    """One writer at a time per model: a second add-class waits for the first, then sees its head."""
+def model_lock(root: str | Path, timeout: float | None = None, must_exist: bool = True):
+    """One writer at a time per model folder (add-class, refresh, remove-class and train --force alike): a second
+    waits for the first, then sees its result. The lock file sits beside the folder, so replacing the whole folder
+    keeps it. $OVR_LOCK_TIMEOUT sets how long to wait (default 600 s)."""
     from filelock import FileLock, Timeout
 
     root = Path(root)
-    if not (root / MANIFEST).is_file():
-        raise OvrError(f"not an ovr model (no {MANIFEST}): {root}")
-    lock = FileLock(str(root / ".lock"))
+    if must_exist and not (root / MANIFEST).is_file():
+        if not root.exists() and any(root.parent.glob(f".{root.name}.old-*")):
+            with FileLock(str(root.parent / f".{root.name}.lock"), timeout=timeout or 600):
+                recover(root)  # an interrupted replace left no model here: put it back first
+        if not (root / MANIFEST).is_file():
+            raise OvrError(f"not an ovr model (no {MANIFEST}): {root}")
+    timeout = float(os.environ.get("OVR_LOCK_TIMEOUT", 600)) if timeout is None else timeout
+    lock = FileLock(str(root.parent / f".{root.name}.lock"))
     try:
         lock.acquire(timeout=timeout)
     except Timeout:
@@ -171,6 +202,9 @@ def check_confined(root: Path) -> None:
 def read_manifest(root: str | Path) -> dict:
     root = Path(root)
     p = root / MANIFEST
+    if not root.is_dir() and any(root.parent.glob(f".{root.name}.old-*")):
+        with model_lock(root, must_exist=False):
+            recover(root)
     if not root.is_dir():
         raise OvrError(f"model folder not found: {root}")
     check_confined(root)

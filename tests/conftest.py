@@ -79,3 +79,15 @@ def make_shape(path: Path, shape: str, i: int, size: int = 32) -> None:
         d.rectangle([cx - r, cy - w, cx + r, cy + w], fill=fg)
     path.parent.mkdir(parents=True, exist_ok=True)
     img.save(path)
+
+
+TINY = ["--backbone", "tiny_cnn", "--device", "cpu", "--workers", "0"]
+
+
+def cli(*args):
+    """Run the `ovr` CLI in-process (arguments may be paths)."""
+    from typer.testing import CliRunner
+
+    from ovr.cli import app
+
+    return CliRunner().invoke(app, [str(a) for a in args])

@@ -6,21 +6,14 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from typer.testing import CliRunner
 
 import ovr
-from ovr.cli import app
 from ovr.config import TrainConfig
 from ovr.model import Model
 
-from conftest import make_image
+from conftest import TINY, cli, make_image
 
-runner = CliRunner()
-TINY = ["--backbone", "tiny_cnn", "--device", "cpu", "--workers", "0"]
-
-
-def run(*args):
-    return runner.invoke(app, [str(a) for a in args])
+run = cli
 
 
 @pytest.fixture

@@ -6,22 +6,15 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from typer.testing import CliRunner
 
 from ovr import aggregate
-from ovr.cli import app
 from ovr.config import TrainConfig
 from ovr.model import Model
 from ovr.store import load_model, read_manifest
 
-from conftest import SHAPES, make_folder, make_shape
+from conftest import SHAPES, TINY, cli, make_folder, make_shape
 
-runner = CliRunner()
-TINY = ["--backbone", "tiny_cnn", "--device", "cpu", "--workers", "0"]
-
-
-def run(*args):
-    return runner.invoke(app, [str(a) for a in args])
+run = cli
 
 
 def blobs(K=5, n=40, d=12, seed=0, spread=1.0):

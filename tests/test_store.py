@@ -5,21 +5,14 @@ import pickle
 
 import pytest
 import torch
-from typer.testing import CliRunner
 
-from ovr.cli import app
 from ovr.errors import OvrError
 from ovr.features import load_backbone
 from ovr.store import load_model
 
-from conftest import make_folder
+from conftest import TINY, cli, make_folder
 
-runner = CliRunner()
-TINY = ["--backbone", "tiny_cnn", "--device", "cpu", "--workers", "0"]
-
-
-def run(*args):
-    return runner.invoke(app, [str(a) for a in args])
+run = cli
 
 
 @pytest.fixture
@@ -89,3 +82,30 @@ def test_a_pickle_planted_in_the_hub_cache_runs_no_code(tmp_path, monkeypatch):
     with pytest.raises(OvrError):
         load_backbone("resnet18", "default")
     assert not (tmp_path / "pwned").exists()
+
+
+def test_a_crash_between_the_two_renames_of_train_force_loses_no_model(model, tmp_path, monkeypatch):
+    before = load_model(model).classes
+    data = make_folder(tmp_path / "data2", n_classes=4, per_class=8)
+    monkeypatch.setenv("OVR_TEST_CRASH_BETWEEN_RENAMES", "1")
+    with pytest.raises(SystemExit):
+        from ovr.config import load_config
+        from ovr.pipeline import train_model
+        train_model(data, model, load_config(None, {"backbone": "tiny_cnn", "device": "cpu", "workers": 0}), force=True)
+    monkeypatch.delenv("OVR_TEST_CRASH_BETWEEN_RENAMES")
+    assert not model.exists() and list(tmp_path.glob(".m.old-*"))  # the state a kill there leaves
+    assert load_model(model).classes == before  # the next command that opens it puts the old model back
+    assert run("train", data, "--out", model, "--force", *TINY).exit_code == 0
+    assert load_model(model).classes == ["c0", "c1", "c2", "c3"]
+    assert not list(tmp_path.glob(".m.old-*")) and not list(tmp_path.glob(".m.tmp-*"))
+
+
+def test_train_force_waits_for_the_model_lock(model, tmp_path, monkeypatch):
+    from filelock import FileLock
+
+    data = make_folder(tmp_path / "data2", n_classes=4, per_class=8)
+    monkeypatch.setenv("OVR_LOCK_TIMEOUT", "0.5")
+    with FileLock(str(tmp_path / ".m.lock")):  # another writer (an add-class) holds the model
+        r = run("train", data, "--out", model, "--force", *TINY)
+    assert r.exit_code == 2 and "locked by another ovr process" in r.output
+    assert load_model(model).classes == ["c0", "c1", "c2"]
