@@ -49,6 +49,14 @@ def _json(obj, as_json: bool, json_out: Path | None) -> bool:
     return as_json
 
 
+def _rule(title: str) -> None:
+    """A section title: a rule on a terminal, a plain line when piped (a rule would span the piped width)."""
+    if console.is_terminal:
+        console.rule(title)
+    else:
+        console.print(f"== {title} ==", highlight=False)
+
+
 def _version(value: bool) -> None:
     if value:
         from . import __version__
@@ -441,18 +449,18 @@ def demo(
         nine = out / "digits-0-8"
         if not nine.exists():  # the first nine classes; digit_9 comes later through add-class
             shutil.copytree(digits, nine, ignore=lambda d, names: ["digit_9"] if Path(d) == digits else [])
-        console.rule("1. train one-vs-rest heads on digits 0-8 (EfficientNet-Lite0 features, cached)")
+        _rule("1. train one-vs-rest heads on digits 0-8 (EfficientNet-Lite0 features, cached)")
         with progress_bar() as cb:
             model, emb = train_model(nine, out / "model", cfg, force=True, progress=cb)
         console.print(embed_line(emb), highlight=False)
         console.print(_train_table(model, f"{len(model.classes)} heads -> {out / 'model'}"))
-        console.rule("2. add digit_9 without retraining the others")
+        _rule("2. add digit_9 without retraining the others")
         mcfg = model_config(out / "model", device=device, cache_dir=cache_dir)
         with progress_bar() as cb:
             r = add_class(out / "model", "digit_9", [str(digits / "digit_9")], mcfg, progress=cb)
         console.print(f"added digit_9 from {r.images} images; head training took {r.train_seconds:.2f} s", highlight=False)
         _print_confused(r.confused)
-        console.rule("3. predict a few images")
+        _rule("3. predict a few images")
         samples = [sorted((digits / f"digit_{d}").glob("*.png"))[-1] for d in (0, 3, 9)]
         rows = Predictor(out / "model", mcfg.features.device, mcfg.features.cache_dir or None).predict(samples, top_k=2)
         t = Table()
@@ -462,7 +470,7 @@ def demo(
             t.add_row(escape(row["input"]), escape(row["class"]), f"{row['confidence']:.3f}",
                       escape(f"{row['runner_up']['class']} {row['runner_up']['confidence']:.3f}"))
         console.print(t)
-        console.rule("4. benchmark one-vs-rest vs softmax on all ten digits")
+        _rule("4. benchmark one-vs-rest vs softmax on all ten digits")
         with progress_bar() as cb:
             emb = embed_data(digits, cfg, progress=cb)
             rep = run_bench(emb, cfg, progress=cb)
