@@ -18,6 +18,7 @@ import uuid
 from contextlib import contextmanager
 from pathlib import Path
 
+import torch
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
@@ -214,12 +215,71 @@ def read_manifest(root: str | Path) -> dict:
         m = json.loads(p.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise OvrError(f"{p} is corrupt: {e}") from None
-    v = m.get("schema_version")
-    if not isinstance(v, int):
+    if not isinstance(m, dict) or not isinstance(m.get("schema_version"), int):
         raise OvrError(f"{p} has no schema_version; not an ovr model")
+    v = m["schema_version"]
     if v > SCHEMA_VERSION:
         raise OvrError(f"{root} was written by a newer ovr (schema {v}, this ovr reads up to {SCHEMA_VERSION}); upgrade ovr")
+    problem = manifest_problem(m)
+    if problem:
+        raise OvrError(f"{p} is damaged: {problem}")
     return m
+
+
+_NUM = (int, float)
+_RECORD_KEYS = set(HeadRecord.__dataclass_fields__) | {"file", "sha256", "best_epoch"}
+_HEAD_KEYS = {"file": str, "sha256": str, "threshold": _NUM, "positives": int, "negatives": int, "l2": _NUM,
+              "calibration": dict}
+
+
+def manifest_problem(m: dict) -> str | None:
+    """The first thing wrong with a manifest's structure, in words, or None (types and required keys; the
+    files it names are checked when they are read)."""
+    for key, typ in (("classes", list), ("heads", dict), ("backbone", dict), ("examples", dict), ("head_type", str),
+                     ("normalize", str), ("created", str)):
+        if not isinstance(m.get(key), typ):
+            return f"{key!r} is missing or not a {typ.__name__}"
+    if m["head_type"] not in ("linear", "mlp") or m["normalize"] not in ("standardize", "l2"):
+        return f"unknown head type {m['head_type']!r} or normalisation {m['normalize']!r}"
+    if not isinstance(m["backbone"].get("dim"), int) or not isinstance(m["backbone"].get("name"), str):
+        return "the backbone has no name or dim"
+    if not all(isinstance(c, str) for c in m["classes"]) or len(set(m["classes"])) != len(m["classes"]):
+        return "class names must be distinct strings"
+    for c in m["classes"]:
+        h = m["heads"].get(c)
+        if not isinstance(h, dict):
+            return f"class {c!r} has no head entry"
+        for key, typ in _HEAD_KEYS.items():
+            if not isinstance(h.get(key), typ) or isinstance(h.get(key), bool):
+                return f"head {c!r}: {key!r} is missing or not {'a number' if typ is _NUM else 'a ' + typ.__name__}"
+        if not 0 <= h["threshold"] <= 1:
+            return f"head {c!r}: threshold {h['threshold']} is outside [0, 1]"
+        unknown = set(h) - _RECORD_KEYS
+        if unknown:
+            return f"head {c!r}: unknown key {sorted(unknown)[0]!r}"
+        tw = h.get("trained_with")
+        if tw is not None and not (isinstance(tw, list) and all(isinstance(x, str) for x in tw)):
+            return f"head {c!r}: trained_with must be a list of class names"
+    e = m["examples"]
+    if not isinstance(e.get("file"), str) or not isinstance(e.get("sha256"), str):
+        return "the examples entry has no file or sha256"
+    g = m.get("gate")
+    if g is not None and not (isinstance(g, dict) and isinstance(g.get("file"), str) and isinstance(g.get("classes"), list)):
+        return "the gate entry has no file or classes"
+    if not isinstance(m.get("config", {}), dict):
+        return "config is not a table"
+    return None
+
+
+def _check_head_tensors(c: str, t: dict, head_type: str, dim: int) -> None:
+    want = {"linear": {"weight", "bias"}, "mlp": {"w1", "b1", "w2", "b2"}}[head_type]
+    if set(t) != want:
+        raise OvrError(f"head of class {c!r} holds tensors {sorted(t)}, expected {sorted(want)}")
+    w = t["weight" if head_type == "linear" else "w1"]
+    if w.shape[0] != dim:
+        raise OvrError(f"head of class {c!r} expects {w.shape[0]} features, the backbone gives {dim}")
+    if not all(bool(torch.isfinite(v).all()) for v in t.values()):
+        raise OvrError(f"head of class {c!r} has NaN or infinite weights")
 
 
 def _inside(root: Path, rel) -> Path:
@@ -253,10 +313,21 @@ def load_model(root: str | Path) -> Model:
     for c in m["classes"]:
         rec = raw[c]
         data = _read_verified(root, rec.pop("file"), rec.pop("sha256"), f"head of class {c!r}")
-        heads[c] = st_load(data)
-        records[c] = _record(rec, legacy.get(c))
+        try:
+            heads[c] = st_load(data)
+        except Exception as e:  # safetensors raises its own error types on malformed bytes
+            raise OvrError(f"head of class {c!r} is not a safetensors file: {e}") from None
+        _check_head_tensors(c, heads[c], m["head_type"], m["backbone"]["dim"])
+        try:
+            records[c] = _record(rec, legacy.get(c))
+        except TypeError as e:
+            raise OvrError(f"{root / MANIFEST} is damaged: head {c!r}: {e}") from None
     e = m["examples"]
-    examples = json.loads(_read_verified(root, e["file"], e["sha256"], "training examples index"))
+    try:
+        examples = json.loads(_read_verified(root, e["file"], e["sha256"], "training examples index"))
+        assert isinstance(examples, list) and all(isinstance(x, dict) and "key" in x for x in examples)
+    except (json.JSONDecodeError, UnicodeDecodeError, AssertionError):
+        raise OvrError(f"the training examples index of {root} is corrupt") from None
     gate = None
     if m.get("gate"):
         g = m["gate"]

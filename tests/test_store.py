@@ -109,3 +109,46 @@ def test_train_force_waits_for_the_model_lock(model, tmp_path, monkeypatch):
         r = run("train", data, "--out", model, "--force", *TINY)
     assert r.exit_code == 2 and "locked by another ovr process" in r.output
     assert load_model(model).classes == ["c0", "c1", "c2"]
+
+
+def _edit(model, fn):
+    p = model / "manifest.json"
+    m = json.loads(p.read_text())
+    m = fn(m)
+    p.write_text(json.dumps(m))
+
+
+def _rewrite_head(model, tensors):
+    from safetensors.torch import save
+
+    m = json.loads((model / "manifest.json").read_text())
+    data = save(tensors)
+    (model / m["heads"]["c0"]["file"]).write_bytes(data)
+    import hashlib
+    m["heads"]["c0"]["sha256"] = hashlib.sha256(data).hexdigest()
+    (model / "manifest.json").write_text(json.dumps(m))
+
+
+DAMAGE = {
+    "a JSON list": lambda model: _edit(model, lambda m: [m]),
+    "schema_version alone": lambda model: _edit(model, lambda m: {"schema_version": 1}),
+    "a class with no head entry": lambda model: _edit(model, lambda m: {**m, "classes": m["classes"] + ["ghost"]}),
+    "no sha256": lambda model: _edit(model, lambda m: (m["heads"]["c0"].pop("sha256"), m)[1]),
+    "threshold null": lambda model: _edit(model, lambda m: (m["heads"]["c0"].update(threshold=None), m)[1]),
+    "an unknown record key": lambda model: _edit(model, lambda m: (m["heads"]["c0"].update(bogus=1), m)[1]),
+    "wrong tensor names": lambda model: _rewrite_head(model, {"w": torch.zeros(64), "bias": torch.zeros(())}),
+    "wrong shape": lambda model: _rewrite_head(model, {"weight": torch.zeros(7), "bias": torch.zeros(())}),
+    "NaN weights": lambda model: _rewrite_head(model, {"weight": torch.full((64,), float("nan")), "bias": torch.zeros(())}),
+    "a corrupt examples file": lambda model: [p.write_text("{") for p in model.glob("examples-*.json")],
+}
+
+
+@pytest.mark.parametrize("damage", list(DAMAGE))
+def test_a_damaged_model_folder_is_a_one_line_error(model, damage, tmp_path):
+    DAMAGE[damage](model)
+    for args in (["info", model], ["predict", model, tmp_path / "data" / "c0" / "img000.png", "--device", "cpu"]):
+        r = run(*args)
+        if damage in ("wrong tensor names", "wrong shape", "NaN weights", "a corrupt examples file") and args[0] == "info":
+            continue  # info reads the manifest only (it does not open the head files)
+        assert r.exit_code == 2, (damage, args[0], r.output)
+        assert "Traceback" not in r.output and r.output.count("\n") <= 2 and "error:" in r.output, r.output
