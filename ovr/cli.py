@@ -124,6 +124,15 @@ def _config(config, **flags):
     return load_config(config, flags)
 
 
+def _floats(text: str | None, flag: str) -> tuple[float, ...] | None:
+    if text is None:
+        return None
+    try:
+        return tuple(float(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise OvrError(f"{flag} takes numbers separated by commas, got {text!r}") from None
+
+
 def _warn_skipped(skipped) -> None:
     for p, why in skipped:
         err.print(f"[yellow]warning:[/] skipped {escape(str(p))}: {escape(str(why))}", highlight=False, soft_wrap=True)
@@ -193,6 +202,11 @@ def train(
     lr: Annotated[Optional[float], typer.Option(help="Adam learning rate. \\[default: 0.003]")] = None,
     seed: Annotated[Optional[int], typer.Option(help="Global seed; each head's seed derives from it and its class name.")] = None,
     pos_weight: Annotated[Optional[bool], typer.Option("--pos-weight/--no-pos-weight", help="Weight positives by negatives/positives per head. \\[default: on]")] = None,
+    l2_grid: Annotated[Optional[str], typer.Option("--l2-grid", help="L2 strengths each head chooses from on the val split, comma-separated (one value: no sweep, about 11x less work). \\[default: 1e-4 to 10 in half-decades]")] = None,
+    tol: Annotated[Optional[float], typer.Option(help="Linear heads: stop at this max |gradient| (scikit-learn's tol). \\[default: 1e-4]")] = None,
+    val_fraction: Annotated[Optional[float], typer.Option("--val-fraction", help="Share of each class held out to choose strengths and calibrate. \\[default: 0.15]")] = None,
+    test_fraction: Annotated[Optional[float], typer.Option("--test-fraction", help="Share of each class kept for `ovr evaluate`. \\[default: 0.15]")] = None,
+    split_seed: Annotated[Optional[int], typer.Option("--split-seed", help="Seed of the train/val/test split. \\[default: 0]")] = None,
     normalize: Annotated[Optional[str], typer.Option(help="standardize | l2 feature normalisation. \\[default: standardize]")] = None,
     calibration: Annotated[Optional[str], typer.Option(help="platt | temperature | none, fitted per head on val. \\[default: platt]")] = None,
     force: Annotated[bool, typer.Option("--force", help="Overwrite an existing model folder.")] = False,
@@ -205,7 +219,9 @@ def train(
 
         cfg = _config(config, backbone=backbone, weights=weights, device=device, batch_size=batch_size,
                       workers=workers, cache_dir=cache_dir, strict=strict, head=head, hidden=hidden, epochs=epochs,
-                      lr=lr, seed=seed, pos_weight=pos_weight, normalize=normalize, calibration=calibration)
+                      lr=lr, seed=seed, pos_weight=pos_weight, normalize=normalize, calibration=calibration,
+                      l2_grid=_floats(l2_grid, "--l2-grid"), tol=tol, val_fraction=val_fraction,
+                      test_fraction=test_fraction, split_seed=split_seed)
         with progress_bar() as cb:
             model, emb = train_model(data, out, cfg, force=force, progress=cb)
         _warn_skipped(emb.result.skipped)

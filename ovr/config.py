@@ -41,6 +41,12 @@ class DataConfig:
     test_fraction: float = 0.15
     split_seed: int = 0
 
+    def __post_init__(self) -> None:
+        for name in ("val_fraction", "test_fraction"):
+            _check(0 <= getattr(self, name) < 1, f"{name} must be in [0, 1), got {getattr(self, name)}")
+        _check(self.val_fraction + self.test_fraction < 1,
+               f"val_fraction + test_fraction must leave images to train on, got {self.val_fraction + self.test_fraction}")
+
 
 @dataclass(frozen=True)
 class TrainConfig:

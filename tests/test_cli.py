@@ -85,3 +85,20 @@ def test_model_refuses_nan_and_the_wrong_number_of_features():
     m.fit_heads(["a", "b"], X, y, X[:0], y[:0], TrainConfig())
     with pytest.raises(ValueError, match=r"features must be \[n, 4\]"):
         m.answer(torch.randn(3, 5))
+
+
+def test_train_flags_for_what_users_tune(tmp_path, cache_dir):
+    from conftest import make_folder
+    from ovr.store import load_model
+
+    data = make_folder(tmp_path / "data", n_classes=3, per_class=10)
+    r = run("train", data, "--out", tmp_path / "m", *TINY, "--l2-grid", "0.5", "--val-fraction", "0.3",
+            "--test-fraction", "0", "--split-seed", "3", "--tol", "0.001")
+    assert r.exit_code == 0, r.output
+    m = load_model(tmp_path / "m")
+    assert {rec.l2 for rec in m.records.values()} == {0.5}
+    assert m.config["data"] == {"val_fraction": 0.3, "test_fraction": 0.0, "split_seed": 3}
+    assert not any(e["split"] == "test" for e in m.examples)
+    for bad in (["--l2-grid", "abc"], ["--val-fraction", "1.5"], ["--val-fraction", "0.6", "--test-fraction", "0.5"]):
+        r = run("train", data, "--out", tmp_path / "m2", *TINY, *bad)
+        assert r.exit_code == 2 and "error:" in r.output, (bad, r.output)
