@@ -66,8 +66,15 @@ def _version(value: bool) -> None:
 
 @app.callback()
 def _root(version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
-                                                help="Print the version and exit.")] = False) -> None:
+                                                help="Print the version and exit.")] = False,
+          threads: Annotated[Optional[int], typer.Option("--threads", help="Compute threads (torch's pool); 0: the cores not already busy (from the load average). Also $OVR_THREADS. \\[default: 0]")] = None) -> None:
     """One-vs-rest image classification on frozen pretrained features."""
+    import os
+
+    if threads is not None:
+        if threads < 0:
+            _fail(OvrError(f"--threads must be 0 (automatic) or more, got {threads}"))
+        os.environ["OVR_THREADS"] = str(threads)
 
 
 def main() -> None:

@@ -102,3 +102,24 @@ def test_train_flags_for_what_users_tune(tmp_path, cache_dir):
     for bad in (["--l2-grid", "abc"], ["--val-fraction", "1.5"], ["--val-fraction", "0.6", "--test-fraction", "0.5"]):
         r = run("train", data, "--out", tmp_path / "m2", *TINY, *bad)
         assert r.exit_code == 2 and "error:" in r.output, (bad, r.output)
+
+
+def test_threads_from_the_free_cores_or_as_asked(monkeypatch):
+    import os
+
+    import ovr.runtime as rt
+
+    cores = len(os.sched_getaffinity(0))
+    monkeypatch.setattr(os, "getloadavg", lambda: (float(cores) + 3, 0.0, 0.0))
+    assert rt.compute_threads(0) == 1  # a machine busy with other work: one thread
+    monkeypatch.setattr(os, "getloadavg", lambda: (0.0, 0.0, 0.0))
+    assert rt.compute_threads(0) == cores
+    assert rt.compute_threads(3) == 3
+    before = torch.get_num_threads()
+    try:
+        monkeypatch.setenv("OVR_THREADS", "1")
+        monkeypatch.setattr(rt, "_THREADS_SET", False)
+        assert rt.configure_threads() == 1 and torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
+    assert run("--threads", "-1", "info", "x").exit_code == 2
