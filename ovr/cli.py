@@ -397,7 +397,7 @@ def info(
 ) -> None:
     """The model's backbone and a table of its heads."""
     with user_errors():
-        from .store import read_manifest
+        from .manifest import read_manifest
 
         m = read_manifest(model)
         if as_json:
@@ -411,14 +411,21 @@ def info(
             console.print("this model was written before ovr recorded which classes each head saw: they are inferred "
                           "from when each head was created (heads of one training run saw each other)", highlight=False)
         t = Table(title="heads")
-        for col in ["class", "positives", "negatives", "val F1", "threshold", "created", "sha256"]:
-            t.add_column(col, justify="right" if col in ("positives", "negatives", "val F1", "threshold") else "left")
+        right = ("positives", "negatives", "L2", "val F1", "threshold", "saw")
+        for col in ["class", "positives", "negatives", "L2", "val F1", "threshold", "saw", "created", "sha256"]:
+            t.add_column(col, justify="right" if col in right else "left", overflow="fold", no_wrap=col != "class")
         for c in m["classes"]:
             h = m["heads"][c]
             f1 = (h.get("val") or {}).get("f1")
-            t.add_row(escape(c), str(h["positives"]), str(h["negatives"]), "-" if f1 is None else f"{f1:.3f}",
-                      f"{h['threshold']:.3f}", h["created"][:19], h["sha256"][:12])
+            tw = h.get("trained_with")
+            saw = "?" if tw is None else f"{len(set(tw) & set(m['classes']))}/{len(m['classes'])}"
+            t.add_row(escape(c), str(h["positives"]), str(h["negatives"]), f"{h['l2']:g}",
+                      "-" if f1 is None else f"{f1:.3f}", f"{h['threshold']:.3f}", saw, h["created"][:19],
+                      h["sha256"][:12])
         console.print(t)
+        if m.get("gate"):
+            console.print("some heads never saw some classes (saw < all): answers go through the guarded chain and "
+                          f"its gate ({escape(m['gate']['file'])})", highlight=False)
 
 
 @app.command()

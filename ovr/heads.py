@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from .config import HEADS, NORMALIZE
 from .runtime import head_seed
-from .solver import adam_columns, logistic_lbfgs, weighted_bce
+from .solver import adam_columns, logistic_lbfgs
 
 Tensors = dict[str, torch.Tensor]
 

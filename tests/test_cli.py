@@ -1,6 +1,5 @@
 """What a new user trips over: names with brackets, top-k, all-failed predictions, --version, the Python API's
 inputs, bad features."""
-import json
 
 import numpy as np
 import pytest

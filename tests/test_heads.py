@@ -1,7 +1,6 @@
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 
 from ovr import aggregate
 from ovr.estimators import OvRClassifier, SoftmaxClassifier
