@@ -173,17 +173,33 @@ def _inside(root: Path, rel) -> Path:
 def _read_verified(root: Path, rel: str, sha: str, what: str) -> bytes:
     p = _inside(root, rel)
     if not p.is_file():
-        raise OvrError(f"{what} is missing: {p}")
+        raise _Superseded(f"{what} is missing: {p}")
     data = p.read_bytes()
     if _sha(data) != sha:
         raise OvrError(f"{what} is corrupt (sha256 mismatch): {p}")
     return data
 
 
-def load_model(root: str | Path) -> Model:
-    """Read and verify every file against the manifest's sha256."""
+class _Superseded(OvrError):
+    """A file the manifest names is gone: a writer may have swapped the manifest and pruned it since we read."""
+
+
+def load_model(root: str | Path, manifest: dict | None = None) -> Model:
+    """Read and verify every file against the manifest's sha256. A reader racing an update can read the old
+    manifest and then find one of its files already pruned: it then reads the new manifest once more, so it sees
+    the old model or the new one, never an error or a mix. (`manifest`: one read earlier, for that test.)"""
     root = Path(root)
-    m = read_manifest(root)
+    m = manifest if manifest is not None else read_manifest(root)
+    try:
+        return _load_files(root, m)
+    except _Superseded:
+        fresh = read_manifest(root)
+        if fresh == m:
+            raise
+        return _load_files(root, fresh)
+
+
+def _load_files(root: Path, m: dict) -> Model:
     heads, records = {}, {}
     raw = {c: dict(m["heads"][c]) for c in m["classes"]}
     legacy = _legacy_trained_with(raw)

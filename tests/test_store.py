@@ -152,3 +152,14 @@ def test_a_damaged_model_folder_is_a_one_line_error(model, damage, tmp_path):
             continue  # info reads the manifest only (it does not open the head files)
         assert r.exit_code == 2, (damage, args[0], r.output)
         assert "Traceback" not in r.output and r.output.count("\n") <= 2 and "error:" in r.output, r.output
+
+
+def test_a_reader_that_raced_an_update_sees_the_new_model_not_an_error(model, tmp_path):
+    from ovr.store import read_manifest
+
+    stale = read_manifest(model)  # a reader has read the manifest...
+    new = make_folder(tmp_path / "new", n_classes=3, per_class=9, prefix="x")
+    assert run("add-class", model, "c1", new / "x1", "--replace", "--device", "cpu").exit_code == 0
+    assert not (model / stale["heads"]["c1"]["file"]).exists()  # ...and a writer pruned the head it names
+    m = load_model(model, manifest=stale)
+    assert m.records["c1"].positives == 9  # the new model, whole
