@@ -90,11 +90,13 @@ def fit_thresholds(conf: np.ndarray, targets: np.ndarray, default: float = 0.5) 
     return out
 
 
-def predict(conf: np.ndarray, reject_below: float | None = None, thresholds: np.ndarray | None = None) -> np.ndarray:
-    """Argmax of confidence; UNKNOWN where the best is below reject_below, or where no head passes its threshold."""
-    idx = conf.argmax(1)
-    if reject_below is not None:
-        idx = np.where(conf.max(1) < reject_below, UNKNOWN, idx)
+def predict(conf: np.ndarray, reject_below: float | None = None, thresholds: np.ndarray | None = None,
+            index: np.ndarray | None = None) -> np.ndarray:
+    """The answer (`index`, by default the argmax of confidence), or UNKNOWN where the answer's confidence is below
+    reject_below, or where no head passes its threshold."""
+    idx = conf.argmax(1) if index is None else np.asarray(index)
+    if reject_below is not None and len(idx):
+        idx = np.where(conf[np.arange(len(idx)), idx] < reject_below, UNKNOWN, idx)
     if thresholds is not None:
         idx = np.where((conf >= thresholds).any(1), idx, UNKNOWN)
     return idx

@@ -77,11 +77,7 @@ class Model:
         else:
             idx = conf.argmax(1) if len(z) else np.zeros(0, dtype=int)
         conf = conf * g
-        best = conf[np.arange(len(idx)), idx] if len(idx) else np.zeros(0)
-        if reject_below is not None:
-            idx = np.where(best < reject_below, aggregate.UNKNOWN, idx)
-        if thresholds:
-            idx = np.where((conf >= thr).any(1), idx, aggregate.UNKNOWN)
+        idx = aggregate.predict(conf, reject_below, thr if thresholds else None, index=idx)
         return Answer(idx, conf, thr, z)
 
     def fire_rates(self, X: torch.Tensor, heads: list[str]) -> dict[str, float]:

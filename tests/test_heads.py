@@ -138,6 +138,9 @@ def test_aggregator_unknown_and_multilabel():
     assert aggregate.predict(conf).tolist() == [0, 0, 0]
     assert aggregate.predict(conf, reject_below=0.5).tolist() == [0, -1, 0]
     assert aggregate.predict(conf, thresholds=np.array([0.85, 0.6])).tolist() == [0, -1, 0]
+    # the guarded chain's answer, not the argmax, is what reject_below looks at
+    assert aggregate.predict(conf, reject_below=0.75, index=np.array([1, 1, 1])).tolist() == [-1, -1, -1]
+    assert aggregate.predict(conf, reject_below=0.65, index=np.array([0, 1, 1])).tolist() == [0, -1, 1]
     assert aggregate.multilabel(conf, np.array([0.5, 0.5])).tolist() == [[True, False], [False, False], [True, True]]
 
 
