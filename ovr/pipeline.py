@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 from . import aggregate
-from .config import Config, TrainConfig, config_to_dict, config_to_toml, load_config
+from .config import Config, config_to_dict, config_to_toml, load_config
 from .data import expand_inputs, scan_folder, split_assignments
 from .errors import OvrError
 from .features import (Backbone, EmbeddedFolder, EmbeddingCache, Progress, default_cache_dir, embed_folder,
@@ -273,7 +273,7 @@ def add_class(root: str | Path, name: str, inputs: list[str], cfg: Config, repla
             model.classes.append(name)
         X, y, Xv, yv = remembered(model, cache, device)
         t1 = time.perf_counter()
-        model.fit_heads([name], X, y, Xv, yv, train_config(model, cfg), progress=progress)
+        model.fit_heads([name], X, y, Xv, yv, cfg.train, progress=progress)
         train_s = time.perf_counter() - t1
         model.rebuild_gate(X, y, Xv, yv)
         new = torch.tensor([model.classes.index(name)] * len(r.keys))
@@ -298,16 +298,6 @@ def remembered_under_other_labels(model: Model, keys: list[str], name: str) -> d
     return out
 
 
-def train_config(model: Model, cfg: Config | None = None) -> TrainConfig:
-    """The training settings of a new or refreshed head: as the model was made, unless `cfg` (defaults < stored
-    model config < --config file < flags, see model_config) says otherwise."""
-    if cfg is not None:
-        return cfg.train
-    t = dict(model.config.get("train", {}))
-    t = {k: tuple(v) if isinstance(v, list) else v for k, v in t.items() if k in TrainConfig.__dataclass_fields__}
-    return TrainConfig(**t)
-
-
 def refresh(root: str | Path, classes: list[str], cfg: Config, progress: Progress | None = None) -> GrowResult:
     """Retrain the named heads (or the confused ones) on all current data; every other head stays byte-identical."""
     t0 = time.perf_counter()
@@ -321,7 +311,7 @@ def refresh(root: str | Path, classes: list[str], cfg: Config, progress: Progres
         confused = model.confused_heads(torch.cat([X, Xv]), torch.cat([y, yv])) if not classes else {}
         chosen = classes or sorted(confused)
         if chosen:
-            model.fit_heads(chosen, X, y, Xv, yv, train_config(model, cfg), progress=progress)
+            model.fit_heads(chosen, X, y, Xv, yv, cfg.train, progress=progress)
             model.rebuild_gate(X, y, Xv, yv)
             update_model(model, root, set(chosen))
     return GrowResult(chosen, confused=confused, seconds=time.perf_counter() - t0)
