@@ -30,6 +30,17 @@ def recover(out: Path) -> None:
             p.unlink(missing_ok=True)
 
 
+def _lock_path(root: Path) -> str:
+    return str(root.parent / f".{root.name}.lock")
+
+
+def _recover_if_interrupted(root: Path) -> None:
+    """No folder at ROOT but an old copy beside it: a replace was cut short; put the model back, under the lock."""
+    if not root.exists() and any(root.parent.glob(f".{root.name}.old-*")):
+        with model_lock(root, must_exist=False):
+            recover(root)
+
+
 @contextmanager
 def model_lock(root: str | Path, timeout: float | None = None, must_exist: bool = True):
     """One writer at a time per model folder (add-class, refresh, remove-class and train --force alike): a second
@@ -38,14 +49,12 @@ def model_lock(root: str | Path, timeout: float | None = None, must_exist: bool 
     from filelock import FileLock, Timeout
 
     root = Path(root)
-    if must_exist and not (root / MANIFEST).is_file():
-        if not root.exists() and any(root.parent.glob(f".{root.name}.old-*")):
-            with FileLock(str(root.parent / f".{root.name}.lock"), timeout=timeout or 600):
-                recover(root)  # an interrupted replace left no model here: put it back first
+    if must_exist:
+        _recover_if_interrupted(root)
         if not (root / MANIFEST).is_file():
             raise OvrError(f"not an ovr model (no {MANIFEST}): {root}")
     timeout = float(os.environ.get("OVR_LOCK_TIMEOUT", 600)) if timeout is None else timeout
-    lock = FileLock(str(root.parent / f".{root.name}.lock"))
+    lock = FileLock(_lock_path(root))
     try:
         lock.acquire(timeout=timeout)
     except Timeout:
@@ -68,9 +77,7 @@ def check_confined(root: Path) -> None:
 def read_manifest(root: str | Path) -> dict:
     root = Path(root)
     p = root / MANIFEST
-    if not root.is_dir() and any(root.parent.glob(f".{root.name}.old-*")):
-        with model_lock(root, must_exist=False):
-            recover(root)
+    _recover_if_interrupted(root)
     if not root.is_dir():
         raise OvrError(f"model folder not found: {root}")
     check_confined(root)

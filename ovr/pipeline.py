@@ -166,7 +166,7 @@ def load(root: str | Path, device: str = "auto", cache_dir: str | Path | None = 
 def model_config(root: str | Path, config: str | Path | None = None, **overrides) -> Config:
     """The config a model was trained with (so evaluate splits DATA the same way and add-class trains like the
     others): defaults < stored model config < --config file < flags."""
-    from .store import read_manifest
+    from .manifest import read_manifest
 
     stored = {k: dict(v) for k, v in read_manifest(root).get("config", {}).items() if isinstance(v, dict)}
     stored.get("features", {}).pop("cache_dir", None)  # where to write comes from the user, never from a model file
