@@ -138,10 +138,7 @@ class OvRClassifier(_Base):
         self.val_fraction, self.seed, self.device = val_fraction, seed, device
 
     def _settings(self) -> TrainConfig:
-        from .config import NORMALIZE
-        if self.normalize not in NORMALIZE:
-            raise ValueError(f"normalize must be standardize or l2, not {self.normalize!r}")
-        check_head(self.head)
+        """The parameters as a TrainConfig, which checks them (one list of allowed heads, normalisations, ...)."""
         try:
             return TrainConfig(head=self.head, hidden=self.hidden, epochs=self.epochs, lr=self.lr,
                                head_batch_size=self.batch_size, patience=self.patience, l2_grid=tuple(self.l2_grid),
