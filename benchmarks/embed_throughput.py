@@ -53,7 +53,9 @@ def main() -> None:
     a = ap.parse_args()
 
     from ovr.data import load_image, scan_folder
-    from ovr.features import EmbeddingCache, default_workers, embed_paths, forward, load_backbone
+    from ovr.backbones import load_backbone
+    from ovr.cache import EmbeddingCache
+    from ovr.features import default_workers, embed_paths, forward
     from ovr.runtime import resolve_device
 
     dev = resolve_device(a.device)
@@ -101,7 +103,7 @@ def main() -> None:
     res = {
         "images": len(paths), "image_size": "640x480 JPEG", "backbone": a.backbone, "device": str(dev),
         "torch_threads": torch.get_num_threads(), "cpu_count": os.cpu_count(), "batch_size": a.batch_size,
-        "workers": default_workers(a.workers),
+        "workers": default_workers(a.workers, dev),
         "raw_forward_images_per_s": raw, "pipeline_images_per_s": pipe, "pipeline_over_raw": pipe / raw,
         "cold_embed_cli_s": times[0], "warm_embed_cli_s": times[1], "cold_over_warm_cli": times[0] / times[1],
         "cold_embed_step_s": pipe_s, "warm_embed_step_s": warm_inner, "cold_over_warm_step": pipe_s / warm_inner,

@@ -26,7 +26,7 @@ class FeatureConfig:
     weights: str = "default"  # "default" (the backbone's pretrained weights), "none" (random init) or a file
     device: str = "auto"
     batch_size: int = 64
-    workers: int = -1  # -1: as many DataLoader workers as CPU cores, at most 8
+    workers: int = -1  # -1: on CUDA all cores but one; on CPU the cores left by the compute threads (at most 8)
     cache_dir: str = ""  # "": $OVR_CACHE_DIR or the user's cache dir
     strict: bool = False  # a bad image file is an error instead of a skipped file
 

@@ -59,6 +59,8 @@ def model_lock(root: str | Path, timeout: float | None = None, must_exist: bool 
         lock.acquire(timeout=timeout)
     except Timeout:
         raise OvrError(f"{root} is locked by another ovr process (waited {timeout:.0f} s); try again later") from None
+    except OSError as e:
+        raise OvrError(f"cannot lock {root}: {e.strerror or e} (the lock file {_lock_path(root)} goes beside it)") from None
     try:
         yield
     finally:

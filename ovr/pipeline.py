@@ -14,8 +14,10 @@ from . import aggregate
 from .config import Config, config_to_dict, config_to_toml, load_config
 from .data import expand_inputs, scan_folder, split_assignments
 from .errors import OvrError
-from .features import (Backbone, EmbeddedFolder, EmbeddingCache, Progress, default_cache_dir, embed_folder,
-                       embed_images, embed_paths, load_backbone)
+from .atomic import check_writable
+from .backbones import Backbone, load_backbone
+from .cache import EmbeddingCache, default_cache_dir
+from .features import EmbeddedFolder, Progress, embed_folder, embed_images, embed_paths
 from .model import Model
 from .runtime import resolve_device
 from .store import check_backbone, check_can_write, load_model, model_lock, save_model, update_model
@@ -221,6 +223,8 @@ class GrowResult:
 
 def _open_for_update(root: Path, cfg: Config) -> tuple[Model, Backbone, EmbeddingCache, torch.device]:
     model = load_model(root)
+    for folder in (root, root / "heads"):  # before any embedding: a read-only model would fail at the very end
+        check_writable(folder, "cannot update the model: folder")
     f = cfg.features
     spec = model.backbone
     if f.backbone != spec["name"]:

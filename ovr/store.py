@@ -24,7 +24,7 @@ from safetensors.torch import save as st_save
 from . import __version__
 from .aggregate import Gate
 from .errors import OvrError
-from .features import atomic_write_bytes
+from .atomic import atomic_write_bytes, check_writable
 from .heads import Tensors
 from .manifest import MANIFEST, SCHEMA_VERSION, model_lock, read_manifest, recover  # noqa: F401 (re-exported)
 from .model import HeadRecord, Model, now
@@ -97,7 +97,11 @@ def _prune(root: Path, manifest: dict) -> None:
 
 
 def check_can_write(out: Path, force: bool) -> None:
-    """Without --force only a new folder may become a model; with it, also an empty folder or an ovr model."""
+    """Without --force only a new folder may become a model; with it, also an empty folder or an ovr model.
+    The folder it goes in must be writable (a model is built beside OUT and renamed into place)."""
+    if out.is_file():
+        raise OvrError(f"--out {out} is a file; give a folder for the model")
+    check_writable(out.parent, "cannot write the model: folder")
     if out.exists() and not force:
         raise OvrError(f"{out} exists; pass --force to overwrite it")
     if out.exists() and not (out / MANIFEST).is_file() and any(out.iterdir()):

@@ -7,7 +7,9 @@ from typer.testing import CliRunner
 
 from ovr.cli import app
 from ovr.errors import OvrError
-from ovr.features import EmbeddingCache, embed_paths, load_backbone
+from ovr.backbones import load_backbone
+from ovr.cache import EmbeddingCache
+from ovr.features import embed_paths
 from ovr.pipeline import embed_data, open_cache
 
 from conftest import make_image

@@ -242,7 +242,8 @@ def test_add_class_keeps_other_heads_byte_identical(model, tmp_path, cache_dir):
 
 
 def test_add_class_embeds_only_new_images(model, tmp_path, cache_dir):
-    from ovr.features import EmbeddingCache, load_backbone
+    from ovr.backbones import load_backbone
+    from ovr.cache import EmbeddingCache
 
     new = make_folder(tmp_path / "new", n_classes=5, per_class=6)
     n0 = len(EmbeddingCache(cache_dir, load_backbone("tiny_cnn").key))

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from ovr.errors import OvrError
-from ovr.features import load_backbone
+from ovr.backbones import load_backbone
 from ovr.store import load_model
 
 from conftest import TINY, cli, make_folder

