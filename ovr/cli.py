@@ -154,7 +154,9 @@ def _floats(text: str | None, flag: str) -> tuple[float, ...] | None:
         raise OvrError(f"{flag} takes numbers separated by commas, got {text!r}") from None
 
 
-def _warn_skipped(skipped) -> None:
+def _warn_skipped(skipped, notes=()) -> None:
+    for note in notes:
+        err.print(f"[yellow]note:[/] {escape(note)}", highlight=False, soft_wrap=True)
     for p, why in skipped:
         err.print(f"[yellow]warning:[/] skipped {escape(str(p))}: {escape(str(why))}", highlight=False, soft_wrap=True)
 
@@ -187,7 +189,7 @@ def embed(
                       workers=workers, cache_dir=cache_dir, strict=strict)
         with progress_bar() as cb:
             emb = embed_data(data, cfg, progress=cb)
-        _warn_skipped(emb.result.skipped)
+        _warn_skipped(emb.result.skipped, emb.folder.notes)
         from .report import embed_line, embed_summary, embed_table
         if _json(embed_summary(emb), as_json, json_out):
             return
@@ -245,7 +247,7 @@ def train(
                       test_fraction=test_fraction, split_seed=split_seed)
         with progress_bar() as cb:
             model, emb = train_model(data, out, cfg, force=force, progress=cb)
-        _warn_skipped(emb.result.skipped)
+        _warn_skipped(emb.result.skipped, emb.folder.notes)
         console.print(embed_line(emb), highlight=False)
         console.print(_train_table(model, f"{len(model.classes)} heads ({model.head_type}) trained -> {out}"))
 
@@ -269,7 +271,11 @@ def predict(
 
         if top_k < 1:
             raise OvrError(f"--top-k must be at least 1, got {top_k}")
-        files = expand_inputs(paths)
+        ignored: dict[str, int] = {}
+        files = expand_inputs(paths, ignored)
+        if ignored:
+            from .data import describe_ignored
+            _warn_skipped([], [describe_ignored(ignored) + " in the folders given"])
         pred = Predictor(model, device or "auto", cache_dir)
         rows = pred.predict(files, top_k, reject_below, thresholds, multilabel, calibrated)
         failed = all("error" in r for r in rows)

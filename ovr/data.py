@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import glob
 import io
-from dataclasses import dataclass
+import os
+import warnings
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +14,16 @@ from PIL import Image, ImageOps
 from .errors import OvrError
 
 SPLITS = ("train", "val", "test")
+
+# What a folder walk takes as an image, by extension (case-insensitive); anything else (README.txt, labels.csv,
+# .DS_Store) is skipped and counted, not decoded. A file named explicitly on the command line is always tried.
+IMAGE_EXTENSIONS = frozenset(
+    ".jpg .jpeg .jpe .jfif .png .apng .bmp .dib .gif .tif .tiff .webp .ppm .pgm .pbm .pnm .tga .ico .avif .qoi "
+    ".jp2 .j2k .jpx .pcx .sgi .ras .dds .psd".split())
+
+# Decoding a 169-megapixel image takes ~1 GB. JPEGs above MAX_PIXELS are decoded at a reduced scale (libjpeg's
+# draft mode, 1/2..1/8: the backbones look at 224-512 px anyway); other formats above it are skipped with a message.
+MAX_PIXELS = 64_000_000
 
 
 @dataclass
@@ -22,6 +34,8 @@ class ImageFolder:
     labels: np.ndarray  # int64 index into classes
     splits: np.ndarray  # str: train | val | test
     splits_given: bool  # True when the folder had train/val/test sub-folders
+    ignored: dict[str, int] = field(default_factory=dict)  # extension -> files skipped as non-images
+    notes: list[str] = field(default_factory=list)  # what the scan decided that a user should know, in words
 
     def subset(self, split: str) -> tuple[list[Path], np.ndarray]:
         idx = np.flatnonzero(self.splits == split)
@@ -38,18 +52,54 @@ def _visible(p: Path) -> bool:
     return not p.name.startswith(".")
 
 
-def _files_under(folder: Path) -> list[Path]:
-    """Every visible file below folder (hidden files and folders skipped), sorted for reproducibility."""
+def is_image_name(p: Path) -> bool:
+    return p.suffix.lower() in IMAGE_EXTENSIONS
+
+
+def _files_under(folder: Path, ignored: dict[str, int] | None = None) -> list[Path]:
+    """Every visible image file below folder, sorted for reproducibility. Hidden files and folders are skipped;
+    files without an image extension are counted in `ignored` by extension. Symlinked sub-folders are not
+    followed (Python's rglob), symlinked files are."""
+    try:
+        os.listdir(folder)  # rglob says nothing when it cannot read a folder; a user needs to hear it
+    except PermissionError:
+        raise OvrError(f"cannot read folder {folder}: permission denied") from None
     out = []
     for p in sorted(folder.rglob("*")):
         rel = p.relative_to(folder).parts
         if p.is_file() and all(not part.startswith(".") for part in rel):
-            out.append(p)
+            if is_image_name(p):
+                out.append(p)
+            elif ignored is not None:
+                ext = p.suffix.lower() or "(no extension)"
+                ignored[ext] = ignored.get(ext, 0) + 1
     return out
 
 
 def _class_dirs(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.iterdir() if p.is_dir() and _visible(p))
+    try:
+        return sorted(p for p in folder.iterdir() if p.is_dir() and _visible(p))
+    except PermissionError:
+        raise OvrError(f"cannot read folder {folder}: permission denied") from None
+
+
+def _holds_images(folder: Path) -> bool:
+    """Image files directly inside (not below)."""
+    try:
+        return any(p.is_file() and _visible(p) and is_image_name(p) for p in folder.iterdir())
+    except PermissionError:
+        return False
+
+
+def _is_loop(link: Path, root: Path) -> bool:
+    """A class folder that is a symlink to the data root or a folder above it would list every image again."""
+    return link.is_symlink() and root.resolve().is_relative_to(link.resolve())
+
+
+def describe_ignored(ignored: dict[str, int]) -> str:
+    n = sum(ignored.values())
+    kinds = ", ".join(sorted(ignored))
+    return f"ignored {n} non-image file{'s' if n != 1 else ''} ({kinds})"
 
 
 def scan_folder(root: str | Path, val_fraction: float = 0.15, test_fraction: float = 0.15, seed: int = 0) -> ImageFolder:
@@ -59,16 +109,41 @@ def scan_folder(root: str | Path, val_fraction: float = 0.15, test_fraction: flo
         raise OvrError(f"data folder not found: {root}")
     if not root.is_dir():
         raise OvrError(f"not a folder: {root} (expected DATA/<class>/* or DATA/train|val|test/<class>/*)")
+    notes: list[str] = []
+    ignored: dict[str, int] = {}
     top = _class_dirs(root)
-    given = bool(top) and {p.name for p in top} <= set(SPLITS) and (root / "train").is_dir()
+    loops = [d for d in top if _is_loop(d, root)]
+    if loops:
+        notes.append(f"skipped class folder{'s' if len(loops) > 1 else ''} {', '.join(d.name for d in loops)}: a "
+                     f"symlink to the data folder or above it (its images would count twice)")
+        top = [d for d in top if d not in loops]
+    # A split folder holds class folders; a folder named train/val/test that holds images is a class of that name.
+    split_dirs = [d for d in top if d.name in SPLITS and not _holds_images(d) and _class_dirs(d)]
+    others = [d for d in top if d not in split_dirs]
+    if split_dirs and others:
+        raise OvrError(f"{root} mixes split folders ({', '.join(d.name for d in split_dirs)}, holding class folders) "
+                       f"with class folders ({', '.join(d.name for d in others[:3])}{', ...' if len(others) > 3 else ''}): "
+                       f"use DATA/<class>/* or DATA/train|val|test/<class>/*, not both")
+    given = bool(split_dirs) and (root / "train") in split_dirs
+    if split_dirs and not given:
+        raise OvrError(f"{root} has split folders ({', '.join(d.name for d in split_dirs)}) but no train/ folder")
     per_split: dict[str, dict[str, list[Path]]] = {}
     if given:
         for split in SPLITS:
             if (root / split).is_dir():
-                per_split[split] = {d.name: _files_under(d) for d in _class_dirs(root / split)}
+                per_split[split] = {d.name: _files_under(d, ignored) for d in _class_dirs(root / split)}
         classes = sorted({c for table in per_split.values() for c in table})
     else:
         classes = [d.name for d in top]
+        nested = [d for d in top if not _holds_images(d) and len([s for s in _class_dirs(d)]) >= 2]
+        if nested and len(nested) == len(top):
+            sub = _class_dirs(nested[0])
+            raise OvrError(f"{root} looks one level too high: its folders ({', '.join(d.name for d in nested[:4])}) "
+                           f"hold folders ({', '.join(s.name for s in sub[:3])}, ...), not images; pass one of them, "
+                           f"e.g. {nested[0]}")
+        if nested:
+            notes.append(f"class folder{'s' if len(nested) > 1 else ''} {', '.join(d.name for d in nested)} "
+                         f"hold{'s' if len(nested) == 1 else ''} only sub-folders; their images all count as that class")
     if not classes:
         raise OvrError(f"no class folders in {root} (expected DATA/<class>/* or DATA/train|val|test/<class>/*)")
     paths: list[Path] = []
@@ -84,13 +159,18 @@ def scan_folder(root: str | Path, val_fraction: float = 0.15, test_fraction: flo
                     paths.append(p), labels.append(ci), splits.append(split)
     else:
         for ci, c in enumerate(classes):
-            files = _files_under(root / c)
+            n_ign = sum(ignored.values())
+            files = _files_under(root / c, ignored)
             if not files:
-                raise OvrError(f"class folder is empty: {root / c}")
+                extra = f" of images ({sum(ignored.values()) - n_ign} other files)" if sum(ignored.values()) > n_ign else ""
+                raise OvrError(f"class folder is empty{extra}: {root / c}")
             assigned = split_assignments(len(files), val_fraction, test_fraction, seed, c)
             for p, s in zip(files, assigned):
                 paths.append(p), labels.append(ci), splits.append(s)
-    return ImageFolder(root, classes, paths, np.asarray(labels, dtype=np.int64), np.asarray(splits), given)
+    if ignored:
+        notes.append(describe_ignored(ignored))
+    return ImageFolder(root, classes, paths, np.asarray(labels, dtype=np.int64), np.asarray(splits), given,
+                       ignored, notes)
 
 
 def split_assignments(n: int, val_fraction: float, test_fraction: float, seed: int, class_name: str) -> list[str]:
@@ -116,13 +196,14 @@ def split_assignments(n: int, val_fraction: float, test_fraction: float, seed: i
     return out
 
 
-def expand_inputs(items: list[str]) -> list[Path]:
-    """Files, folders (walked) and glob patterns -> image paths, in a stable order; missing inputs are errors."""
+def expand_inputs(items: list[str], ignored: dict[str, int] | None = None) -> list[Path]:
+    """Files, folders (walked, image extensions only; the rest counted in `ignored`) and glob patterns -> image
+    paths, in a stable order; missing inputs are errors. A file named explicitly is taken whatever its name."""
     out: list[Path] = []
     for item in items:
         p = Path(item)
         if p.is_dir():
-            out.extend(_files_under(p))
+            out.extend(_files_under(p, ignored))
         elif p.is_file():
             out.append(p)
         elif any(ch in item for ch in "*?["):
@@ -139,13 +220,25 @@ def expand_inputs(items: list[str]) -> list[Path]:
 
 def decode_image(data: bytes) -> Image.Image:
     """Bytes -> RGB image: EXIF orientation applied, first frame of animations, 16-bit/palette/alpha flattened."""
-    with Image.open(io.BytesIO(data)) as im:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # the size is checked below, in words
+        im = Image.open(io.BytesIO(data))
+    with im:
         im.seek(0)
+        w, h = im.size
+        if w * h > MAX_PIXELS:
+            if im.format != "JPEG":
+                raise ValueError(f"image too large to decode safely ({w} x {h} = {w * h / 1e6:.0f} megapixels; "
+                                 f"limit {MAX_PIXELS / 1e6:.0f})")
+            scale = (w * h / MAX_PIXELS) ** 0.5
+            im.draft("RGB", (int(w / scale), int(h / scale)))  # libjpeg decodes at 1/2..1/8 scale
         im.load()  # raises on truncated data instead of failing later inside a worker
         im = ImageOps.exif_transpose(im)
         if im.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
-            arr = np.asarray(im, dtype=np.float64)
-            scale = 65535.0 if arr.max(initial=0) > 255 else 255.0
+            arr = np.nan_to_num(np.asarray(im, dtype=np.float64))
+            top = arr.max(initial=0)
+            # 16-bit data -> 65535, 8-bit-range data -> 255, float data in 0..1 (float TIFFs) -> 1
+            scale = 65535.0 if top > 255 else 1.0 if (im.mode == "F" and top <= 1.0) else 255.0
             im = Image.fromarray(np.clip(arr / scale * 255.0, 0, 255).astype(np.uint8))
         if im.mode == "P":
             im = im.convert("RGBA")
@@ -171,6 +264,8 @@ def describe_error(e: BaseException) -> str:
     msg = str(e).splitlines()[0] if str(e) else type(e).__name__
     if msg.startswith("cannot identify image file"):
         return "not an image file (format not recognised)"
+    if isinstance(e, Image.DecompressionBombError):
+        return "image too large to decode safely (" + msg.split("(", 1)[-1].split(")", 1)[0] + " pixels)"
     return re.sub(r"\s*<[\w.]+ object at 0x[0-9a-f]+>", "", msg)[:200]
 
 

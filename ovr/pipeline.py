@@ -252,7 +252,7 @@ def add_class(root: str | Path, name: str, inputs: list[str], cfg: Config, repla
     """Embed only the new images, train exactly one head, and swap it into the model under a lock."""
     t0 = time.perf_counter()
     root = Path(root)
-    if not name or name.strip() != name or "\x00" in name:
+    if not name.strip() or "\x00" in name:  # what a class folder can be named (even "cat "), add-class takes
         raise OvrError(f"invalid class name {name!r}")
     files = expand_inputs(inputs)
     with model_lock(root):

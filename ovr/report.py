@@ -22,6 +22,7 @@ def embed_summary(emb) -> dict[str, Any]:
         "data": str(folder.root), "classes": folder.classes, "splits_given": folder.splits_given,
         "images": counts, "usable": len(res.keys), "cached": res.n_cached, "embedded": res.n_new,
         "skipped": [{"path": str(p), "reason": r} for p, r in res.skipped],
+        "ignored_non_images": dict(folder.ignored), "notes": list(folder.notes),
         "backbone": emb.backbone.spec() if emb.backbone else None,
         "dim": int(res.embeddings.shape[1]), "seconds": round(res.seconds, 3),
     }

@@ -96,9 +96,15 @@ def test_bad_files_skipped_with_warning_and_strict_errors(folder, cache_dir):
     (folder / "c1" / "cut.png").write_bytes(good[: len(good) // 2])
     r = runner.invoke(app, ["embed", str(folder), *TINY, "--json-out", str(folder.parent / "s.json")])
     assert r.exit_code == 0, r.output
-    assert "notes.txt" in r.output and "cut.png" in r.output and "2 skipped" in r.output
+    # a non-image name is not decoded, only counted (it used to be decoded and warned about with an object repr)
+    assert "notes.txt" not in r.output and "ignored 1 non-image file (.txt)" in r.output
+    assert "cut.png" in r.output and "1 skipped" in r.output
     s = json.loads((folder.parent / "s.json").read_text())
-    assert len(s["skipped"]) == 2 and s["usable"] == 24
+    assert len(s["skipped"]) == 1 and s["usable"] == 24 and s["ignored_non_images"] == {".txt": 1}
+    (folder / "c0" / "fake.png").write_text("not an image")  # an image name with other bytes is tried, and skipped
+    r = runner.invoke(app, ["embed", str(folder), *TINY])
+    assert "fake.png: not an image file (format not recognised)" in " ".join(r.output.split())
+    assert "object at 0x" not in r.output
     r = runner.invoke(app, ["embed", str(folder), *TINY, "--strict"])
     assert r.exit_code == 2 and "cannot read image" in r.output
 

@@ -332,8 +332,11 @@ def test_add_class_refresh_equals_add_then_refresh(twin_data, tmp_path, cache_di
 def test_add_class_errors(model, tmp_path):
     assert run("add-class", model, "x", tmp_path / "nope", "--device", "cpu").exit_code == 2
     assert run("add-class", tmp_path / "nomodel", "x", model, "--device", "cpu").exit_code == 2
-    r = run("add-class", model, "x", model, "--backbone", "resnet18", "--device", "cpu")
+    imgs = make_folder(tmp_path / "imgs", n_classes=1, per_class=3)
+    r = run("add-class", model, "x", imgs / "c0", "--backbone", "resnet18", "--device", "cpu")
     assert r.exit_code == 2 and "backbone" in r.output
+    r = run("add-class", model, "x", model, "--device", "cpu")  # a folder without image files
+    assert r.exit_code == 2 and "no image files given" in r.output
 
 
 def test_two_concurrent_add_class_processes_both_land(model, tmp_path, cache_dir):
