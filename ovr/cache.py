@@ -13,7 +13,7 @@ from typing import Callable
 import torch
 from safetensors import safe_open
 
-from .atomic import atomic_write_bytes
+from .atomic import atomic_write_bytes, check_writable
 from .errors import OvrError
 
 
@@ -118,17 +118,21 @@ class EmbeddingCache:
         then refresh: what another process embedded meanwhile is then in the cache."""
         from filelock import Timeout
 
+        hint = "pass --cache-dir (or set $OVR_CACHE_DIR) to a folder you can write"
         try:
             lock = self._lock(".embed.lock")
             lock.acquire(timeout=0)
         except PermissionError:
-            raise OvrError(f"the embedding cache {self.dir} is not writable; pass --cache-dir (or set "
-                           f"$OVR_CACHE_DIR) to a folder you can write") from None
+            raise OvrError(f"the embedding cache {self.dir} is not writable; {hint}") from None
         except Timeout:
             if waiting:
                 waiting()
             lock.acquire()
         try:
+            try:  # before any forward pass: the lock file may exist in a folder that no longer takes new files
+                check_writable(self.dir, "the embedding cache")
+            except OvrError as e:
+                raise OvrError(f"{e}; {hint}") from None
             self.refresh()
             yield
         finally:

@@ -146,12 +146,19 @@ DAMAGE = {
 @pytest.mark.parametrize("damage", list(DAMAGE))
 def test_a_damaged_model_folder_is_a_one_line_error(model, damage, tmp_path):
     DAMAGE[damage](model)
-    for args in (["info", model], ["predict", model, tmp_path / "data" / "c0" / "img000.png", "--device", "cpu"]):
+    for args in (["info", model], ["info", model, "--verify"],
+                 ["predict", model, tmp_path / "data" / "c0" / "img000.png", "--device", "cpu"]):
         r = run(*args)
-        if damage in ("wrong tensor names", "wrong shape", "NaN weights", "a corrupt examples file") and args[0] == "info":
-            continue  # info reads the manifest only (it does not open the head files)
+        if damage in ("wrong tensor names", "wrong shape", "NaN weights", "a corrupt examples file") and args[1:] == [model]:
+            assert r.exit_code == 0 and "`ovr info --verify` reads and checks them" in r.output
+            continue  # plain info reads the manifest only, and says so
         assert r.exit_code == 2, (damage, args[0], r.output)
         assert "Traceback" not in r.output and r.output.count("\n") <= 2 and "error:" in r.output, r.output
+
+
+def test_info_verify_on_a_sound_model(model):
+    r = run("info", model, "--verify")
+    assert r.exit_code == 0 and "verified: 3 head files" in r.output
 
 
 def test_a_reader_that_raced_an_update_sees_the_new_model_not_an_error(model, tmp_path):

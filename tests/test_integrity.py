@@ -1,0 +1,306 @@
+"""Nothing lost, nothing half-done (issue 11's rest, issue 12's rest): early checks of what a run will write,
+shards flushed by time, concurrent embedders, and the folder-scan edge cases. Real processes, real files."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from ovr import data as data_mod
+from ovr.backbones import load_backbone
+from ovr.cache import EmbeddingCache
+from ovr.data import decode_image, scan_folder
+from ovr.errors import OvrError
+from ovr.features import default_workers, embed_paths
+
+from conftest import TINY, cli, make_folder, make_image
+
+
+@pytest.fixture
+def read_only():
+    """Make a folder unwritable for real: chmod for a normal user; for root (who ignores permission bits, as in CI
+    containers) the immutable attribute. Undone after the test."""
+    done: list[Path] = []
+
+    def make(p: Path) -> Path:
+        if os.geteuid() == 0:
+            if shutil.which("chattr") is None or subprocess.run(["chattr", "+i", str(p)], capture_output=True).returncode:
+                pytest.skip("running as root on a filesystem without chattr +i: cannot make a folder read-only")
+        else:
+            p.chmod(0o555)
+        done.append(p)
+        return p
+
+    yield make
+    for p in done:
+        if os.geteuid() == 0:
+            subprocess.run(["chattr", "-i", str(p)], capture_output=True)
+        else:
+            p.chmod(0o755)
+
+
+def _rows(cache_dir: Path) -> int:
+    from safetensors import safe_open
+
+    n = 0
+    for s in cache_dir.rglob("shard-*.safetensors"):
+        with safe_open(str(s), "pt") as f:
+            n += f.get_slice("embeddings").get_shape()[0]
+    return n
+
+
+# --- checked before any work ------------------------------------------------------------------------------
+
+def test_train_into_read_only_parent_fails_before_embedding(folder, tmp_path, cache_dir, read_only):
+    (tmp_path / "ro").mkdir()
+    parent = read_only(tmp_path / "ro")
+    r = cli("train", folder, "--out", parent / "model", *TINY)
+    assert r.exit_code == 2 and "not writable" in r.output and "Traceback" not in r.output
+    assert not cache_dir.exists() or _rows(cache_dir) == 0  # nothing was embedded first
+
+
+def test_out_naming_a_file_is_one_line(folder, tmp_path, cache_dir):
+    (tmp_path / "m.txt").write_text("x")
+    r = cli("train", folder, "--out", tmp_path / "m.txt", *TINY)
+    assert r.exit_code == 2 and "is a file" in r.output
+    r = cli("train", folder, "--out", tmp_path / "m.txt" / "model", *TINY)
+    assert r.exit_code == 2 and "is a file, not a folder" in r.output
+    assert not cache_dir.exists() or _rows(cache_dir) == 0
+
+
+def test_add_class_to_read_only_model_fails_before_embedding(folder, tmp_path, cache_dir, read_only):
+    assert cli("train", folder, "--out", tmp_path / "m", *TINY).exit_code == 0
+    rows = _rows(cache_dir)
+    new = make_folder(tmp_path / "new", n_classes=4, per_class=5)
+    read_only(tmp_path / "m")
+    r = cli("add-class", tmp_path / "m", "c3", new / "c3", "--device", "cpu")
+    assert r.exit_code == 2 and "cannot update the model" in r.output and "not writable" in r.output
+    assert _rows(cache_dir) == rows  # the new class's images were not embedded first
+
+
+def test_read_only_cache_errors_when_it_must_grow_and_serves_when_it_need_not(folder, tmp_path, monkeypatch, read_only):
+    cache = tmp_path / "cache"
+    assert cli("embed", folder, *TINY, "--cache-dir", cache).exit_code == 0
+    read_only(cache)
+    for sub in cache.iterdir():
+        if sub.is_dir():
+            read_only(sub)
+    r = cli("embed", folder, *TINY, "--cache-dir", cache)  # all cached: reads are fine
+    assert r.exit_code == 0 and "24 from cache" in r.output
+    make_image(folder / "c0" / "new.png", 0, 99)
+    r = cli("embed", folder, *TINY, "--cache-dir", cache)
+    assert r.exit_code == 2 and "cache" in r.output and "not writable" in r.output and "Traceback" not in r.output
+
+
+def test_bench_and_demo_check_their_out_folder_first(folder, tmp_path, cache_dir):
+    (tmp_path / "f").write_text("x")
+    r = cli("bench", folder, "--out", tmp_path / "f" / "rep", *TINY)
+    assert r.exit_code == 2 and "is a file, not a folder" in r.output
+    r = cli("demo", "--out", tmp_path / "f" / "demo")
+    assert r.exit_code == 2 and "is a file, not a folder" in r.output
+
+
+# --- lose at most seconds; concurrent embedders -----------------------------------------------------------
+
+def test_shards_are_flushed_by_time_as_well_as_count(folder, cache_dir):
+    bb = load_backbone("tiny_cnn")
+    cache = EmbeddingCache(cache_dir, bb.key)
+    paths = sorted(folder.rglob("*.png"))
+    embed_paths(paths, bb, cache, torch.device("cpu"), batch_size=4, workers=0, flush_seconds=0.0)
+    # 24 images in batches of 4, flushed after every batch: a kill loses at most one batch, not 1,024 images
+    assert len(list(cache.dir.glob("shard-*.safetensors"))) == 6 and _rows(cache_dir) == 24
+
+
+def test_index_never_drops_another_writers_shard(cache_dir):
+    a, b = EmbeddingCache(cache_dir, "k" * 64), EmbeddingCache(cache_dir, "k" * 64)  # both opened before writing
+    a.put(["x1", "x2"], torch.ones(2, 3))
+    b.put(["y1"], torch.zeros(1, 3))
+    index = json.loads((a.dir / "index.json").read_text())
+    assert sorted(k for keys in index.values() for k in keys) == ["x1", "x2", "y1"]
+    fresh = EmbeddingCache(cache_dir, "k" * 64)
+    assert torch.equal(fresh.get(["y1", "x2"]), torch.tensor([[0.0] * 3, [1.0] * 3]))
+
+
+def test_second_embedder_waits_then_embeds_only_what_is_left(folder, cache_dir):
+    """While one process holds the cache's embed lock and stores the images, a second `ovr embed` waits, then
+    finds them cached: every image is stored once, not twice."""
+    from filelock import FileLock
+
+    bb = load_backbone("tiny_cnn")
+    cache = EmbeddingCache(cache_dir, bb.key)
+    lock = FileLock(str(cache.dir / ".embed.lock"))
+    lock.acquire()
+    env = {**os.environ, "OVR_CACHE_DIR": str(cache_dir)}
+    proc = subprocess.Popen([sys.executable, "-m", "ovr", "embed", str(folder), *TINY, "--json"], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        paths = sorted(folder.rglob("*.png"))
+        from ovr.cache import content_key
+        from ovr.data import load_image
+
+        x = torch.stack([bb.transform(load_image(p)) for p in paths])
+        with torch.inference_mode():
+            cache.put([content_key(p.read_bytes()) for p in paths], bb.model(x))
+        assert proc.poll() is None  # still waiting for the lock
+    finally:
+        lock.release()
+    out, errs = proc.communicate(timeout=120)
+    assert proc.returncode == 0, errs.decode()
+    s = json.loads(out)
+    assert s["embedded"] == 0 and s["cached"] == 24 and _rows(cache_dir) == 24
+
+
+def test_two_concurrent_embeds_store_each_image_once(folder, cache_dir):
+    env = {**os.environ, "OVR_CACHE_DIR": str(cache_dir)}
+    procs = [subprocess.Popen([sys.executable, "-m", "ovr", "embed", str(folder), *TINY, "--json"], env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE) for _ in range(2)]
+    outs = [json.loads(p.communicate(timeout=120)[0]) for p in procs]
+    assert all(p.returncode == 0 for p in procs)
+    assert sorted(o["embedded"] for o in outs)[1] == 24 and sum(o["embedded"] for o in outs) == 24
+    assert _rows(cache_dir) == 24
+    shards = {p.name for p in cache_dir.rglob("shard-*.safetensors")}
+    index = json.loads(next(cache_dir.rglob("index.json")).read_text())
+    assert set(index) == shards
+
+
+def test_decode_workers_and_compute_threads_fit_the_cores():
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    old = torch.get_num_threads()
+    try:
+        for threads in range(1, cores + 1):
+            torch.set_num_threads(threads)
+            assert default_workers(-1, "cpu") + threads <= max(cores, threads)
+        assert default_workers(-1, "cuda") == max(0, min(8, cores - 1))
+        assert default_workers(3, "cpu") == 3  # asked for is what you get
+    finally:
+        torch.set_num_threads(old)
+
+
+# --- folder scans -----------------------------------------------------------------------------------------
+
+def test_class_folder_symlinked_to_the_root_is_skipped_with_a_note(folder):
+    (folder / "all").symlink_to(folder, target_is_directory=True)
+    f = scan_folder(folder)
+    assert f.classes == ["c0", "c1", "c2"] and len(f.paths) == 24  # not 48
+    assert any("all" in n and "symlink" in n for n in f.notes)
+
+
+def test_nested_class_folders_are_detected(tmp_path):
+    make_folder(tmp_path / "photos" / "data", n_classes=3, per_class=3)
+    make_folder(tmp_path / "photos" / "later", n_classes=2, per_class=3, prefix="k")
+    with pytest.raises(OvrError, match="one level too high.*pass one of them"):
+        scan_folder(tmp_path / "photos")
+    r = cli("train", tmp_path / "photos", "--out", tmp_path / "m", *TINY)
+    assert r.exit_code == 2 and "one level too high" in r.output
+
+
+def test_classes_named_like_splits(tmp_path):
+    # classes literally named train and val (images directly inside) are classes, not a split layout
+    for name, cls in (("train", 0), ("val", 1), ("cat", 2)):
+        for i in range(3):
+            make_image(tmp_path / "d" / name / f"{i}.png", cls, i)
+    f = scan_folder(tmp_path / "d")
+    assert f.classes == ["cat", "train", "val"] and not f.splits_given
+    # a split folder beside class folders is a mix, said in words
+    make_folder(tmp_path / "mix" / "train", n_classes=2, per_class=3)
+    make_folder(tmp_path / "mix", n_classes=1, per_class=3, prefix="dog")
+    with pytest.raises(OvrError, match="mixes split folders \\(train"):
+        scan_folder(tmp_path / "mix")
+
+
+def test_unreadable_class_folder_says_permission_denied():
+    """Run as an unprivileged user (root reads everything), in a world-readable temp folder."""
+    base = Path(tempfile.mkdtemp())
+    try:
+        base.chmod(0o755)
+        make_folder(base / "d", n_classes=2, per_class=2)
+        for p in [base / "d", *(base / "d").rglob("*")]:
+            p.chmod(0o755 if p.is_dir() else 0o644)
+        (base / "d" / "c1").chmod(0o000)
+        code = f"from ovr.data import scan_folder\nscan_folder({str(base / 'd')!r})"
+        kw = {}
+        if os.geteuid() == 0:
+            kw["preexec_fn"] = lambda: (os.setgid(65534), os.setuid(65534))
+        try:
+            r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=base, **kw)
+            stderr = r.stderr
+        except PermissionError:
+            # root whose Python lives under /root (CI): nobody cannot run it, and root reads any folder; the
+            # kernel's answer to an unprivileged reader is given instead, at the one call that meets it
+            real = os.listdir
+
+            def listdir(p="."):
+                if Path(p) == base / "d" / "c1":
+                    raise PermissionError(13, "Permission denied", str(p))
+                return real(p)
+
+            with pytest.MonkeyPatch.context() as mp:
+                mp.setattr(data_mod.os, "listdir", listdir)
+                with pytest.raises(OvrError) as e:
+                    scan_folder(base / "d")
+            stderr = str(e.value)
+        assert "cannot read folder" in stderr and "permission denied" in stderr, stderr[-500:]
+    finally:
+        (base / "d" / "c1").chmod(0o755)
+        shutil.rmtree(base)
+
+
+def test_trailing_space_class_can_be_replaced(tmp_path, cache_dir):
+    make_folder(tmp_path / "d", n_classes=3, per_class=8)
+    (tmp_path / "d" / "c2").rename(tmp_path / "d" / "cat ")
+    assert cli("train", tmp_path / "d", "--out", tmp_path / "m", *TINY).exit_code == 0
+    r = cli("add-class", tmp_path / "m", "cat ", tmp_path / "d" / "cat ", "--replace", "--device", "cpu")
+    assert r.exit_code == 0, r.output
+    assert cli("add-class", tmp_path / "m", "  ", tmp_path / "d" / "c0", "--device", "cpu").exit_code == 2
+
+
+# --- decoding ---------------------------------------------------------------------------------------------
+
+def test_float_tiff_in_unit_range_is_not_black(tmp_path):
+    arr = np.full((8, 8), 0.5, np.float32)
+    Image.fromarray(arr, mode="F").save(tmp_path / "f.tif")
+    im = decode_image((tmp_path / "f.tif").read_bytes())
+    assert abs(np.asarray(im).mean() - 127.5) < 1.5  # was 0 (black): 0.5 / 255 -> 0
+
+
+def test_huge_images_are_reduced_or_refused_in_words(tmp_path, monkeypatch):
+    monkeypatch.setattr(data_mod, "MAX_PIXELS", 100 * 100)
+    rng = np.random.default_rng(0)
+    big = Image.fromarray(rng.integers(0, 255, (400, 400, 3), dtype=np.uint8))
+    big.save(tmp_path / "big.jpg")
+    big.save(tmp_path / "big.png")
+    im = decode_image((tmp_path / "big.jpg").read_bytes())
+    assert im.size[0] * im.size[1] <= 4 * 100 * 100 and im.size[0] < 400  # decoded at a reduced scale
+    with pytest.raises(ValueError, match="too large to decode safely"):
+        decode_image((tmp_path / "big.png").read_bytes())
+    from ovr.data import describe_error
+
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # PIL's own bomb error, past 2x its limit
+    with pytest.raises(Image.DecompressionBombError) as e:
+        decode_image((tmp_path / "big.png").read_bytes())
+    assert describe_error(e.value).startswith("image too large to decode safely")
+
+
+def test_help_defaults_come_from_the_config():
+    src = (Path(__file__).parents[1] / "ovr" / "cli.py").read_text()
+    import re
+
+    assert not re.findall(r"\[default: [0-9a-z]", src)  # written once, in ovr/config.py
+    from ovr.config import TrainConfig
+
+    r = cli("train", "--help")
+    assert f"[default: {TrainConfig().hidden}]" in r.output
+
+
+def test_progress_rate_waits_for_a_second():
+    from ovr.cli import _rate
+
+    assert _rate("embed", 64, 0.0004) == ""  # one batch used to read 166,600 img/s
+    assert _rate("embed", 640, 2.0) == "320 img/s"
