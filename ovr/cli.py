@@ -158,6 +158,28 @@ def _floats(text: str | None, flag: str) -> tuple[float, ...] | None:
         raise OvrError(f"{flag} takes numbers separated by commas, got {text!r}") from None
 
 
+def _early(model: Path | None = None, data: Path | None = None, inputs: list[str] | None = None,
+           cfg=None, out: Path | None = None, force: bool = False):
+    """The checks users trip over most, before torch is imported (2-3 s): the model's manifest, the data folder
+    (scanned in full when cfg is given; the ImageFolder is returned for the library to use), the inputs, --out."""
+    from .data import expand_inputs, scan_folder
+    from .manifest import check_can_write, read_manifest
+
+    if model is not None:
+        read_manifest(model)
+    if out is not None:
+        check_can_write(Path(out), force)
+    if inputs is not None:
+        expand_inputs(inputs)
+    if data is not None:
+        if cfg is None:
+            if not Path(data).is_dir():
+                raise OvrError(f"data folder not found: {data}" if not Path(data).exists() else f"not a folder: {data}")
+            return None
+        return scan_folder(data, cfg.data.val_fraction, cfg.data.test_fraction, cfg.data.split_seed)
+    return None
+
+
 def _warn_skipped(skipped, notes=()) -> None:
     for note in notes:
         err.print(f"[yellow]note:[/] {escape(note)}", highlight=False, soft_wrap=True)
@@ -187,12 +209,13 @@ def embed(
 ) -> None:
     """Embed every image of DATA into the cache (a second run over the same images embeds nothing)."""
     with user_errors():
-        from .pipeline import embed_data
-
         cfg = _config(config, backbone=backbone, weights=weights, device=device, batch_size=batch_size,
                       workers=workers, cache_dir=cache_dir, strict=strict)
+        folder = _early(data=data, cfg=cfg)
+        from .pipeline import embed_data
+
         with progress_bar() as cb:
-            emb = embed_data(data, cfg, progress=cb)
+            emb = embed_data(folder, cfg, progress=cb)
         _warn_skipped(emb.result.skipped, emb.folder.notes)
         from .report import embed_line, embed_summary, embed_table
         if _json(embed_summary(emb), as_json, json_out):
@@ -241,7 +264,6 @@ def train(
 ) -> None:
     """Embed DATA (through the cache) and train one binary head per class, all in parallel."""
     with user_errors():
-        from .pipeline import train_model
         from .report import embed_line
 
         cfg = _config(config, backbone=backbone, weights=weights, device=device, batch_size=batch_size,
@@ -249,8 +271,11 @@ def train(
                       lr=lr, seed=seed, pos_weight=pos_weight, normalize=normalize, calibration=calibration,
                       l2_grid=_floats(l2_grid, "--l2-grid"), tol=tol, val_fraction=val_fraction,
                       test_fraction=test_fraction, split_seed=split_seed)
+        folder = _early(data=data, cfg=cfg, out=out, force=force)
+        from .pipeline import train_model
+
         with progress_bar() as cb:
-            model, emb = train_model(data, out, cfg, force=force, progress=cb)
+            model, emb = train_model(folder, out, cfg, force=force, progress=cb)
         _warn_skipped(emb.result.skipped, emb.folder.notes)
         console.print(embed_line(emb), highlight=False)
         console.print(_train_table(model, f"{len(model.classes)} heads ({model.head_type}) trained -> {out}"))
@@ -271,12 +296,14 @@ def predict(
     """Classify images with a trained model (a corrupt image gets an error row; the rest are still predicted)."""
     with user_errors():
         from .data import expand_inputs
-        from .pipeline import Predictor
 
         if top_k < 1:
             raise OvrError(f"--top-k must be at least 1, got {top_k}")
         ignored: dict[str, int] = {}
         files = expand_inputs(paths, ignored)
+        _early(model=model)
+        from .pipeline import Predictor
+
         if ignored:
             from .data import describe_ignored
             _warn_skipped([], [describe_ignored(ignored) + " in the folders given"])
@@ -320,6 +347,9 @@ def evaluate(
 ) -> None:
     """Accuracy, macro-F1, balanced accuracy, per-class metrics, confusion matrix and ECE on one split."""
     with user_errors():
+        if split not in ("train", "val", "test", "all"):
+            raise OvrError(f"unknown split {split!r}: use train, val, test or all")
+        _early(model=model, data=data)
         from .pipeline import evaluate_model
         from .report import metrics_tables
 
@@ -358,6 +388,7 @@ def add_class_cmd(
 ) -> None:
     """Train one new head (negatives: the model's cached training embeddings); every other head file stays byte-identical."""
     with user_errors():
+        _early(model=model, inputs=images)
         from .pipeline import add_class, load_model, refresh as do_refresh
 
         cfg = _grow_config(model, config, backbone=backbone, device=device, cache_dir=cache_dir, strict=strict)
@@ -388,6 +419,7 @@ def refresh(
 ) -> None:
     """Retrain chosen old heads with all current negatives; the other heads stay byte-identical."""
     with user_errors():
+        _early(model=model)
         from .pipeline import load_model, refresh as do_refresh
 
         cfg = _grow_config(model, config, device=device, cache_dir=cache_dir)
@@ -408,6 +440,7 @@ def remove_class_cmd(
 ) -> None:
     """Remove one head; the rest stay byte-identical."""
     with user_errors():
+        _early(model=model)
         from .pipeline import remove_class
 
         remove_class(model, name)
@@ -475,16 +508,17 @@ def bench(
 ) -> None:
     """One-vs-rest vs softmax (and scikit-learn) on the same features: quality, calibration, time, add-class."""
     with user_errors():
+        cfg = _config(config, backbone=backbone, weights=weights, device=device, batch_size=batch_size,
+                      workers=workers, cache_dir=cache_dir, seeds=seeds, sklearn=sklearn, head=head, epochs=epochs)
+        check_writable(out, "cannot write the report: folder")  # before the long part
+        folder = _early(data=data, cfg=cfg)
         from .bench import run_bench
         from .config import config_to_toml
         from .pipeline import embed_data
         from .report import bench_tables, write_bench_report
 
-        cfg = _config(config, backbone=backbone, weights=weights, device=device, batch_size=batch_size,
-                      workers=workers, cache_dir=cache_dir, seeds=seeds, sklearn=sklearn, head=head, epochs=epochs)
-        check_writable(out, "cannot write the report: folder")  # before the long part
         with progress_bar() as cb:
-            emb = embed_data(data, cfg, progress=cb)
+            emb = embed_data(folder, cfg, progress=cb)
             rep = run_bench(emb, cfg, progress=cb)
         write_bench_report(rep, out)
         (out / "config.toml").write_text(config_to_toml(cfg))

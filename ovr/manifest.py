@@ -8,6 +8,7 @@ import shutil
 from contextlib import contextmanager
 from pathlib import Path
 
+from .atomic import check_writable
 from .errors import OvrError
 from .records import HeadRecord
 
@@ -65,6 +66,18 @@ def model_lock(root: str | Path, timeout: float | None = None, must_exist: bool 
         yield
     finally:
         lock.release()
+
+
+def check_can_write(out: Path, force: bool) -> None:
+    """Without --force only a new folder may become a model; with it, also an empty folder or an ovr model.
+    The folder it goes in must be writable (a model is built beside OUT and renamed into place)."""
+    if out.is_file():
+        raise OvrError(f"--out {out} is a file; give a folder for the model")
+    check_writable(out.parent, "cannot write the model: folder")
+    if out.exists() and not force:
+        raise OvrError(f"{out} exists; pass --force to overwrite it")
+    if out.exists() and not (out / MANIFEST).is_file() and any(out.iterdir()):
+        raise OvrError(f"{out} exists and is not an ovr model; refusing to overwrite it")
 
 
 def check_confined(root: Path) -> None:

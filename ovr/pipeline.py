@@ -12,7 +12,7 @@ from PIL import Image
 
 from . import aggregate
 from .config import Config, config_to_dict, config_to_toml, load_config
-from .data import expand_inputs, scan_folder, split_assignments
+from .data import ImageFolder, expand_inputs, scan_folder, split_assignments
 from .errors import OvrError
 from .atomic import check_writable
 from .backbones import Backbone, load_backbone
@@ -27,11 +27,20 @@ def open_cache(cfg: Config, backbone: Backbone) -> EmbeddingCache:
     return EmbeddingCache(cfg.features.cache_dir or default_cache_dir(), backbone.key)
 
 
-def embed_data(data: str | Path, cfg: Config, progress: Progress | None = None,
+def scan_data(data: str | Path | ImageFolder, cfg: Config) -> ImageFolder:
+    """DATA as an ImageFolder, split by cfg.data (torch-free: the CLI scans before it imports this module, so a bad
+    folder is a one-line error in a fraction of a second)."""
+    if isinstance(data, ImageFolder):
+        return data
+    return scan_folder(data, cfg.data.val_fraction, cfg.data.test_fraction, cfg.data.split_seed)
+
+
+def embed_data(data: str | Path | ImageFolder, cfg: Config, progress: Progress | None = None,
                backbone: Backbone | None = None) -> EmbeddedFolder:
-    """Scan DATA, load the backbone, embed through the cache; embeddings end up on the compute device."""
+    """Scan DATA (or take a scanned ImageFolder), load the backbone, embed through the cache; embeddings end up on
+    the compute device."""
     f = cfg.features
-    folder = scan_folder(data, cfg.data.val_fraction, cfg.data.test_fraction, cfg.data.split_seed)
+    folder = scan_data(data, cfg)
     backbone = backbone or load_backbone(f.backbone, f.weights, f.cache_dir or default_cache_dir())
     device = resolve_device(f.device)
     emb = embed_folder(folder, backbone, open_cache(cfg, backbone), device, f.batch_size, f.workers, f.strict, progress)
@@ -42,19 +51,20 @@ def embed_data(data: str | Path, cfg: Config, progress: Progress | None = None,
 # --- training a model ------------------------------------------------------------------------------------
 
 
-def train_model(data: str | Path, out: str | Path, cfg: Config, force: bool = False,
+def train_model(data: str | Path | ImageFolder, out: str | Path, cfg: Config, force: bool = False,
                 progress: Progress | None = None) -> tuple[Model, EmbeddedFolder]:
     out = Path(out)
     check_can_write(out, force)  # before the long part
-    emb = embed_data(data, cfg, progress)
+    folder = scan_data(data, cfg)
+    if len(folder.classes) < 2:
+        raise OvrError("one-vs-rest needs at least two classes to train (add more with `ovr add-class` later)")
+    emb = embed_data(folder, cfg, progress)
     classes = emb.folder.classes
     X, y, _ = emb.split("train")
     Xv, yv, _ = emb.split("val")
     empty = [c for i, c in enumerate(classes) if not (y == i).any()]
     if empty:
         raise OvrError(f"no readable training images for class {empty[0]!r}")
-    if len(classes) < 2:
-        raise OvrError("one-vs-rest needs at least two classes to train (add more with `ovr add-class` later)")
     model = Model(emb.backbone.spec(), cfg.train.normalize, cfg.train.head, list(classes),
                   calibration=cfg.train.calibration, config=config_to_dict(cfg))
     model.fit_heads(list(classes), X, y, Xv, yv, cfg.train, progress=progress)
@@ -180,11 +190,11 @@ def evaluate_model(root: str | Path, data: str | Path, split: str = "test", devi
                    calibrated: bool = False, progress: Progress | None = None) -> dict:
     from .metrics import classification_metrics, expected_calibration_error
 
+    if split not in ("train", "val", "test", "all"):
+        raise OvrError(f"unknown split {split!r}: use train, val, test or all")
     cfg = model_config(root, device=device, cache_dir=cache_dir)
     pred = Predictor(root, cfg.features.device, cfg.features.cache_dir or None)
     emb = embed_data(data, cfg, progress, backbone=pred.backbone)
-    if split not in ("train", "val", "test", "all"):
-        raise OvrError(f"unknown split {split!r}: use train, val, test or all")
     X, y, _ = emb.split(split) if split != "all" else (emb.result.embeddings, torch.from_numpy(emb.labels), None)
     if len(X) == 0:
         raise OvrError(f"no images in the {split} split of {data}")

@@ -1,11 +1,13 @@
-"""Seeds and devices. No global RNG is seeded: every random draw takes an explicit generator from a seed."""
+"""Seeds, threads and devices (torch imported only where a device or thread pool is set up). No global RNG is seeded: every random draw takes an explicit generator from a seed."""
 from __future__ import annotations
 
 import hashlib
-
-import torch
+from typing import TYPE_CHECKING
 
 from .errors import OvrError
+
+if TYPE_CHECKING:
+    import torch
 
 
 def head_seed(seed: int, class_name: str) -> int:
@@ -38,6 +40,8 @@ def configure_threads(requested: int | None = None) -> int:
     """Size torch's pool once per process ($OVR_THREADS or `--threads`; 0 = from the free cores)."""
     import os
 
+    import torch
+
     global _THREADS_SET
     if requested is None and _THREADS_SET:
         return torch.get_num_threads()
@@ -47,7 +51,9 @@ def configure_threads(requested: int | None = None) -> int:
     return n
 
 
-def resolve_device(device: str = "auto") -> torch.device:
+def resolve_device(device: str = "auto") -> "torch.device":
+    import torch
+
     configure_threads()
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -24,9 +24,9 @@ from safetensors.torch import save as st_save
 from . import __version__
 from .aggregate import Gate
 from .errors import OvrError
-from .atomic import atomic_write_bytes, check_writable
+from .atomic import atomic_write_bytes
 from .heads import Tensors
-from .manifest import MANIFEST, SCHEMA_VERSION, model_lock, read_manifest, recover  # noqa: F401 (re-exported)
+from .manifest import MANIFEST, SCHEMA_VERSION, check_can_write, model_lock, read_manifest, recover  # noqa: F401 (re-exported)
 from .model import HeadRecord, Model, now
 
 
@@ -94,18 +94,6 @@ def _prune(root: Path, manifest: dict) -> None:
         rel = p.relative_to(root).as_posix()
         if rel not in keep and not p.is_symlink() and p.parent.resolve() in (root.resolve(), (root / "heads").resolve()):
             p.unlink(missing_ok=True)
-
-
-def check_can_write(out: Path, force: bool) -> None:
-    """Without --force only a new folder may become a model; with it, also an empty folder or an ovr model.
-    The folder it goes in must be writable (a model is built beside OUT and renamed into place)."""
-    if out.is_file():
-        raise OvrError(f"--out {out} is a file; give a folder for the model")
-    check_writable(out.parent, "cannot write the model: folder")
-    if out.exists() and not force:
-        raise OvrError(f"{out} exists; pass --force to overwrite it")
-    if out.exists() and not (out / MANIFEST).is_file() and any(out.iterdir()):
-        raise OvrError(f"{out} exists and is not an ovr model; refusing to overwrite it")
 
 
 # A test hook: raise right after the first rename of a replace, as a kill there would stop it.

@@ -304,3 +304,18 @@ def test_progress_rate_waits_for_a_second():
 
     assert _rate("embed", 64, 0.0004) == ""  # one batch used to read 166,600 img/s
     assert _rate("embed", 640, 2.0) == "320 img/s"
+
+
+@pytest.mark.parametrize("args", [
+    ["train", "{x}/nope", "--out", "{x}/m"], ["embed", "{x}/nope"], ["predict", "{x}/nope", "{x}/a.png"],
+    ["evaluate", "{x}/nope", "{x}"], ["add-class", "{x}/nope", "c", "{x}"], ["bench", "{x}/nope", "--out", "{x}/r"],
+    ["info", "{x}/nope"], ["remove-class", "{x}/nope", "c"],
+])
+def test_error_paths_do_not_import_torch(args, tmp_path):
+    """A mistyped path answers in a fraction of a second: torch (2-3 s to import) is not loaded for it."""
+    code = ("import sys\nfrom typer.testing import CliRunner\nfrom ovr.cli import app\n"
+            "r = CliRunner().invoke(app, sys.argv[1:])\nprint(r.exit_code, 'torch' in sys.modules, r.output.strip()[:200])")
+    r = subprocess.run([sys.executable, "-c", code, *(a.format(x=tmp_path) for a in args)], capture_output=True,
+                       text=True, timeout=120)
+    code_, torch_loaded, *msg = r.stdout.split(" ", 2)
+    assert code_ == "2" and torch_loaded == "False", r.stdout + r.stderr
