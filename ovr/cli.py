@@ -528,6 +528,56 @@ def bench(
 
 
 @app.command()
+def export(
+    model: Annotated[Path, typer.Argument(help="Model folder.")],
+    out: Annotated[Path, typer.Argument(help="ONNX file to write, e.g. model.onnx.")],
+    heads_only: Annotated[bool, typer.Option("--heads-only", help="Only the heads: input float32 embeddings [B, dim] instead of uint8 images.")] = False,
+    opset: Annotated[int, typer.Option(help="ONNX opset.")] = 18,
+    cache_dir: CacheOpt = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """One ONNX graph: uint8 crops [B, S, S, 3] -> backbone -> every head -> logits, confidences, answer.
+
+    Class names, thresholds, calibration and the resize/crop to apply before the graph are in its metadata
+    (`ovr.*` keys). Needs the export extra: pip install "ovr[export]"."""
+    with user_errors():
+        _early(model=model)
+        from .export import export_model
+
+        with err.status("exporting (torch.export + ONNX) ..."):
+            info = export_model(model, out, heads_only=heads_only, opset=opset, cache_dir=cache_dir)
+        if as_json:
+            print(json.dumps(info, ensure_ascii=False))
+            return
+        i = info["input"]
+        console.print(f"wrote {escape(str(out))} ({info['bytes'] / 1e6:.1f} MB, opset {opset}): {len(info['classes'])} "
+                      f"heads{' with the gate and guarded chain of a grown model' if info['grown'] else ''}; "
+                      f"input {i['name']} {i['dtype']} {i['shape']}; outputs logits, confidences, class_index",
+                      highlight=False)
+
+
+@app.command()
+def serve(
+    model: Annotated[Path, typer.Argument(help="Model folder.")],
+    host: Annotated[str, typer.Option(help="Address to bind; the default serves this machine only.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="TCP port.")] = 8000,
+    max_upload_mb: Annotated[float, typer.Option("--max-upload-mb", help="Largest request body accepted (413 beyond).")] = 20.0,
+    device: DeviceOpt = None, cache_dir: CacheOpt = None,
+) -> None:
+    """HTTP API and a web page: POST /predict (multipart images) -> JSON; GET /classes, /health, /docs; POST /reload.
+
+    Needs the serve extra: pip install "ovr[serve]"."""
+    with user_errors():
+        _early(model=model)
+        from .serve import create_app, run
+
+        app_ = create_app(model, device=device or "auto", cache_dir=cache_dir, max_upload_mb=max_upload_mb)
+        err.print(f"serving {escape(str(model))} on http://{host}:{port}/ (API docs: /docs); Ctrl-C stops",
+                  highlight=False)
+        run(app_, host, port)
+
+
+@app.command()
 def demo(
     out: Annotated[Path, typer.Option(help="Folder for the demo's data, model and report.")] = Path("ovr-demo"),
     seeds: Annotated[Optional[int], typer.Option(help=f"Benchmark seeds. {_d(BenchConfig, 'seeds')}")] = None,

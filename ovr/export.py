@@ -1,0 +1,206 @@
+"""`ovr export`: a model folder -> one ONNX graph (pixels -> backbone -> every head -> the answer), or the heads alone.
+
+The graph reproduces `Model.answer` (with calibrated=False, as `ovr predict` by default): per-head logits, gated
+calibrated confidences, and the answer's class index (the guarded chain and its gate for a grown model, argmax
+otherwise). Its input is the backbone's crop, uint8 [B, S, S, 3] (NHWC, RGB, as image libraries hold pixels): the
+resize + centre crop stay outside the graph, because PIL's antialiased resize has no exact ONNX twin and a
+slightly different resize would move the logits by ~1e-2; `preprocess()` (and the `ovr.*` metadata) give that step.
+Scaling to [0, 1] and the mean/std normalisation are inside.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import nn
+
+from .errors import OvrError
+from .heads import head_inputs, stack_heads, stacked_logits
+from .model import Model
+
+INSTALL_HINT = 'ONNX export needs the export extra: pip install "ovr[export]" (onnx, onnxscript, onnxruntime)'
+
+
+@dataclass
+class Preprocess:
+    """The backbone's transform split at the tensor boundary: PIL geometry (resize, crop), then mean/std."""
+    geometry: list  # PIL -> PIL callables
+    size: int
+    mean: list[float]
+    std: list[float]
+
+    def __call__(self, image: Image.Image) -> np.ndarray:
+        """PIL image -> uint8 [S, S, 3]: exactly the pixels the backbone's own transform turns into a tensor."""
+        im = image.convert("RGB")
+        for t in self.geometry:
+            im = t(im)
+        arr = np.asarray(im, dtype=np.uint8)
+        if arr.shape != (self.size, self.size, 3):
+            raise OvrError(f"preprocessing gave {arr.shape}, expected ({self.size}, {self.size}, 3)")
+        return arr
+
+    def metadata(self) -> dict:
+        return {"size": self.size, "mean": self.mean, "std": self.std,
+                "geometry": " ".join(" ".join(repr(t).split()) for t in self.geometry)}
+
+
+def split_transform(transform) -> Preprocess:
+    """Read resize/crop and mean/std from a torchvision Compose (timm, tiny_cnn) or a torchvision weights preset."""
+    import torchvision.transforms as T
+
+    if hasattr(transform, "crop_size") and hasattr(transform, "resize_size"):  # torchvision ImageClassification
+        geometry = [T.Resize(transform.resize_size, interpolation=transform.interpolation,
+                             antialias=transform.antialias), T.CenterCrop(transform.crop_size)]
+        size = transform.crop_size[0]
+        return Preprocess(geometry, size, list(transform.mean), list(transform.std))
+    steps = list(getattr(transform, "transforms", []))
+    geometry, mean, std, size = [], None, None, None
+    for t in steps:
+        name = type(t).__name__
+        if name in ("Resize", "CenterCrop"):
+            geometry.append(t)
+            if name == "CenterCrop":
+                s = t.size
+                size = s[0] if isinstance(s, (tuple, list)) else int(s)
+        elif name == "Normalize":
+            mean, std = [float(v) for v in t.mean], [float(v) for v in t.std]
+        elif name not in ("ToTensor", "MaybeToTensor", "PILToTensor", "ConvertImageDtype"):
+            raise OvrError(f"cannot export this backbone's preprocessing step {name}")
+    if mean is None or size is None:
+        raise OvrError("cannot export this backbone's preprocessing: no centre crop or no normalisation found")
+    return Preprocess(geometry, size, mean, std)
+
+
+class OvrGraph(nn.Module):
+    """images uint8 [B, S, S, 3] (or embeddings [B, D] with heads_only) -> logits, confidences, class_index."""
+
+    def __init__(self, model: Model, backbone: nn.Module | None, prep: Preprocess | None) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.normalize = model.normalize
+        p = stack_heads([model.heads[c] for c in model.classes])
+        self.head_keys = sorted(p)
+        for k in self.head_keys:
+            self.register_buffer(f"h_{k}", p[k].float())
+        recs = [model.records[c] for c in model.classes]
+        self.register_buffer("cal_a", torch.tensor([r.calibration.a for r in recs], dtype=torch.float32))
+        self.register_buffer("cal_b", torch.tensor([r.calibration.b for r in recs], dtype=torch.float32))
+        U = model.unseen()
+        self.grown = bool(U.any()) and model.gate is not None
+        self.register_buffer("unseen", torch.from_numpy(U.astype(np.float32)))
+        if self.grown:
+            order = [model.gate.classes.index(c) for c in model.classes]
+            self.register_buffer("gate_w", model.gate.weight[order].float())
+            self.register_buffer("gate_b", model.gate.bias[order].float())
+        if prep is not None:
+            self.register_buffer("mean", torch.tensor(prep.mean).view(1, 3, 1, 1))
+            self.register_buffer("std", torch.tensor(prep.std).view(1, 3, 1, 1))
+
+    def features(self, images: torch.Tensor) -> torch.Tensor:
+        x = images.permute(0, 3, 1, 2).float() / 255.0
+        return self.backbone((x - self.mean) / self.std)
+
+    def forward(self, x: torch.Tensor):
+        X = self.features(x) if self.backbone is not None else x
+        p = {k: getattr(self, f"h_{k}") for k in self.head_keys}
+        z = stacked_logits(p, head_inputs(self.normalize, X))
+        cal = torch.sigmoid(z * self.cal_a + self.cal_b)
+        raw = torch.sigmoid(z)
+        if not self.grown:
+            return z, raw, torch.argmax(z, dim=1)
+        post = torch.softmax(X @ self.gate_w.T + self.gate_b, dim=1)
+        g = torch.clamp(1.0 - post @ self.unseen.T, 0.0, 1.0)
+        score = cal * g
+        w = torch.argmax(z, dim=1)
+        N = z.shape[1]
+        eye = torch.eye(N, device=z.device)
+        for _ in range(N):  # aggregate.guarded_chain, unrolled: N rounds always reach its fixed point
+            cand = self.unseen[w] + eye[w]
+            w = torch.argmax(torch.where(cand > 0, score, torch.full_like(score, -1e30)), dim=1)
+        return z, raw * g, w
+
+
+def export_model(root: str | Path, out: str | Path, *, heads_only: bool = False, opset: int = 18,
+                 cache_dir: str | Path | None = None) -> dict:
+    """Write OUT.onnx atomically; return what it holds (classes, input, outputs, metadata)."""
+    try:
+        import onnx  # noqa: F401
+        import onnxscript  # noqa: F401
+    except ImportError:
+        raise OvrError(INSTALL_HINT) from None
+    from .atomic import atomic_write_bytes
+    from .backbones import load_backbone
+    from .cache import default_cache_dir
+    from .store import check_backbone, load_model
+
+    model = load_model(root)
+    spec = model.backbone
+    backbone = prep = None
+    if not heads_only:
+        bb = load_backbone(spec["name"], spec["weights"], cache_dir or default_cache_dir())
+        check_backbone(spec, bb.spec())
+        prep = split_transform(bb.transform)
+        backbone = bb.model.float().eval()
+    graph = OvrGraph(model, backbone, prep).eval()
+    if heads_only:
+        example = torch.zeros(2, spec["dim"])
+        input_name, shape = "embeddings", ["batch", spec["dim"]]
+    else:
+        example = torch.zeros(2, prep.size, prep.size, 3, dtype=torch.uint8)
+        input_name, shape = "images", ["batch", prep.size, prep.size, 3]
+    out = Path(out)
+    if out.is_dir():
+        raise OvrError(f"{out} is a folder; give a file name such as model.onnx")
+    from .atomic import check_writable
+
+    check_writable(out.parent, "cannot write the ONNX file: folder")
+    import tempfile
+
+    batch = torch.export.Dim("batch", min=1)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "model.onnx"
+        with torch.no_grad():
+            prog = torch.onnx.export(graph, (example,), input_names=[input_name],
+                                     output_names=["logits", "confidences", "class_index"],
+                                     dynamic_shapes=({0: batch},), opset_version=opset, dynamo=True,
+                                     external_data=False, verbose=False)
+        meta = {
+            "ovr.classes": json.dumps(model.classes, ensure_ascii=False),
+            "ovr.thresholds": json.dumps([model.records[c].threshold for c in model.classes]),
+            "ovr.calibration": json.dumps([[model.records[c].calibration.a, model.records[c].calibration.b]
+                                           for c in model.classes]),
+            "ovr.input": json.dumps({"name": input_name, "shape": shape,
+                                     "dtype": "float32" if heads_only else "uint8"}),
+            "ovr.outputs": "logits [B, N] per head; confidences [B, N] sigmoid(logit), times the gate of a grown "
+                           "model; class_index [B] the answer (guarded chain when grown, else argmax)",
+            "ovr.backbone": json.dumps(spec),
+            "ovr.grown": json.dumps(graph.grown),
+        }
+        if prep is not None:
+            meta["ovr.preprocess"] = json.dumps(prep.metadata())
+        import onnx
+
+        proto = prog.model_proto
+        for k, v in meta.items():
+            entry = proto.metadata_props.add()
+            entry.key, entry.value = k, v
+        data = proto.SerializeToString()
+        del path
+    atomic_write_bytes(out, data)
+    return {"path": str(out), "bytes": len(data), "classes": model.classes, "input": json.loads(meta["ovr.input"]),
+            "grown": graph.grown, "opset": opset, "onnx_version": onnx.__version__}
+
+
+def onnx_session(path: str | Path):
+    """An onnxruntime session plus the class names and preprocessing from the file's metadata."""
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        raise OvrError(INSTALL_HINT) from None
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    meta = sess.get_modelmeta().custom_metadata_map
+    return sess, meta

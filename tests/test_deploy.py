@@ -1,0 +1,208 @@
+"""`ovr export` (ONNX parity with `ovr predict`) and `ovr serve` (the HTTP API, and its page in a real browser)."""
+import io
+import json
+import shutil
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import TINY, cli, make_folder
+
+pytest.importorskip("onnxruntime", reason='the export extra is not installed (pip install "ovr[export]")')
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    base = tmp_path_factory.mktemp("deploy")
+    import os
+
+    os.environ["OVR_CACHE_DIR"] = str(base / "cache")
+    data = make_folder(base / "data", n_classes=3, per_class=10)
+    extra = make_folder(base / "extra", n_classes=5, per_class=10)
+    assert cli("train", data, "--out", base / "m", *TINY).exit_code == 0
+    return base, data, extra
+
+
+def _parity(model: Path, onnx_path: Path, paths: list[Path]):
+    from ovr.data import load_image
+    from ovr.export import onnx_session, split_transform
+    from ovr.pipeline import Predictor
+
+    pred = Predictor(model, "cpu")
+    X, idx, _ = pred.embed(paths)
+    ans = pred.model.answer(X)
+    prep = split_transform(pred.backbone.transform)
+    sess, meta = onnx_session(onnx_path)
+    z, conf, k = sess.run(None, {"images": np.stack([prep(load_image(p)) for p in paths])})
+    assert json.loads(meta["ovr.classes"]) == pred.classes  # same label order
+    return np.abs(z - ans.logits).max(), np.abs(conf - ans.confidences).max(), k, ans
+
+
+def test_export_matches_predict_and_a_grown_model_reexports(trained, tmp_path):
+    base, data, extra = trained
+    model = tmp_path / "m"
+    shutil.copytree(base / "m", model)
+    r = cli("export", model, tmp_path / "m.onnx")
+    assert r.exit_code == 0 and "input images uint8" in r.output, r.output
+    paths = sorted(data.rglob("*.png"))
+    dz, dc, k, ans = _parity(model, tmp_path / "m.onnx", paths)
+    assert dz < 1e-4 and dc < 1e-5 and (k == ans.index).all()  # measured: 1.5e-5 on logits
+    # grown by add-class: the gate and the guarded chain are in the graph too
+    for c in ("c3", "c4"):
+        assert cli("add-class", model, c, extra / c, "--device", "cpu").exit_code == 0
+    assert cli("export", model, tmp_path / "g.onnx").exit_code == 0
+    paths += sorted(extra.rglob("*.png"))
+    dz, dc, k, ans = _parity(model, tmp_path / "g.onnx", paths)
+    assert dz < 1e-4 and dc < 1e-5 and (k == ans.index).all()
+    assert (ans.index != ans.logits.argmax(1)).any()  # the chain changed some answers, and the graph agreed
+
+
+def test_heads_only_export_on_embeddings(trained, tmp_path):
+    base, data, _ = trained
+    from ovr.export import onnx_session
+    from ovr.pipeline import Predictor
+
+    r = cli("export", base / "m", tmp_path / "h.onnx", "--heads-only", "--json")
+    assert r.exit_code == 0 and json.loads(r.output)["input"]["name"] == "embeddings"
+    pred = Predictor(base / "m", "cpu")
+    X, _, _ = pred.embed(sorted(data.rglob("*.png")))
+    sess, meta = onnx_session(tmp_path / "h.onnx")
+    z, _, k = sess.run(None, {"embeddings": X.numpy().astype(np.float32)})
+    ans = pred.model.answer(X)
+    assert np.abs(z - ans.logits).max() < 1e-4 and (k == ans.index).all()
+    assert len(json.loads(meta["ovr.thresholds"])) == 3
+
+
+@pytest.mark.parametrize("command,module,extra", [("export", "onnxscript", "export"), ("serve", "fastapi", "serve")])
+def test_missing_extra_is_one_line(trained, tmp_path, command, module, extra):
+    base, _, _ = trained
+    code = (f"import sys\nsys.modules[{module!r}] = None\nfrom typer.testing import CliRunner\nfrom ovr.cli import app\n"
+            f"r = CliRunner().invoke(app, sys.argv[1:])\nprint(r.exit_code)\nprint(r.output)")
+    args = [command, str(base / "m")] + ([str(tmp_path / "x.onnx")] if command == "export" else [])
+    r = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=120)
+    rc, out = r.stdout.split("\n", 1)
+    assert rc == "2" and f'pip install "ovr[{extra}]"' in out and out.strip().count("\n") == 0, r.stdout + r.stderr
+
+
+# --- serve ------------------------------------------------------------------------------------------------
+
+def _png(path: Path) -> bytes:
+    return path.read_bytes()
+
+
+def test_serve_api(trained, tmp_path):
+    pytest.importorskip("fastapi", reason='the serve extra is not installed (pip install "ovr[serve]")')
+    from fastapi.testclient import TestClient
+
+    from ovr.serve import create_app
+
+    base, data, extra = trained
+    model = tmp_path / "m"
+    shutil.copytree(base / "m", model)
+    client = TestClient(create_app(model, device="cpu", max_upload_mb=0.05))
+    assert client.get("/health").json()["classes"] == 3
+    assert [c["name"] for c in client.get("/classes").json()] == ["c0", "c1", "c2"]
+    assert "<input id=\"files\"" in client.get("/").text and client.get("/openapi.json").status_code == 200
+    files = [("files", (f"c{k}.png", _png(data / f"c{k}" / "img009.png"), "image/png")) for k in range(3)]
+    r = client.post("/predict?top_k=2", files=files)
+    assert r.status_code == 200, r.text
+    res = r.json()["results"]
+    assert [x["input"] for x in res] == ["c0.png", "c1.png", "c2.png"]
+    assert [x["class"] for x in res] == ["c0", "c1", "c2"] and all(len(x["top"]) == 2 for x in res)
+    assert all(set(x) >= {"class", "confidence", "top", "labels", "unknown"} for x in res)
+    # a corrupt upload: 422 naming it, and the server goes on serving
+    r = client.post("/predict", files=[("files", ("bad.png", b"not an image", "image/png"))])
+    assert r.status_code == 422 and "bad.png" in r.json()["detail"]
+    # over the size limit: 413
+    big = io.BytesIO()
+    from PIL import Image
+
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (200, 200, 3), dtype=np.uint8)).save(big, "PNG")
+    r = client.post("/predict", files=[("files", ("big.png", big.getvalue(), "image/png"))])
+    assert r.status_code == 413
+    assert client.post("/predict", files=files[:1]).json()["results"][0]["class"] == "c0"
+    # grow the model on disk, reload: the new class is served, the old ones still answer
+    assert cli("add-class", model, "c3", extra / "c3", "--device", "cpu").exit_code == 0
+    assert client.post("/reload").json()["classes"] == ["c0", "c1", "c2", "c3"]
+    r = client.post("/predict", files=[files[0], ("files", ("n.png", _png(extra / "c3" / "img009.png"), "image/png"))])
+    assert [x["class"] for x in r.json()["results"]] == ["c0", "c3"]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_page_in_a_real_browser(trained):
+    """Headless Chromium opens the page, chooses an image, and reads the answer the page shows."""
+    pytest.importorskip("fastapi", reason='the serve extra is not installed (pip install "ovr[serve]")')
+    webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is not installed")
+    browser = shutil.which("chromium") or shutil.which("chromium-browser")
+    driver_bin = shutil.which("chromedriver")
+    if not (browser and driver_bin):
+        pytest.skip("no Chromium + chromedriver on this machine (apt-get install chromium chromium-driver)")
+    import uvicorn
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support import expected_conditions as EC
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    from ovr.serve import create_app
+
+    base, data, _ = trained
+    port = _free_port()
+    server = uvicorn.Server(uvicorn.Config(create_app(base / "m", device="cpu"), host="127.0.0.1", port=port,
+                                           log_level="warning"))
+    t = threading.Thread(target=server.run, daemon=True)
+    t.start()
+    opts = webdriver.ChromeOptions()
+    opts.binary_location = browser
+    for a in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu"):
+        opts.add_argument(a)
+    from selenium.webdriver.chrome.service import Service
+
+    drv = None
+    try:
+        for _ in range(100):
+            if server.started:
+                break
+            time.sleep(0.1)
+        drv = webdriver.Chrome(service=Service(driver_bin), options=opts)
+        drv.get(f"http://127.0.0.1:{port}/")
+        WebDriverWait(drv, 30).until(EC.text_to_be_present_in_element((By.ID, "meta"), "3 classes"))
+        drv.find_element(By.ID, "files").send_keys(str(data / "c1" / "img009.png"))
+        ans = WebDriverWait(drv, 60).until(EC.presence_of_element_located((By.CSS_SELECTOR, ".answer")))
+        assert ans.get_attribute("data-class") == "c1" and ans.text.startswith("c1 (")
+        assert len(drv.find_elements(By.CSS_SELECTOR, ".bar")) == 3  # a bar per class
+    finally:
+        if drv is not None:
+            drv.quit()
+        server.should_exit = True
+        t.join(timeout=10)
+
+
+@pytest.mark.slow
+def test_export_parity_on_the_pretrained_backbone(tmp_path):
+    """EfficientNet-Lite0 (the default backbone) through torch.onnx: the same logits as `ovr predict`."""
+    from sklearn.datasets import load_sample_images
+
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for k, img in enumerate(load_sample_images().images):
+        for i in range(8):
+            y, x = rng.integers(0, 200, 2)
+            Image.fromarray(img[y:y + 200, x:x + 200]).save((tmp_path / "d" / f"p{k}").mkdir(parents=True, exist_ok=True)
+                                                            or tmp_path / "d" / f"p{k}" / f"{i}.jpg")
+    assert cli("train", tmp_path / "d", "--out", tmp_path / "m", "--device", "cpu").exit_code == 0
+    assert cli("export", tmp_path / "m", tmp_path / "m.onnx").exit_code == 0
+    dz, dc, k, ans = _parity(tmp_path / "m", tmp_path / "m.onnx", sorted((tmp_path / "d").rglob("*.jpg")))
+    print(f"lite0 max |logit difference| {dz:.2e}")
+    assert dz < 1e-4 and (k == ans.index).all()
