@@ -128,11 +128,11 @@ def export_model(root: str | Path, out: str | Path, *, heads_only: bool = False,
                  cache_dir: str | Path | None = None) -> dict:
     """Write OUT.onnx atomically; return what it holds (classes, input, outputs, metadata)."""
     try:
-        import onnx  # noqa: F401
-        import onnxscript  # noqa: F401
+        import onnx
+        import onnxscript  # noqa: F401  (torch.onnx's dynamo exporter needs it)
     except ImportError:
         raise OvrError(INSTALL_HINT) from None
-    from .atomic import atomic_write_bytes
+    from .atomic import atomic_write_bytes, check_writable
     from .backbones import load_backbone
     from .cache import default_cache_dir
     from .store import check_backbone, load_model
@@ -155,41 +155,32 @@ def export_model(root: str | Path, out: str | Path, *, heads_only: bool = False,
     out = Path(out)
     if out.is_dir():
         raise OvrError(f"{out} is a folder; give a file name such as model.onnx")
-    from .atomic import check_writable
-
     check_writable(out.parent, "cannot write the ONNX file: folder")
-    import tempfile
-
     batch = torch.export.Dim("batch", min=1)
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "model.onnx"
-        with torch.no_grad():
-            prog = torch.onnx.export(graph, (example,), input_names=[input_name],
-                                     output_names=["logits", "confidences", "class_index"],
-                                     dynamic_shapes=({0: batch},), opset_version=opset, dynamo=True,
-                                     external_data=False, verbose=False)
-        meta = {
-            "ovr.classes": json.dumps(model.classes, ensure_ascii=False),
-            "ovr.thresholds": json.dumps([model.records[c].threshold for c in model.classes]),
-            "ovr.calibration": json.dumps([[model.records[c].calibration.a, model.records[c].calibration.b]
-                                           for c in model.classes]),
-            "ovr.input": json.dumps({"name": input_name, "shape": shape,
-                                     "dtype": "float32" if heads_only else "uint8"}),
-            "ovr.outputs": "logits [B, N] per head; confidences [B, N] sigmoid(logit), times the gate of a grown "
-                           "model; class_index [B] the answer (guarded chain when grown, else argmax)",
-            "ovr.backbone": json.dumps(spec),
-            "ovr.grown": json.dumps(graph.grown),
-        }
-        if prep is not None:
-            meta["ovr.preprocess"] = json.dumps(prep.metadata())
-        import onnx
-
-        proto = prog.model_proto
-        for k, v in meta.items():
-            entry = proto.metadata_props.add()
-            entry.key, entry.value = k, v
-        data = proto.SerializeToString()
-        del path
+    with torch.no_grad():
+        prog = torch.onnx.export(graph, (example,), input_names=[input_name],
+                                 output_names=["logits", "confidences", "class_index"],
+                                 dynamic_shapes=({0: batch},), opset_version=opset, dynamo=True,
+                                 external_data=False, verbose=False)
+    meta = {
+        "ovr.classes": json.dumps(model.classes, ensure_ascii=False),
+        "ovr.thresholds": json.dumps([model.records[c].threshold for c in model.classes]),
+        "ovr.calibration": json.dumps([[model.records[c].calibration.a, model.records[c].calibration.b]
+                                       for c in model.classes]),
+        "ovr.input": json.dumps({"name": input_name, "shape": shape,
+                                 "dtype": "float32" if heads_only else "uint8"}),
+        "ovr.outputs": "logits [B, N] per head; confidences [B, N] sigmoid(logit), times the gate of a grown "
+                       "model; class_index [B] the answer (guarded chain when grown, else argmax)",
+        "ovr.backbone": json.dumps(spec),
+        "ovr.grown": json.dumps(graph.grown),
+    }
+    if prep is not None:
+        meta["ovr.preprocess"] = json.dumps(prep.metadata())
+    proto = prog.model_proto
+    for k, v in meta.items():
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = k, v
+    data = proto.SerializeToString()
     atomic_write_bytes(out, data)
     return {"path": str(out), "bytes": len(data), "classes": model.classes, "input": json.loads(meta["ovr.input"]),
             "grown": graph.grown, "opset": opset, "onnx_version": onnx.__version__}

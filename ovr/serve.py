@@ -22,7 +22,7 @@ def create_app(model_root, *, device: str = "auto", cache_dir=None,
     try:
         from fastapi import FastAPI, File, HTTPException, Query, Request, UploadFile
         from fastapi.responses import HTMLResponse, JSONResponse
-        import python_multipart  # noqa: F401  (FastAPI's form parser)
+        import python_multipart  # noqa: F401  (FastAPI's form parser; without it uploads fail at run time)
     except ImportError:
         raise OvrError(INSTALL_HINT) from None
     from .data import decode_image, describe_error
