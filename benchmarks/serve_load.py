@@ -1,0 +1,143 @@
+"""Load on `ovr serve`, on 127.0.0.1 only: requests/s and p50/p99 latency for single images and batches, then an
+`ovr add-class` + POST /reload while clients keep sending, to show the new class served with no failed request.
+
+    python benchmarks/serve_load.py [--backbone efficientnet_lite0] [--seconds 15] [--out benchmarks/results/serve_load.json]
+
+Bounded: each phase stops after --seconds or --max-requests, whichever first. The server is a real
+`python -m ovr serve` subprocess; the clients are threads with httpx in this process.
+"""
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).parent))
+from datasets import write_photos_folder  # noqa: E402  the real-photo set of the other benchmarks
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def load(url: str, files: list[Path], batch: int, clients: int, seconds: float, max_requests: int,
+         expect: set[str] | None = None) -> dict:
+    import httpx
+
+    lat: list[float] = []
+    errors = [0]
+    seen: set[str] = set()
+    stop = time.monotonic() + seconds
+    lock = threading.Lock()
+    blobs = [(p.name, p.read_bytes()) for p in files]
+
+    def worker(k: int) -> None:
+        with httpx.Client(timeout=60) as c:
+            i = k
+            while time.monotonic() < stop:
+                with lock:
+                    if len(lat) + errors[0] >= max_requests:
+                        return
+                part = [blobs[(i + j) % len(blobs)] for j in range(batch)]
+                i += batch * clients
+                t0 = time.perf_counter()
+                try:
+                    r = c.post(url + "/predict", files=[("files", (n, b, "image/png")) for n, b in part])
+                    ok = r.status_code == 200
+                    classes = {x["class"] for x in r.json()["results"]} if ok else set()
+                except httpx.HTTPError:
+                    ok, classes = False, set()
+                with lock:
+                    if ok:
+                        lat.append(time.perf_counter() - t0)
+                        seen.update(classes)
+                    else:
+                        errors[0] += 1
+
+    t0 = time.perf_counter()
+    ts = [threading.Thread(target=worker, args=(k,)) for k in range(clients)]
+    [t.start() for t in ts]
+    [t.join() for t in ts]
+    wall = time.perf_counter() - t0
+    lat_ms = np.array(lat) * 1000
+    return {"batch": batch, "clients": clients, "requests": len(lat), "failed": errors[0],
+            "requests_per_s": len(lat) / wall, "images_per_s": len(lat) * batch / wall,
+            "p50_ms": float(np.percentile(lat_ms, 50)) if len(lat) else None,
+            "p99_ms": float(np.percentile(lat_ms, 99)) if len(lat) else None, "classes_seen": sorted(seen)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--backbone", default="efficientnet_lite0")
+    ap.add_argument("--seconds", type=float, default=15.0)
+    ap.add_argument("--max-requests", type=int, default=2000)
+    ap.add_argument("--out", type=Path, default=Path("benchmarks/results/serve_load.json"))
+    a = ap.parse_args()
+    base = Path(tempfile.mkdtemp(prefix="ovr-serve-"))
+    env = {**os.environ, "OVR_CACHE_DIR": os.environ.get("OVR_CACHE_DIR", str(base / "cache"))}
+    allp = write_photos_folder(base / "all", per_class=30)
+    data, later = base / "photos", base / "later"
+    names = sorted(p.name for p in allp.iterdir() if p.is_dir())
+    for n in names[:5]:
+        os.renames(allp / n, data / n)
+    os.renames(allp / names[5], later / "new")
+    ovr = [sys.executable, "-m", "ovr"]
+    subprocess.run([*ovr, "train", str(data), "--out", str(base / "m"), "--backbone", a.backbone], env=env, check=True,
+                   capture_output=True)
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    server = subprocess.Popen([*ovr, "serve", str(base / "m"), "--port", str(port)], env=env,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    import httpx
+
+    try:
+        for _ in range(600):
+            try:
+                if httpx.get(url + "/health", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.2)
+        files = sorted(data.rglob("*.png"))
+        res = {"machine": f"{os.cpu_count()} cores", "backbone": a.backbone, "image": "64x64 PNG crops of real photographs",
+               "phases": []}
+        for batch, clients in ((1, 1), (1, 4), (8, 2)):
+            r = load(url, files, batch, clients, a.seconds, a.max_requests)
+            res["phases"].append({"phase": "steady", **r})
+            print(json.dumps(res["phases"][-1]))
+        # grow the model on disk while clients keep sending, then reload: no request may fail
+        holder: dict = {}
+        t = threading.Thread(target=lambda: holder.update(load(url, files, 1, 2, a.seconds * 2, a.max_requests)))
+        t.start()
+        subprocess.run([*ovr, "add-class", str(base / "m"), "new", str(later / "new")], env=env, check=True,
+                       capture_output=True)
+        t0 = time.perf_counter()
+        rr = httpx.post(url + "/reload", timeout=120).json()
+        reload_s = time.perf_counter() - t0
+        t.join()
+        res["phases"].append({"phase": "during add-class + reload", **holder, "reload_s": reload_s,
+                              "classes_after": rr["classes"]})
+        print(json.dumps(res["phases"][-1]))
+        r = load(url, sorted(later.rglob("*.png")), 1, 1, a.seconds / 3, 200)
+        res["phases"].append({"phase": "new class images after reload", **r})
+        print(json.dumps(res["phases"][-1]))
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+    a.out.parent.mkdir(parents=True, exist_ok=True)
+    a.out.write_text(json.dumps(res, indent=1))
+
+
+if __name__ == "__main__":
+    main()
