@@ -257,6 +257,7 @@ def train(
     val_fraction: Annotated[Optional[float], typer.Option("--val-fraction", help=f"Share of each class held out to choose strengths and calibrate. {_d(DataConfig, 'val_fraction')}")] = None,
     test_fraction: Annotated[Optional[float], typer.Option("--test-fraction", help=f"Share of each class kept for `ovr evaluate`. {_d(DataConfig, 'test_fraction')}")] = None,
     split_seed: Annotated[Optional[int], typer.Option("--split-seed", help=f"Seed of the train/val/test split. {_d(DataConfig, 'split_seed')}")] = None,
+    views: Annotated[Optional[int], typer.Option(help=f"Augmented views per training image besides the plain one (random resized crop, flip, colour jitter; seeded, cached). Validation and test stay plain. {_d(TrainConfig, 'views')}")] = None,
     normalize: Annotated[Optional[str], typer.Option(help=f"standardize | l2 feature normalisation. {_d(TrainConfig, 'normalize')}")] = None,
     calibration: Annotated[Optional[str], typer.Option(help=f"platt | temperature | none, fitted per head on val. {_d(TrainConfig, 'calibration')}")] = None,
     force: Annotated[bool, typer.Option("--force", help="Overwrite an existing model folder.")] = False,
@@ -270,7 +271,7 @@ def train(
                       workers=workers, cache_dir=cache_dir, strict=strict, head=head, hidden=hidden, epochs=epochs,
                       lr=lr, seed=seed, pos_weight=pos_weight, normalize=normalize, calibration=calibration,
                       l2_grid=_floats(l2_grid, "--l2-grid"), tol=tol, val_fraction=val_fraction,
-                      test_fraction=test_fraction, split_seed=split_seed)
+                      test_fraction=test_fraction, split_seed=split_seed, views=views)
         folder = _early(data=data, cfg=cfg, out=out, force=force)
         from .pipeline import train_model
 
@@ -290,6 +291,7 @@ def predict(
     thresholds: Annotated[bool, typer.Option("--thresholds", help="Answer 'unknown' when no head passes its stored threshold.")] = False,
     multilabel: Annotated[bool, typer.Option("--multilabel", help="Also list every class whose head fires.")] = False,
     calibrated: Annotated[bool, typer.Option("--calibrated", help="Use the stored per-head calibration.")] = False,
+    tta: Annotated[int, typer.Option(help="Test-time augmentation: average each head's logits over the image and this many augmented views (0: off).")] = 0,
     as_json: Annotated[bool, typer.Option("--json", help="One JSON object per image on stdout.")] = False,
     device: DeviceOpt = None, cache_dir: CacheOpt = None,
 ) -> None:
@@ -308,7 +310,7 @@ def predict(
             from .data import describe_ignored
             _warn_skipped([], [describe_ignored(ignored) + " in the folders given"])
         pred = Predictor(model, device or "auto", cache_dir)
-        rows = pred.predict(files, top_k, reject_below, thresholds, multilabel, calibrated)
+        rows = pred.predict(files, top_k, reject_below, thresholds, multilabel, calibrated, tta=tta)
         failed = all("error" in r for r in rows)
         if as_json:
             for r in rows:
@@ -342,6 +344,7 @@ def evaluate(
     reject_below: Annotated[Optional[float], typer.Option("--reject-below")] = None,
     thresholds: Annotated[bool, typer.Option("--thresholds", help="Unknown when no head passes its threshold.")] = False,
     calibrated: Annotated[bool, typer.Option("--calibrated", help="Use the stored per-head calibration.")] = False,
+    tta: Annotated[int, typer.Option(help="Test-time augmentation: average each head's logits over the image and this many augmented views (0: off).")] = 0,
     as_json: JsonOpt = False, json_out: JsonOutOpt = None,
     device: DeviceOpt = None, cache_dir: CacheOpt = None,
 ) -> None:
@@ -354,7 +357,7 @@ def evaluate(
         from .report import metrics_tables
 
         with progress_bar() as cb:
-            m = evaluate_model(model, data, split, device, cache_dir, reject_below, thresholds, calibrated, cb)
+            m = evaluate_model(model, data, split, device, cache_dir, reject_below, thresholds, calibrated, cb, tta=tta)
         if _json(m, as_json, json_out):
             return
         for t in metrics_tables(m):

@@ -65,8 +65,10 @@ class TrainConfig:
     normalize: str = "standardize"  # standardize | l2
     calibration: str = "platt"  # platt | temperature | none
     seed: int = 0
+    views: int = 0  # augmented views per training image, besides the plain one (validation and test stay plain)
 
     def __post_init__(self) -> None:
+        _check(self.views >= 0, f"views must be 0 or more, got {self.views}")
         for name, allowed in (("head", HEADS), ("normalize", NORMALIZE), ("calibration", CALIBRATION)):
             _check(getattr(self, name) in allowed, f"{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
         for name in ("hidden", "epochs", "head_batch_size", "patience"):

@@ -14,6 +14,7 @@ from .backbones import Backbone
 from .cache import EmbeddingCache, content_key
 from .data import ImageFolder, decode_image, describe_error
 from .errors import OvrError
+from .views import augment, view_key, view_seed
 
 Progress = Callable[[str, int, int], None]  # (stage, done, total)
 
@@ -21,15 +22,18 @@ Progress = Callable[[str, int, int], None]  # (stage, done, total)
 class _Decode(torch.utils.data.Dataset):
     """Decoding and preprocessing run in DataLoader workers, overlapped with the forward pass."""
 
-    def __init__(self, blobs: list[Path], transform: Callable) -> None:
-        self.paths, self.transform = blobs, transform
+    def __init__(self, blobs: list[Path], transform: Callable, aug_seeds: list[int | None] | None = None) -> None:
+        self.paths, self.transform, self.aug_seeds = blobs, transform, aug_seeds
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def __getitem__(self, i: int):
         try:
-            x = self.transform(decode_image(Path(self.paths[i]).read_bytes()))
+            im = decode_image(Path(self.paths[i]).read_bytes())
+            if self.aug_seeds is not None and self.aug_seeds[i] is not None:
+                im = augment(im, self.aug_seeds[i])
+            x = self.transform(im)
             return x, i, ""
         except Exception as e:
             return None, i, describe_error(e)
@@ -135,12 +139,14 @@ def embed_paths(paths: list[Path], backbone: Backbone, cache: EmbeddingCache, de
 
 
 def _embed_missing(paths, keys, todo, backbone, cache, device, batch_size, workers, progress, shard_size,
-                   flush_seconds, failed: dict[int, str]) -> None:
+                   flush_seconds, failed: dict[int, str], aug_seeds: list[int | None] | None = None,
+                   stage: str = "embed") -> None:
     backbone.model.to(device).to(memory_format=torch.channels_last)
     order = list(todo.values())
     n_workers = default_workers(workers, device)
+    seeds = [aug_seeds[i] for i in order] if aug_seeds is not None else None
     loader = torch.utils.data.DataLoader(
-        _Decode([paths[i] for i in order], backbone.transform), batch_size=batch_size, num_workers=n_workers,
+        _Decode([paths[i] for i in order], backbone.transform, seeds), batch_size=batch_size, num_workers=n_workers,
         collate_fn=_collate, pin_memory=device.type == "cuda", persistent_workers=False,
         prefetch_factor=4 if n_workers else None)
     pend_keys: list[str] = []
@@ -148,7 +154,7 @@ def _embed_missing(paths, keys, todo, backbone, cache, device, batch_size, worke
     done = 0
     last_flush = time.monotonic()
     if progress:
-        progress("embed", 0, len(order))
+        progress(stage, 0, len(order))
     try:
         for xs, idx, bad in loader:
             for j, why in bad:
@@ -162,11 +168,46 @@ def _embed_missing(paths, keys, todo, backbone, cache, device, batch_size, worke
                 pend_keys, pend = [], []
                 last_flush = time.monotonic()
             if progress:
-                progress("embed", done, len(order))
+                progress(stage, done, len(order))
     finally:
         # Ctrl-C keeps every finished batch: the next run resumes from here.
         if pend_keys:
             cache.put(pend_keys, torch.cat(pend))
+
+
+def embed_views(paths: list[Path], keys: list[str], views: int, seed: int, backbone: Backbone,
+                cache: EmbeddingCache, device: torch.device, batch_size: int = 64, workers: int = -1,
+                progress: Progress | None = None) -> tuple[list[str], torch.Tensor]:
+    """Augmented views 1..`views` of each (readable) image, through the cache: -> (view keys, embeddings
+    [len(paths) * views, D] on device), image-major (the views of image 0, then of image 1, ...)."""
+    if views <= 0 or not paths:
+        return [], torch.empty(0, backbone.dim, device=device)
+    v_paths = [Path(p) for p in paths for _ in range(views)]
+    v_keys = [view_key(k, seed, v) for k in keys for v in range(1, views + 1)]
+    v_seeds = [view_seed(seed, k, v) for k in keys for v in range(1, views + 1)]
+    failed: dict[int, str] = {}
+    todo = _todo(v_keys, cache)
+    if todo:
+        with cache.embedding(waiting=lambda: progress and progress("wait for another ovr embed", 0, 1)):
+            todo = _todo(v_keys, cache)
+            if todo:
+                _embed_missing(v_paths, v_keys, todo, backbone, cache, device, batch_size, workers, progress,
+                               SHARD_SIZE, FLUSH_SECONDS, failed, aug_seeds=v_seeds, stage="views")
+    if failed:  # the plain view decoded, so this is rare (a file changed underneath); say which
+        i = min(failed)
+        raise OvrError(f"cannot make augmented views of {v_paths[i]}: {failed[i]}")
+    return v_keys, cache.get(v_keys).to(device)
+
+
+def augmented_images(images: list, views: int, seed: int) -> list:
+    """In-memory images (no file, no cache): views 1..`views` of each, image-major, seeded by pixel content."""
+    from .cache import content_key
+
+    out = []
+    for im in images:
+        k = content_key(im.convert("RGB").tobytes())
+        out += [augment(im.convert("RGB"), view_seed(seed, k, v)) for v in range(1, views + 1)]
+    return out
 
 
 def embed_images(images: list, backbone: Backbone, device: torch.device, batch_size: int = 64) -> torch.Tensor:

@@ -165,6 +165,8 @@ class HeadFit:
     iterations: int  # L-BFGS iterations of the final solve, or Adam's best epoch
     grad_norm: float  # max |gradient| at the answer (nan for adam)
     val_logits: np.ndarray | None  # held-out logits on the validation rows (the head before its refit)
+    l2_path: list = None  # [[strength, validation loss], ...] over the grid: the curve the choice was made on
+    curve: list = None  # adam: [[epoch, train loss, validation loss], ...] of the chosen strength
 
 
 def _pos_weights(T: torch.Tensor, on: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -236,9 +238,14 @@ def fit_ovr_heads(X: torch.Tensor, T: torch.Tensor, Xv: torch.Tensor | None, Tv:
         val_logits = stacked_logits(stack_heads(params, dev), Xv).cpu().numpy() if has_val else None
         stats = [(int(res.best_epoch[int(c)]), float("nan")) for c in cols]
         solver = "adam"
+        curves = [[[e + 1, float(tr[int(c)]), None if va is None else float(va[int(c)])]
+                   for e, (tr, va) in enumerate(res.history or [])] for c in cols]
+    paths = [[[float(grid[g]), float(val[j, g])] for g in range(G)] if has_val else [] for j in range(N)]
+    if solver == "lbfgs":
+        curves = [[] for _ in range(N)]
     return [HeadFit(params[j], seeds[j], int(pos[j]), int(neg[j]), float(pw[j]), float(grid[int(choice[j])]),
                     float(val[j, choice[j]]), solver, stats[j][0], stats[j][1],
-                    val_logits[:, j] if val_logits is not None else None) for j in range(N)]
+                    val_logits[:, j] if val_logits is not None else None, paths[j], curves[j]) for j in range(N)]
 
 
 def stack_heads(heads: list[Tensors], device: torch.device | str = "cpu") -> Tensors:

@@ -53,11 +53,13 @@ class Model:
         return bool(self.unseen().any())
 
     def answer(self, X: torch.Tensor, *, calibrated: bool = False, reject_below: float | None = None,
-               thresholds: bool = False) -> "Answer":
+               thresholds: bool = False, views: list[torch.Tensor] = ()) -> "Answer":
         """Confidences, the class of each row (guarded chain; plain argmax when no head missed a class), and
         'unknown' (-1) by --reject-below / --thresholds. With a gate, every confidence is multiplied by its
-        head's gate, so a head is not believed on a class it never saw; thresholds and multi-label use those."""
-        z = self.logits(X)
+        head's gate, so a head is not believed on a class it never saw; thresholds and multi-label use those.
+        `views` (test-time augmentation): more embeddings of the same rows; each head's logits, and the gate's
+        posteriors, are averaged over X and them."""
+        z = np.mean([self.logits(V) for V in (X, *views)], axis=0)
         N = len(self.classes)
         a = np.array([self.records[c].calibration.a for c in self.classes])
         b = np.array([self.records[c].calibration.b for c in self.classes])
@@ -70,7 +72,7 @@ class Model:
         U = self.unseen()
         g = np.ones((len(z), N))
         if U.any() and self.gate is not None and len(z):
-            post = self.gate.posterior(X)
+            post = np.mean([self.gate.posterior(V) for V in (X, *views)], axis=0)
             order = [self.gate.classes.index(c) for c in self.classes]
             g = aggregate.gates(post[:, order], U)
             idx = aggregate.guarded_chain(conf, cal * g, U)
@@ -142,7 +144,8 @@ class Model:
                 threshold=float(thr[j]), calibration=Calibration(settings.calibration, float(a[j]), float(b[j])),
                 trained_with=list(trained_with), solver=f.solver, iterations=f.iterations,
                 grad_norm=None if np.isnan(f.grad_norm) else f.grad_norm,
-                val_loss=None if np.isnan(f.val_loss) else f.val_loss, val=val[j], run=run)
+                val_loss=None if np.isnan(f.val_loss) else f.val_loss, val=val[j], run=run,
+                l2_path=[[s, None if np.isnan(v) else v] for s, v in (f.l2_path or [])], curve=f.curve or [])
 
     def rebuild_gate(self, X: torch.Tensor, y: torch.Tensor, Xv: torch.Tensor, yv: torch.Tensor) -> None:
         """The gate from all remembered examples, or none when every head has seen every class."""

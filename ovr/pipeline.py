@@ -17,7 +17,8 @@ from .errors import OvrError
 from .atomic import check_writable
 from .backbones import Backbone, load_backbone
 from .cache import EmbeddingCache, default_cache_dir
-from .features import EmbeddedFolder, Progress, embed_folder, embed_images, embed_paths
+from .features import (EmbeddedFolder, Progress, augmented_images, embed_folder, embed_images, embed_paths,
+                       embed_views)
 from .model import Model
 from .runtime import resolve_device
 from .store import check_backbone, check_can_write, load_model, model_lock, save_model, update_model
@@ -65,13 +66,32 @@ def train_model(data: str | Path | ImageFolder, out: str | Path, cfg: Config, fo
     empty = [c for i, c in enumerate(classes) if not (y == i).any()]
     if empty:
         raise OvrError(f"no readable training images for class {empty[0]!r}")
+    tr = np.flatnonzero(emb.splits == "train")
+    vkeys, V = train_views([emb.result.paths[i] for i in tr], [emb.result.keys[i] for i in tr], cfg, emb.backbone,
+                           open_cache(cfg, emb.backbone), X.device, progress)
     model = Model(emb.backbone.spec(), cfg.train.normalize, cfg.train.head, list(classes),
                   calibration=cfg.train.calibration, config=config_to_dict(cfg))
-    model.fit_heads(list(classes), X, y, Xv, yv, cfg.train, progress=progress)
+    model.fit_heads(list(classes), torch.cat([X, V]), torch.cat([y, y.repeat_interleave(cfg.train.views)]), Xv, yv,
+                    cfg.train, progress=progress)
     model.examples = [{"key": k, "label": classes[int(lab)], "split": str(sp)}
                       for k, lab, sp in zip(emb.result.keys, emb.labels, emb.splits)]
+    model.examples += view_examples(vkeys, [classes[int(v)] for v in y], cfg.train.views)
     save_model(model, out, force=force, config_toml=config_to_toml(cfg))
     return model, emb
+
+
+def train_views(paths: list[Path], keys: list[str], cfg: Config, backbone: Backbone, cache: EmbeddingCache,
+                device: torch.device, progress: Progress | None = None) -> tuple[list[str], torch.Tensor]:
+    """cfg.train.views augmented views of each training image (cached; none when views = 0)."""
+    f = cfg.features
+    return embed_views(paths, keys, cfg.train.views, cfg.train.seed, backbone, cache, device, f.batch_size,
+                       f.workers, progress)
+
+
+def view_examples(vkeys: list[str], labels: list[str], views: int) -> list[dict]:
+    """Remembered like plain training images (add-class and refresh train on them too), marked as views."""
+    return [{"key": k, "label": labels[i // views], "split": "train", "view": i % views + 1}
+            for i, k in enumerate(vkeys)]
 
 
 # --- using a model ---------------------------------------------------------------------------------------
@@ -119,36 +139,57 @@ class Predictor:
                 raise OvrError(f"cannot predict on a {type(x).__name__}: give paths, folders, globs, PIL images or arrays")
         return out
 
-    def embed(self, inputs: list, progress: Progress | None = None) -> tuple[torch.Tensor, list[int], list[tuple]]:
+    def embed(self, inputs: list, progress: Progress | None = None, tta: int = 0
+              ) -> tuple[torch.Tensor, list[int], list[tuple]] | tuple[torch.Tensor, list[int], list[tuple], list]:
         """-> embeddings of the usable inputs, their positions, and (input, reason) for the unusable ones.
-        Images (PIL) and paths may be mixed."""
+        Images (PIL) and paths may be mixed. With tta = K > 0 a fourth item: K tensors like X, the embeddings of
+        augmented views 1..K of the same rows (cached for files, as training views are)."""
         pil = [i for i, x in enumerate(inputs) if isinstance(x, Image.Image)]
         paths = [i for i, x in enumerate(inputs) if not isinstance(x, Image.Image)]
-        parts, index, skipped = [], [], []
+        parts, vparts, index, skipped = [], [], [], []
+        D = self.model.backbone["dim"]
+        seed = int(self.model.config.get("train", {}).get("seed", 0))
         if pil:
-            parts.append(embed_images([inputs[i] for i in pil], self.backbone, self.device))
+            ims = [inputs[i] for i in pil]
+            parts.append(embed_images(ims, self.backbone, self.device))
+            if tta:
+                vparts.append(embed_images(augmented_images(ims, tta, seed), self.backbone, self.device))
             index += pil
         if paths:
             cache = EmbeddingCache(self.cache_dir, self.backbone.key)
+            small = len(paths) * (1 + tta) < 64
             r = embed_paths([Path(inputs[i]) for i in paths], self.backbone, cache, self.device,
-                            workers=0 if len(paths) < 64 else -1, progress=progress)
+                            workers=0 if small else -1, progress=progress)
             parts.append(r.embeddings.to(self.device))
+            if tta:
+                _, V = embed_views(r.paths, r.keys, tta, seed, self.backbone, cache, self.device,
+                                   workers=0 if small else -1, progress=progress)
+                vparts.append(V)
             index += [paths[j] for j in r.input_index.tolist()]
             skipped = r.skipped
-        X = torch.cat(parts) if parts else torch.empty(0, self.model.backbone["dim"])
-        return X, index, skipped
+        X = torch.cat(parts) if parts else torch.empty(0, D)
+        if not tta:
+            return X, index, skipped
+        V = torch.cat(vparts).view(len(X), tta, -1) if vparts else torch.empty(0, tta, D)
+        return X, index, skipped, [V[:, k] for k in range(tta)]
 
 
     def predict(self, inputs: list, top_k: int = 1, reject_below: float | None = None, thresholds: bool = False,
-                multilabel: bool = False, calibrated: bool = False, progress: Progress | None = None) -> list[dict]:
-        """One dict per input, in order: class (or 'unknown'), confidence, top-k, or an error."""
+                multilabel: bool = False, calibrated: bool = False, progress: Progress | None = None,
+                tta: int = 0) -> list[dict]:
+        """One dict per input, in order: class (or 'unknown'), confidence, top-k, or an error. tta = K averages
+        each head's logits over the image and K augmented views of it."""
         if top_k < 1:
             raise OvrError(f"top_k must be at least 1, got {top_k}")
+        if tta < 0:
+            raise OvrError(f"tta must be 0 (off) or more views, got {tta}")
         inputs = self.inputs(inputs)
-        X, idx, skipped = self.embed(inputs, progress)
+        X, idx, skipped, *views = self.embed(inputs, progress, tta=tta)
+        views = views[0] if views else []
         if not len(idx):
-            X = torch.empty(0, self.model.backbone["dim"])
-        ans = self.model.answer(X, calibrated=calibrated, reject_below=reject_below, thresholds=thresholds)
+            X, views = torch.empty(0, self.model.backbone["dim"]), []
+        ans = self.model.answer(X, calibrated=calibrated, reject_below=reject_below, thresholds=thresholds,
+                                views=views)
         pred, conf = ans.index, ans.confidences
         fired_all = ans.multilabel()
         ti, tc = aggregate.top_k(conf, max(top_k, 2))
@@ -187,33 +228,44 @@ def model_config(root: str | Path, config: str | Path | None = None, **overrides
 
 def evaluate_model(root: str | Path, data: str | Path, split: str = "test", device: str | None = None,
                    cache_dir: str | None = None, reject_below: float | None = None, thresholds: bool = False,
-                   calibrated: bool = False, progress: Progress | None = None) -> dict:
+                   calibrated: bool = False, progress: Progress | None = None, tta: int = 0) -> dict:
     from .metrics import classification_metrics, expected_calibration_error
 
     if split not in ("train", "val", "test", "all"):
         raise OvrError(f"unknown split {split!r}: use train, val, test or all")
+    if tta < 0:
+        raise OvrError(f"--tta must be 0 (off) or more views, got {tta}")
     cfg = model_config(root, device=device, cache_dir=cache_dir)
     pred = Predictor(root, cfg.features.device, cfg.features.cache_dir or None)
     emb = embed_data(data, cfg, progress, backbone=pred.backbone)
     X, y, _ = emb.split(split) if split != "all" else (emb.result.embeddings, torch.from_numpy(emb.labels), None)
     if len(X) == 0:
         raise OvrError(f"no images in the {split} split of {data}")
+    rows = np.flatnonzero(emb.splits == split) if split != "all" else np.arange(len(X))
+    views: list[torch.Tensor] = []
+    if tta:
+        _, V = embed_views([emb.result.paths[i] for i in rows], [emb.result.keys[i] for i in rows], tta,
+                           cfg.train.seed, pred.backbone, open_cache(cfg, pred.backbone), X.device,
+                           cfg.features.batch_size, cfg.features.workers, progress)
+        V = V.view(len(X), tta, -1)
+        views = [V[:, k] for k in range(tta)]
     # Classes the model does not know count as "should be unknown": their rejection rate is reported.
     remap = np.array([pred.classes.index(c) if c in pred.classes else -1 for c in emb.folder.classes])
     y = remap[y.numpy()]
     foreign = y < 0
     if foreign.all():
         raise OvrError(f"none of the classes of {data} is a class of the model")
-    ans = pred.model.answer(X, calibrated=calibrated, reject_below=reject_below, thresholds=thresholds)
+    ans = pred.model.answer(X, calibrated=calibrated, reject_below=reject_below, thresholds=thresholds, views=views)
     known = torch.from_numpy(~foreign).to(X.device)
     present = sorted(set(y[~foreign].tolist()))  # metrics over the classes DATA has, not the model's others
     out = classification_metrics(y[~foreign], ans.index[~foreign], aggregate.normalise_rows(ans.confidences[~foreign]),
                                  pred.classes, labels=present)
-    cal = pred.model.answer(X[known], calibrated=True).confidences
+    cal = pred.model.answer(X[known], calibrated=True, views=[V[known] for V in views]).confidences
     out["ece_calibrated"] = expected_calibration_error(aggregate.normalise_rows(cal), y[~foreign])
     out["foreign"] = {"n": int(foreign.sum()), "classes": [c for c, r in zip(emb.folder.classes, remap) if r < 0],
                       "rejected": float((ans.index[foreign] < 0).mean()) if foreign.any() else None}
-    out.update({"split": split, "model": str(root), "data": str(data), "skipped": len(emb.result.skipped)})
+    out.update({"split": split, "model": str(root), "data": str(data), "skipped": len(emb.result.skipped),
+                "tta": tta})
     return out
 
 
@@ -277,6 +329,9 @@ def add_class(root: str | Path, name: str, inputs: list[str], cfg: Config, repla
         splits = split_assignments(len(r.keys), cfg.data.val_fraction, 0.0, cfg.data.split_seed, name)
         dupes = remembered_under_other_labels(model, r.keys, name)
         new_ex = [{"key": k, "label": name, "split": s} for k, s in zip(r.keys, splits)]
+        tr = [i for i, s in enumerate(splits) if s == "train"]
+        vkeys, _ = train_views([r.paths[i] for i in tr], [r.keys[i] for i in tr], cfg, bb, cache, device, progress)
+        new_ex += view_examples(vkeys, [name] * len(tr), cfg.train.views)
         if negatives is not None:
             d, f = cfg.data, cfg.features
             folder = scan_folder(negatives, d.val_fraction, 0.0, d.split_seed)

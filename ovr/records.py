@@ -40,6 +40,8 @@ class HeadRecord:
     run: str = ""  # id of the train / add-class / refresh call that made it
     created: str = field(default_factory=now)
     trained_with_inferred: bool = False  # from a manifest older than trained_with (see store.py)
+    l2_path: list = field(default_factory=list)  # [[strength, validation loss], ...]: what the choice was made on
+    curve: list = field(default_factory=list)  # adam heads: [[epoch, train loss, validation loss], ...]
 
     def to_json(self) -> dict:
         return asdict(self)

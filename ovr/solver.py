@@ -219,6 +219,7 @@ class AdamResult:
     best_epoch: torch.Tensor  # [C]
     epochs_run: int
     seconds: float
+    history: list = None  # per epoch: (train loss [C] on up to 1,024 fixed rows, val loss [C] or None)
 
 
 def _col(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -249,6 +250,8 @@ def adam_columns(params: Tensors, grad_fn: Callable, loss_fn: Callable, X: torch
     # Small training sets (few-shot) would get one step per epoch and stop before learning anything:
     # keep at least ~8 steps per epoch. Depends on n only, so columns stay independent.
     batch_size = max(1, min(batch_size, n // 8))
+    probe = torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:1024].to(dev)  # the curve's rows
+    history: list = []
     epoch = 0
     for epoch in range(1, epochs + 1):
         perm = torch.randperm(n, generator=g).to(dev)
@@ -265,12 +268,16 @@ def adam_columns(params: Tensors, grad_fn: Callable, loss_fn: Callable, X: torch
                 s[k].mul_(b2).addcmul_(gk, gk, value=1 - b2)
                 upd = (m[k] / _col(bc1, gk)) / ((s[k] / _col(bc2, gk)).sqrt() + eps)
                 p[k] -= lr * _col(active.float(), gk) * upd
+        with torch.no_grad():
+            train_loss = loss_fn(logits_fn(p, X[probe]), T[probe], extra).cpu()
         if Xv is None or len(Xv) == 0:
             best = p
             best_epoch[:] = epoch
+            history.append((train_loss, None))
             continue
         with torch.no_grad():
             val = loss_fn(logits_fn(p, Xv), Tv, extra)
+        history.append((train_loss, val.cpu()))
         improved = (val < best_val - 1e-6) & active
         for k in p:
             best[k] = torch.where(_col(improved, p[k]), p[k], best[k])
@@ -282,4 +289,5 @@ def adam_columns(params: Tensors, grad_fn: Callable, loss_fn: Callable, X: torch
             progress("train", epoch, epochs, training=int(active.sum()), finished=int(C - active.sum()))
         if not active.any():
             break
-    return AdamResult({k: v.detach() for k, v in best.items()}, best_val, best_epoch, epoch, time.perf_counter() - t0)
+    return AdamResult({k: v.detach() for k, v in best.items()}, best_val, best_epoch, epoch, time.perf_counter() - t0,
+                      history)

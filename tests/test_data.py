@@ -129,7 +129,11 @@ def test_default_toml_is_the_dataclass_defaults():
 
     from ovr.config import Config, load_config
 
-    assert load_config(Path(__file__).parent.parent / "configs" / "default.toml") == Config()
+    from ovr.config import config_to_toml
+
+    path = Path(__file__).parent.parent / "configs" / "default.toml"
+    assert load_config(path) == Config()
+    assert path.read_text().split("[features]", 1)[1] == config_to_toml(Config()).split("[features]", 1)[1]  # every key
 
 
 def test_precedence_defaults_stored_file_flags(tmp_path):
