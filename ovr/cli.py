@@ -173,7 +173,7 @@ def _early(model: Path | None = None, data: Path | None = None, inputs: list[str
         expand_inputs(inputs)
     if data is not None:
         if cfg is None:
-            if not Path(data).is_dir():
+            if not Path(data).is_dir() and not (Path(data).is_file() and Path(data).suffix.lower() in (".csv", ".tsv")):
                 raise OvrError(f"data folder not found: {data}" if not Path(data).exists() else f"not a folder: {data}")
             return None
         return scan_folder(data, cfg.data.val_fraction, cfg.data.test_fraction, cfg.data.split_seed)
@@ -202,7 +202,7 @@ def backbones() -> None:
 
 @app.command()
 def embed(
-    data: Annotated[Path, typer.Argument(help="Image folder: DATA/<class>/* or DATA/train|val|test/<class>/*.")],
+    data: Annotated[Path, typer.Argument(help="Image folder: DATA/<class>/* or DATA/train|val|test/<class>/*; or a CSV/TSV manifest with path,labels[,split] columns (labels separated by ; or |: multi-label).")],
     backbone: BackboneOpt = None, weights: WeightsOpt = None, device: DeviceOpt = None, batch_size: BatchOpt = None,
     workers: WorkersOpt = None, cache_dir: CacheOpt = None, strict: StrictOpt = None, config: ConfigOpt = None,
     as_json: JsonOpt = False, json_out: JsonOutOpt = None,
@@ -242,7 +242,7 @@ def _train_table(model, title: str, names=None) -> Table:
 
 @app.command()
 def train(
-    data: Annotated[Path, typer.Argument(help="Image folder: DATA/<class>/* or DATA/train|val|test/<class>/*.")],
+    data: Annotated[Path, typer.Argument(help="Image folder: DATA/<class>/* or DATA/train|val|test/<class>/*; or a CSV/TSV manifest with path,labels[,split] columns (labels separated by ; or |: multi-label).")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Model folder to write.")],
     backbone: BackboneOpt = None, weights: WeightsOpt = None, device: DeviceOpt = None, batch_size: BatchOpt = None,
     workers: WorkersOpt = None, cache_dir: CacheOpt = None, strict: StrictOpt = None,
@@ -339,12 +339,13 @@ def predict(
 @app.command()
 def evaluate(
     model: Annotated[Path, typer.Argument(help="Model folder.")],
-    data: Annotated[Path, typer.Argument(help="Image folder, split as at training time.")],
+    data: Annotated[Path, typer.Argument(help="Image folder (or CSV/TSV manifest), split as at training time.")],
     split: Annotated[str, typer.Option(help="train | val | test | all (every image of DATA).")] = "test",
     reject_below: Annotated[Optional[float], typer.Option("--reject-below")] = None,
     thresholds: Annotated[bool, typer.Option("--thresholds", help="Unknown when no head passes its threshold.")] = False,
     calibrated: Annotated[bool, typer.Option("--calibrated", help="Use the stored per-head calibration.")] = False,
     tta: Annotated[int, typer.Option(help="Test-time augmentation: average each head's logits over the image and this many augmented views (0: off).")] = 0,
+    report: Annotated[Optional[Path], typer.Option("--report", help="Also write DIR/report.md + report.json + PNGs: per-class scores, confusion matrix, per-head curves, error gallery.")] = None,
     as_json: JsonOpt = False, json_out: JsonOutOpt = None,
     device: DeviceOpt = None, cache_dir: CacheOpt = None,
 ) -> None:
@@ -353,11 +354,19 @@ def evaluate(
         if split not in ("train", "val", "test", "all"):
             raise OvrError(f"unknown split {split!r}: use train, val, test or all")
         _early(model=model, data=data)
+        if report is not None:
+            check_writable(report, "cannot write the report: folder")
         from .pipeline import evaluate_model
         from .report import metrics_tables
 
         with progress_bar() as cb:
             m = evaluate_model(model, data, split, device, cache_dir, reject_below, thresholds, calibrated, cb, tta=tta)
+        if report is not None:
+            from .manifest import read_manifest
+            from .report import write_model_report
+
+            write_model_report(m, read_manifest(model), report)
+            err.print(f"report: {escape(str(report / 'report.md'))}", highlight=False)
         if _json(m, as_json, json_out):
             return
         for t in metrics_tables(m):

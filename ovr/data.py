@@ -4,6 +4,7 @@ from __future__ import annotations
 import glob
 import io
 import os
+import re
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,6 +37,12 @@ class ImageFolder:
     splits_given: bool  # True when the folder had train/val/test sub-folders
     ignored: dict[str, int] = field(default_factory=dict)  # extension -> files skipped as non-images
     notes: list[str] = field(default_factory=list)  # what the scan decided that a user should know, in words
+    targets: np.ndarray | None = None  # multi-label data (a CSV/TSV manifest): bool [n, classes]; labels = first
+
+    @property
+    def multilabel(self) -> bool:
+        """Some image has several labels (a manifest where every image has one is ordinary single-label data)."""
+        return self.targets is not None and bool(self.targets.sum(1).max() > 1)
 
     def subset(self, split: str) -> tuple[list[Path], np.ndarray]:
         idx = np.flatnonzero(self.splits == split)
@@ -107,6 +114,8 @@ def scan_folder(root: str | Path, val_fraction: float = 0.15, test_fraction: flo
     root = Path(root)
     if not root.exists():
         raise OvrError(f"data folder not found: {root}")
+    if root.is_file() and root.suffix.lower() in (".csv", ".tsv"):
+        return scan_manifest(root, val_fraction, test_fraction, seed)
     if not root.is_dir():
         raise OvrError(f"not a folder: {root} (expected DATA/<class>/* or DATA/train|val|test/<class>/*)")
     notes: list[str] = []
@@ -171,6 +180,66 @@ def scan_folder(root: str | Path, val_fraction: float = 0.15, test_fraction: flo
         notes.append(describe_ignored(ignored))
     return ImageFolder(root, classes, paths, np.asarray(labels, dtype=np.int64), np.asarray(splits), given,
                        ignored, notes)
+
+
+LABEL_SEPARATORS = ";|"
+
+
+def scan_manifest(path: str | Path, val_fraction: float = 0.15, test_fraction: float = 0.15, seed: int = 0
+                  ) -> ImageFolder:
+    """A CSV (or TSV) manifest: a header with `path` and `labels` columns (labels separated by ; or |, any number
+    per image) and optionally `split` (train/val/test; else a seeded split). Paths are relative to the manifest's
+    folder. Bad rows (missing file, no label, unknown split, a path given twice) are skipped, named and counted."""
+    import csv
+
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except (OSError, UnicodeDecodeError) as e:
+        raise OvrError(f"cannot read manifest {path}: {describe_error(e)}") from None
+    rows = list(csv.reader(io.StringIO(text), delimiter="\t" if path.suffix.lower() == ".tsv" else ","))
+    rows = [r for r in rows if any(c.strip() for c in r)]
+    if not rows:
+        raise OvrError(f"manifest {path} is empty")
+    head = [c.strip().lower() for c in rows[0]]
+    if "path" not in head or "labels" not in head:
+        raise OvrError(f"manifest {path}: the first row must name the columns, with `path` and `labels` "
+                       f"(and optionally `split`); got {rows[0][:4]}")
+    ip, il, isp = head.index("path"), head.index("labels"), head.index("split") if "split" in head else None
+    bad: list[str] = []
+    items: list[tuple[Path, list[str], str | None]] = []
+    seen: set[Path] = set()
+    for n, r in enumerate(rows[1:], start=2):
+        cell = lambda i: r[i].strip() if i is not None and i < len(r) else ""  # noqa: E731
+        p = Path(cell(ip))
+        p = p if p.is_absolute() else path.parent / p
+        labels = sorted({x.strip() for x in re.split(f"[{re.escape(LABEL_SEPARATORS)}]", cell(il)) if x.strip()})
+        split = cell(isp) or None
+        why = ("no path" if not cell(ip) else "file not found" if not p.is_file() else "no label" if not labels
+               else f"unknown split {split!r}" if split is not None and split not in SPLITS
+               else "listed twice" if p in seen else None)
+        if why:
+            bad.append(f"row {n} ({cell(ip) or '-'}): {why}")
+            continue
+        seen.add(p)
+        items.append((p, labels, split))
+    if not items:
+        raise OvrError(f"manifest {path} has no usable row ({len(bad)} bad: {'; '.join(bad[:3])})")
+    classes = sorted({c for _, labels, _ in items for c in labels})
+    index = {c: i for i, c in enumerate(classes)}
+    targets = np.zeros((len(items), len(classes)), dtype=bool)
+    for i, (_, labels, _) in enumerate(items):
+        targets[i, [index[c] for c in labels]] = True
+    given = [s for _, _, s in items]
+    splits = np.asarray(given if all(given) else
+                        [s or a for s, a in zip(given, split_assignments(len(items), val_fraction, test_fraction,
+                                                                         seed, "manifest:" + path.name))])
+    notes = [f"skipped {len(bad)} manifest row{'s' if len(bad) != 1 else ''}: {'; '.join(bad[:5])}"
+             f"{' ...' if len(bad) > 5 else ''}"] if bad else []
+    if targets.sum(1).max() > 1:
+        notes.append(f"multi-label data: {int((targets.sum(1) > 1).sum())} of {len(items)} images have several labels")
+    return ImageFolder(path, classes, [p for p, _, _ in items], targets.argmax(1).astype(np.int64), splits,
+                       all(given), {}, notes, targets)
 
 
 def split_assignments(n: int, val_fraction: float, test_fraction: float, seed: int, class_name: str) -> list[str]:

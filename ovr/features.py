@@ -226,12 +226,17 @@ class EmbeddedFolder:
     splits: np.ndarray
     backbone: Backbone | None = None
 
-    def split(self, name: str) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
-        """(X, y, keys) of one split; X stays on the compute device."""
+    def split(self, name: str, targets: bool = False) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+        """(X, y, keys) of one split; X stays on the compute device. targets=True: y is the multi-label target
+        matrix [n, classes] (float 0/1) when the data has one."""
         m = self.splits == name
         idx = torch.from_numpy(np.flatnonzero(m)).to(self.result.embeddings.device)
         keys = [k for k, keep in zip(self.result.keys, m) if keep]
-        return self.result.embeddings[idx], torch.from_numpy(self.labels[m]), keys
+        if targets and self.folder.targets is not None:
+            y = torch.from_numpy(self.folder.targets[self.result.input_index][m].astype(np.float32))
+        else:
+            y = torch.from_numpy(self.labels[m])
+        return self.result.embeddings[idx], y, keys
 
 
 def embed_folder(folder: ImageFolder, backbone: Backbone, cache: EmbeddingCache, device: torch.device,

@@ -71,3 +71,24 @@ def binary_head_metrics(conf: np.ndarray, targets: np.ndarray, thresholds: np.nd
                                                      zero_division=0)
         out.append({"precision": float(p), "recall": float(r), "f1": float(f)})
     return out
+
+
+def multilabel_metrics(T: np.ndarray, conf: np.ndarray, fired: np.ndarray, classes: list[str]) -> dict:
+    """Multi-label scores with scikit-learn's metrics. T, fired: bool [n, K] (true labels; heads that fire at
+    their stored thresholds); conf: [n, K] per-head confidences. AP and mAP over classes with a positive."""
+    from sklearn.metrics import average_precision_score, hamming_loss
+
+    T, fired = np.asarray(T, dtype=bool), np.asarray(fired, dtype=bool)
+    present = [k for k in range(T.shape[1]) if T[:, k].any()]
+    ap = {classes[k]: float(average_precision_score(T[:, k], conf[:, k])) for k in present}
+    p, r, f, s = precision_recall_fscore_support(T, fired, average=None, zero_division=0)
+    return {
+        "multilabel": True, "n": int(len(T)), "classes": classes,
+        "mAP": float(np.mean(list(ap.values()))) if ap else float("nan"),
+        "micro_f1": float(f1_score(T, fired, average="micro", zero_division=0)),
+        "macro_f1": float(f1_score(T[:, present], fired[:, present], average="macro", zero_division=0)),
+        "subset_accuracy": float(accuracy_score(T, fired)),
+        "hamming_loss": float(hamming_loss(T, fired)),
+        "per_class": {classes[k]: {"precision": float(p[k]), "recall": float(r[k]), "f1": float(f[k]),
+                                   "support": int(s[k]), "ap": ap.get(classes[k])} for k in range(T.shape[1])},
+    }

@@ -94,7 +94,7 @@ class Model:
         """Heads that fire on more than CONFUSED_RATE of the rows of classes they never saw. The one rule behind
         add-class's warning, `refresh` with no class names, `add-class --refresh` and the benchmarks."""
         out: dict[str, float] = {}
-        y = y.cpu().numpy()
+        y = first_label(y).cpu().numpy()
         for c in self.classes:
             never = [k for k in self.classes if k not in set(self.records[c].trained_with)]
             rows = np.isin(y, [self.classes.index(k) for k in never])
@@ -122,11 +122,10 @@ class Model:
         targets = np.array([self.classes.index(c) for c in names])
         has_val = len(Xv) > 0
         norm = Normalizer.fit(self.normalize, torch.cat([X, Xv]) if has_val else X)
-        T = (y.to(X.device)[:, None] == torch.as_tensor(targets, device=X.device)).float()
-        Tv = (yv.to(X.device)[:, None] == torch.as_tensor(targets, device=X.device)).float() if has_val else None
+        T, Tv = head_targets(y, targets, X.device), head_targets(yv, targets, X.device) if has_val else None
         fits = fit_ovr_heads(norm(X), T, norm(Xv) if has_val else None, Tv, names, progress=progress,
                              **settings.fit_kwargs())
-        seen = set(y[y >= 0].tolist()) | (set(yv[yv >= 0].tolist()) if has_val else set())
+        seen = classes_present(y) | (classes_present(yv) if has_val else set())
         trained_with = [c for i, c in enumerate(self.classes) if i in seen]
         if has_val:
             zv = np.stack([f.val_logits for f in fits], 1)
@@ -148,15 +147,27 @@ class Model:
                 l2_path=[[s, None if np.isnan(v) else v] for s, v in (f.l2_path or [])], curve=f.curve or [])
 
     def rebuild_gate(self, X: torch.Tensor, y: torch.Tensor, Xv: torch.Tensor, yv: torch.Tensor) -> None:
-        """The gate from all remembered examples, or none when every head has seen every class."""
-        self.gate = aggregate.fit_gate(X, y, Xv, yv, self.classes) if self.grown() else None
+        """The gate from all remembered examples, or none when every head has seen every class. Multi-label rows
+        count for their first label (the gate arbitrates single answers)."""
+        self.gate = (aggregate.fit_gate(X, first_label(y), Xv, first_label(yv), self.classes) if self.grown()
+                     else None)
 
     def remove(self, name: str) -> None:
         """Drop one head and its class's examples (so no later head learns from them as negatives). The gate
         loses that class's discriminant: the others' do not depend on it."""
         self.classes.remove(name)
         del self.heads[name], self.records[name]
-        self.examples = [e for e in self.examples if e["label"] != name]
+        kept = []
+        for e in self.examples:
+            if "labels" in e:  # multi-label: the image stays an example of its other labels
+                e = {**e, "labels": [c for c in e["labels"] if c != name]}
+                if not e["labels"]:
+                    continue
+                e["label"] = e["labels"][0]
+            elif e["label"] == name:
+                continue
+            kept.append(e)
+        self.examples = kept
         if self.gate is not None:
             if not self.grown():
                 self.gate = None
@@ -176,3 +187,27 @@ class Answer:
 
     def multilabel(self) -> np.ndarray:
         return aggregate.multilabel(self.confidences, self.thresholds)
+
+
+def head_targets(y: torch.Tensor, columns: np.ndarray, device) -> torch.Tensor:
+    """Targets [n, len(columns)] for the heads of these class indices: from labels [n] (-1: a negative for all),
+    or from a multi-label target matrix [n, classes]."""
+    cols = torch.as_tensor(columns, device=device)
+    if y.ndim == 2:
+        return y.to(device)[:, cols].float()
+    return (y.to(device)[:, None] == cols).float()
+
+
+def classes_present(y: torch.Tensor) -> set[int]:
+    if y.ndim == 2:
+        return set(torch.nonzero(y.sum(0) > 0).flatten().tolist())
+    return set(y[y >= 0].tolist())
+
+
+def first_label(y: torch.Tensor) -> torch.Tensor:
+    """Labels [n] from labels or a target matrix (a row's first label; -1 for a row with none)."""
+    if y.ndim == 1:
+        return y
+    has = y.sum(1) > 0
+    return torch.where(has.to(y.device), y.argmax(1), torch.full_like(has, -1, dtype=torch.long))
+

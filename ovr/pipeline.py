@@ -61,9 +61,9 @@ def train_model(data: str | Path | ImageFolder, out: str | Path, cfg: Config, fo
         raise OvrError("one-vs-rest needs at least two classes to train (add more with `ovr add-class` later)")
     emb = embed_data(folder, cfg, progress)
     classes = emb.folder.classes
-    X, y, _ = emb.split("train")
-    Xv, yv, _ = emb.split("val")
-    empty = [c for i, c in enumerate(classes) if not (y == i).any()]
+    X, y, _ = emb.split("train", targets=True)  # multi-label data: each head trains on its own label column
+    Xv, yv, _ = emb.split("val", targets=True)
+    empty = [c for i, c in enumerate(classes) if not (y[:, i] > 0 if y.ndim == 2 else y == i).any()]
     if empty:
         raise OvrError(f"no readable training images for class {empty[0]!r}")
     tr = np.flatnonzero(emb.splits == "train")
@@ -71,11 +71,18 @@ def train_model(data: str | Path | ImageFolder, out: str | Path, cfg: Config, fo
                            open_cache(cfg, emb.backbone), X.device, progress)
     model = Model(emb.backbone.spec(), cfg.train.normalize, cfg.train.head, list(classes),
                   calibration=cfg.train.calibration, config=config_to_dict(cfg))
-    model.fit_heads(list(classes), torch.cat([X, V]), torch.cat([y, y.repeat_interleave(cfg.train.views)]), Xv, yv,
-                    cfg.train, progress=progress)
+    model.fit_heads(list(classes), torch.cat([X, V]), torch.cat([y, y.repeat_interleave(cfg.train.views, dim=0)]),
+                    Xv, yv, cfg.train, progress=progress)
+    T = emb.folder.targets[emb.result.input_index] if emb.folder.targets is not None else None
     model.examples = [{"key": k, "label": classes[int(lab)], "split": str(sp)}
-                      for k, lab, sp in zip(emb.result.keys, emb.labels, emb.splits)]
-    model.examples += view_examples(vkeys, [classes[int(v)] for v in y], cfg.train.views)
+                      | ({"labels": [classes[j] for j in np.flatnonzero(T[i])]} if T is not None else {})
+                      for i, (k, lab, sp) in enumerate(zip(emb.result.keys, emb.labels, emb.splits))]
+    train_ex = [e for e in model.examples if e["split"] == "train"]
+    views_ex = view_examples(vkeys, [e["label"] for e in train_ex], cfg.train.views)
+    if T is not None:
+        for i, v in enumerate(views_ex):
+            v["labels"] = train_ex[i // cfg.train.views]["labels"]
+    model.examples += views_ex
     save_model(model, out, force=force, config_toml=config_to_toml(cfg))
     return model, emb
 
@@ -249,6 +256,8 @@ def evaluate_model(root: str | Path, data: str | Path, split: str = "test", devi
                            cfg.features.batch_size, cfg.features.workers, progress)
         V = V.view(len(X), tta, -1)
         views = [V[:, k] for k in range(tta)]
+    if emb.folder.multilabel:
+        return _evaluate_multilabel(pred, emb, rows, X, views, calibrated, root, data, split, tta)
     # Classes the model does not know count as "should be unknown": their rejection rate is reported.
     remap = np.array([pred.classes.index(c) if c in pred.classes else -1 for c in emb.folder.classes])
     y = remap[y.numpy()]
@@ -264,8 +273,42 @@ def evaluate_model(root: str | Path, data: str | Path, split: str = "test", devi
     out["ece_calibrated"] = expected_calibration_error(aggregate.normalise_rows(cal), y[~foreign])
     out["foreign"] = {"n": int(foreign.sum()), "classes": [c for c, r in zip(emb.folder.classes, remap) if r < 0],
                       "rejected": float((ans.index[foreign] < 0).mean()) if foreign.any() else None}
+    out["errors"] = worst_errors([emb.result.paths[i] for i in rows], y, ans, pred.classes)
     out.update({"split": split, "model": str(root), "data": str(data), "skipped": len(emb.result.skipped),
                 "tta": tta})
+    return out
+
+
+def worst_errors(paths: list[Path], y: np.ndarray, ans, classes: list[str], per_class: int = 4) -> list[dict]:
+    """For each true class, the wrongly answered images with the highest confidence in their wrong answer
+    (the error gallery's rows). 'unknown' answers count as wrong, at the confidence of the best head."""
+    out = []
+    for k in sorted(set(y[y >= 0].tolist())):
+        rows = np.flatnonzero((y == k) & (ans.index != k))
+        conf = np.array([ans.confidences[r, ans.index[r]] if ans.index[r] >= 0 else ans.confidences[r].max()
+                         for r in rows])
+        for r, c in sorted(zip(rows, conf), key=lambda t: -t[1])[:per_class]:
+            out.append({"path": str(paths[r]), "true": classes[k],
+                        "predicted": classes[ans.index[r]] if ans.index[r] >= 0 else "unknown", "confidence": float(c)})
+    return out
+
+
+def _evaluate_multilabel(pred: "Predictor", emb: EmbeddedFolder, rows: np.ndarray, X: torch.Tensor, views: list,
+                         calibrated: bool, root, data, split: str, tta: int) -> dict:
+    """Per-class AP, mAP, micro/macro F1 at the stored thresholds, subset accuracy, Hamming loss."""
+    from .metrics import multilabel_metrics
+
+    folder = emb.folder
+    unknown = [c for c in folder.classes if c not in pred.classes]
+    Tf = folder.targets[emb.result.input_index][rows]
+    T = np.zeros((len(rows), len(pred.classes)), dtype=bool)
+    for j, c in enumerate(folder.classes):
+        if c in pred.classes:
+            T[:, pred.classes.index(c)] |= Tf[:, j]
+    ans = pred.model.answer(X, calibrated=calibrated, views=views)
+    out = multilabel_metrics(T, ans.confidences, ans.multilabel(), pred.classes)
+    out.update({"split": split, "model": str(root), "data": str(data), "skipped": len(emb.result.skipped),
+                "tta": tta, "labels_not_in_model": unknown})
     return out
 
 
@@ -305,6 +348,13 @@ def _xy(model: Model, cache: EmbeddingCache, device: torch.device, split: str) -
         X = cache.get([e["key"] for e in ex]).to(device) if ex else torch.empty(0, model.backbone["dim"], device=device)
     except OvrError as e:
         raise OvrError(f"{e} (the model's training images must be embedded on this machine first)") from None
+    if any("labels" in e for e in model.examples):  # a multi-label model: a target matrix over its classes
+        T = torch.zeros(len(ex), len(model.classes))
+        for i, e in enumerate(ex):
+            for c in e.get("labels", [e["label"]] if e["label"] is not None else []):
+                if c in index:
+                    T[i, index[c]] = 1.0
+        return X, T
     y = torch.tensor([index.get(e["label"], -1) if e["label"] is not None else -1 for e in ex], dtype=torch.long)
     return X, y
 

@@ -46,7 +46,23 @@ def embed_line(emb) -> str:
             f"{len(s['skipped'])} skipped; backbone {s['backbone']['name']} (dim {s['dim']}); {s['seconds']:.1f} s")
 
 
+def multilabel_tables(m: dict) -> list[Table]:
+    s = Table(title=f"{m.get('split', '')} split: {m['n']} images, multi-label")
+    s.add_column("metric"), s.add_column("value", justify="right")
+    for k in ["mAP", "micro_f1", "macro_f1", "subset_accuracy", "hamming_loss"]:
+        s.add_row(k, f"{m[k]:.4f}")
+    pc = Table(title="per class (at each head's stored threshold)")
+    for col in ["class", "AP", "precision", "recall", "F1", "support"]:
+        pc.add_column(col, justify="left" if col == "class" else "right")
+    for c, r in m["per_class"].items():
+        pc.add_row(escape(c), "-" if r["ap"] is None else f"{r['ap']:.3f}", f"{r['precision']:.3f}",
+                   f"{r['recall']:.3f}", f"{r['f1']:.3f}", str(r["support"]))
+    return [s, pc]
+
+
 def metrics_tables(m: dict) -> list[Table]:
+    if m.get("multilabel"):
+        return multilabel_tables(m)
     s = Table(title=f"{m.get('split', '')} split: {m['n']} images")
     s.add_column("metric"), s.add_column("value", justify="right")
     for k in ["accuracy", "macro_f1", "balanced_accuracy", "top2_accuracy", "top3_accuracy", "nll", "ece",
@@ -228,6 +244,145 @@ def write_bench_report(rep: dict, out: str | Path) -> Path:
            "softmax ones; *acc after add* is the test accuracy of that grown model (OvR: the guarded chain).",
            "- *imbalance*: odd classes keep a fraction of their training images; *few-shot*: k training images per class.",
            ""]
+    md += [f"![{p}]({p})" for p in plots]
+    (out / "report.md").write_text("\n".join(md) + "\n")
+    return out
+
+
+# --- one model's report: `ovr evaluate --report DIR` ---------------------------------------------------------
+
+def plot_curves(heads: dict[str, dict], out: Path, limit: int = 30) -> str | None:
+    """Small multiples, one panel per head: validation loss vs L2 strength with the chosen one marked (the exact
+    solver), or train/validation loss per epoch (Adam heads)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [c for c, h in heads.items() if h.get("l2_path") or h.get("curve")][:limit]
+    if not names:
+        return None
+    cols = min(5, len(names))
+    rows = (len(names) + cols - 1) // cols
+    fig, axes = plt.subplots(rows, cols, figsize=(2.6 * cols, 2.1 * rows), squeeze=False)
+    for ax in axes.flat[len(names):]:
+        ax.axis("off")
+    for ax, c in zip(axes.flat, names):
+        h = heads[c]
+        if h.get("curve"):
+            e = [r[0] for r in h["curve"]]
+            ax.plot(e, [r[1] for r in h["curve"]], label="train", lw=1)
+            if any(r[2] is not None for r in h["curve"]):
+                ax.plot(e, [r[2] for r in h["curve"]], label="val", lw=1)
+            ax.set_xlabel("epoch", fontsize=7)
+        else:
+            pts = [(s, v) for s, v in h["l2_path"] if v is not None]
+            ax.semilogx([p[0] for p in pts], [p[1] for p in pts], "o-", ms=2.5, lw=1)
+            best = [p for p in pts if p[0] == h["l2"]]
+            if best:
+                ax.semilogx([best[0][0]], [best[0][1]], "o", color="crimson", ms=5)
+            ax.set_xlabel("L2 strength", fontsize=7)
+        ax.set_title(c[:24], fontsize=8)
+        ax.tick_params(labelsize=6)
+    fig.suptitle("per head: validation loss vs L2 strength (red: chosen)" if not any(heads[c].get("curve") for c in names)
+                 else "per head: training curves", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(out / "curves.png", dpi=110), plt.close(fig)
+    return "curves.png"
+
+
+def plot_gallery(errors: list[dict], out: Path, per_row: int = 4) -> str | None:
+    """The test images answered wrongly with the highest confidence, per true class, as thumbnails."""
+    if not errors:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from .data import load_image
+
+    by_class: dict[str, list[dict]] = {}
+    for e in errors:
+        by_class.setdefault(e["true"], []).append(e)
+    rows = len(by_class)
+    fig, axes = plt.subplots(rows, per_row, figsize=(2.2 * per_row, 2.4 * rows), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for i, (c, es) in enumerate(by_class.items()):
+        for j, e in enumerate(es[:per_row]):
+            ax = axes[i, j]
+            try:
+                im = load_image(e["path"])
+                im.thumbnail((160, 160))
+                ax.imshow(im)
+            except Exception:  # a file gone since evaluation: an empty panel with its caption
+                pass
+            ax.set_title(f"true {e['true'][:14]}\nsaid {e['predicted'][:14]} {e['confidence']:.2f}", fontsize=7)
+    fig.suptitle("most confident errors, per true class", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(out / "errors.png", dpi=110), plt.close(fig)
+    return "errors.png"
+
+
+def plot_model_metrics(m: dict, out: Path) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    files = []
+    pc = m["per_class"]
+    names = list(pc)
+    fig, ax = plt.subplots(figsize=(max(6, 0.5 * len(names)), 3.8))
+    key = "ap" if m.get("multilabel") else "f1"
+    ax.bar(range(len(names)), [pc[c][key] or 0 for c in names])
+    ax.set_xticks(range(len(names)), names, rotation=45, ha="right", fontsize=7)
+    ax.set_ylim(0, 1.05), ax.set_ylabel("AP" if key == "ap" else "F1"), ax.set_title(f"per-class {key.upper()}")
+    fig.tight_layout()
+    fig.savefig(out / "per_class.png", dpi=110), plt.close(fig)
+    files.append("per_class.png")
+    if "confusion_matrix" in m:
+        cm = np.array(m["confusion_matrix"])
+        fig, ax = plt.subplots(figsize=(max(4, 0.45 * len(cm)), max(3.5, 0.4 * len(cm))))
+        ax.imshow(cm, cmap="Blues")
+        for (i, j), v in np.ndenumerate(cm):
+            if v:
+                ax.text(j, i, str(v), ha="center", va="center", fontsize=7,
+                        color="white" if v > cm.max() / 2 else "black")
+        ax.set_xlabel("predicted"), ax.set_ylabel("true"), ax.set_title("confusion matrix")
+        fig.tight_layout()
+        fig.savefig(out / "confusion.png", dpi=110), plt.close(fig)
+        files.append("confusion.png")
+    return files
+
+
+def write_model_report(m: dict, manifest: dict, out: str | Path) -> Path:
+    """report.json (the metrics), report.md, and PNGs: per-class scores, confusion matrix, per-head curves, and
+    the error gallery."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    plots = plot_model_metrics(m, out)
+    for p in (plot_curves(manifest.get("heads", {}), out), plot_gallery(m.get("errors", []), out)):
+        if p:
+            plots.append(p)
+    (out / "report.json").write_text(json.dumps(m, indent=2, ensure_ascii=False))
+    b = manifest.get("backbone", {})
+    md = [f"# ovr evaluate: {m['model']} on {m['data']} ({m['split']} split)", "",
+          f"{m['n']} images, {len(manifest.get('classes', []))} heads on `{b.get('name')}`"
+          f"{', TTA ' + str(m['tta']) + ' views' if m.get('tta') else ''}.", "",
+          "| metric | value |", "|---|---:|"]
+    keys = (["mAP", "micro_f1", "macro_f1", "subset_accuracy", "hamming_loss"] if m.get("multilabel") else
+            ["accuracy", "macro_f1", "balanced_accuracy", "top2_accuracy", "nll", "ece", "ece_calibrated"])
+    md += [f"| {k} | {m[k]:.4f} |" for k in keys if isinstance(m.get(k), (int, float))]
+    md += ["", "| class | " + ("AP | " if m.get("multilabel") else "") + "precision | recall | F1 | support |",
+           "|---|" + "---:|" * (5 if m.get("multilabel") else 4)]
+    for c, r in m["per_class"].items():
+        ap = ("-" if r.get("ap") is None else f"{r['ap']:.3f}") + " | " if m.get("multilabel") else ""
+        md.append(f"| {c} | {ap}{r['precision']:.3f} | {r['recall']:.3f} | {r['f1']:.3f} | {r['support']} |")
+    md += ["", "*curves.png*: per head, the validation loss at each L2 strength of the grid and the one chosen "
+           "(training curves for MLP heads). *errors.png*: per true class, the images answered wrongly with the "
+           "highest confidence.", ""]
     md += [f"![{p}]({p})" for p in plots]
     (out / "report.md").write_text("\n".join(md) + "\n")
     return out

@@ -1,0 +1,201 @@
+"""Issue 14: augmented views (cached, deterministic), test-time augmentation, multi-label manifests and their
+metrics (against scikit-learn's), per-head curves and the error gallery in `ovr evaluate --report`."""
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from conftest import TINY, cli, make_folder, make_image
+
+
+def _rows(cache_dir: Path) -> int:
+    from safetensors import safe_open
+
+    n = 0
+    for s in cache_dir.rglob("shard-*.safetensors"):
+        with safe_open(str(s), "pt") as f:
+            n += f.get_slice("embeddings").get_shape()[0]
+    return n
+
+
+def test_a_view_is_a_function_of_seed_content_and_index(tmp_path):
+    from ovr.views import augment, view_key, view_seed
+
+    make_image(tmp_path / "a.png", 1, 0, size=40)
+    im = Image.open(tmp_path / "a.png").convert("RGB")
+    a, b = augment(im, view_seed(0, "k", 1)), augment(im, view_seed(0, "k", 1))
+    assert np.array_equal(np.asarray(a), np.asarray(b)) and a.size == im.size
+    c = augment(im, view_seed(0, "k", 2))
+    assert not np.array_equal(np.asarray(a), np.asarray(c))
+    assert len({view_key("k", 0, 1), view_key("k", 0, 2), view_key("k", 1, 1), view_key("j", 0, 1)}) == 4
+
+
+def test_views_train_on_train_images_only_and_a_second_run_embeds_nothing(folder, tmp_path, cache_dir):
+    r = cli("train", folder, "--out", tmp_path / "m", *TINY, "--views", "2")
+    assert r.exit_code == 0, r.output
+    from ovr.store import load_model
+
+    m = load_model(tmp_path / "m")
+    plain = [e for e in m.examples if "view" not in e]
+    views = [e for e in m.examples if "view" in e]
+    n_train = sum(e["split"] == "train" for e in plain)
+    assert len(views) == 2 * n_train and all(e["split"] == "train" for e in views)  # val/test stay plain
+    # each head saw plain + views of the training images (and plain validation rows, before its refit)
+    assert m.records["c0"].positives == 3 * sum(e["split"] == "train" and e["label"] == "c0" for e in plain) + \
+        sum(e["split"] == "val" and e["label"] == "c0" for e in plain)
+    rows = _rows(cache_dir)
+    assert rows == 24 + 2 * n_train
+    assert cli("train", folder, "--out", tmp_path / "m", *TINY, "--views", "2", "--force").exit_code == 0
+    assert _rows(cache_dir) == rows  # views are cached like any embedding: nothing embedded twice
+    m2 = load_model(tmp_path / "m")
+    assert all(torch.equal(m.heads[c]["weight"], m2.heads[c]["weight"]) for c in m.classes)  # deterministic
+
+
+def test_tta_averages_logits_and_is_cached(folder, tmp_path, cache_dir):
+    assert cli("train", folder, "--out", tmp_path / "m", *TINY).exit_code == 0
+    from ovr.pipeline import Predictor
+
+    p = Predictor(tmp_path / "m", "cpu")
+    files = sorted((folder / "c0").glob("*.png"))[:4]
+    X, idx, skipped, views = p.embed(files, tta=3)
+    assert len(views) == 3 and all(V.shape == X.shape for V in views)
+    assert not torch.allclose(views[0], X)
+    ans = p.model.answer(X, views=views)
+    want = np.mean([p.model.logits(V) for V in (X, *views)], axis=0)
+    assert np.allclose(ans.logits, want)
+    assert np.allclose(p.model.answer(X, views=[X, X]).logits, p.model.answer(X).logits, atol=1e-6)
+    rows = _rows(cache_dir)
+    r = cli("predict", tmp_path / "m", *files, "--tta", "3", "--json", "--device", "cpu")
+    assert r.exit_code == 0 and _rows(cache_dir) == rows  # the same views, from the cache
+    one = [json.loads(line) for line in r.output.splitlines() if line.startswith("{")]
+    assert len(one) == 4 and all("class" in o for o in one)
+    # in-memory images get views too (not cached), and the same answer as their files
+    rows_pil = p.predict([Image.open(f).convert("RGB") for f in files], tta=3)
+    assert [r["class"] for r in rows_pil] == [o["class"] for o in one]
+    r = cli("evaluate", tmp_path / "m", folder, "--tta", "2", "--json-out", tmp_path / "e.json", "--device", "cpu")
+    assert r.exit_code == 0 and json.loads((tmp_path / "e.json").read_text())["tta"] == 2
+
+
+def _two_pattern_image(path: Path, labels: list[int], i: int) -> None:
+    """Left half one class's pattern, right half another's: an image with two labels."""
+    from conftest import make_image as mk
+
+    parts = []
+    for k, lab in enumerate(labels[:2] * (2 if len(labels) == 1 else 1)):
+        p = path.with_name(f".{path.stem}-{k}.png")
+        mk(p, lab, i * 7 + k, size=24)
+        parts.append(np.asarray(Image.open(p).convert("RGB")))
+        p.unlink()
+    Image.fromarray(np.concatenate([parts[0][:, :12], parts[1][:, 12:]], 1)).save(path)
+
+
+def _manifest(tmp_path: Path, n: int = 36, sep: str = ";", tsv: bool = False) -> Path:
+    rng = np.random.default_rng(0)
+    rows = []
+    (tmp_path / "img").mkdir(exist_ok=True)
+    for i in range(n):
+        labels = sorted(set(rng.choice(3, size=rng.integers(1, 3), replace=True).tolist()))
+        _two_pattern_image(tmp_path / "img" / f"{i}.png", labels, i)
+        rows.append((f"img/{i}.png", sep.join(f"k{x}" for x in labels)))
+    d = "\t" if tsv else ","
+    path = tmp_path / ("m.tsv" if tsv else "m.csv")
+    path.write_text(f"path{d}labels\n" + "".join(f"{p}{d}{lab}\n" for p, lab in rows))
+    return path
+
+
+def test_manifest_format_and_bad_rows(tmp_path):
+    from ovr.data import scan_folder
+    from ovr.errors import OvrError
+
+    path = _manifest(tmp_path, n=12)
+    with open(path, "a") as f:
+        f.write("img/nope.png,k1\nimg/0.png,\nimg/1.png,k1,\n")
+    text = path.read_text().replace("path,labels\n", "path,labels,split\n")
+    lines = text.splitlines()
+    lines[3] += ",tset"  # unknown split
+    path.write_text("\n".join(lines) + "\n")
+    f = scan_folder(path)
+    assert f.classes == ["k0", "k1", "k2"] and f.targets.shape == (len(f.paths), 3)
+    note = " ".join(f.notes)
+    assert "skipped 4 manifest rows" in note and "file not found" in note and "no label" in note
+    assert "unknown split 'tset'" in note and "listed twice" in note
+    tsv = _manifest(tmp_path, n=6, sep="|", tsv=True)
+    assert scan_folder(tsv).targets.sum() >= 6
+    (tmp_path / "bad.csv").write_text("path,labels\nnope.png,a\n")
+    with pytest.raises(OvrError, match="no usable row"):
+        scan_folder(tmp_path / "bad.csv")
+    (tmp_path / "nohead.csv").write_text("a.png,x\n")
+    with pytest.raises(OvrError, match="path` and `labels"):
+        scan_folder(tmp_path / "nohead.csv")
+    r = cli("train", tmp_path / "bad.csv", "--out", tmp_path / "m", *TINY)
+    assert r.exit_code == 2 and "no usable row" in r.output
+
+
+def test_multilabel_heads_train_on_their_own_column_and_metrics_match_sklearn(tmp_path, cache_dir):
+    from sklearn.metrics import average_precision_score, f1_score, hamming_loss
+
+    from ovr.data import scan_folder
+    from ovr.pipeline import Predictor, evaluate_model
+    from ovr.store import load_model
+
+    path = _manifest(tmp_path, n=48)
+    folder = scan_folder(path)
+    assert folder.multilabel
+    r = cli("train", path, "--out", tmp_path / "m", *TINY)
+    assert r.exit_code == 0 and "multi-label data" in r.output, r.output
+    m = load_model(tmp_path / "m")
+    train_val = np.isin(folder.splits, ["train", "val"])
+    for j, c in enumerate(folder.classes):  # positives: every train/val image carrying the label, shared or not
+        assert m.records[c].positives == int(folder.targets[train_val, j].sum())
+    ev = evaluate_model(tmp_path / "m", path, "all", "cpu")
+    assert ev["multilabel"] and set(ev) >= {"mAP", "micro_f1", "macro_f1", "subset_accuracy", "hamming_loss"}
+    pred = Predictor(tmp_path / "m", "cpu")
+    X, idx, _ = pred.embed(folder.paths)
+    ans = pred.model.answer(X)
+    T, fired = folder.targets[idx], ans.multilabel()
+    assert ev["mAP"] == pytest.approx(np.mean([average_precision_score(T[:, k], ans.confidences[:, k]) for k in range(3)]))
+    assert ev["micro_f1"] == pytest.approx(f1_score(T, fired, average="micro"))
+    assert ev["hamming_loss"] == pytest.approx(hamming_loss(T, fired))
+    assert ev["subset_accuracy"] == pytest.approx(float((T == fired).all(1).mean()))
+    r = cli("predict", tmp_path / "m", folder.paths[0], "--multilabel", "--json", "--device", "cpu")
+    assert r.exit_code == 0 and "labels" in json.loads([x for x in r.output.splitlines() if x.startswith("{")][0])
+    # removing a label keeps the images that also carry another one
+    before = sum(1 for e in m.examples if "k1" in e["labels"] and len(e["labels"]) > 1)
+    assert cli("remove-class", tmp_path / "m", "k0").exit_code == 0
+    m2 = load_model(tmp_path / "m")
+    assert all("k0" not in e["labels"] for e in m2.examples)
+    assert sum(1 for e in m2.examples if "k1" in e["labels"]) >= before
+
+
+def test_evaluate_report_has_curves_and_an_error_gallery(tmp_path, cache_dir):
+    data = make_folder(tmp_path / "d", n_classes=4, per_class=10)
+    for i in range(3):  # a few mislabelled images, so there are errors to show
+        (data / "c1" / f"img{i:03d}.png").rename(data / "c0" / f"from_c1_{i}.png")
+    assert cli("train", data, "--out", tmp_path / "m", *TINY).exit_code == 0
+    r = cli("evaluate", tmp_path / "m", data, "--split", "all", "--report", tmp_path / "rep", "--device", "cpu")
+    assert r.exit_code == 0, r.output
+    rep = tmp_path / "rep"
+    for name in ("report.md", "report.json", "per_class.png", "confusion.png", "curves.png", "errors.png"):
+        assert (rep / name).is_file() and (rep / name).stat().st_size > 500, name
+    m = json.loads((rep / "report.json").read_text())
+    assert m["errors"] and all(e["true"] != e["predicted"] for e in m["errors"])
+    confs = [e["confidence"] for e in m["errors"] if e["true"] == m["errors"][0]["true"]]
+    assert confs == sorted(confs, reverse=True)  # most confident first
+    im = Image.open(rep / "curves.png")
+    assert im.size[0] > 300 and len(set(np.asarray(im.convert("L")).flatten().tolist())) > 10  # not blank
+    from ovr.store import load_model
+
+    rec = load_model(tmp_path / "m").records["c0"]
+    assert len(rec.l2_path) == 11 and rec.l2 in [s for s, _ in rec.l2_path]
+    assert min(rec.l2_path, key=lambda p: p[1])[0] == rec.l2  # the chosen strength is the best on validation
+
+
+def test_mlp_heads_record_training_curves(folder, tmp_path, cache_dir):
+    assert cli("train", folder, "--out", tmp_path / "m", *TINY, "--head", "mlp", "--hidden", "8", "--epochs", "5").exit_code == 0
+    from ovr.store import load_model
+
+    rec = load_model(tmp_path / "m").records["c1"]
+    assert 1 <= len(rec.curve) <= 5 and all(len(p) == 3 and p[1] > 0 for p in rec.curve)
