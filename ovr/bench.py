@@ -132,13 +132,30 @@ def _mean_std(values: list[float]) -> dict:
     return {"mean": float(v.mean()), "std": float(v.std()), "values": [float(x) for x in v]}
 
 
-SCALARS = ("accuracy", "macro_f1", "balanced_accuracy", "top3_accuracy", "nll", "ece", "ece_calibrated",
-           "train_seconds", "predict_per_second", "add_class_seconds", "accuracy_after_add")
+SCALARS = ("accuracy", "accuracy_tta", "macro_f1", "balanced_accuracy", "top3_accuracy", "nll", "ece",
+           "ece_calibrated", "train_seconds", "predict_per_second", "add_class_seconds", "accuracy_after_add")
+
+
+def with_views(X: torch.Tensor, y: torch.Tensor, V: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Training rows plus their augmented views (V: [n, K, D], or None)."""
+    if V is None or V.shape[1] == 0:
+        return X, y
+    K = V.shape[1]
+    return torch.cat([X, V.reshape(-1, V.shape[-1]).to(X.device)]), torch.cat([y, y.repeat_interleave(K)])
+
+
+def tta_accuracy(meth: "_Method", Xt: torch.Tensor, Vt: torch.Tensor, yt: np.ndarray) -> float:
+    """Test accuracy with each head's (or the softmax's) logits averaged over the plain and K augmented views."""
+    z = np.mean([meth.logits(Xt)] + [meth.logits(Vt[:, k].to(Xt.device)) for k in range(Vt.shape[1])], axis=0)
+    return float((z.argmax(1) == yt).mean())
 
 
 def run_bench(emb, cfg: Config, progress: Progress | None = None, methods: tuple[str, ...] | None = None,
-              scenarios: tuple[str, ...] = SCENARIOS) -> dict:
-    """emb: an EmbeddedFolder. Every method x scenario x seed; add-class and its scaling on the plain scenario."""
+              scenarios: tuple[str, ...] = SCENARIOS, views: dict | None = None) -> dict:
+    """emb: an EmbeddedFolder. Every method x scenario x seed; add-class and its scaling on the plain scenario.
+    views (from pipeline.bench_views): {"train": [n_train, K, D], "test": [n_test, K, D]} augmented views: then
+    a "views" scenario (ovr and softmax trained on plain + K views of each training image) and accuracy with
+    test-time augmentation (K test views) for every plain and views run."""
     classes = list(emb.folder.classes)
     K = len(classes)
     dev = str(emb.result.embeddings.device)
@@ -158,12 +175,18 @@ def run_bench(emb, cfg: Config, progress: Progress | None = None, methods: tuple
     total = len(scenarios) * len(methods) * len(seeds)
     done = 0
     yt_np, yv_np = yt.numpy(), yv.numpy()
+    if views is not None:
+        scenarios = (*scenarios, "views")
+        runs["views"] = {m: [] for m in methods if m in ("ovr", "softmax")}
+        total += len(runs["views"]) * len(seeds)
     for scen in scenarios:
         for seed in seeds:
-            keep = torch.from_numpy(_scenario_train(y.numpy(), scen, seed, cfg))
+            keep = torch.from_numpy(_scenario_train(y.numpy(), "plain" if scen == "views" else scen, seed, cfg))
             Xs, ys = X[keep.to(X.device)], y[keep]
-            n_train[scen] = int(len(keep))
-            for name in methods:
+            if scen == "views":
+                Xs, ys = with_views(Xs, ys, views["train"][keep])
+            n_train[scen] = int(len(Xs))
+            for name in (m for m in methods if scen != "views" or m in ("ovr", "softmax")):
                 meth = _Method(name, cfg, seed, dev).fit(Xs, ys, Xv, yv)
                 t0 = time.perf_counter()
                 z = meth.logits(Xt)
@@ -173,6 +196,8 @@ def run_bench(emb, cfg: Config, progress: Progress | None = None, methods: tuple
                 r = classification_metrics(yt_np, z.argmax(1), proba, classes)
                 r.update(ece_calibrated=expected_calibration_error(cal, yt_np), train_seconds=meth.fit_seconds,
                          predict_per_second=pps)
+                if views is not None and scen in ("plain", "views"):
+                    r["accuracy_tta"] = tta_accuracy(meth, Xt, views["test"], yt_np)
                 if scen == "plain":
                     secs, pred = _add_class(meth, Xs, ys, Xv, yv, Xt, K)
                     r.update(add_class_seconds=secs, accuracy_after_add=float((pred == yt_np).mean()))
@@ -185,9 +210,9 @@ def run_bench(emb, cfg: Config, progress: Progress | None = None, methods: tuple
                 if progress:
                     progress("bench", done, total)
     results = {s: {m: {k: _mean_std([r[k] for r in rs]) for k in SCALARS if k in rs[0]}
-                   for m, rs in per.items()} for s, per in runs.items()}
+                   for m, rs in per.items() if rs} for s, per in runs.items()}
     per_class = {s: {m: {c: _mean_std([r["per_class"][c]["f1"] for r in rs]) for c in classes}
-                     for m, rs in per.items()} for s, per in runs.items()}
+                     for m, rs in per.items() if rs} for s, per in runs.items()}
     scaling = add_class_scaling(X, y, Xv, yv, cfg, dev, [m for m in ("ovr", "softmax") if m in methods])
     growth = growth_curve(X, y, Xv, yv, Xt, yt, cfg) if "ovr" in methods and cfg.train.head == "linear" else None
     digest = hashlib.sha256("".join(sorted(emb.result.keys)).encode()).hexdigest()
@@ -195,7 +220,7 @@ def run_bench(emb, cfg: Config, progress: Progress | None = None, methods: tuple
         "classes": classes, "methods": list(methods), "scenarios": list(scenarios), "seeds": seeds,
         "n": {"train": int(len(X)), "val": int(len(Xv)), "test": int(len(Xt)), "train_per_scenario": n_train},
         "results": results, "per_class_f1": per_class, "plain_seed0": detail, "add_class_scaling": scaling,
-        "growth": growth,
+        "growth": growth, "views": None if views is None else int(views["train"].shape[1]),
         "dataset": {"root": str(emb.folder.root), "fingerprint": digest, "images": len(emb.result.keys)},
         "backbone": emb.backbone.spec() if emb.backbone else None, "config": config_to_dict(cfg),
         "versions": {"ovr": __version__, "torch": torch.__version__, "python": platform.python_version(),

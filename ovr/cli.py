@@ -516,6 +516,7 @@ def bench(
     sklearn: Annotated[Optional[bool], typer.Option("--sklearn/--no-sklearn", help="Include the scikit-learn references.")] = None,
     head: Annotated[Optional[str], typer.Option(help="linear | mlp, for both OvR and softmax.")] = None,
     epochs: Annotated[Optional[int], typer.Option(help="Max epochs for both.")] = None,
+    views: Annotated[int, typer.Option(help="Also a 'views' scenario: ovr and softmax trained with K augmented views per training image, and accuracy with test-time augmentation over K views (0: off).")] = 0,
     config: ConfigOpt = None,
 ) -> None:
     """One-vs-rest vs softmax (and scikit-learn) on the same features: quality, calibration, time, add-class."""
@@ -526,12 +527,17 @@ def bench(
         folder = _early(data=data, cfg=cfg)
         from .bench import run_bench
         from .config import config_to_toml
-        from .pipeline import embed_data
+        from .pipeline import bench_views, embed_data
         from .report import bench_tables, write_bench_report
 
+        if views < 0:
+            raise OvrError(f"--views must be 0 (off) or more, got {views}")
+        if folder.multilabel:
+            raise OvrError("bench compares one-vs-rest with a softmax head, which answers one class per image; this "
+                           "data is multi-label: use `ovr train` + `ovr evaluate --report DIR` (mAP, F1, curves)")
         with progress_bar() as cb:
             emb = embed_data(folder, cfg, progress=cb)
-            rep = run_bench(emb, cfg, progress=cb)
+            rep = run_bench(emb, cfg, progress=cb, views=bench_views(emb, cfg, views, cb))
         write_bench_report(rep, out)
         (out / "config.toml").write_text(config_to_toml(cfg))
         for t in bench_tables(rep):

@@ -312,6 +312,21 @@ def _evaluate_multilabel(pred: "Predictor", emb: EmbeddedFolder, rows: np.ndarra
     return out
 
 
+def bench_views(emb: EmbeddedFolder, cfg: Config, views: int, progress: Progress | None = None) -> dict | None:
+    """K augmented views of the train and test rows, for `ovr bench --views K` ([n, K, D] each; cached)."""
+    if views <= 0:
+        return None
+    cache = open_cache(cfg, emb.backbone)
+    out = {}
+    for split in ("train", "test"):
+        rows = np.flatnonzero(emb.splits == split)
+        _, V = embed_views([emb.result.paths[i] for i in rows], [emb.result.keys[i] for i in rows], views,
+                           cfg.train.seed, emb.backbone, cache, emb.result.embeddings.device, cfg.features.batch_size,
+                           cfg.features.workers, progress)
+        out[split] = V.view(len(rows), views, -1)
+    return out
+
+
 # --- growing a model one class at a time -----------------------------------------------------------------
 
 

@@ -86,7 +86,7 @@ def metrics_tables(m: dict) -> list[Table]:
 # --- the benchmark report --------------------------------------------------------------------------------
 
 
-BENCH_COLUMNS = [("accuracy", "acc", "{:.3f}"), ("macro_f1", "macro-F1", "{:.3f}"),
+BENCH_COLUMNS = [("accuracy", "acc", "{:.3f}"), ("accuracy_tta", "acc TTA", "{:.3f}"), ("macro_f1", "macro-F1", "{:.3f}"),
                  ("balanced_accuracy", "bal acc", "{:.3f}"), ("top3_accuracy", "top-3", "{:.3f}"),
                  ("nll", "NLL", "{:.3f}"), ("ece", "ECE", "{:.3f}"), ("ece_calibrated", "ECE cal", "{:.3f}"),
                  ("train_seconds", "train s", "{:.2f}"), ("predict_per_second", "pred/s", "{:,.0f}"),
@@ -99,7 +99,7 @@ def _cell(stat: dict | None, fmt: str) -> str:
     return fmt.format(stat["mean"]) + (f" ±{fmt.format(stat['std'])}" if stat["std"] > 0 and "," not in fmt else "")
 
 
-TERMINAL_COLUMNS = ("accuracy", "macro_f1", "nll", "ece", "ece_calibrated", "train_seconds", "add_class_seconds",
+TERMINAL_COLUMNS = ("accuracy", "accuracy_tta", "macro_f1", "nll", "ece", "ece_calibrated", "train_seconds", "add_class_seconds",
                     "accuracy_after_add")
 
 
@@ -114,7 +114,7 @@ def bench_tables(rep: dict) -> list[Table]:
         t.add_column("method", no_wrap=True, min_width=19)
         for _, label, _ in cols:
             t.add_column(label, justify="right")
-        for m in rep["methods"]:
+        for m in (m for m in rep["methods"] if m in res):
             t.add_row(m, *(_cell(res[m].get(k), fmt) for k, _, fmt in cols))
         out.append(t)
     g = rep.get("growth")
@@ -133,7 +133,7 @@ def _md_table(rep: dict, scen: str) -> str:
     cols = [c for c in BENCH_COLUMNS if any(c[0] in r for r in res.values())]
     lines = ["| method | " + " | ".join(label for _, label, _ in cols) + " |",
              "|---|" + "---:|" * len(cols)]
-    for m in rep["methods"]:
+    for m in (m for m in rep["methods"] if m in res):
         lines.append(f"| {m} | " + " | ".join(_cell(res[m].get(k), fmt) for k, _, fmt in cols) + " |")
     return "\n".join(lines)
 
@@ -243,6 +243,8 @@ def write_bench_report(rep: dict, out: str | Path) -> Path:
            "- *add-class s*: time to go from N-1 to N classes: one new head for OvR methods, a full retrain for "
            "softmax ones; *acc after add* is the test accuracy of that grown model (OvR: the guarded chain).",
            "- *imbalance*: odd classes keep a fraction of their training images; *few-shot*: k training images per class.",
+           "- *views* (with `--views K`): ovr and softmax trained on each training image plus K augmented views of it; "
+           "*acc TTA*: test accuracy with logits averaged over each test image and K augmented views of it.",
            ""]
     md += [f"![{p}]({p})" for p in plots]
     (out / "report.md").write_text("\n".join(md) + "\n")

@@ -34,8 +34,8 @@ def test_report_has_every_method_metric_and_file(report):
         for m in METHODS:
             res = rep["results"][scen][m]
             for k in SCALARS:
-                if k in ("add_class_seconds", "accuracy_after_add") and scen != "plain":
-                    continue
+                if k in ("add_class_seconds", "accuracy_after_add") and scen != "plain" or k == "accuracy_tta":
+                    continue  # accuracy_tta only with --views
                 assert k in res and len(res[k]["values"]) == 2, (scen, m, k)
     g = rep["growth"]
     assert g["classes"][-1] == 4 and len(g["guarded"]) == len(g["argmax"]) == len(g["joint"]) == len(g["classes"])
@@ -106,3 +106,17 @@ def test_demo_end_to_end(tmp_path):
     m = json.loads((tmp_path / "demo" / "model" / "manifest.json").read_text())
     assert m["classes"][-1] == "digit_9" and len(m["classes"]) == 10
     assert "report:" in p.stdout
+
+
+def test_bench_views_scenario_and_tta(tmp_path, cache_dir):
+    data = make_folder(tmp_path / "data", n_classes=3, per_class=14)
+    r = runner.invoke(app, ["bench", str(data), "--out", str(tmp_path / "rep"), "--backbone", "tiny_cnn", "--device",
+                            "cpu", "--workers", "0", "--seeds", "1", "--epochs", "5", "--no-sklearn", "--views", "2"])
+    assert r.exit_code == 0, r.output
+    rep = json.loads((tmp_path / "rep" / "report.json").read_text())
+    assert rep["views"] == 2 and "views" in rep["scenarios"]
+    assert set(rep["results"]["views"]) == {"ovr", "softmax"}
+    assert rep["n"]["train_per_scenario"]["views"] == 3 * rep["n"]["train_per_scenario"]["plain"]
+    for scen in ("plain", "views"):
+        assert 0 <= rep["results"][scen]["ovr"]["accuracy_tta"]["mean"] <= 1
+    assert "acc TTA" in (tmp_path / "rep" / "report.md").read_text()
