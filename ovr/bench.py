@@ -127,6 +127,20 @@ def _add_class(method: _Method, X, y, Xv, yv, Xt, K: int) -> tuple[float, np.nda
     return seconds, z.argmax(1)
 
 
+def _errors(emb, z: np.ndarray, yt: np.ndarray, classes: list[str], per_class: int = 4) -> list[dict]:
+    """The test images answered wrongly with the highest confidence, per true class (the error gallery)."""
+    paths = [emb.result.paths[i] for i in np.flatnonzero(emb.splits == "test")]
+    conf = aggregate.confidences(z)
+    pred = z.argmax(1)
+    out = []
+    for k in range(len(classes)):
+        rows = np.flatnonzero((yt == k) & (pred != k))
+        for r in sorted(rows, key=lambda r: -conf[r, pred[r]])[:per_class]:
+            out.append({"path": str(paths[r]), "true": classes[k], "predicted": classes[pred[r]],
+                        "confidence": float(conf[r, pred[r]])})
+    return out
+
+
 def _mean_std(values: list[float]) -> dict:
     v = np.asarray(values, dtype=float)
     return {"mean": float(v.mean()), "std": float(v.std()), "values": [float(x) for x in v]}
@@ -205,6 +219,11 @@ def run_bench(emb, cfg: Config, progress: Progress | None = None, methods: tuple
                         detail[name] = {"confusion_matrix": r["confusion_matrix"], "per_class": r["per_class"],
                                         "reliability": reliability(proba, yt_np),
                                         "reliability_calibrated": reliability(cal, yt_np)}
+                        if name == "ovr":  # the report's per-head curves and error gallery
+                            recs = meth.m.model_.records
+                            detail[name]["heads"] = {classes[int(c)]: {"l2": recs[c].l2, "l2_path": recs[c].l2_path,
+                                                                       "curve": recs[c].curve} for c in recs}
+                            detail[name]["errors"] = _errors(emb, z, yt_np, classes)
                 runs[scen][name].append(r)
                 done += 1
                 if progress:

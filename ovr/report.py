@@ -207,6 +207,10 @@ def plot_bench(rep: dict, out: Path) -> list[str]:
         fig.tight_layout()
         fig.savefig(out / "growth.png", dpi=110), plt.close(fig)
         files.append("growth.png")
+    ovr = d.get("ovr", {})
+    for f in (plot_curves(ovr.get("heads", {}), out), plot_gallery(ovr.get("errors", []), out)):
+        if f:
+            files.append(f)
     return files
 
 

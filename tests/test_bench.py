@@ -42,7 +42,7 @@ def test_report_has_every_method_metric_and_file(report):
     assert all(0 <= v <= 1 for v in g["guarded"] + g["argmax"] + g["joint"])
     assert "grown one class at a time" in (tmp / "rep" / "report.md").read_text()
     for f in ["report.md", "report.json", "confusion.png", "reliability.png", "per_class_f1.png", "add_class_time.png",
-              "growth.png"]:
+              "growth.png", "curves.png"]:
         assert (tmp / "rep" / f).stat().st_size > 100
     md = (tmp / "rep" / "report.md").read_text()
     assert all(m in md for m in METHODS) and "How to read it" in md
