@@ -207,15 +207,33 @@ def embed(
     workers: WorkersOpt = None, cache_dir: CacheOpt = None, strict: StrictOpt = None, config: ConfigOpt = None,
     as_json: JsonOpt = False, json_out: JsonOutOpt = None,
 ) -> None:
-    """Embed every image of DATA into the cache (a second run over the same images embeds nothing)."""
+    """Embed every image of DATA into the cache (a second run over the same images embeds nothing).
+
+    Across processes and machines: torchrun --nproc_per_node=K -m ovr embed DATA (each rank embeds its share of
+    what is not cached yet; rank 0 reports)."""
     with user_errors():
         cfg = _config(config, backbone=backbone, weights=weights, device=device, batch_size=batch_size,
                       workers=workers, cache_dir=cache_dir, strict=strict)
         folder = _early(data=data, cfg=cfg)
+        from . import distributed
+
+        rank, world, dev = distributed.setup(cfg.features.device)
+        if world > 1:
+            from dataclasses import replace
+
+            cfg = replace(cfg, features=replace(cfg.features, device=dev))
         from .pipeline import embed_data
 
-        with progress_bar() as cb:
-            emb = embed_data(folder, cfg, progress=cb)
+        try:
+            if rank == 0:
+                with progress_bar() as cb:
+                    emb = embed_data(folder, cfg, progress=cb, gather=False, rank=rank, world=world)
+            else:
+                emb = embed_data(folder, cfg, gather=False, rank=rank, world=world)
+        finally:
+            distributed.teardown()
+        if rank != 0:
+            return
         _warn_skipped(emb.result.skipped, emb.folder.notes)
         from .report import embed_line, embed_summary, embed_table
         if _json(embed_summary(emb), as_json, json_out):

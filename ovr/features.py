@@ -91,8 +91,8 @@ def forward(backbone: Backbone, x: torch.Tensor, device: torch.device) -> torch.
         return backbone.model(x).float()
 
 
-# A shard is written every SHARD_SIZE images or FLUSH_SECONDS, whichever comes first: with the default backbone
-# on 2 CPU cores 1,024 images took 150 s, all lost to a kill -9; by time, a kill loses at most ~10 s of work.
+# A shard is written every SHARD_SIZE images or FLUSH_SECONDS ($OVR_FLUSH_SECONDS), whichever comes first: with the
+# default backbone on 2 CPU cores 1,024 images took 150 s, all lost to a kill -9; by time, a kill loses ~10 s.
 SHARD_SIZE = 1024
 FLUSH_SECONDS = 10.0
 
@@ -107,17 +107,36 @@ def _todo(keys: list[str | None], cache: EmbeddingCache) -> dict[str, int]:
 
 def embed_paths(paths: list[Path], backbone: Backbone, cache: EmbeddingCache, device: torch.device,
                 batch_size: int = 64, workers: int = -1, strict: bool = False, progress: Progress | None = None,
-                shard_size: int = SHARD_SIZE, flush_seconds: float = FLUSH_SECONDS) -> EmbedResult:
+                shard_size: int = SHARD_SIZE, flush_seconds: float | None = None, *, gather: bool = True,
+                rank: int = 0, world: int = 1) -> EmbedResult:
     """Embed what the cache lacks (a shard every shard_size images or flush_seconds), then gather all rows on
-    device. Another process embedding into the same cache is waited for; then only what it left is embedded."""
+    device (gather=False: only count them; `ovr embed` reports a summary and needs no rows). Another process
+    embedding into the same cache is waited for; then only what it left is embedded. Under torchrun (world > 1)
+    this rank embeds every world-th missing content (by key order), and all ranks meet before the gather."""
     t0 = time.perf_counter()
+    if flush_seconds is None:
+        flush_seconds = float(os.environ.get("OVR_FLUSH_SECONDS", FLUSH_SECONDS))
     paths = [Path(p) for p in paths]
     keys, skipped = hash_files(paths, progress)
     failed: dict[int, str] = {}
     todo = _todo(keys, cache)
-    if todo:
+    n_todo = len(todo)
+    if world > 1:
+        from . import distributed
+
+        mine = dict(sorted(todo.items())[rank::world])
+        if mine:
+            _embed_missing(paths, keys, mine, backbone, cache, device, batch_size, workers, progress,
+                           shard_size, flush_seconds, failed)
+        distributed.barrier()
+        cache.refresh()
+        for i, k in enumerate(keys):  # contents another rank could not decode
+            if k is not None and k not in cache and i not in failed and k in todo:
+                failed[i] = "could not be embedded (by another rank; see its output)"
+    elif todo:
         with cache.embedding(waiting=lambda: progress and progress("wait for another ovr embed", 0, 1)):
             todo = _todo(keys, cache)  # what the other process embedded meanwhile is not done again
+            n_todo = len(todo)
             if todo:
                 _embed_missing(paths, keys, todo, backbone, cache, device, batch_size, workers, progress,
                                shard_size, flush_seconds, failed)
@@ -132,10 +151,30 @@ def embed_paths(paths: list[Path], backbone: Backbone, cache: EmbeddingCache, de
     bad_keys = {keys[i] for i in failed}
     good = [i for i, k in enumerate(keys) if i not in bad_idx and k not in bad_keys]
     good_keys = [keys[i] for i in good]
-    emb = cache.get(good_keys).to(device) if good_keys else torch.empty(0, backbone.dim, device=device)
-    n_new = len(todo) - len(failed)
+    if gather and good_keys:
+        emb = cache.get(good_keys).to(device)
+    else:
+        emb = torch.empty(0, backbone.dim)
+        if good_keys and any(k not in cache for k in good_keys):
+            raise OvrError(f"embeddings missing from the cache {cache.dir} after embedding; run again")
+    n_new = n_todo - len({keys[i] for i in failed})
     return EmbedResult([paths[i] for i in good], good_keys, emb, np.asarray(good, dtype=np.int64), skipped,
                        n_cached=len(good) - min(n_new, len(good)), n_new=n_new, seconds=time.perf_counter() - t0)
+
+
+def _test_die_after_shard() -> None:
+    """A test hook: $OVR_TEST_DIE_AFTER_SHARDS=N kills this process (as kill -9 would) after its N-th shard, on
+    the rank named by $OVR_TEST_DIE_RANK (default every rank)."""
+    n = os.environ.get("OVR_TEST_DIE_AFTER_SHARDS")
+    if not n or os.environ.get("OVR_TEST_DIE_RANK", os.environ.get("RANK", "0")) != os.environ.get("RANK", "0"):
+        return
+    global _SHARDS_WRITTEN
+    _SHARDS_WRITTEN += 1
+    if _SHARDS_WRITTEN >= int(n):
+        os._exit(137)
+
+
+_SHARDS_WRITTEN = 0
 
 
 def _embed_missing(paths, keys, todo, backbone, cache, device, batch_size, workers, progress, shard_size,
@@ -167,6 +206,7 @@ def _embed_missing(paths, keys, todo, backbone, cache, device, batch_size, worke
                 cache.put(pend_keys, torch.cat(pend))
                 pend_keys, pend = [], []
                 last_flush = time.monotonic()
+                _test_die_after_shard()
             if progress:
                 progress(stage, done, len(order))
     finally:
@@ -241,6 +281,6 @@ class EmbeddedFolder:
 
 def embed_folder(folder: ImageFolder, backbone: Backbone, cache: EmbeddingCache, device: torch.device,
                  batch_size: int = 64, workers: int = -1, strict: bool = False,
-                 progress: Progress | None = None) -> EmbeddedFolder:
-    res = embed_paths(folder.paths, backbone, cache, device, batch_size, workers, strict, progress)
+                 progress: Progress | None = None, **kw) -> EmbeddedFolder:
+    res = embed_paths(folder.paths, backbone, cache, device, batch_size, workers, strict, progress, **kw)
     return EmbeddedFolder(folder, res, folder.labels[res.input_index], folder.splits[res.input_index])

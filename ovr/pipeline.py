@@ -37,14 +37,15 @@ def scan_data(data: str | Path | ImageFolder, cfg: Config) -> ImageFolder:
 
 
 def embed_data(data: str | Path | ImageFolder, cfg: Config, progress: Progress | None = None,
-               backbone: Backbone | None = None) -> EmbeddedFolder:
+               backbone: Backbone | None = None, **kw) -> EmbeddedFolder:
     """Scan DATA (or take a scanned ImageFolder), load the backbone, embed through the cache; embeddings end up on
-    the compute device."""
+    the compute device. kw: embed_paths' gather / rank / world."""
     f = cfg.features
     folder = scan_data(data, cfg)
     backbone = backbone or load_backbone(f.backbone, f.weights, f.cache_dir or default_cache_dir())
     device = resolve_device(f.device)
-    emb = embed_folder(folder, backbone, open_cache(cfg, backbone), device, f.batch_size, f.workers, f.strict, progress)
+    emb = embed_folder(folder, backbone, open_cache(cfg, backbone), device, f.batch_size, f.workers, f.strict, progress,
+                       **kw)
     emb.backbone = backbone
     return emb
 

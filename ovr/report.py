@@ -24,7 +24,7 @@ def embed_summary(emb) -> dict[str, Any]:
         "skipped": [{"path": str(p), "reason": r} for p, r in res.skipped],
         "ignored_non_images": dict(folder.ignored), "notes": list(folder.notes),
         "backbone": emb.backbone.spec() if emb.backbone else None,
-        "dim": int(res.embeddings.shape[1]), "seconds": round(res.seconds, 3),
+        "dim": int(emb.backbone.dim if emb.backbone else res.embeddings.shape[1]), "seconds": round(res.seconds, 3),
     }
 
 
