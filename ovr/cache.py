@@ -46,8 +46,9 @@ class EmbeddingCache:
     waits and then embeds only what the first did not.
     """
 
-    def __init__(self, root: str | Path, backbone_key: str) -> None:
+    def __init__(self, root: str | Path, backbone_key: str, dtype: torch.dtype = torch.float32) -> None:
         self.dir = Path(root) / backbone_key[:24]
+        self.dtype = dtype  # of new shards; reads always return float32
         self._where: dict[str, tuple[str, int]] = {}
         self._index: dict[str, list[str]] = {}
         self._load_index()
@@ -148,7 +149,7 @@ class EmbeddingCache:
         if not keys:
             return
         name = f"shard-{time.time_ns():020d}-{uuid.uuid4().hex[:8]}.safetensors"
-        atomic_save_safetensors({"embeddings": emb.float()}, self.dir / name, {"keys": json.dumps(keys)})
+        atomic_save_safetensors({"embeddings": emb.to(self.dtype)}, self.dir / name, {"keys": json.dumps(keys)})
         self._index[name] = list(keys)
         for row, k in enumerate(keys):
             self._where.setdefault(k, (name, row))
@@ -166,7 +167,7 @@ class EmbeddingCache:
         out: torch.Tensor | None = None
         for s, pairs in by_shard.items():
             with safe_open(str(self.dir / s), "pt") as f:
-                shard = f.get_tensor("embeddings")
+                shard = f.get_tensor("embeddings").float()  # float16 shards are widened on read
             if out is None:
                 out = torch.empty(len(keys), shard.shape[1])
             dst = torch.tensor([p[0] for p in pairs])

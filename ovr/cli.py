@@ -44,6 +44,7 @@ WeightsOpt = Annotated[Optional[str], typer.Option(help="'default' (pretrained),
 DeviceOpt = Annotated[Optional[str], typer.Option(help=f"auto | cpu | cuda. {_d(FeatureConfig, 'device')}")]
 BatchOpt = Annotated[Optional[int], typer.Option("--batch-size", help=f"Images per forward pass. {_d(FeatureConfig, 'batch_size')}")]
 WorkersOpt = Annotated[Optional[int], typer.Option(help=f"DataLoader decode workers (-1: on CUDA all cores but one, on CPU the cores the compute threads leave; at most 8). {_d(FeatureConfig, 'workers')}")]
+DtypeOpt = Annotated[Optional[str], typer.Option("--dtype", help=f"Storage of new embeddings in the cache: float32 | float16 (half the size) | auto (float16 on CUDA). {_d(FeatureConfig, 'dtype')}")]
 CacheOpt = Annotated[Optional[str], typer.Option("--cache-dir", help="Embedding cache folder. \\[default: $OVR_CACHE_DIR or ~/.cache/ovr]")]
 StrictOpt = Annotated[Optional[bool], typer.Option("--strict/--no-strict", help="Treat an unreadable image as an error instead of skipping it.")]
 
@@ -205,7 +206,7 @@ def embed(
     data: Annotated[Path, typer.Argument(help="Image folder: DATA/<class>/* or DATA/train|val|test/<class>/*; or a CSV/TSV manifest with path,labels[,split] columns (labels separated by ; or |: multi-label).")],
     backbone: BackboneOpt = None, weights: WeightsOpt = None, device: DeviceOpt = None, batch_size: BatchOpt = None,
     workers: WorkersOpt = None, cache_dir: CacheOpt = None, strict: StrictOpt = None, config: ConfigOpt = None,
-    as_json: JsonOpt = False, json_out: JsonOutOpt = None,
+    dtype: DtypeOpt = None, as_json: JsonOpt = False, json_out: JsonOutOpt = None,
 ) -> None:
     """Embed every image of DATA into the cache (a second run over the same images embeds nothing).
 
@@ -213,7 +214,7 @@ def embed(
     what is not cached yet; rank 0 reports)."""
     with user_errors():
         cfg = _config(config, backbone=backbone, weights=weights, device=device, batch_size=batch_size,
-                      workers=workers, cache_dir=cache_dir, strict=strict)
+                      workers=workers, cache_dir=cache_dir, strict=strict, dtype=dtype)
         folder = _early(data=data, cfg=cfg)
         from . import distributed
 
@@ -263,7 +264,7 @@ def train(
     data: Annotated[Path, typer.Argument(help="Image folder: DATA/<class>/* or DATA/train|val|test/<class>/*; or a CSV/TSV manifest with path,labels[,split] columns (labels separated by ; or |: multi-label).")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Model folder to write.")],
     backbone: BackboneOpt = None, weights: WeightsOpt = None, device: DeviceOpt = None, batch_size: BatchOpt = None,
-    workers: WorkersOpt = None, cache_dir: CacheOpt = None, strict: StrictOpt = None,
+    workers: WorkersOpt = None, cache_dir: CacheOpt = None, strict: StrictOpt = None, dtype: DtypeOpt = None,
     head: Annotated[Optional[str], typer.Option(help=f"linear | mlp. {_d(TrainConfig, 'head')}")] = None,
     hidden: Annotated[Optional[int], typer.Option(help=f"Hidden units of an mlp head. {_d(TrainConfig, 'hidden')}")] = None,
     epochs: Annotated[Optional[int], typer.Option(help=f"Max epochs; each head stops early on its val loss. {_d(TrainConfig, 'epochs')}")] = None,
@@ -289,7 +290,7 @@ def train(
                       workers=workers, cache_dir=cache_dir, strict=strict, head=head, hidden=hidden, epochs=epochs,
                       lr=lr, seed=seed, pos_weight=pos_weight, normalize=normalize, calibration=calibration,
                       l2_grid=_floats(l2_grid, "--l2-grid"), tol=tol, val_fraction=val_fraction,
-                      test_fraction=test_fraction, split_seed=split_seed, views=views)
+                      test_fraction=test_fraction, split_seed=split_seed, views=views, dtype=dtype)
         folder = _early(data=data, cfg=cfg, out=out, force=force)
         from .pipeline import train_model
 

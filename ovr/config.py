@@ -28,11 +28,13 @@ class FeatureConfig:
     batch_size: int = 64
     workers: int = -1  # -1: on CUDA all cores but one; on CPU the cores left by the compute threads (at most 8)
     cache_dir: str = ""  # "": $OVR_CACHE_DIR or the user's cache dir
+    dtype: str = "auto"  # how new embeddings are stored: float32 | float16 | auto (float16 on CUDA, float32 on CPU)
     strict: bool = False  # a bad image file is an error instead of a skipped file
 
     def __post_init__(self) -> None:
         _check(self.batch_size >= 1, f"batch_size must be at least 1, got {self.batch_size}")
         _check(self.workers >= -1, f"workers must be -1 (one per core) or more, got {self.workers}")
+        _check(self.dtype in ("auto", "float32", "float16"), f"dtype must be auto, float32 or float16, got {self.dtype!r}")
 
 
 @dataclass(frozen=True)
@@ -66,9 +68,11 @@ class TrainConfig:
     calibration: str = "platt"  # platt | temperature | none
     seed: int = 0
     views: int = 0  # augmented views per training image, besides the plain one (validation and test stay plain)
+    chunk_heads: int = 0  # heads per solve; 0: sized to memory (model.heads_per_chunk); results do not depend on it
 
     def __post_init__(self) -> None:
         _check(self.views >= 0, f"views must be 0 or more, got {self.views}")
+        _check(self.chunk_heads >= 0, f"chunk_heads must be 0 (automatic) or more, got {self.chunk_heads}")
         for name, allowed in (("head", HEADS), ("normalize", NORMALIZE), ("calibration", CALIBRATION)):
             _check(getattr(self, name) in allowed, f"{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
         for name in ("hidden", "epochs", "head_batch_size", "patience"):

@@ -123,8 +123,12 @@ class Model:
         has_val = len(Xv) > 0
         norm = Normalizer.fit(self.normalize, torch.cat([X, Xv]) if has_val else X)
         T, Tv = head_targets(y, targets, X.device), head_targets(yv, targets, X.device) if has_val else None
-        fits = fit_ovr_heads(norm(X), T, norm(Xv) if has_val else None, Tv, names, progress=progress,
-                             **settings.fit_kwargs())
+        Xn, Xvn = norm(X), norm(Xv) if has_val else None
+        size = heads_per_chunk(len(X) + len(Xv), len(settings.l2_grid), X.device, settings.chunk_heads)
+        fits = []
+        for s in range(0, len(names), size):  # heads are independent columns: chunks give the same heads
+            fits += fit_ovr_heads(Xn, T[:, s:s + size], Xvn, Tv[:, s:s + size] if has_val else None,
+                                  names[s:s + size], progress=progress, **settings.fit_kwargs())
         seen = classes_present(y) | (classes_present(yv) if has_val else set())
         trained_with = [c for i, c in enumerate(self.classes) if i in seen]
         if has_val:
@@ -210,4 +214,17 @@ def first_label(y: torch.Tensor) -> torch.Tensor:
         return y
     has = y.sum(1) > 0
     return torch.where(has.to(y.device), y.argmax(1), torch.full_like(has, -1, dtype=torch.long))
+
+
+def heads_per_chunk(rows: int, grid: int, device, requested: int = 0) -> int:
+    """How many heads one solve takes at once. The exact solver keeps about 8 float32 [rows, heads x grid] work
+    arrays; 10,000 classes x 11 strengths on 100,000 rows would be 350 GB, so heads are solved in chunks sized to a
+    quarter of the free memory (GPU) or 2 GB (CPU, where chunks also keep the arrays in cache-friendly sizes)."""
+    if requested > 0:
+        return requested
+    budget = 2e9
+    if torch.device(device).type == "cuda":
+        free, _ = torch.cuda.mem_get_info(torch.device(device))
+        budget = free / 4
+    return max(1, int(budget // (8 * 4 * max(rows, 1) * max(grid, 1))))
 

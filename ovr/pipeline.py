@@ -25,7 +25,16 @@ from .store import check_backbone, check_can_write, load_model, model_lock, save
 
 
 def open_cache(cfg: Config, backbone: Backbone) -> EmbeddingCache:
-    return EmbeddingCache(cfg.features.cache_dir or default_cache_dir(), backbone.key)
+    return EmbeddingCache(cfg.features.cache_dir or default_cache_dir(), backbone.key, cache_dtype(cfg))
+
+
+def cache_dtype(cfg: Config) -> torch.dtype:
+    """float16 halves the cache (and the rows held on the device); 'auto' takes it on CUDA only. The accuracy cost
+    of rounding embeddings to float16 is in the README (benchmarks/fp16.py)."""
+    d = cfg.features.dtype
+    if d == "auto":
+        return torch.float16 if resolve_device(cfg.features.device).type == "cuda" else torch.float32
+    return {"float32": torch.float32, "float16": torch.float16}[d]
 
 
 def scan_data(data: str | Path | ImageFolder, cfg: Config) -> ImageFolder:
@@ -353,7 +362,7 @@ def _open_for_update(root: Path, cfg: Config) -> tuple[Model, Backbone, Embeddin
     root_dir = f.cache_dir or default_cache_dir()
     bb = load_backbone(spec["name"], spec["weights"], root_dir)
     check_backbone(spec, bb.spec())
-    return model, bb, EmbeddingCache(root_dir, bb.key), resolve_device(f.device)
+    return model, bb, EmbeddingCache(root_dir, bb.key, cache_dtype(cfg)), resolve_device(f.device)
 
 
 def _xy(model: Model, cache: EmbeddingCache, device: torch.device, split: str) -> tuple[torch.Tensor, torch.Tensor]:

@@ -190,3 +190,26 @@ def test_fold_puts_the_standardisation_into_the_head():
     assert all(torch.equal(a, b) for a, b in zip(l2.fold(head).values(), head.values()))
     assert torch.allclose(stacked_logits(stack_heads([head]), l2(X)),
                           stacked_logits(stack_heads([l2.fold(head)]), head_inputs("l2", X)))
+
+
+def test_chunked_solves_give_the_same_heads():
+    """10,000 classes do not fit in one solve; chunks of heads must give the heads one solve gives."""
+    from dataclasses import replace
+
+    from ovr.config import TrainConfig
+    from ovr.model import Model, heads_per_chunk
+
+    X, y = blobs(12, 8, 10, seed=3)
+    Xv, yv = blobs(12, 3, 10, seed=4)
+    names = [f"k{i}" for i in range(12)]
+    fits = {}
+    for chunk in (0, 5, 1):
+        m = Model({"name": "x", "dim": 10}, "standardize", "linear", list(names))
+        m.fit_heads(names, X, y, Xv, yv, replace(TrainConfig(), l2_grid=(1e-3, 1e-1), chunk_heads=chunk))
+        fits[chunk] = m
+    for c in names:
+        for chunk in (5, 1):
+            assert torch.allclose(fits[0].heads[c]["weight"], fits[chunk].heads[c]["weight"], atol=1e-4), (c, chunk)
+            assert fits[0].records[c].l2 == fits[chunk].records[c].l2
+            assert fits[0].records[c].threshold == pytest.approx(fits[chunk].records[c].threshold, abs=1e-3)
+    assert heads_per_chunk(100_000, 11, "cpu") == 56  # 2 GB / (8 arrays x 4 bytes x 100,000 rows x 11 strengths)

@@ -319,3 +319,16 @@ def test_error_paths_do_not_import_torch(args, tmp_path):
                        text=True, timeout=120)
     code_, torch_loaded, *msg = r.stdout.split(" ", 2)
     assert code_ == "2" and torch_loaded == "False", r.stdout + r.stderr
+
+
+def test_float16_cache_halves_the_shards_and_reads_back_float32(folder, tmp_path):
+    r16 = cli("embed", folder, *TINY, "--cache-dir", tmp_path / "c16", "--dtype", "float16")
+    r32 = cli("embed", folder, *TINY, "--cache-dir", tmp_path / "c32", "--dtype", "float32")
+    assert r16.exit_code == 0 and r32.exit_code == 0
+    size = lambda d: sum(p.stat().st_size for p in d.rglob("shard-*.safetensors"))  # noqa: E731
+    assert size(tmp_path / "c32") - size(tmp_path / "c16") == 24 * 64 * 2  # 2 bytes less per value (24 x 64)
+    bb = load_backbone("tiny_cnn")
+    keys = [k for s in EmbeddingCache(tmp_path / "c32", bb.key)._index.values() for k in s]
+    a = EmbeddingCache(tmp_path / "c16", bb.key).get(keys)
+    b = EmbeddingCache(tmp_path / "c32", bb.key).get(keys)
+    assert a.dtype == torch.float32 and torch.allclose(a, b, rtol=1e-3, atol=1e-3) and not torch.equal(a, b)
