@@ -1,0 +1,161 @@
+"""How ovr's costs grow with images and classes: index load, gather, head training, predict; time and peak memory.
+
+    python benchmarks/scale.py [--images 12500,25000,50000] [--classes 10,100,1000] [--dim 512]
+                               [--index-sizes 10000,100000,1000000] [--out benchmarks/results/scale.json]
+
+Synthetic embeddings (Gaussian class centres + noise) stored through the real cache (shards of 1,024 rows), so
+index load and gather are the real code paths. Heads use one L2 strength (`--l2-grid` with one value: the grid
+would multiply the solve by 11). Each (images, classes) point runs in a fresh process, so its peak RSS
+(ru_maxrss) is its own. The issue's full scale (1,000,000 x 1,280, 10,000 classes) is for a GPU machine; on 2 CPU
+cores the default is scaled down. Writes JSON and a log-log plot beside it.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+
+def rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def one(n: int, C: int, dim: int, root: Path) -> dict:
+    import torch
+
+    from ovr.cache import EmbeddingCache
+    from ovr.config import TrainConfig
+    from ovr.model import Model
+
+    torch.set_num_threads(len(os.sched_getaffinity(0)))
+    key = f"{n:08d}x{dim:05d}".ljust(64, "0")
+    rng = np.random.default_rng(0)
+    centres = rng.normal(0, 1, (C, dim)).astype(np.float32)
+    y = rng.integers(0, C, n)
+    keys = [f"{i:064x}" for i in range(n)]
+    cache = EmbeddingCache(root, key)
+    if len(cache) < n:
+        for s in range(0, n, 1024):
+            X = centres[y[s:s + 1024]] + rng.normal(0, 2.0, (len(y[s:s + 1024]), dim)).astype(np.float32)
+            cache.put(keys[s:s + 1024], torch.from_numpy(X))
+    out = {"images": n, "classes": C, "dim": dim}
+    t = time.perf_counter()
+    cache = EmbeddingCache(root, key)
+    out["index_load_s"] = time.perf_counter() - t
+    t = time.perf_counter()
+    X = cache.get(keys)
+    out["gather_s"] = time.perf_counter() - t
+    out["rss_after_gather_mb"] = rss_mb()
+    yt = torch.from_numpy(y)
+    nv = n // 10
+    m = Model({"name": "synthetic", "dim": dim}, "standardize", "linear", [str(c) for c in range(C)])
+    t = time.perf_counter()
+    m.fit_heads(m.classes, X[nv:], yt[nv:], X[:nv], yt[:nv], TrainConfig(l2_grid=(1e-3,)))
+    out["train_s"] = time.perf_counter() - t
+    out["rss_after_train_mb"] = rss_mb()
+    t = time.perf_counter()
+    ans = m.answer(X[:nv])
+    out["predict_s"] = time.perf_counter() - t
+    out["predict_rows"] = nv
+    out["accuracy_on_val_rows"] = float((ans.index == y[:nv]).mean())
+    out["rss_peak_mb"] = rss_mb()
+    return out
+
+
+def index_only(N: int, root: Path) -> dict:
+    """Index load for N keys in N/1,000 shards (an index.json and empty shard files: only the index is read)."""
+    import hashlib
+
+    from ovr.cache import EmbeddingCache
+
+    key = f"index{N:010d}".ljust(64, "0")
+    d = root / key[:24]
+    if not (d / "index.json").is_file():
+        d.mkdir(parents=True, exist_ok=True)
+        index = {}
+        for s in range(max(1, N // 1000)):
+            name = f"shard-{s:020d}-00000000.safetensors"
+            (d / name).write_bytes(b"x")
+            index[name] = [hashlib.sha256(f"{s}-{i}".encode()).hexdigest() for i in range(min(N, 1000))]
+        (d / "index.json").write_text(json.dumps(index))
+    times = []
+    for _ in range(3):
+        t = time.perf_counter()
+        c = EmbeddingCache(root, key)
+        times.append(time.perf_counter() - t)
+    return {"keys": len(c), "index_load_s": min(times), "index_mb": (d / "index.json").stat().st_size / 1e6,
+            "rss_mb": rss_mb()}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--images", default="12500,25000,50000")
+    ap.add_argument("--classes", default="10,100,1000")
+    ap.add_argument("--dim", type=int, default=512)
+    ap.add_argument("--index-sizes", default="10000,100000,1000000")
+    ap.add_argument("--root", type=Path, default=Path(tempfile.gettempdir()) / "ovr-scale")
+    ap.add_argument("--out", type=Path, default=Path("benchmarks/results/scale.json"))
+    ap.add_argument("--one", nargs=2, type=int, help=argparse.SUPPRESS)
+    ap.add_argument("--index-one", type=int, help=argparse.SUPPRESS)
+    a = ap.parse_args()
+    if a.one:
+        print(json.dumps(one(a.one[0], a.one[1], a.dim, a.root)))
+        return
+    if a.index_one:
+        print(json.dumps(index_only(a.index_one, a.root)))
+        return
+    res = {"machine": f"{os.cpu_count()} cores", "dim": a.dim, "points": [], "index": []}
+    for N in map(int, a.index_sizes.split(",")):
+        r = subprocess.run([sys.executable, __file__, "--index-one", str(N), "--root", str(a.root)],
+                           capture_output=True, text=True, check=True)
+        res["index"].append(json.loads(r.stdout))
+        print("index", res["index"][-1], flush=True)
+    for n in map(int, a.images.split(",")):
+        for C in map(int, a.classes.split(",")):
+            r = subprocess.run([sys.executable, __file__, "--one", str(n), str(C), "--dim", str(a.dim), "--root",
+                                str(a.root)], capture_output=True, text=True)
+            if r.returncode:
+                print(r.stderr[-2000:])
+                continue
+            res["points"].append(json.loads(r.stdout))
+            print(res["points"][-1], flush=True)
+            a.out.parent.mkdir(parents=True, exist_ok=True)
+            a.out.write_text(json.dumps(res, indent=1))
+    plot(res, a.out.with_suffix(".png"))
+
+
+def plot(res: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    pts = res["points"]
+    for C in sorted({p["classes"] for p in pts}):
+        row = sorted((p for p in pts if p["classes"] == C), key=lambda p: p["images"])
+        for stage, style in (("train_s", "o-"), ("predict_s", "s--"), ("gather_s", "^:")):
+            axes[0].loglog([p["images"] for p in row], [p[stage] for p in row], style,
+                           label=f"{stage[:-2]}, {C} classes")
+    axes[0].set_xlabel("images"), axes[0].set_ylabel("seconds"), axes[0].legend(fontsize=6)
+    axes[0].set_title("time vs images (log-log)")
+    n_max = max(p["images"] for p in pts)
+    row = sorted((p for p in pts if p["images"] == n_max), key=lambda p: p["classes"])
+    axes[1].loglog([p["classes"] for p in row], [p["train_s"] for p in row], "o-", label="train")
+    axes[1].loglog([p["classes"] for p in row], [p["predict_s"] for p in row], "s--", label="predict")
+    axes[1].set_xlabel("classes"), axes[1].set_ylabel("seconds"), axes[1].legend(fontsize=7)
+    axes[1].set_title(f"time vs classes at {n_max:,} images")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+if __name__ == "__main__":
+    main()
