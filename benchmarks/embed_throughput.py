@@ -42,6 +42,36 @@ def make_photos(root: Path, n: int) -> Path:
     return root
 
 
+def decode_paths(paths: list[Path], bb) -> dict:
+    """CPU decode + the backbone's preprocessing, one process, img/s: PIL (what ovr uses) vs torchvision.io's
+    libjpeg decode to a tensor + transforms.v2 on tensors. Both end in the same normalised [3, 224, 224] input."""
+    import torchvision
+    from torchvision.io import ImageReadMode, decode_jpeg
+    from torchvision.transforms import v2
+
+    from ovr.data import decode_image
+    from ovr.export import split_transform
+
+    blobs = [Path(p).read_bytes() for p in paths]
+    prep = split_transform(bb.transform)
+    size = prep.size
+    resize = next((t.size for t in prep.geometry if type(t).__name__ == "Resize"), size)
+    tv = v2.Compose([v2.Resize(resize, antialias=True), v2.CenterCrop(size), v2.ToDtype(torch.float32, scale=True),
+                     v2.Normalize(prep.mean, prep.std)])
+    out = {}
+    t0 = time.perf_counter()
+    for b in blobs:
+        bb.transform(decode_image(b))
+    out["PIL (ovr's path)"] = len(blobs) / (time.perf_counter() - t0)
+    t0 = time.perf_counter()
+    for b in blobs:
+        tv(decode_jpeg(torch.frombuffer(bytearray(b), dtype=torch.uint8), mode=ImageReadMode.RGB))
+    out[f"torchvision.io {torchvision.__version__}"] = len(blobs) / (time.perf_counter() - t0)
+    a = bb.transform(decode_image(blobs[0]))
+    b = tv(decode_jpeg(torch.frombuffer(bytearray(blobs[0]), dtype=torch.uint8), mode=ImageReadMode.RGB))
+    return {"images_per_s": out, "max_abs_input_difference": float((a - b).abs().max())}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--images", type=int, default=512)
@@ -63,6 +93,7 @@ def main() -> None:
     data = make_photos(tmp / "photos", a.images)
     paths = scan_folder(data).paths
     bb = load_backbone(a.backbone)
+    decode = decode_paths(paths[:128], bb)
     bb.model.to(dev).to(memory_format=torch.channels_last)
 
     # raw forward on tensors decoded beforehand (the ceiling the pipeline can reach)
@@ -108,7 +139,7 @@ def main() -> None:
         "cold_embed_cli_s": times[0], "warm_embed_cli_s": times[1], "cold_over_warm_cli": times[0] / times[1],
         "cold_embed_step_s": pipe_s, "warm_embed_step_s": warm_inner, "cold_over_warm_step": pipe_s / warm_inner,
         "targets": {"pipeline_over_raw": 0.8, "cold_over_warm": 50},
-        "python": platform.python_version(), "torch": torch.__version__,
+        "python": platform.python_version(), "torch": torch.__version__, "decode_one_process": decode,
     }
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text(json.dumps(res, indent=2))
@@ -116,6 +147,9 @@ def main() -> None:
     print(f"file pipeline    {pipe:8.1f} img/s   ratio {pipe / raw:.2f} (target >= 0.8)")
     print(f"ovr embed (CLI)  cold {times[0]:.2f} s, warm {times[1]:.2f} s: {times[0] / times[1]:.1f}x (target >= 50x)")
     print(f"embed step only  cold {pipe_s:.2f} s, warm {warm_inner:.3f} s: {pipe_s / warm_inner:.0f}x")
+    for k, v in decode["images_per_s"].items():
+        print(f"decode+preprocess {k:28s} {v:7.1f} img/s (one process)")
+    print(f"  max |difference| of the two normalised inputs: {decode['max_abs_input_difference']:.3f}")
     print(f"-> {a.out}")
 
 
