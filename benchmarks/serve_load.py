@@ -9,7 +9,6 @@ Bounded: each phase stops after --seconds or --max-requests, whichever first. Th
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import os
 import socket
