@@ -117,6 +117,8 @@ def embed_paths(paths: list[Path], backbone: Backbone, cache: EmbeddingCache, de
     if flush_seconds is None:
         flush_seconds = float(os.environ.get("OVR_FLUSH_SECONDS", FLUSH_SECONDS))
     paths = [Path(p) for p in paths]
+    if world > 1 and os.environ.get("OVR_TEST_RANK_DELAY", "").startswith(f"{rank}:"):  # test hook: a late rank
+        time.sleep(float(os.environ["OVR_TEST_RANK_DELAY"].split(":")[1]))
     keys, skipped = hash_files(paths, progress)
     failed: dict[int, str] = {}
     todo = _todo(keys, cache)
@@ -124,6 +126,9 @@ def embed_paths(paths: list[Path], backbone: Backbone, cache: EmbeddingCache, de
     if world > 1:
         from . import distributed
 
+        # Every rank has read the cache before any rank writes to it: they agree on what is missing, so the
+        # round-robin split covers each content exactly once (found by a test where one rank started late).
+        distributed.barrier()
         mine = dict(sorted(todo.items())[rank::world])
         if mine:
             _embed_missing(paths, keys, mine, backbone, cache, device, batch_size, workers, progress,

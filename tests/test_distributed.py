@@ -29,7 +29,8 @@ def _all(data, cache):
 
 def test_two_ranks_fill_the_cache_like_one_process(tmp_path):
     data = make_folder(tmp_path / "data", n_classes=3, per_class=16)
-    r = _torchrun(data, tmp_path / "c2", {"OVR_FLUSH_SECONDS": "0"})
+    # rank 1 starts 3 s late: rank 0 must not write before rank 1 has seen what is missing
+    r = _torchrun(data, tmp_path / "c2", {"OVR_FLUSH_SECONDS": "0", "OVR_TEST_RANK_DELAY": "1:3"})
     assert r.returncode == 0, r.stderr[-2000:]
     import json
 
