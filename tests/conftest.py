@@ -91,3 +91,14 @@ def cli(*args):
     from ovr.cli import app
 
     return CliRunner().invoke(app, [str(a) for a in args])
+
+
+def cache_rows(cache_dir: Path) -> int:
+    """Embeddings stored under a cache folder (rows over all its shards)."""
+    from safetensors import safe_open
+
+    n = 0
+    for s in cache_dir.rglob("shard-*.safetensors"):
+        with safe_open(str(s), "pt") as f:
+            n += f.get_slice("embeddings").get_shape()[0]
+    return n

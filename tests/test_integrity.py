@@ -20,7 +20,7 @@ from ovr.data import decode_image, scan_folder
 from ovr.errors import OvrError
 from ovr.features import default_workers, embed_paths
 
-from conftest import TINY, cli, make_folder, make_image
+from conftest import cache_rows as _rows, TINY, cli, make_folder, make_image
 
 
 @pytest.fixture
@@ -46,14 +46,6 @@ def read_only():
             p.chmod(0o755)
 
 
-def _rows(cache_dir: Path) -> int:
-    from safetensors import safe_open
-
-    n = 0
-    for s in cache_dir.rglob("shard-*.safetensors"):
-        with safe_open(str(s), "pt") as f:
-            n += f.get_slice("embeddings").get_shape()[0]
-    return n
 
 
 # --- checked before any work ------------------------------------------------------------------------------

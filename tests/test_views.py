@@ -8,17 +8,9 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import TINY, cli, make_folder, make_image
+from conftest import cache_rows as _rows, TINY, cli, make_folder, make_image
 
 
-def _rows(cache_dir: Path) -> int:
-    from safetensors import safe_open
-
-    n = 0
-    for s in cache_dir.rglob("shard-*.safetensors"):
-        with safe_open(str(s), "pt") as f:
-            n += f.get_slice("embeddings").get_shape()[0]
-    return n
 
 
 def test_a_view_is_a_function_of_seed_content_and_index(tmp_path):
