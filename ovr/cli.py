@@ -573,7 +573,8 @@ def export(
     cache_dir: CacheOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """One ONNX graph: uint8 crops [B, S, S, 3] -> backbone -> every head -> logits, confidences, answer.
+    """One ONNX graph: uint8 crops [B, S, S, 3] -> backbone -> every head -> logits, confidences (raw and
+    calibrated), answer.
 
     Class names, thresholds, calibration and the resize/crop to apply before the graph are in its metadata
     (`ovr.*` keys). Needs the export extra: pip install "ovr[export]"."""
@@ -589,7 +590,7 @@ def export(
         i = info["input"]
         console.print(f"wrote {escape(str(out))} ({info['bytes'] / 1e6:.1f} MB, opset {opset}): {len(info['classes'])} "
                       f"heads{' with the gate and guarded chain of a grown model' if info['grown'] else ''}; "
-                      f"input {i['name']} {i['dtype']} {i['shape']}; outputs logits, confidences, class_index",
+                      f"input {i['name']} {i['dtype']} {i['shape']}; outputs logits, confidences, calibrated, class_index",
                       highlight=False)
 
 

@@ -76,7 +76,8 @@ def split_transform(transform) -> Preprocess:
 
 
 class OvrGraph(nn.Module):
-    """images uint8 [B, S, S, 3] (or embeddings [B, D] with heads_only) -> logits, confidences, class_index."""
+    """images uint8 [B, S, S, 3] (or embeddings [B, D] with heads_only) -> logits, confidences, calibrated,
+    class_index."""
 
     def __init__(self, model: Model, backbone: nn.Module | None, prep: Preprocess | None) -> None:
         super().__init__()
@@ -111,7 +112,7 @@ class OvrGraph(nn.Module):
         cal = torch.sigmoid(z * self.cal_a + self.cal_b)
         raw = torch.sigmoid(z)
         if not self.grown:
-            return z, raw, torch.argmax(z, dim=1)
+            return z, raw, cal, torch.argmax(z, dim=1)
         post = torch.softmax(X @ self.gate_w.T + self.gate_b, dim=1)
         g = torch.clamp(1.0 - post @ self.unseen.T, 0.0, 1.0)
         score = cal * g
@@ -121,7 +122,7 @@ class OvrGraph(nn.Module):
         for _ in range(N):  # aggregate.guarded_chain, unrolled: N rounds always reach its fixed point
             cand = self.unseen[w] + eye[w]
             w = torch.argmax(torch.where(cand > 0, score, torch.full_like(score, -1e30)), dim=1)
-        return z, raw * g, w
+        return z, raw * g, cal * g, w
 
 
 def export_model(root: str | Path, out: str | Path, *, heads_only: bool = False, opset: int = 18,
@@ -159,7 +160,7 @@ def export_model(root: str | Path, out: str | Path, *, heads_only: bool = False,
     batch = torch.export.Dim("batch", min=1)
     with torch.no_grad():
         prog = torch.onnx.export(graph, (example,), input_names=[input_name],
-                                 output_names=["logits", "confidences", "class_index"],
+                                 output_names=["logits", "confidences", "calibrated", "class_index"],
                                  dynamic_shapes=({0: batch},), opset_version=opset, dynamo=True,
                                  external_data=False, verbose=False)
     meta = {
@@ -170,7 +171,8 @@ def export_model(root: str | Path, out: str | Path, *, heads_only: bool = False,
         "ovr.input": json.dumps({"name": input_name, "shape": shape,
                                  "dtype": "float32" if heads_only else "uint8"}),
         "ovr.outputs": "logits [B, N] per head; confidences [B, N] sigmoid(logit), times the gate of a grown "
-                       "model; class_index [B] the answer (guarded chain when grown, else argmax)",
+                       "model; calibrated [B, N] sigmoid(a * logit + b) per head (ovr.calibration), times the gate; "
+                       "class_index [B] the answer (guarded chain when grown, else argmax)",
         "ovr.backbone": json.dumps(spec),
         "ovr.grown": json.dumps(graph.grown),
     }

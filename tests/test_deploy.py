@@ -39,8 +39,9 @@ def _parity(model: Path, onnx_path: Path, paths: list[Path]):
     ans = pred.model.answer(X)
     prep = split_transform(pred.backbone.transform)
     sess, meta = onnx_session(onnx_path)
-    z, conf, k = sess.run(None, {"images": np.stack([prep(load_image(p)) for p in paths])})
+    z, conf, cal, k = sess.run(None, {"images": np.stack([prep(load_image(p)) for p in paths])})
     assert json.loads(meta["ovr.classes"]) == pred.classes  # same label order
+    assert np.abs(cal - pred.model.answer(X, calibrated=True).confidences).max() < 1e-5
     return np.abs(z - ans.logits).max(), np.abs(conf - ans.confidences).max(), k, ans
 
 
@@ -73,7 +74,7 @@ def test_heads_only_export_on_embeddings(trained, tmp_path):
     pred = Predictor(base / "m", "cpu")
     X, _, _ = pred.embed(sorted(data.rglob("*.png")))
     sess, meta = onnx_session(tmp_path / "h.onnx")
-    z, _, k = sess.run(None, {"embeddings": X.numpy().astype(np.float32)})
+    z, _, _, k = sess.run(None, {"embeddings": X.numpy().astype(np.float32)})
     ans = pred.model.answer(X)
     assert np.abs(z - ans.logits).max() < 1e-4 and (k == ans.index).all()
     assert len(json.loads(meta["ovr.thresholds"])) == 3
