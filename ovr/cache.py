@@ -2,15 +2,16 @@
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import time
 import uuid
-from itertools import repeat
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
 import torch
 from safetensors import safe_open
 
@@ -38,73 +39,118 @@ def content_key(data: bytes) -> str:
 
 
 class EmbeddingCache:
-    """Embeddings of one backbone key: immutable safetensors shards, plus index.json mapping shard -> keys.
+    """Embeddings of one backbone key: immutable safetensors shards (each holds its keys in its metadata), and a
+    compact binary index of the shards it covers (`index.npz`: sorted hex keys, shard number and row per key).
 
-    The index is only a shortcut: a shard that a crash left out of it is found by listing the folder, so
-    a shard, once renamed into place, is never lost. Writers coordinate through two lock files in the folder:
-    `.index.lock` around each index update (which re-reads the index first, so no writer drops another's shard)
-    and `.embed.lock`, held by `embedding()` while a process embeds, so a second `ovr embed` of the same data
-    waits and then embeds only what the first did not.
+    Shards are found by listing the folder: one that no index covers yet (a writer's newest, or one a crash left
+    behind) is read from its own metadata, so a shard, once renamed into place, is never lost, and writers never
+    rewrite the index on the hot path. When more than COMPACT shards are uncovered, the opener rebuilds the index
+    under `.index.lock` (atomically replaced: readers see the old or the new). Loading 1,000,000 keys takes a
+    memory-mapped read instead of parsing JSON into a million-entry dict (benchmarks/scale.py). `.embed.lock` is
+    held by `embedding()` while a process embeds, so a second `ovr embed` of the same data waits and then embeds
+    only what the first did not.
     """
+
+    COMPACT = 64
 
     def __init__(self, root: str | Path, backbone_key: str, dtype: torch.dtype = torch.float32) -> None:
         self.dir = Path(root) / backbone_key[:24]
         self.dtype = dtype  # of new shards; reads always return float32
-        self._where: dict[str, tuple[str, int]] = {}
-        self._index: dict[str, list[str]] = {}
         self._load_index()
 
-    def _read_index(self) -> dict[str, list[str]]:
-        """index.json merged with the shards on disk (a shard missing from it is read from its own metadata).
-        Sets self._stale when the two differed (then the index is rewritten)."""
-        index: dict[str, list[str]] = {}
-        self._stale = False
-        ipath = self.dir / "index.json"
-        if ipath.is_file():
-            try:
-                index = json.loads(ipath.read_text())
-            except (json.JSONDecodeError, UnicodeDecodeError):
-                index = {}
-            if not isinstance(index, dict):
-                index = {}
+    # --- the index ---------------------------------------------------------------------------------------------
+
+    def _read_npz(self) -> tuple[np.ndarray, np.ndarray, list[str]]:
+        empty = (np.empty(0, dtype="S64"), np.empty((0, 2), dtype=np.uint32), [])
+        p = self.dir / "index.npz"
+        if not p.is_file():
+            return empty
+        try:
+            with np.load(p, allow_pickle=False) as z:
+                keys, loc, shards = z["keys"], z["loc"], [str(s) for s in z["shards"]]
+        except Exception:  # a damaged index is only a lost shortcut: the shards are listed and read again
+            return empty
+        if keys.dtype != np.dtype("S64") or loc.shape != (len(keys), 2):
+            return empty
+        return keys, loc, shards
+
+    @staticmethod
+    def _shard_keys(path: Path) -> list[str] | None:
+        try:
+            with safe_open(str(path), "pt") as f:
+                keys = json.loads(f.metadata()["keys"])
+            return keys if isinstance(keys, list) else None
+        except Exception:
+            return None  # an unreadable shard is treated as absent; its images get embedded again
+
+    def _load_index(self, compact: bool = True) -> None:
+        keys, loc, shards = self._read_npz()
         on_disk = sorted(p.name for p in self.dir.glob("shard-*.safetensors")) if self.dir.is_dir() else []
-        on = set(on_disk)
-        self._stale = any(s not in on for s in index)
-        for s in on_disk:
-            if s in index:
-                continue
-            self._stale = True
-            keys = self._index.get(s)
-            if keys is None:
-                try:
-                    with safe_open(str(self.dir / s), "pt") as f:
-                        keys = json.loads(f.metadata()["keys"])
-                except Exception:
-                    continue  # an unreadable shard is treated as absent; its images get embedded again
-            index[s] = keys
-        return {s: keys for s, keys in index.items() if s in on}
+        present = set(on_disk)
+        if any(s not in present for s in shards):  # a shard deleted by hand: drop its rows
+            alive = np.array([s in present for s in shards] or [False])
+            keep = alive[loc[:, 0]] if len(loc) else np.zeros(0, dtype=bool)
+            keys, loc = keys[keep], loc[keep]
+        covered = set(shards)
+        self._keys, self._loc, self._shards = keys, loc, shards
+        self._extra: dict[str, tuple[str, int]] = {}  # keys of shards the index does not cover yet
+        uncovered = [s for s in on_disk if s not in covered]
+        for s in uncovered:
+            for row, k in enumerate(self._shard_keys(self.dir / s) or []):
+                self._extra.setdefault(k, (s, row))
+        if compact and (len(uncovered) > self.COMPACT or (self._legacy() and uncovered)):
+            self._compact()
 
-    def _load_index(self) -> None:
-        # 1,000,000 keys in 1,000 shards: 0.94 s with a per-key loop and a second parse of index.json to test
-        # staleness; 0.5 s with dict.update and the staleness noted while merging (benchmarks/scale.py)
-        index = self._read_index()
-        stale = self._stale
-        where: dict[str, tuple[str, int]] = {}
-        for s, keys in reversed(index.items()):  # reversed: where a content is in two shards, the older wins
-            where.update(zip(keys, zip(repeat(s), range(len(keys)))))
-        self._where = where
-        self._index = index
-        if stale and self.dir.is_dir():
-            self._write_index()
+    def _legacy(self) -> bool:
+        return (self.dir / "index.json").is_file()
 
-    def _write_index(self) -> None:
+    def _compact(self) -> None:
+        """Rebuild index.npz to cover every shard on disk (under the index lock; atomic replace)."""
         try:
             with self._lock(".index.lock"):
-                merged = self._read_index()
-                merged.update(self._index)
-                atomic_write_bytes(self.dir / "index.json", json.dumps(merged).encode())
+                keys, loc, shards = self._read_npz()
+                names = list(shards)
+                cols_k, cols_l = [keys], [loc]
+                for s in sorted(p.name for p in self.dir.glob("shard-*.safetensors")):
+                    if s in shards:
+                        continue
+                    ks = self._shard_keys(self.dir / s)
+                    if ks is None:
+                        continue
+                    names.append(s)
+                    cols_k.append(np.array(ks, dtype="S64"))
+                    cols_l.append(np.stack([np.full(len(ks), len(names) - 1), np.arange(len(ks))], 1).astype(np.uint32))
+                K, L = np.concatenate(cols_k), np.concatenate(cols_l)
+                order = np.argsort(K, kind="stable")  # stable: where a content is in two shards, the older wins
+                K, L = K[order], L[order]
+                first = np.ones(len(K), dtype=bool)
+                first[1:] = K[1:] != K[:-1]
+                buf = io.BytesIO()
+                np.savez(buf, keys=K[first], loc=L[first], shards=np.array(names, dtype=str))
+                atomic_write_bytes(self.dir / "index.npz", buf.getvalue())
+                if self._legacy():
+                    (self.dir / "index.json").unlink()
         except PermissionError:
-            pass  # a read-only cache still serves reads; the index is only a shortcut
+            return  # a read-only cache still serves reads; the index is only a shortcut
+        self._load_index(compact=False)
+
+    def _find(self, keys: list[str]) -> list[tuple[str, int] | None]:
+        """(shard, row) of each key, or None."""
+        out: list[tuple[str, int] | None] = [self._extra.get(k) for k in keys]
+        ask = [i for i, o in enumerate(out) if o is None]
+        if ask and len(self._keys):
+            q = np.array([keys[i] for i in ask], dtype="S64")
+            pos = np.searchsorted(self._keys, q).clip(0, len(self._keys) - 1)
+            hit = self._keys[pos] == q
+            for i, p, h in zip(ask, pos.tolist(), hit.tolist()):
+                if h:
+                    s, row = self._loc[p]
+                    out[i] = (self._shards[int(s)], int(row))
+        return out
+
+    def contains(self, keys: list[str]) -> list[bool]:
+        """Membership of many keys at once (vectorised; `key in cache` asks for one)."""
+        return [f is not None for f in self._find(keys)]
 
     def _lock(self, name: str):
         from filelock import FileLock
@@ -143,29 +189,35 @@ class EmbeddingCache:
             lock.release()
 
     def __contains__(self, key: str) -> bool:
-        return key in self._where
+        return self._find([key])[0] is not None
 
     def __len__(self) -> int:
-        return len(self._where)
+        return len(self._keys) + sum(1 for k in self._extra if not self._in_npz(k))
+
+    def _in_npz(self, key: str) -> bool:
+        if not len(self._keys):
+            return False
+        q = np.array([key], dtype="S64")
+        p = int(np.searchsorted(self._keys, q)[0])
+        return p < len(self._keys) and self._keys[p] == q[0]
 
     def put(self, keys: list[str], emb: torch.Tensor) -> None:
+        """A new immutable shard (its keys in its metadata); no index rewrite: the next opener finds it by listing."""
         if not keys:
             return
         name = f"shard-{time.time_ns():020d}-{uuid.uuid4().hex[:8]}.safetensors"
         atomic_save_safetensors({"embeddings": emb.to(self.dtype)}, self.dir / name, {"keys": json.dumps(keys)})
-        self._index[name] = list(keys)
         for row, k in enumerate(keys):
-            self._where.setdefault(k, (name, row))
-        self._write_index()
+            self._extra.setdefault(k, (name, row))
 
     def get(self, keys: list[str]) -> torch.Tensor:
         """Rows for keys, in order; a key not in the cache is an OvrError naming how many are missing."""
-        absent = [k for k in keys if k not in self._where]
+        found = self._find(keys)
+        absent = sum(f is None for f in found)
         if absent:
-            raise OvrError(f"{len(absent)} embeddings are not in the cache {self.dir}; run `ovr embed` on the data again")
+            raise OvrError(f"{absent} embeddings are not in the cache {self.dir}; run `ovr embed` on the data again")
         by_shard: dict[str, list[tuple[int, int]]] = {}
-        for i, k in enumerate(keys):
-            s, row = self._where[k]
+        for i, (s, row) in enumerate(found):
             by_shard.setdefault(s, []).append((i, row))
         out: torch.Tensor | None = None
         for s, pairs in by_shard.items():

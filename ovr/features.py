@@ -99,10 +99,21 @@ FLUSH_SECONDS = 10.0
 
 def _todo(keys: list[str | None], cache: EmbeddingCache) -> dict[str, int]:
     todo: dict[str, int] = {}  # one forward per distinct content, even if a file appears twice
+    known = keys_in(cache, keys)
     for i, k in enumerate(keys):
-        if k is not None and k not in cache and k not in todo:
+        if k is not None and not known[i] and k not in todo:
             todo[k] = i
     return todo
+
+
+def keys_in(cache: EmbeddingCache, keys: list[str | None]) -> list[bool]:
+    """Which keys the cache holds, in one vectorised lookup (None: no)."""
+    real = [i for i, k in enumerate(keys) if k is not None]
+    found = cache.contains([keys[i] for i in real])
+    out = [False] * len(keys)
+    for i, f in zip(real, found):
+        out[i] = f
+    return out
 
 
 def embed_paths(paths: list[Path], backbone: Backbone, cache: EmbeddingCache, device: torch.device,
@@ -135,8 +146,9 @@ def embed_paths(paths: list[Path], backbone: Backbone, cache: EmbeddingCache, de
                            shard_size, flush_seconds, failed)
         distributed.barrier()
         cache.refresh()
+        known = keys_in(cache, keys)
         for i, k in enumerate(keys):  # contents another rank could not decode
-            if k is not None and k not in cache and i not in failed and k in todo:
+            if k is not None and not known[i] and i not in failed and k in todo:
                 failed[i] = "could not be embedded (by another rank; see its output)"
     elif todo:
         with cache.embedding(waiting=lambda: progress and progress("wait for another ovr embed", 0, 1)):
@@ -160,7 +172,7 @@ def embed_paths(paths: list[Path], backbone: Backbone, cache: EmbeddingCache, de
         emb = cache.get(good_keys).to(device)
     else:
         emb = torch.empty(0, backbone.dim)
-        if good_keys and any(k not in cache for k in good_keys):
+        if good_keys and not all(cache.contains(good_keys)):
             raise OvrError(f"embeddings missing from the cache {cache.dir} after embedding; run again")
     n_new = n_todo - len({keys[i] for i in failed})
     return EmbedResult([paths[i] for i in good], good_keys, emb, np.asarray(good, dtype=np.int64), skipped,

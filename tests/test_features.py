@@ -85,9 +85,17 @@ def test_interrupted_run_keeps_shards_and_resumes(folder, tiny_cfg):
 def test_shard_missing_from_index_is_found(folder, tiny_cfg):
     r = embed_data(folder, tiny_cfg)
     cache = open_cache(tiny_cfg, r.backbone)
-    (cache.dir / "index.json").write_text("{}")  # as if killed between shard rename and index write
+    cache._compact()
+    assert (cache.dir / "index.npz").is_file()
+    import numpy as np
+
+    buf = __import__("io").BytesIO()  # an index that covers no shard, as a crash or an old writer could leave
+    np.savez(buf, keys=np.empty(0, dtype="S64"), loc=np.empty((0, 2), dtype=np.uint32), shards=np.array([], dtype=str))
+    (cache.dir / "index.npz").write_bytes(buf.getvalue())
     again = embed_data(folder, tiny_cfg)
     assert again.result.n_new == 0
+    (cache.dir / "index.npz").write_bytes(b"garbage")  # a damaged index is a lost shortcut, not lost embeddings
+    assert embed_data(folder, tiny_cfg).result.n_new == 0
 
 
 def test_bad_files_skipped_with_warning_and_strict_errors(folder, cache_dir):

@@ -114,10 +114,27 @@ def test_index_never_drops_another_writers_shard(cache_dir):
     a, b = EmbeddingCache(cache_dir, "k" * 64), EmbeddingCache(cache_dir, "k" * 64)  # both opened before writing
     a.put(["x1", "x2"], torch.ones(2, 3))
     b.put(["y1"], torch.zeros(1, 3))
-    index = json.loads((a.dir / "index.json").read_text())
-    assert sorted(k for keys in index.values() for k in keys) == ["x1", "x2", "y1"]
     fresh = EmbeddingCache(cache_dir, "k" * 64)
-    assert torch.equal(fresh.get(["y1", "x2"]), torch.tensor([[0.0] * 3, [1.0] * 3]))
+    assert torch.equal(fresh.get(["y1", "x2"]), torch.tensor([[0.0] * 3, [1.0] * 3])) and len(fresh) == 3
+    a._compact()  # the index rebuilt by one writer covers the other's shard too
+    b.put(["y2"], torch.full((1, 3), 2.0))
+    b._compact()
+    fresh = EmbeddingCache(cache_dir, "k" * 64)
+    assert len(fresh._extra) == 0 and sorted(fresh._keys.astype(str).tolist()) == ["x1", "x2", "y1", "y2"]
+
+
+def test_index_compacts_past_64_uncovered_shards_and_reads_legacy_json(cache_dir):
+    c = EmbeddingCache(cache_dir, "j" * 64)
+    for i in range(70):
+        c.put([f"k{i}"], torch.full((1, 2), float(i)))
+    assert not (c.dir / "index.npz").exists()  # writers never rewrite the index
+    fresh = EmbeddingCache(cache_dir, "j" * 64)  # 70 > 64 uncovered shards: this opener compacts
+    assert (c.dir / "index.npz").is_file() and len(fresh._extra) == 0 and len(fresh) == 70
+    assert torch.equal(fresh.get(["k69", "k3"]), torch.tensor([[69.0, 69.0], [3.0, 3.0]]))
+    (c.dir / "index.npz").unlink()
+    (c.dir / "index.json").write_text(json.dumps({"whatever": ["k0"]}))  # an index from ovr before 0.2
+    fresh = EmbeddingCache(cache_dir, "j" * 64)
+    assert not (c.dir / "index.json").exists() and (c.dir / "index.npz").is_file() and len(fresh) == 70
 
 
 def test_second_embedder_waits_then_embeds_only_what_is_left(folder, cache_dir):
@@ -157,9 +174,8 @@ def test_two_concurrent_embeds_store_each_image_once(folder, cache_dir):
     assert all(p.returncode == 0 for p in procs)
     assert sorted(o["embedded"] for o in outs)[1] == 24 and sum(o["embedded"] for o in outs) == 24
     assert _rows(cache_dir) == 24
-    shards = {p.name for p in cache_dir.rglob("shard-*.safetensors")}
-    index = json.loads(next(cache_dir.rglob("index.json")).read_text())
-    assert set(index) == shards
+    bb = load_backbone("tiny_cnn")
+    assert len(EmbeddingCache(cache_dir, bb.key)) == 24
 
 
 def test_decode_workers_and_compute_threads_fit_the_cores():
@@ -320,7 +336,8 @@ def test_float16_cache_halves_the_shards_and_reads_back_float32(folder, tmp_path
     size = lambda d: sum(p.stat().st_size for p in d.rglob("shard-*.safetensors"))  # noqa: E731
     assert size(tmp_path / "c32") - size(tmp_path / "c16") == 24 * 64 * 2  # 2 bytes less per value (24 x 64)
     bb = load_backbone("tiny_cnn")
-    keys = [k for s in EmbeddingCache(tmp_path / "c32", bb.key)._index.values() for k in s]
+    c32 = EmbeddingCache(tmp_path / "c32", bb.key)
+    keys = list(c32._extra) + c32._keys.astype(str).tolist()
     a = EmbeddingCache(tmp_path / "c16", bb.key).get(keys)
     b = EmbeddingCache(tmp_path / "c32", bb.key).get(keys)
     assert a.dtype == torch.float32 and torch.allclose(a, b, rtol=1e-3, atol=1e-3) and not torch.equal(a, b)
