@@ -573,8 +573,9 @@ def export(
     cache_dir: CacheOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """One ONNX graph: uint8 crops [B, S, S, 3] -> backbone -> every head -> logits, confidences (raw and
-    calibrated), answer.
+    """One ONNX graph: uint8 crops [B, S, S, 3] -> backbone -> every head -> logits, confidences, answer.
+
+    Outputs logits, confidences (raw and calibrated, gated for a grown model) and class_index.
 
     Class names, thresholds, calibration and the resize/crop to apply before the graph are in its metadata
     (`ovr.*` keys). Needs the export extra: pip install "ovr[export]"."""
