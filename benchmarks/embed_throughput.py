@@ -55,9 +55,9 @@ def decode_paths(paths: list[Path], bb) -> dict:
     blobs = [Path(p).read_bytes() for p in paths]
     prep = split_transform(bb.transform)
     size = prep.size
-    resize = next((t.size for t in prep.geometry if type(t).__name__ == "Resize"), size)
-    tv = v2.Compose([v2.Resize(resize, antialias=True), v2.CenterCrop(size), v2.ToDtype(torch.float32, scale=True),
-                     v2.Normalize(prep.mean, prep.std)])
+    rs = next(t for t in prep.geometry if type(t).__name__ == "Resize")  # the same size and kernel as PIL's
+    tv = v2.Compose([v2.Resize(rs.size, interpolation=rs.interpolation, antialias=True), v2.CenterCrop(size),
+                     v2.ToDtype(torch.float32, scale=True), v2.Normalize(prep.mean, prep.std)])
     out = {}
     t0 = time.perf_counter()
     for b in blobs:

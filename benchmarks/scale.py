@@ -71,8 +71,9 @@ def one(n: int, C: int, dim: int, root: Path) -> dict:
 
 
 def index_only(N: int, root: Path) -> dict:
-    """Opening a cache of N keys in N/1,000 real shards (1-dim embeddings: only the index matters here). The first
-    open after the writes compacts the index (timed apart); later opens are what every run pays."""
+    """Opening a cache of N keys in N/1,000 real shards (1-dim embeddings: only the index matters here). The index
+    is compacted once after the writes (timed apart; an opener does it when over 64 shards are uncovered); later
+    opens are what every run pays."""
     import hashlib
 
     import torch
@@ -86,7 +87,7 @@ def index_only(N: int, root: Path) -> dict:
             keys = [hashlib.sha256(f"{s}-{i}".encode()).hexdigest() for i in range(min(N, 1000))]
             c.put(keys, torch.zeros(len(keys), 1))
     t = time.perf_counter()
-    c = EmbeddingCache(root, key)
+    EmbeddingCache(root, key)._compact()
     first = time.perf_counter() - t
     times = []
     for _ in range(3):
@@ -97,7 +98,7 @@ def index_only(N: int, root: Path) -> dict:
     t = time.perf_counter()
     assert all(c.contains(probe))
     lookup = (time.perf_counter() - t) / len(probe)
-    return {"keys": len(c), "first_open_with_compaction_s": first, "index_load_s": min(times),
+    return {"keys": len(c), "compaction_s": first, "index_load_s": min(times),
             "lookup_us_per_key": lookup * 1e6, "index_mb": (c.dir / "index.npz").stat().st_size / 1e6,
             "rss_mb": rss_mb()}
 
