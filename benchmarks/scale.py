@@ -36,7 +36,7 @@ def one(n: int, C: int, dim: int, root: Path) -> dict:
     from ovr.model import Model
 
     torch.set_num_threads(len(os.sched_getaffinity(0)))
-    key = f"{n:08d}x{dim:05d}".ljust(64, "0")
+    key = f"{n:08d}x{dim:05d}x{C:06d}".ljust(64, "0")  # the rows depend on the classes' centres
     rng = np.random.default_rng(0)
     centres = rng.normal(0, 1, (C, dim)).astype(np.float32)
     y = rng.integers(0, C, n)
