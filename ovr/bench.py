@@ -299,3 +299,49 @@ def add_class_scaling(X, y, Xv, yv, cfg: Config, dev: str, methods: list[str]) -
                                    yv[mv], X[:1], n)[0])
         out[name] = secs
     return out
+
+
+MULTILABEL_SCALARS = ("mAP", "micro_f1", "macro_f1", "subset_accuracy", "hamming_loss")
+MULTILABEL_NOTE = ("softmax baseline skipped: this data is multi-label, and a softmax head answers one class per "
+                   "image; ovr alone is measured (mAP, F1 at the stored thresholds, subset accuracy, Hamming loss)")
+
+
+def run_bench_multilabel(emb, cfg: Config, progress: Progress | None = None) -> dict:
+    """Multi-label data: ovr heads over seeded resplits of the embedded rows (no re-embedding), scored with
+    scikit-learn's multi-label metrics on each resplit's test rows; mean and spread over resplits."""
+    from .data import split_assignments
+    from .metrics import multilabel_metrics
+    from .model import Model
+
+    classes = list(emb.folder.classes)
+    T = emb.folder.targets[emb.result.input_index]
+    X = emb.result.embeddings
+    Y = torch.from_numpy(T.astype(np.float32))
+    seeds = list(range(cfg.train.seed, cfg.train.seed + cfg.bench.seeds))
+    runs = []
+    for k, seed in enumerate(seeds):
+        sp = np.array(split_assignments(len(X), cfg.data.val_fraction, cfg.data.test_fraction, seed, "bench-multilabel"))
+        rows = {s: torch.from_numpy(np.flatnonzero(sp == s)) for s in ("train", "val", "test")}
+        m = Model(emb.backbone.spec() if emb.backbone else {}, cfg.train.normalize, cfg.train.head, classes,
+                  calibration=cfg.train.calibration)
+        t0 = time.perf_counter()
+        m.fit_heads(classes, X[rows["train"].to(X.device)], Y[rows["train"]], X[rows["val"].to(X.device)],
+                    Y[rows["val"]], cfg.train)
+        seconds = time.perf_counter() - t0
+        test = rows["test"].numpy()
+        ans = m.answer(X[rows["test"].to(X.device)])
+        r = multilabel_metrics(T[test], ans.confidences, ans.multilabel(), classes)
+        r["train_seconds"] = seconds
+        runs.append(r)
+        if progress:
+            progress("bench", k + 1, len(seeds))
+    return {
+        "multilabel": True, "note": MULTILABEL_NOTE, "classes": classes, "seeds": seeds, "methods": ["ovr"],
+        "n": {"images": int(len(X)), "test_per_resplit": [int(r["n"]) for r in runs]},
+        "results": {k: _mean_std([r[k] for r in runs]) for k in (*MULTILABEL_SCALARS, "train_seconds")},
+        "per_class_ap": {c: _mean_std([r["per_class"][c]["ap"] for r in runs if r["per_class"][c]["ap"] is not None]
+                                      or [float("nan")]) for c in classes},
+        "dataset": {"root": str(emb.folder.root), "images": len(emb.result.keys)},
+        "backbone": emb.backbone.spec() if emb.backbone else None, "config": config_to_dict(cfg),
+        "versions": {"ovr": __version__, "torch": torch.__version__, "python": platform.python_version()},
+    }

@@ -552,8 +552,17 @@ def bench(
         if views < 0:
             raise OvrError(f"--views must be 0 (off) or more, got {views}")
         if folder.multilabel:
-            raise OvrError("bench compares one-vs-rest with a softmax head, which answers one class per image; this "
-                           "data is multi-label: use `ovr train` + `ovr evaluate --report DIR` (mAP, F1, curves)")
+            from .bench import MULTILABEL_NOTE, run_bench_multilabel
+            from .report import multilabel_bench_table, write_multilabel_bench_report
+
+            err.print(f"[yellow]note:[/] {MULTILABEL_NOTE}", highlight=False, soft_wrap=True)
+            with progress_bar() as cb:
+                rep = run_bench_multilabel(embed_data(folder, cfg, progress=cb), cfg, progress=cb)
+            write_multilabel_bench_report(rep, out)
+            (out / "config.toml").write_text(config_to_toml(cfg))
+            console.print(multilabel_bench_table(rep))
+            console.print(f"report: {out / 'report.md'} (JSON: {out / 'report.json'})", highlight=False)
+            return
         with progress_bar() as cb:
             emb = embed_data(folder, cfg, progress=cb)
             rep = run_bench(emb, cfg, progress=cb, views=bench_views(emb, cfg, views, cb))

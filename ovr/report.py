@@ -392,3 +392,37 @@ def write_model_report(m: dict, manifest: dict, out: str | Path) -> Path:
     md += [f"![{p}]({p})" for p in plots]
     (out / "report.md").write_text("\n".join(md) + "\n")
     return out
+
+
+def multilabel_bench_table(rep: dict) -> Table:
+    t = Table(title=f"ovr on multi-label data: mean ± std over {len(rep['seeds'])} resplits ({rep['n']['images']} images)")
+    t.add_column("metric"), t.add_column("value", justify="right")
+    for k, v in rep["results"].items():
+        t.add_row(k, _cell(v, "{:.3f}"))
+    return t
+
+
+def write_multilabel_bench_report(rep: dict, out: str | Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "report.json").write_text(json.dumps(rep, indent=2))
+    names = rep["classes"]
+    fig, ax = plt.subplots(figsize=(max(6, 0.5 * len(names)), 3.8))
+    ap = rep["per_class_ap"]
+    ax.bar(range(len(names)), [ap[c]["mean"] for c in names], yerr=[ap[c]["std"] for c in names])
+    ax.set_xticks(range(len(names)), names, rotation=45, ha="right", fontsize=7)
+    ax.set_ylim(0, 1.05), ax.set_ylabel("average precision (test)"), ax.set_title("per-class AP, ovr")
+    fig.tight_layout()
+    fig.savefig(out / "per_class_ap.png", dpi=110), plt.close(fig)
+    md = [f"# ovr bench on multi-label data: {rep['dataset']['root']}", "", rep["note"] + ".", "",
+          f"{len(names)} classes, {rep['n']['images']} images, resplits (seeds) {rep['seeds']}.", "",
+          "| metric | mean ± std |", "|---|---:|"]
+    md += [f"| {k} | {_cell(v, '{:.3f}')} |" for k, v in rep["results"].items()]
+    md += ["", "![per_class_ap.png](per_class_ap.png)"]
+    (out / "report.md").write_text("\n".join(md) + "\n")
+    return out

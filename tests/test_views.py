@@ -191,3 +191,13 @@ def test_mlp_heads_record_training_curves(folder, tmp_path, cache_dir):
 
     rec = load_model(tmp_path / "m").records["c1"]
     assert 1 <= len(rec.curve) <= 5 and all(len(p) == 3 and p[1] > 0 for p in rec.curve)
+
+
+def test_bench_on_multilabel_data_skips_softmax_and_says_so(tmp_path, cache_dir):
+    path = _manifest(tmp_path, n=40)
+    r = cli("bench", path, "--out", tmp_path / "rep", *TINY, "--seeds", "2")
+    assert r.exit_code == 0, r.output
+    assert "softmax baseline skipped" in " ".join(r.output.split())
+    rep = json.loads((tmp_path / "rep" / "report.json").read_text())
+    assert rep["multilabel"] and rep["methods"] == ["ovr"] and len(rep["results"]["mAP"]["values"]) == 2
+    assert 0 <= rep["results"]["mAP"]["mean"] <= 1 and (tmp_path / "rep" / "per_class_ap.png").stat().st_size > 500
