@@ -60,7 +60,8 @@ class EmbeddingCache:
 
     # --- the index ---------------------------------------------------------------------------------------------
 
-    def _read_npz(self) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    def _read_npz(self, present: set[str]) -> tuple[np.ndarray, np.ndarray, list[str]]:
+        """The index, without the rows of shards no longer in `present` (deleted by hand)."""
         empty = (np.empty(0, dtype="S64"), np.empty((0, 2), dtype=np.uint32), [])
         p = self.dir / "index.npz"
         if not p.is_file():
@@ -72,7 +73,14 @@ class EmbeddingCache:
             return empty
         if keys.dtype != np.dtype("S64") or loc.shape != (len(keys), 2):
             return empty
+        if any(s not in present for s in shards):
+            alive = np.array([s in present for s in shards] or [False])
+            keep = alive[loc[:, 0]] if len(loc) else np.zeros(0, dtype=bool)
+            keys, loc = keys[keep], loc[keep]
         return keys, loc, shards
+
+    def _on_disk(self) -> list[str]:
+        return sorted(p.name for p in self.dir.glob("shard-*.safetensors")) if self.dir.is_dir() else []
 
     @staticmethod
     def _shard_keys(path: Path) -> list[str] | None:
@@ -84,13 +92,8 @@ class EmbeddingCache:
             return None  # an unreadable shard is treated as absent; its images get embedded again
 
     def _load_index(self, compact: bool = True) -> None:
-        keys, loc, shards = self._read_npz()
-        on_disk = sorted(p.name for p in self.dir.glob("shard-*.safetensors")) if self.dir.is_dir() else []
-        present = set(on_disk)
-        if any(s not in present for s in shards):  # a shard deleted by hand: drop its rows
-            alive = np.array([s in present for s in shards] or [False])
-            keep = alive[loc[:, 0]] if len(loc) else np.zeros(0, dtype=bool)
-            keys, loc = keys[keep], loc[keep]
+        on_disk = self._on_disk()
+        keys, loc, shards = self._read_npz(set(on_disk))
         covered = set(shards)
         self._keys, self._loc, self._shards = keys, loc, shards
         self._extra: dict[str, tuple[str, int]] = {}  # keys of shards the index does not cover yet
@@ -108,10 +111,11 @@ class EmbeddingCache:
         """Rebuild index.npz to cover every shard on disk (under the index lock; atomic replace)."""
         try:
             with self._lock(".index.lock"):
-                keys, loc, shards = self._read_npz()
+                on_disk = self._on_disk()
+                keys, loc, shards = self._read_npz(set(on_disk))
                 names = list(shards)
                 cols_k, cols_l = [keys], [loc]
-                for s in sorted(p.name for p in self.dir.glob("shard-*.safetensors")):
+                for s in on_disk:
                     if s in shards:
                         continue
                     ks = self._shard_keys(self.dir / s)
@@ -134,14 +138,20 @@ class EmbeddingCache:
             return  # a read-only cache still serves reads; the index is only a shortcut
         self._load_index(compact=False)
 
+    def _search(self, keys: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        """Binary search of the index: (position, found) per key."""
+        if not keys or not len(self._keys):
+            return np.zeros(len(keys), dtype=np.int64), np.zeros(len(keys), dtype=bool)
+        q = np.array(keys, dtype="S64")
+        pos = np.searchsorted(self._keys, q).clip(0, len(self._keys) - 1)
+        return pos, self._keys[pos] == q
+
     def _find(self, keys: list[str]) -> list[tuple[str, int] | None]:
         """(shard, row) of each key, or None."""
         out: list[tuple[str, int] | None] = [self._extra.get(k) for k in keys]
         ask = [i for i, o in enumerate(out) if o is None]
-        if ask and len(self._keys):
-            q = np.array([keys[i] for i in ask], dtype="S64")
-            pos = np.searchsorted(self._keys, q).clip(0, len(self._keys) - 1)
-            hit = self._keys[pos] == q
+        if ask:
+            pos, hit = self._search([keys[i] for i in ask])
             for i, p, h in zip(ask, pos.tolist(), hit.tolist()):
                 if h:
                     s, row = self._loc[p]
@@ -192,14 +202,7 @@ class EmbeddingCache:
         return self._find([key])[0] is not None
 
     def __len__(self) -> int:
-        return len(self._keys) + sum(1 for k in self._extra if not self._in_npz(k))
-
-    def _in_npz(self, key: str) -> bool:
-        if not len(self._keys):
-            return False
-        q = np.array([key], dtype="S64")
-        p = int(np.searchsorted(self._keys, q)[0])
-        return p < len(self._keys) and self._keys[p] == q[0]
+        return len(self._keys) + int((~self._search(list(self._extra))[1]).sum())
 
     def put(self, keys: list[str], emb: torch.Tensor) -> None:
         """A new immutable shard (its keys in its metadata); no index rewrite: the next opener finds it by listing."""

@@ -151,12 +151,8 @@ def embed_paths(paths: list[Path], backbone: Backbone, cache: EmbeddingCache, de
             if k is not None and not known[i] and i not in failed and k in todo:
                 failed[i] = "could not be embedded (by another rank; see its output)"
     elif todo:
-        with cache.embedding(waiting=lambda: progress and progress("wait for another ovr embed", 0, 1)):
-            todo = _todo(keys, cache)  # what the other process embedded meanwhile is not done again
-            n_todo = len(todo)
-            if todo:
-                _embed_missing(paths, keys, todo, backbone, cache, device, batch_size, workers, progress,
-                               shard_size, flush_seconds, failed)
+        n_todo = _embed_locked(paths, keys, backbone, cache, device, batch_size, workers, progress, shard_size,
+                               flush_seconds, failed)
     for i, why in sorted(failed.items()):
         skipped.append((paths[i], why))
     if strict and skipped:
@@ -177,6 +173,18 @@ def embed_paths(paths: list[Path], backbone: Backbone, cache: EmbeddingCache, de
     n_new = n_todo - len({keys[i] for i in failed})
     return EmbedResult([paths[i] for i in good], good_keys, emb, np.asarray(good, dtype=np.int64), skipped,
                        n_cached=len(good) - min(n_new, len(good)), n_new=n_new, seconds=time.perf_counter() - t0)
+
+
+def _embed_locked(paths, keys, backbone, cache, device, batch_size, workers, progress, shard_size, flush_seconds,
+                  failed: dict[int, str], **kw) -> int:
+    """Under the cache's embed lock, embed what is still missing (another process may have embedded some of it
+    while this one waited); -> how many contents were missing."""
+    with cache.embedding(waiting=lambda: progress and progress("wait for another ovr embed", 0, 1)):
+        todo = _todo(keys, cache)
+        if todo:
+            _embed_missing(paths, keys, todo, backbone, cache, device, batch_size, workers, progress, shard_size,
+                           flush_seconds, failed, **kw)
+    return len(todo)
 
 
 def _test_die_after_shard() -> None:
@@ -243,13 +251,9 @@ def embed_views(paths: list[Path], keys: list[str], views: int, seed: int, backb
     v_keys = [view_key(k, seed, v) for k in keys for v in range(1, views + 1)]
     v_seeds = [view_seed(seed, k, v) for k in keys for v in range(1, views + 1)]
     failed: dict[int, str] = {}
-    todo = _todo(v_keys, cache)
-    if todo:
-        with cache.embedding(waiting=lambda: progress and progress("wait for another ovr embed", 0, 1)):
-            todo = _todo(v_keys, cache)
-            if todo:
-                _embed_missing(v_paths, v_keys, todo, backbone, cache, device, batch_size, workers, progress,
-                               SHARD_SIZE, FLUSH_SECONDS, failed, aug_seeds=v_seeds, stage="views")
+    if _todo(v_keys, cache):
+        _embed_locked(v_paths, v_keys, backbone, cache, device, batch_size, workers, progress, SHARD_SIZE,
+                      FLUSH_SECONDS, failed, aug_seeds=v_seeds, stage="views")
     if failed:  # the plain view decoded, so this is rare (a file changed underneath); say which
         i = min(failed)
         raise OvrError(f"cannot make augmented views of {v_paths[i]}: {failed[i]}")

@@ -17,7 +17,7 @@ from .errors import OvrError
 from .atomic import check_writable
 from .backbones import Backbone, load_backbone
 from .cache import EmbeddingCache, default_cache_dir
-from .features import (EmbeddedFolder, Progress, augmented_images, embed_folder, embed_images, embed_paths,
+from .features import (EmbeddedFolder, EmbedResult, Progress, augmented_images, embed_folder, embed_images, embed_paths,
                        embed_views)
 from .model import Model
 from .runtime import resolve_device
@@ -76,39 +76,36 @@ def train_model(data: str | Path | ImageFolder, out: str | Path, cfg: Config, fo
     empty = [c for i, c in enumerate(classes) if not (y[:, i] > 0 if y.ndim == 2 else y == i).any()]
     if empty:
         raise OvrError(f"no readable training images for class {empty[0]!r}")
-    tr = np.flatnonzero(emb.splits == "train")
-    vkeys, V = train_views([emb.result.paths[i] for i in tr], [emb.result.keys[i] for i in tr], cfg, emb.backbone,
-                           open_cache(cfg, emb.backbone), X.device, progress)
+    vkeys, V = views_of(emb.result, np.flatnonzero(emb.splits == "train"), cfg.train.views, cfg, emb.backbone,
+                        open_cache(cfg, emb.backbone), progress)
     model = Model(emb.backbone.spec(), cfg.train.normalize, cfg.train.head, list(classes),
                   calibration=cfg.train.calibration, config=config_to_dict(cfg))
-    model.fit_heads(list(classes), torch.cat([X, V]), torch.cat([y, y.repeat_interleave(cfg.train.views, dim=0)]),
-                    Xv, yv, cfg.train, progress=progress)
+    model.fit_heads(list(classes), torch.cat([X, V.flatten(0, 1)]),
+                    torch.cat([y, y.repeat_interleave(cfg.train.views, dim=0)]), Xv, yv, cfg.train, progress=progress)
     T = emb.folder.targets[emb.result.input_index] if emb.folder.targets is not None else None
     model.examples = [{"key": k, "label": classes[int(lab)], "split": str(sp)}
                       | ({"labels": [classes[j] for j in np.flatnonzero(T[i])]} if T is not None else {})
                       for i, (k, lab, sp) in enumerate(zip(emb.result.keys, emb.labels, emb.splits))]
-    train_ex = [e for e in model.examples if e["split"] == "train"]
-    views_ex = view_examples(vkeys, [e["label"] for e in train_ex], cfg.train.views)
-    if T is not None:
-        for i, v in enumerate(views_ex):
-            v["labels"] = train_ex[i // cfg.train.views]["labels"]
-    model.examples += views_ex
+    model.examples += view_examples(vkeys, [e for e in model.examples if e["split"] == "train"], cfg.train.views)
     save_model(model, out, force=force, config_toml=config_to_toml(cfg))
     return model, emb
 
 
-def train_views(paths: list[Path], keys: list[str], cfg: Config, backbone: Backbone, cache: EmbeddingCache,
-                device: torch.device, progress: Progress | None = None) -> tuple[list[str], torch.Tensor]:
-    """cfg.train.views augmented views of each training image (cached; none when views = 0)."""
+def views_of(res: EmbedResult, rows, views: int, cfg: Config, backbone: Backbone, cache: EmbeddingCache,
+             progress: Progress | None = None) -> tuple[list[str], torch.Tensor]:
+    """Views 1..`views` of these embedded images (cached; seeded by cfg.train.seed): -> (view keys, image-major,
+    and embeddings [len(rows), views, D] on the rows' device). Training (--views), TTA and `bench --views` alike."""
     f = cfg.features
-    return embed_views(paths, keys, cfg.train.views, cfg.train.seed, backbone, cache, device, f.batch_size,
-                       f.workers, progress)
+    keys, V = embed_views([res.paths[i] for i in rows], [res.keys[i] for i in rows], views, cfg.train.seed, backbone,
+                          cache, res.embeddings.device, f.batch_size, f.workers, progress)
+    return keys, V.view(len(rows), max(views, 0), backbone.dim)
 
 
-def view_examples(vkeys: list[str], labels: list[str], views: int) -> list[dict]:
-    """Remembered like plain training images (add-class and refresh train on them too), marked as views."""
-    return [{"key": k, "label": labels[i // views], "split": "train", "view": i % views + 1}
-            for i, k in enumerate(vkeys)]
+def view_examples(vkeys: list[str], sources: list[dict], views: int) -> list[dict]:
+    """Remembered like the plain training examples they were made from (their label, and labels for multi-label
+    data; add-class and refresh train on them too), marked as views."""
+    return [{**{k: sources[i // views][k] for k in ("label", "labels") if k in sources[i // views]},
+             "key": vk, "split": "train", "view": i % views + 1} for i, vk in enumerate(vkeys)]
 
 
 # --- using a model ---------------------------------------------------------------------------------------
@@ -261,10 +258,7 @@ def evaluate_model(root: str | Path, data: str | Path, split: str = "test", devi
     rows = np.flatnonzero(emb.splits == split) if split != "all" else np.arange(len(X))
     views: list[torch.Tensor] = []
     if tta:
-        _, V = embed_views([emb.result.paths[i] for i in rows], [emb.result.keys[i] for i in rows], tta,
-                           cfg.train.seed, pred.backbone, open_cache(cfg, pred.backbone), X.device,
-                           cfg.features.batch_size, cfg.features.workers, progress)
-        V = V.view(len(X), tta, -1)
+        _, V = views_of(emb.result, rows, tta, cfg, pred.backbone, open_cache(cfg, pred.backbone), progress)
         views = [V[:, k] for k in range(tta)]
     if emb.folder.multilabel:
         return _evaluate_multilabel(pred, emb, rows, X, views, calibrated, root, data, split, tta)
@@ -329,11 +323,8 @@ def bench_views(emb: EmbeddedFolder, cfg: Config, views: int, progress: Progress
     cache = open_cache(cfg, emb.backbone)
     out = {}
     for split in ("train", "test"):
-        rows = np.flatnonzero(emb.splits == split)
-        _, V = embed_views([emb.result.paths[i] for i in rows], [emb.result.keys[i] for i in rows], views,
-                           cfg.train.seed, emb.backbone, cache, emb.result.embeddings.device, cfg.features.batch_size,
-                           cfg.features.workers, progress)
-        out[split] = V.view(len(rows), views, -1)
+        _, out[split] = views_of(emb.result, np.flatnonzero(emb.splits == split), views, cfg, emb.backbone, cache,
+                                 progress)
     return out
 
 
@@ -404,9 +395,9 @@ def add_class(root: str | Path, name: str, inputs: list[str], cfg: Config, repla
         splits = split_assignments(len(r.keys), cfg.data.val_fraction, 0.0, cfg.data.split_seed, name)
         dupes = remembered_under_other_labels(model, r.keys, name)
         new_ex = [{"key": k, "label": name, "split": s} for k, s in zip(r.keys, splits)]
-        tr = [i for i, s in enumerate(splits) if s == "train"]
-        vkeys, _ = train_views([r.paths[i] for i in tr], [r.keys[i] for i in tr], cfg, bb, cache, device, progress)
-        new_ex += view_examples(vkeys, [name] * len(tr), cfg.train.views)
+        vkeys, _ = views_of(r, [i for i, s in enumerate(splits) if s == "train"], cfg.train.views, cfg, bb, cache,
+                            progress)
+        new_ex += view_examples(vkeys, [e for e in new_ex if e["split"] == "train"], cfg.train.views)
         if negatives is not None:
             d, f = cfg.data, cfg.features
             folder = scan_folder(negatives, d.val_fraction, 0.0, d.split_seed)
