@@ -45,6 +45,8 @@ DeviceOpt = Annotated[Optional[str], typer.Option(help=f"auto | cpu | cuda. {_d(
 BatchOpt = Annotated[Optional[int], typer.Option("--batch-size", help=f"Images per forward pass. {_d(FeatureConfig, 'batch_size')}")]
 WorkersOpt = Annotated[Optional[int], typer.Option(help=f"DataLoader decode workers (-1: on CUDA all cores but one, on CPU the cores the compute threads leave; at most 8). {_d(FeatureConfig, 'workers')}")]
 DtypeOpt = Annotated[Optional[str], typer.Option("--dtype", help=f"Storage of new embeddings in the cache: float32 | float16 (half the size) | auto (float16 on CUDA). {_d(FeatureConfig, 'dtype')}")]
+DataArg = Annotated[Path, typer.Argument(help="Image folder: DATA/<class>/* or DATA/train|val|test/<class>/*; or a CSV/TSV manifest with path,labels[,split] columns (labels separated by ; or |: multi-label).")]
+TtaOpt = Annotated[int, typer.Option(help="Test-time augmentation: average each head's logits over the image and this many augmented views (0: off).")]
 CacheOpt = Annotated[Optional[str], typer.Option("--cache-dir", help="Embedding cache folder. \\[default: $OVR_CACHE_DIR or ~/.cache/ovr]")]
 StrictOpt = Annotated[Optional[bool], typer.Option("--strict/--no-strict", help="Treat an unreadable image as an error instead of skipping it.")]
 
@@ -163,7 +165,7 @@ def _early(model: Path | None = None, data: Path | None = None, inputs: list[str
            cfg=None, out: Path | None = None, force: bool = False):
     """The checks users trip over most, before torch is imported (2-3 s): the model's manifest, the data folder
     (scanned in full when cfg is given; the ImageFolder is returned for the library to use), the inputs, --out."""
-    from .data import expand_inputs, scan_folder
+    from .data import check_data_path, expand_inputs, scan_folder
     from .manifest import check_can_write, read_manifest
 
     if model is not None:
@@ -174,8 +176,7 @@ def _early(model: Path | None = None, data: Path | None = None, inputs: list[str
         expand_inputs(inputs)
     if data is not None:
         if cfg is None:
-            if not Path(data).is_dir() and not (Path(data).is_file() and Path(data).suffix.lower() in (".csv", ".tsv")):
-                raise OvrError(f"data folder not found: {data}" if not Path(data).exists() else f"not a folder: {data}")
+            check_data_path(data)
             return None
         return scan_folder(data, cfg.data.val_fraction, cfg.data.test_fraction, cfg.data.split_seed)
     return None
@@ -203,7 +204,7 @@ def backbones() -> None:
 
 @app.command()
 def embed(
-    data: Annotated[Path, typer.Argument(help="Image folder: DATA/<class>/* or DATA/train|val|test/<class>/*; or a CSV/TSV manifest with path,labels[,split] columns (labels separated by ; or |: multi-label).")],
+    data: DataArg,
     backbone: BackboneOpt = None, weights: WeightsOpt = None, device: DeviceOpt = None, batch_size: BatchOpt = None,
     workers: WorkersOpt = None, cache_dir: CacheOpt = None, strict: StrictOpt = None, config: ConfigOpt = None,
     dtype: DtypeOpt = None, as_json: JsonOpt = False, json_out: JsonOutOpt = None,
@@ -261,7 +262,7 @@ def _train_table(model, title: str, names=None) -> Table:
 
 @app.command()
 def train(
-    data: Annotated[Path, typer.Argument(help="Image folder: DATA/<class>/* or DATA/train|val|test/<class>/*; or a CSV/TSV manifest with path,labels[,split] columns (labels separated by ; or |: multi-label).")],
+    data: DataArg,
     out: Annotated[Path, typer.Option("--out", "-o", help="Model folder to write.")],
     backbone: BackboneOpt = None, weights: WeightsOpt = None, device: DeviceOpt = None, batch_size: BatchOpt = None,
     workers: WorkersOpt = None, cache_dir: CacheOpt = None, strict: StrictOpt = None, dtype: DtypeOpt = None,
@@ -310,7 +311,7 @@ def predict(
     thresholds: Annotated[bool, typer.Option("--thresholds", help="Answer 'unknown' when no head passes its stored threshold.")] = False,
     multilabel: Annotated[bool, typer.Option("--multilabel", help="Also list every class whose head fires.")] = False,
     calibrated: Annotated[bool, typer.Option("--calibrated", help="Use the stored per-head calibration.")] = False,
-    tta: Annotated[int, typer.Option(help="Test-time augmentation: average each head's logits over the image and this many augmented views (0: off).")] = 0,
+    tta: TtaOpt = 0,
     as_json: Annotated[bool, typer.Option("--json", help="One JSON object per image on stdout.")] = False,
     device: DeviceOpt = None, cache_dir: CacheOpt = None,
 ) -> None:
@@ -363,15 +364,16 @@ def evaluate(
     reject_below: Annotated[Optional[float], typer.Option("--reject-below")] = None,
     thresholds: Annotated[bool, typer.Option("--thresholds", help="Unknown when no head passes its threshold.")] = False,
     calibrated: Annotated[bool, typer.Option("--calibrated", help="Use the stored per-head calibration.")] = False,
-    tta: Annotated[int, typer.Option(help="Test-time augmentation: average each head's logits over the image and this many augmented views (0: off).")] = 0,
+    tta: TtaOpt = 0,
     report: Annotated[Optional[Path], typer.Option("--report", help="Also write DIR/report.md + report.json + PNGs: per-class scores, confusion matrix, per-head curves, error gallery.")] = None,
     as_json: JsonOpt = False, json_out: JsonOutOpt = None,
     device: DeviceOpt = None, cache_dir: CacheOpt = None,
 ) -> None:
     """Accuracy, macro-F1, balanced accuracy, per-class metrics, confusion matrix and ECE on one split."""
     with user_errors():
-        if split not in ("train", "val", "test", "all"):
-            raise OvrError(f"unknown split {split!r}: use train, val, test or all")
+        from .data import check_split
+
+        check_split(split)
         _early(model=model, data=data)
         if report is not None:
             check_writable(report, "cannot write the report: folder")
@@ -556,19 +558,15 @@ def bench(
             from .report import multilabel_bench_table, write_multilabel_bench_report
 
             err.print(f"[yellow]note:[/] {MULTILABEL_NOTE}", highlight=False, soft_wrap=True)
-            with progress_bar() as cb:
-                rep = run_bench_multilabel(embed_data(folder, cfg, progress=cb), cfg, progress=cb)
-            write_multilabel_bench_report(rep, out)
-            (out / "config.toml").write_text(config_to_toml(cfg))
-            console.print(multilabel_bench_table(rep))
-            console.print(f"report: {out / 'report.md'} (JSON: {out / 'report.json'})", highlight=False)
-            return
         with progress_bar() as cb:
             emb = embed_data(folder, cfg, progress=cb)
-            rep = run_bench(emb, cfg, progress=cb, views=bench_views(emb, cfg, views, cb))
-        write_bench_report(rep, out)
+            if folder.multilabel:
+                rep = run_bench_multilabel(emb, cfg, progress=cb)
+            else:
+                rep = run_bench(emb, cfg, progress=cb, views=bench_views(emb, cfg, views, cb))
+        (write_multilabel_bench_report if folder.multilabel else write_bench_report)(rep, out)
         (out / "config.toml").write_text(config_to_toml(cfg))
-        for t in bench_tables(rep):
+        for t in [multilabel_bench_table(rep)] if folder.multilabel else bench_tables(rep):
             console.print(t)
         console.print(f"report: {out / 'report.md'} (JSON: {out / 'report.json'})", highlight=False)
 

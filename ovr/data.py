@@ -109,15 +109,35 @@ def describe_ignored(ignored: dict[str, int]) -> str:
     return f"ignored {n} non-image file{'s' if n != 1 else ''} ({kinds})"
 
 
-def scan_folder(root: str | Path, val_fraction: float = 0.15, test_fraction: float = 0.15, seed: int = 0) -> ImageFolder:
-    """Read DATA/<class>/* (split here, seeded and stratified) or DATA/train|val|test/<class>/* (split given)."""
+def is_manifest(root: Path) -> bool:
+    """DATA given as a CSV/TSV manifest rather than a folder."""
+    return root.is_file() and root.suffix.lower() in (".csv", ".tsv")
+
+
+def check_data_path(root: str | Path) -> Path:
+    """DATA must be a folder or a manifest; a one-line error otherwise (cheap: the CLI calls it before torch)."""
     root = Path(root)
     if not root.exists():
         raise OvrError(f"data folder not found: {root}")
-    if root.is_file() and root.suffix.lower() in (".csv", ".tsv"):
-        return scan_manifest(root, val_fraction, test_fraction, seed)
-    if not root.is_dir():
+    if not root.is_dir() and not is_manifest(root):
         raise OvrError(f"not a folder: {root} (expected DATA/<class>/* or DATA/train|val|test/<class>/*)")
+    return root
+
+
+EVAL_SPLITS = (*SPLITS, "all")
+
+
+def check_split(split: str) -> None:
+    if split not in EVAL_SPLITS:
+        raise OvrError(f"unknown split {split!r}: use {', '.join(EVAL_SPLITS[:-1])} or {EVAL_SPLITS[-1]}")
+
+
+def scan_folder(root: str | Path, val_fraction: float = 0.15, test_fraction: float = 0.15, seed: int = 0) -> ImageFolder:
+    """Read DATA/<class>/* (split here, seeded and stratified) or DATA/train|val|test/<class>/* (split given), or
+    a CSV/TSV manifest (scan_manifest)."""
+    root = check_data_path(root)
+    if is_manifest(root):
+        return scan_manifest(root, val_fraction, test_fraction, seed)
     notes: list[str] = []
     ignored: dict[str, int] = {}
     top = _class_dirs(root)

@@ -12,7 +12,7 @@ from PIL import Image
 
 from . import aggregate
 from .config import Config, config_to_dict, config_to_toml, load_config
-from .data import ImageFolder, expand_inputs, scan_folder, split_assignments
+from .data import ImageFolder, check_split, expand_inputs, scan_folder, split_assignments
 from .errors import OvrError
 from .atomic import check_writable
 from .backbones import Backbone, load_backbone
@@ -245,8 +245,7 @@ def evaluate_model(root: str | Path, data: str | Path, split: str = "test", devi
                    calibrated: bool = False, progress: Progress | None = None, tta: int = 0) -> dict:
     from .metrics import classification_metrics, expected_calibration_error
 
-    if split not in ("train", "val", "test", "all"):
-        raise OvrError(f"unknown split {split!r}: use train, val, test or all")
+    check_split(split)
     if tta < 0:
         raise OvrError(f"--tta must be 0 (off) or more views, got {tta}")
     cfg = model_config(root, device=device, cache_dir=cache_dir)
