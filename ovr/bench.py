@@ -17,7 +17,8 @@ from . import __version__, aggregate
 from .config import Config, config_to_dict
 from .features import Progress
 from .estimators import OvRClassifier, SoftmaxClassifier
-from .metrics import classification_metrics, expected_calibration_error, reliability
+from .metrics import (MULTILABEL_SCALARS, classification_metrics, expected_calibration_error, reliability,
+                      worst_errors)
 
 METHODS = ("ovr", "softmax", "sklearn-ovr", "sklearn-multinomial")
 SCENARIOS = ("plain", "imbalance", "few-shot")
@@ -127,20 +128,6 @@ def _add_class(method: _Method, X, y, Xv, yv, Xt, K: int) -> tuple[float, np.nda
     return seconds, z.argmax(1)
 
 
-def _errors(emb, z: np.ndarray, yt: np.ndarray, classes: list[str], per_class: int = 4) -> list[dict]:
-    """The test images answered wrongly with the highest confidence, per true class (the error gallery)."""
-    paths = [emb.result.paths[i] for i in np.flatnonzero(emb.splits == "test")]
-    conf = aggregate.confidences(z)
-    pred = z.argmax(1)
-    out = []
-    for k in range(len(classes)):
-        rows = np.flatnonzero((yt == k) & (pred != k))
-        for r in sorted(rows, key=lambda r: -conf[r, pred[r]])[:per_class]:
-            out.append({"path": str(paths[r]), "true": classes[k], "predicted": classes[pred[r]],
-                        "confidence": float(conf[r, pred[r]])})
-    return out
-
-
 def _mean_std(values: list[float]) -> dict:
     v = np.asarray(values, dtype=float)
     return {"mean": float(v.mean()), "std": float(v.std()), "values": [float(x) for x in v]}
@@ -223,7 +210,9 @@ def run_bench(emb, cfg: Config, progress: Progress | None = None, methods: tuple
                             recs = meth.m.model_.records
                             detail[name]["heads"] = {classes[int(c)]: {"l2": recs[c].l2, "l2_path": recs[c].l2_path,
                                                                        "curve": recs[c].curve} for c in recs}
-                            detail[name]["errors"] = _errors(emb, z, yt_np, classes)
+                            test_paths = [emb.result.paths[i] for i in np.flatnonzero(emb.splits == "test")]
+                            detail[name]["errors"] = worst_errors(test_paths, yt_np, z.argmax(1),
+                                                                  aggregate.confidences(z), classes)
                 runs[scen][name].append(r)
                 done += 1
                 if progress:
@@ -301,7 +290,6 @@ def add_class_scaling(X, y, Xv, yv, cfg: Config, dev: str, methods: list[str]) -
     return out
 
 
-MULTILABEL_SCALARS = ("mAP", "micro_f1", "macro_f1", "subset_accuracy", "hamming_loss")
 MULTILABEL_NOTE = ("softmax baseline skipped: this data is multi-label, and a softmax head answers one class per "
                    "image; ovr alone is measured (mAP, F1 at the stored thresholds, subset accuracy, Hamming loss)")
 

@@ -73,6 +73,23 @@ def binary_head_metrics(conf: np.ndarray, targets: np.ndarray, thresholds: np.nd
     return out
 
 
+def worst_errors(paths: list, y: np.ndarray, pred: np.ndarray, conf: np.ndarray, classes: list[str],
+                 per_class: int = 4) -> list[dict]:
+    """The error gallery's rows: for each true class (y; -1: none), the rows answered wrongly (pred; -1: unknown)
+    with the highest confidence in their answer (conf [n, K]; an 'unknown' counts at its best head's)."""
+    out = []
+    for k in sorted(set(y[y >= 0].tolist())):
+        rows = np.flatnonzero((y == k) & (pred != k))
+        c = [conf[r, pred[r]] if pred[r] >= 0 else conf[r].max() for r in rows]
+        for r, cr in sorted(zip(rows, c), key=lambda t: -t[1])[:per_class]:
+            out.append({"path": str(paths[r]), "true": classes[k],
+                        "predicted": classes[pred[r]] if pred[r] >= 0 else "unknown", "confidence": float(cr)})
+    return out
+
+
+MULTILABEL_SCALARS = ("mAP", "micro_f1", "macro_f1", "subset_accuracy", "hamming_loss")
+
+
 def multilabel_metrics(T: np.ndarray, conf: np.ndarray, fired: np.ndarray, classes: list[str]) -> dict:
     """Multi-label scores with scikit-learn's metrics. T, fired: bool [n, K] (true labels; heads that fire at
     their stored thresholds); conf: [n, K] per-head confidences. AP and mAP over classes with a positive."""

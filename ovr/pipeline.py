@@ -243,7 +243,7 @@ def model_config(root: str | Path, config: str | Path | None = None, **overrides
 def evaluate_model(root: str | Path, data: str | Path, split: str = "test", device: str | None = None,
                    cache_dir: str | None = None, reject_below: float | None = None, thresholds: bool = False,
                    calibrated: bool = False, progress: Progress | None = None, tta: int = 0) -> dict:
-    from .metrics import classification_metrics, expected_calibration_error
+    from .metrics import classification_metrics, expected_calibration_error, worst_errors
 
     check_split(split)
     if tta < 0:
@@ -276,23 +276,9 @@ def evaluate_model(root: str | Path, data: str | Path, split: str = "test", devi
     out["ece_calibrated"] = expected_calibration_error(aggregate.normalise_rows(cal), y[~foreign])
     out["foreign"] = {"n": int(foreign.sum()), "classes": [c for c, r in zip(emb.folder.classes, remap) if r < 0],
                       "rejected": float((ans.index[foreign] < 0).mean()) if foreign.any() else None}
-    out["errors"] = worst_errors([emb.result.paths[i] for i in rows], y, ans, pred.classes)
+    out["errors"] = worst_errors([emb.result.paths[i] for i in rows], y, ans.index, ans.confidences, pred.classes)
     out.update({"split": split, "model": str(root), "data": str(data), "skipped": len(emb.result.skipped),
                 "tta": tta})
-    return out
-
-
-def worst_errors(paths: list[Path], y: np.ndarray, ans, classes: list[str], per_class: int = 4) -> list[dict]:
-    """For each true class, the wrongly answered images with the highest confidence in their wrong answer
-    (the error gallery's rows). 'unknown' answers count as wrong, at the confidence of the best head."""
-    out = []
-    for k in sorted(set(y[y >= 0].tolist())):
-        rows = np.flatnonzero((y == k) & (ans.index != k))
-        conf = np.array([ans.confidences[r, ans.index[r]] if ans.index[r] >= 0 else ans.confidences[r].max()
-                         for r in rows])
-        for r, c in sorted(zip(rows, conf), key=lambda t: -t[1])[:per_class]:
-            out.append({"path": str(paths[r]), "true": classes[k],
-                        "predicted": classes[ans.index[r]] if ans.index[r] >= 0 else "unknown", "confidence": float(c)})
     return out
 
 

@@ -49,7 +49,9 @@ def embed_line(emb) -> str:
 def multilabel_tables(m: dict) -> list[Table]:
     s = Table(title=f"{m.get('split', '')} split: {m['n']} images, multi-label")
     s.add_column("metric"), s.add_column("value", justify="right")
-    for k in ["mAP", "micro_f1", "macro_f1", "subset_accuracy", "hamming_loss"]:
+    from .metrics import MULTILABEL_SCALARS  # here: metrics imports scikit-learn (0.6 s), embed's output needs none
+
+    for k in MULTILABEL_SCALARS:
         s.add_row(k, f"{m[k]:.4f}")
     pc = Table(title="per class (at each head's stored threshold)")
     for col in ["class", "AP", "precision", "recall", "F1", "support"]:
@@ -138,6 +140,16 @@ def _md_table(rep: dict, scen: str) -> str:
     return "\n".join(lines)
 
 
+def _draw_confusion(ax, cm: np.ndarray, title: str) -> None:
+    ax.imshow(cm, cmap="Blues")
+    for (i, j), v in np.ndenumerate(cm):
+        if v:
+            ax.text(j, i, str(v), ha="center", va="center", fontsize=7, color="white" if v > cm.max() / 2 else "black")
+    ax.set_title(title)
+    ax.set_xlabel("predicted"), ax.set_ylabel("true")
+    ax.set_xticks(range(len(cm))), ax.set_yticks(range(len(cm)))
+
+
 def plot_bench(rep: dict, out: Path) -> list[str]:
     import matplotlib
 
@@ -149,14 +161,7 @@ def plot_bench(rep: dict, out: Path) -> list[str]:
     pair = [m for m in ("ovr", "softmax") if m in d]
     fig, axes = plt.subplots(1, len(pair), figsize=(5.5 * len(pair), 4.8))
     for ax, m in zip(np.atleast_1d(axes), pair):
-        cm = np.array(d[m]["confusion_matrix"])
-        ax.imshow(cm, cmap="Blues")
-        for (i, j), v in np.ndenumerate(cm):
-            if v:
-                ax.text(j, i, str(v), ha="center", va="center", fontsize=7, color="white" if v > cm.max() / 2 else "black")
-        ax.set_title(f"{m}: confusion matrix (test)")
-        ax.set_xlabel("predicted"), ax.set_ylabel("true")
-        ax.set_xticks(range(len(rep["classes"]))), ax.set_yticks(range(len(rep["classes"])))
+        _draw_confusion(ax, np.array(d[m]["confusion_matrix"]), f"{m}: confusion matrix (test)")
     fig.tight_layout()
     fig.savefig(out / "confusion.png", dpi=110), plt.close(fig)
     files.append("confusion.png")
@@ -351,12 +356,7 @@ def plot_model_metrics(m: dict, out: Path) -> list[str]:
     if "confusion_matrix" in m:
         cm = np.array(m["confusion_matrix"])
         fig, ax = plt.subplots(figsize=(max(4, 0.45 * len(cm)), max(3.5, 0.4 * len(cm))))
-        ax.imshow(cm, cmap="Blues")
-        for (i, j), v in np.ndenumerate(cm):
-            if v:
-                ax.text(j, i, str(v), ha="center", va="center", fontsize=7,
-                        color="white" if v > cm.max() / 2 else "black")
-        ax.set_xlabel("predicted"), ax.set_ylabel("true"), ax.set_title("confusion matrix")
+        _draw_confusion(ax, cm, "confusion matrix")
         fig.tight_layout()
         fig.savefig(out / "confusion.png", dpi=110), plt.close(fig)
         files.append("confusion.png")
@@ -378,7 +378,9 @@ def write_model_report(m: dict, manifest: dict, out: str | Path) -> Path:
           f"{m['n']} images, {len(manifest.get('classes', []))} heads on `{b.get('name')}`"
           f"{', TTA ' + str(m['tta']) + ' views' if m.get('tta') else ''}.", "",
           "| metric | value |", "|---|---:|"]
-    keys = (["mAP", "micro_f1", "macro_f1", "subset_accuracy", "hamming_loss"] if m.get("multilabel") else
+    from .metrics import MULTILABEL_SCALARS
+
+    keys = (MULTILABEL_SCALARS if m.get("multilabel") else
             ["accuracy", "macro_f1", "balanced_accuracy", "top2_accuracy", "nll", "ece", "ece_calibrated"])
     md += [f"| {k} | {m[k]:.4f} |" for k in keys if isinstance(m.get(k), (int, float))]
     md += ["", "| class | " + ("AP | " if m.get("multilabel") else "") + "precision | recall | F1 | support |",
