@@ -26,6 +26,7 @@ class Backbone:
     weights: str  # what was loaded: "default", "none" or a file path
     fingerprint: str  # sha256 over the weights' tensors
     preprocess: str  # the preprocessing, as text (part of the cache key)
+    decode: str = "pil"  # the decode path (ovr.pixels): "pil" | "tensor"; part of the cache key
     build: Callable[[], tuple[nn.Module, Callable]] = field(repr=False, default=None)
     _built: tuple[nn.Module, Callable] | None = field(repr=False, default=None)
 
@@ -46,12 +47,20 @@ class Backbone:
 
     @property
     def key(self) -> str:
-        """Cache namespace: a change of backbone, weights or preprocessing never reuses old embeddings."""
-        return hashlib.sha256(f"{self.name}\n{self.fingerprint}\n{self.preprocess}".encode()).hexdigest()
+        """Cache namespace: a change of backbone, weights, preprocessing or decode path never reuses old
+        embeddings (the PIL path keeps the key it always had, so existing caches stay valid)."""
+        tail = "" if self.decode == "pil" else f"\ndecode={self.decode}"
+        return hashlib.sha256(f"{self.name}\n{self.fingerprint}\n{self.preprocess}{tail}".encode()).hexdigest()
 
     def spec(self) -> dict:
         return {"name": self.name, "weights": self.weights, "fingerprint": self.fingerprint,
-                "preprocess": self.preprocess, "dim": self.dim}
+                "preprocess": self.preprocess, "decode": self.decode, "dim": self.dim}
+
+    def pixels(self, device: torch.device | str = "cpu", batch_decode: bool | None = None):
+        """This backbone's decode path (ovr.pixels.Pixels) for inputs bound for `device`."""
+        from .pixels import Pixels
+
+        return Pixels(self.transform, self.decode, device, batch_decode)
 
 
 @dataclass
@@ -268,9 +277,13 @@ def _seeded_build(info: "BackboneInfo", weights: str) -> tuple[nn.Module, Callab
         return info.build(weights)
 
 
-def load_backbone(name: str, weights: str = "default", memo_dir: str | Path | None = None) -> Backbone:
+def load_backbone(name: str, weights: str = "default", memo_dir: str | Path | None = None,
+                  decode: str = "pil") -> Backbone:
     """The backbone's identity (dim, weights fingerprint, preprocessing), remembered under memo_dir so that
-    later runs know it without building the network; the network itself is built lazily."""
+    later runs know it without building the network; the network itself is built lazily. decode: "pil" or
+    "tensor" (ovr.pixels; resolve "auto" first)."""
+    if decode not in ("pil", "tensor"):
+        raise OvrError(f"decode must be pil or tensor, got {decode!r}")
     if name not in REGISTRY:
         raise OvrError(f"unknown backbone {name!r}; `ovr backbones` lists them ({', '.join(REGISTRY)})")
     info = REGISTRY[name]
@@ -285,11 +298,11 @@ def load_backbone(name: str, weights: str = "default", memo_dir: str | Path | No
             memo = {}
         if ident in memo:
             m = memo[ident]
-            return Backbone(name, m["dim"], weights, m["fingerprint"], m["preprocess"], build)
+            return Backbone(name, m["dim"], weights, m["fingerprint"], m["preprocess"], decode, build)
     model, transform = build()
     model.eval().requires_grad_(False)
-    bb = Backbone(name, info.dim, weights, fingerprint_state_dict(model.state_dict()), _describe(transform), build,
-                  (model, transform))
+    bb = Backbone(name, info.dim, weights, fingerprint_state_dict(model.state_dict()), _describe(transform), decode,
+                  build, (model, transform))
     if ident:
         memo[ident] = {"dim": bb.dim, "fingerprint": bb.fingerprint, "preprocess": bb.preprocess}
         try:
@@ -298,3 +311,14 @@ def load_backbone(name: str, weights: str = "default", memo_dir: str | Path | No
             pass  # a read-only cache: the identity is only a shortcut, recomputed next time
     return bb
 
+
+
+def model_backbone(spec: dict, memo_dir: str | Path | None = None) -> Backbone:
+    """The backbone a model was made with (its manifest's spec), checked: a model only makes sense on the
+    embeddings it was trained on. Models from before the decode path was recorded used PIL."""
+    bb = load_backbone(spec["name"], spec["weights"], memo_dir, spec.get("decode", "pil"))
+    if spec["name"] != bb.name or spec["fingerprint"] != bb.fingerprint or spec["preprocess"] != bb.preprocess:
+        raise OvrError(f"model was made with backbone {spec['name']} (weights {spec['weights']}, "
+                       f"fingerprint {spec['fingerprint'][:12]}), not {bb.name} (weights {bb.weights}, "
+                       f"fingerprint {bb.fingerprint[:12]})")
+    return bb

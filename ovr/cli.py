@@ -45,6 +45,7 @@ DeviceOpt = Annotated[Optional[str], typer.Option(help=f"auto | cpu | cuda. {_d(
 BatchOpt = Annotated[Optional[int], typer.Option("--batch-size", help=f"Images per forward pass. {_d(FeatureConfig, 'batch_size')}")]
 WorkersOpt = Annotated[Optional[int], typer.Option(help=f"DataLoader decode workers (-1: on CUDA all cores but one, on CPU the cores the compute threads leave; at most 8). {_d(FeatureConfig, 'workers')}")]
 DtypeOpt = Annotated[Optional[str], typer.Option("--dtype", help=f"Storage of new embeddings in the cache: float32 | float16 (half the size) | auto (float16 on CUDA). {_d(FeatureConfig, 'dtype')}")]
+DecodeOpt = Annotated[Optional[str], typer.Option("--decode", help=f"How images become pixels: pil (PIL decode and resize) | tensor (torchvision.io JPEG decode, nvJPEG on CUDA, resize on tensors; inputs within a gray level or two of pil's) | auto (tensor on CUDA). Recorded in the cache key and the model. {_d(FeatureConfig, 'decode')}")]
 DataArg = Annotated[Path, typer.Argument(help="Image folder: DATA/<class>/* or DATA/train|val|test/<class>/*; or a CSV/TSV manifest with path,labels[,split] columns (labels separated by ; or |: multi-label).")]
 TtaOpt = Annotated[int, typer.Option(help="Test-time augmentation: average each head's logits over the image and this many augmented views (0: off).")]
 CacheOpt = Annotated[Optional[str], typer.Option("--cache-dir", help="Embedding cache folder. \\[default: $OVR_CACHE_DIR or ~/.cache/ovr]")]
@@ -207,7 +208,7 @@ def embed(
     data: DataArg,
     backbone: BackboneOpt = None, weights: WeightsOpt = None, device: DeviceOpt = None, batch_size: BatchOpt = None,
     workers: WorkersOpt = None, cache_dir: CacheOpt = None, strict: StrictOpt = None, config: ConfigOpt = None,
-    dtype: DtypeOpt = None, as_json: JsonOpt = False, json_out: JsonOutOpt = None,
+    dtype: DtypeOpt = None, decode: DecodeOpt = None, as_json: JsonOpt = False, json_out: JsonOutOpt = None,
 ) -> None:
     """Embed every image of DATA into the cache (a second run over the same images embeds nothing).
 
@@ -215,7 +216,7 @@ def embed(
     what is not cached yet; rank 0 reports)."""
     with user_errors():
         cfg = _config(config, backbone=backbone, weights=weights, device=device, batch_size=batch_size,
-                      workers=workers, cache_dir=cache_dir, strict=strict, dtype=dtype)
+                      workers=workers, cache_dir=cache_dir, strict=strict, dtype=dtype, decode=decode)
         folder = _early(data=data, cfg=cfg)
         from . import distributed
 
@@ -266,6 +267,7 @@ def train(
     out: Annotated[Path, typer.Option("--out", "-o", help="Model folder to write.")],
     backbone: BackboneOpt = None, weights: WeightsOpt = None, device: DeviceOpt = None, batch_size: BatchOpt = None,
     workers: WorkersOpt = None, cache_dir: CacheOpt = None, strict: StrictOpt = None, dtype: DtypeOpt = None,
+    decode: DecodeOpt = None,
     head: Annotated[Optional[str], typer.Option(help=f"linear | mlp. {_d(TrainConfig, 'head')}")] = None,
     hidden: Annotated[Optional[int], typer.Option(help=f"Hidden units of an mlp head. {_d(TrainConfig, 'hidden')}")] = None,
     epochs: Annotated[Optional[int], typer.Option(help=f"Max epochs; each head stops early on its val loss. {_d(TrainConfig, 'epochs')}")] = None,
@@ -291,7 +293,8 @@ def train(
                       workers=workers, cache_dir=cache_dir, strict=strict, head=head, hidden=hidden, epochs=epochs,
                       lr=lr, seed=seed, pos_weight=pos_weight, normalize=normalize, calibration=calibration,
                       l2_grid=_floats(l2_grid, "--l2-grid"), tol=tol, val_fraction=val_fraction,
-                      test_fraction=test_fraction, split_seed=split_seed, views=views, dtype=dtype)
+                      test_fraction=test_fraction, split_seed=split_seed, views=views, dtype=dtype,
+                      decode=decode)
         folder = _early(data=data, cfg=cfg, out=out, force=force)
         from .pipeline import train_model
 

@@ -29,12 +29,14 @@ class FeatureConfig:
     workers: int = -1  # -1: on CUDA all cores but one; on CPU the cores left by the compute threads (at most 8)
     cache_dir: str = ""  # "": $OVR_CACHE_DIR or the user's cache dir
     dtype: str = "auto"  # how new embeddings are stored: float32 | float16 | auto (float16 on CUDA, float32 on CPU)
+    decode: str = "auto"  # pil | tensor (torchvision.io + tensor resize; nvJPEG on CUDA) | auto (tensor on CUDA)
     strict: bool = False  # a bad image file is an error instead of a skipped file
 
     def __post_init__(self) -> None:
         _check(self.batch_size >= 1, f"batch_size must be at least 1, got {self.batch_size}")
         _check(self.workers >= -1, f"workers must be -1 (one per core) or more, got {self.workers}")
         _check(self.dtype in ("auto", "float32", "float16"), f"dtype must be auto, float32 or float16, got {self.dtype!r}")
+        _check(self.decode in ("auto", "pil", "tensor"), f"decode must be auto, pil or tensor, got {self.decode!r}")
 
 
 @dataclass(frozen=True)

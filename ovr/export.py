@@ -10,69 +10,18 @@ Scaling to [0, 1] and the mean/std normalisation are inside.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 from torch import nn
 
 from .errors import OvrError
 from .heads import head_inputs, stack_heads, stacked_logits
 from .model import Model
+from .pixels import Preprocess, split_transform  # noqa: F401 (Preprocess: the public type)
 
 INSTALL_HINT = 'ONNX export needs the export extra: pip install "ovr[export]" (onnx, onnxscript, onnxruntime)'
-
-
-@dataclass
-class Preprocess:
-    """The backbone's transform split at the tensor boundary: PIL geometry (resize, crop), then mean/std."""
-    geometry: list  # PIL -> PIL callables
-    size: int
-    mean: list[float]
-    std: list[float]
-
-    def __call__(self, image: Image.Image) -> np.ndarray:
-        """PIL image -> uint8 [S, S, 3]: exactly the pixels the backbone's own transform turns into a tensor."""
-        im = image.convert("RGB")
-        for t in self.geometry:
-            im = t(im)
-        arr = np.asarray(im, dtype=np.uint8)
-        if arr.shape != (self.size, self.size, 3):
-            raise OvrError(f"preprocessing gave {arr.shape}, expected ({self.size}, {self.size}, 3)")
-        return arr
-
-    def metadata(self) -> dict:
-        return {"size": self.size, "mean": self.mean, "std": self.std,
-                "geometry": " ".join(" ".join(repr(t).split()) for t in self.geometry)}
-
-
-def split_transform(transform) -> Preprocess:
-    """Read resize/crop and mean/std from a torchvision Compose (timm, tiny_cnn) or a torchvision weights preset."""
-    import torchvision.transforms as T
-
-    if hasattr(transform, "crop_size") and hasattr(transform, "resize_size"):  # torchvision ImageClassification
-        geometry = [T.Resize(transform.resize_size, interpolation=transform.interpolation,
-                             antialias=transform.antialias), T.CenterCrop(transform.crop_size)]
-        size = transform.crop_size[0]
-        return Preprocess(geometry, size, list(transform.mean), list(transform.std))
-    steps = list(getattr(transform, "transforms", []))
-    geometry, mean, std, size = [], None, None, None
-    for t in steps:
-        name = type(t).__name__
-        if name in ("Resize", "CenterCrop"):
-            geometry.append(t)
-            if name == "CenterCrop":
-                s = t.size
-                size = s[0] if isinstance(s, (tuple, list)) else int(s)
-        elif name == "Normalize":
-            mean, std = [float(v) for v in t.mean], [float(v) for v in t.std]
-        elif name not in ("ToTensor", "MaybeToTensor", "PILToTensor", "ConvertImageDtype"):
-            raise OvrError(f"cannot export this backbone's preprocessing step {name}")
-    if mean is None or size is None:
-        raise OvrError("cannot export this backbone's preprocessing: no centre crop or no normalisation found")
-    return Preprocess(geometry, size, mean, std)
 
 
 class OvrGraph(nn.Module):
@@ -134,16 +83,15 @@ def export_model(root: str | Path, out: str | Path, *, heads_only: bool = False,
     except ImportError:
         raise OvrError(INSTALL_HINT) from None
     from .atomic import atomic_write_bytes, check_writable
-    from .backbones import load_backbone
+    from .backbones import model_backbone
     from .cache import default_cache_dir
-    from .store import check_backbone, load_model
+    from .store import load_model
 
     model = load_model(root)
     spec = model.backbone
     backbone = prep = None
     if not heads_only:
-        bb = load_backbone(spec["name"], spec["weights"], cache_dir or default_cache_dir())
-        check_backbone(spec, bb.spec())
+        bb = model_backbone(spec, cache_dir or default_cache_dir())
         prep = split_transform(bb.transform)
         backbone = bb.model.float().eval()
     graph = OvrGraph(model, backbone, prep).eval()

@@ -12,37 +12,36 @@ import torch
 
 from .backbones import Backbone
 from .cache import EmbeddingCache, content_key
-from .data import ImageFolder, decode_image, describe_error
+from .data import ImageFolder, describe_error
 from .errors import OvrError
+from .pixels import Pixels
 from .views import augment, view_key, view_seed
 
 Progress = Callable[[str, int, int], None]  # (stage, done, total)
 
 
 class _Decode(torch.utils.data.Dataset):
-    """Decoding and preprocessing run in DataLoader workers, overlapped with the forward pass."""
+    """Reading, decoding and preprocessing run in DataLoader workers, overlapped with the forward pass (JPEGs bound
+    for a CUDA decoder leave the workers as bytes: ovr.pixels)."""
 
-    def __init__(self, blobs: list[Path], transform: Callable, aug_seeds: list[int | None] | None = None) -> None:
-        self.paths, self.transform, self.aug_seeds = blobs, transform, aug_seeds
+    def __init__(self, blobs: list[Path], pixels: Pixels, aug_seeds: list[int | None] | None = None) -> None:
+        self.paths, self.pixels, self.aug_seeds = blobs, pixels, aug_seeds
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def __getitem__(self, i: int):
         try:
-            im = decode_image(Path(self.paths[i]).read_bytes())
-            if self.aug_seeds is not None and self.aug_seeds[i] is not None:
-                im = augment(im, self.aug_seeds[i])
-            x = self.transform(im)
-            return x, i, ""
+            seed = self.aug_seeds[i] if self.aug_seeds is not None else None
+            aug = (lambda im: augment(im, seed)) if seed is not None else None
+            return self.pixels.item(Path(self.paths[i]).read_bytes(), aug), i, ""
         except Exception as e:
             return None, i, describe_error(e)
 
 
 def _collate(batch):
-    good = [b for b in batch if b[0] is not None]
-    xs = torch.stack([b[0] for b in good]) if good else None
-    return xs, [b[1] for b in good], [(b[1], b[2]) for b in batch if b[0] is None]
+    return [b[0] for b in batch if b[0] is not None], [b[1] for b in batch if b[0] is not None], \
+        [(b[1], b[2]) for b in batch if b[0] is None]
 
 
 @dataclass
@@ -86,6 +85,7 @@ def default_workers(workers: int, device: torch.device | str = "cpu") -> int:
 
 
 def forward(backbone: Backbone, x: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A batch of inputs (ovr.pixels) -> embeddings on the device."""
     x = x.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
     with torch.inference_mode(), torch.autocast(device.type, dtype=torch.float16, enabled=device.type == "cuda"):
         return backbone.model(x).float()
@@ -209,8 +209,9 @@ def _embed_missing(paths, keys, todo, backbone, cache, device, batch_size, worke
     order = list(todo.values())
     n_workers = default_workers(workers, device)
     seeds = [aug_seeds[i] for i in order] if aug_seeds is not None else None
+    pixels = backbone.pixels(device)
     loader = torch.utils.data.DataLoader(
-        _Decode([paths[i] for i in order], backbone.transform, seeds), batch_size=batch_size, num_workers=n_workers,
+        _Decode([paths[i] for i in order], pixels, seeds), batch_size=batch_size, num_workers=n_workers,
         collate_fn=_collate, pin_memory=device.type == "cuda", persistent_workers=False,
         prefetch_factor=4 if n_workers else None)
     pend_keys: list[str] = []
@@ -220,12 +221,16 @@ def _embed_missing(paths, keys, todo, backbone, cache, device, batch_size, worke
     if progress:
         progress(stage, 0, len(order))
     try:
-        for xs, idx, bad in loader:
+        for items, idx, bad in loader:
+            if items:
+                xs, refused = pixels.batch(items)  # JPEGs a device decoder refused and PIL could not read
+                bad = bad + [(idx[p], why) for p, why in refused]
+                idx = [j for p, j in enumerate(idx) if p not in {q for q, _ in refused}]
+                if idx:
+                    pend.append(forward(backbone, xs, device).cpu())
+                    pend_keys.extend(keys[order[j]] for j in idx)
             for j, why in bad:
                 failed[order[j]] = why
-            if xs is not None:
-                pend.append(forward(backbone, xs, device).cpu())
-                pend_keys.extend(keys[order[j]] for j in idx)
             done += len(idx) + len(bad)
             if len(pend_keys) >= shard_size or (pend_keys and time.monotonic() - last_flush >= flush_seconds):
                 cache.put(pend_keys, torch.cat(pend))
@@ -274,7 +279,8 @@ def augmented_images(images: list, views: int, seed: int) -> list:
 def embed_images(images: list, backbone: Backbone, device: torch.device, batch_size: int = 64) -> torch.Tensor:
     """PIL images -> embeddings, no cache (for the Python API on in-memory images)."""
     backbone.model.to(device).to(memory_format=torch.channels_last)
-    out = [forward(backbone, torch.stack([backbone.transform(im.convert("RGB")) for im in images[i:i + batch_size]]), device)
+    pixels = backbone.pixels(device)
+    out = [forward(backbone, pixels.batch([pixels.image(im) for im in images[i:i + batch_size]])[0], device)
            for i in range(0, len(images), batch_size)]
     return torch.cat(out) if out else torch.empty(0, backbone.dim, device=device)
 

@@ -15,13 +15,14 @@ from .config import Config, config_to_dict, config_to_toml, load_config
 from .data import ImageFolder, check_split, expand_inputs, scan_folder, split_assignments
 from .errors import OvrError
 from .atomic import check_writable
-from .backbones import Backbone, load_backbone
+from .backbones import Backbone, load_backbone, model_backbone
 from .cache import EmbeddingCache, default_cache_dir
 from .features import (EmbeddedFolder, EmbedResult, Progress, augmented_images, embed_folder, embed_images, embed_paths,
                        embed_views)
 from .model import Model
+from .pixels import resolve_decode
 from .runtime import resolve_device
-from .store import check_backbone, check_can_write, load_model, model_lock, save_model, update_model
+from .store import check_can_write, load_model, model_lock, save_model, update_model
 
 
 def open_cache(cfg: Config, backbone: Backbone) -> EmbeddingCache:
@@ -51,8 +52,9 @@ def embed_data(data: str | Path | ImageFolder, cfg: Config, progress: Progress |
     the compute device. kw: embed_paths' gather / rank / world."""
     f = cfg.features
     folder = scan_data(data, cfg)
-    backbone = backbone or load_backbone(f.backbone, f.weights, f.cache_dir or default_cache_dir())
     device = resolve_device(f.device)
+    backbone = backbone or load_backbone(f.backbone, f.weights, f.cache_dir or default_cache_dir(),
+                                         resolve_decode(f.decode, device))
     emb = embed_folder(folder, backbone, open_cache(cfg, backbone), device, f.batch_size, f.workers, f.strict, progress,
                        **kw)
     emb.backbone = backbone
@@ -127,10 +129,7 @@ class Predictor:
     @property
     def backbone(self) -> Backbone:
         if self._backbone is None:
-            spec = self.model.backbone
-            bb = load_backbone(spec["name"], spec["weights"], self.cache_dir)
-            check_backbone(spec, bb.spec())
-            self._backbone = bb
+            self._backbone = model_backbone(self.model.backbone, self.cache_dir)
         return self._backbone
 
     @staticmethod
@@ -336,8 +335,7 @@ def _open_for_update(root: Path, cfg: Config) -> tuple[Model, Backbone, Embeddin
     if f.backbone != spec["name"]:
         raise OvrError(f"model was made with backbone {spec['name']}, not {f.backbone}")
     root_dir = f.cache_dir or default_cache_dir()
-    bb = load_backbone(spec["name"], spec["weights"], root_dir)
-    check_backbone(spec, bb.spec())
+    bb = model_backbone(spec, root_dir)
     return model, bb, EmbeddingCache(root_dir, bb.key, cache_dtype(cfg)), resolve_device(f.device)
 
 

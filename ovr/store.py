@@ -246,12 +246,3 @@ def _record(rec: dict, legacy_trained_with: list[str] | None) -> HeadRecord:
         rec["trained_with"], rec["trained_with_inferred"] = legacy_trained_with, True
     rec.setdefault("solver", "adam")
     return HeadRecord.from_json(rec)
-
-
-def check_backbone(model_spec: dict, spec: dict) -> None:
-    """A model only makes sense on the embeddings it was trained on."""
-    if model_spec["name"] != spec["name"] or model_spec["fingerprint"] != spec["fingerprint"] \
-            or model_spec["preprocess"] != spec["preprocess"]:
-        raise OvrError(f"model was made with backbone {model_spec['name']} (weights {model_spec['weights']}, "
-                       f"fingerprint {model_spec['fingerprint'][:12]}), not {spec['name']} (weights {spec['weights']}, "
-                       f"fingerprint {spec['fingerprint'][:12]})")
