@@ -23,7 +23,7 @@ W=$(( $(nproc) > 13 ? 12 : $(nproc) ))
   (cd benchmarks && timeout 200 python3 heads_vs_sklearn.py --device cuda --out "$OUT/heads_vs_sklearn_cuda.json")
   echo "== grown models and add-class scaling (cuda) =="
   (cd benchmarks && timeout 150 python3 add_class.py --device cuda --out "$OUT/add_class_cuda.json")
-  echo "== embed throughput (cuda, $W decode workers) =="
-  timeout 60 python3 benchmarks/embed_throughput.py --images 1024 --device cuda --workers "$W" --batch-size 128 \
+  echo "== embed throughput (cuda, $W decode workers; pil and tensor/nvJPEG paths) =="
+  timeout 180 python3 benchmarks/embed_throughput.py --images 1024 --device cuda --workers "$W" --batch-size 128 \
     --out "$OUT/embed_throughput_cuda.json"
 } 2>&1 | tee "$OUT/gpu_check.log"

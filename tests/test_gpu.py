@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import make_folder
+from conftest import make_folder, make_image
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")]
 
@@ -54,3 +54,30 @@ def test_cuda_train_add_class_refresh_predict(tmp_path):
     truth = [p.parent.name for p in probe]
     for answers in (grow("cuda"), grow("cpu")):
         assert np.mean([a == t for a, t in zip(answers, truth)]) >= 0.8
+
+
+def test_cuda_tensor_decode_matches_the_cpu_paths(tmp_path):
+    """nvJPEG in batches plus resize on the GPU: the inputs are within a few gray levels of the CPU tensor path
+    (nvJPEG's IDCT and the GPU resize round differently), and a file nvJPEG refuses is reported, not fatal."""
+    import io
+
+    from PIL import Image
+
+    from ovr.backbones import load_backbone
+
+    bb = load_backbone("tiny_cnn", decode="tensor")
+    gpu, cpu = bb.pixels("cuda"), bb.pixels("cpu")
+    files = []
+    for i in range(6):
+        p = tmp_path / f"{i}.png"
+        make_image(p, i % 3, i, size=64)
+        b = io.BytesIO()
+        Image.open(p).convert("RGB").save(b, "JPEG", quality=92)
+        files.append(b.getvalue())
+    broken = files[0][: len(files[0]) // 2] + b"\xff\xd8\xff\xd8" + files[0][len(files[0]) // 2 + 4:]
+    items = [gpu.item(f) for f in files] + [gpu.item(broken)]
+    assert all(x.ndim == 1 for x in items)  # plain JPEGs leave the workers as bytes
+    x, bad = gpu.batch(items)
+    ref, _ = cpu.batch([cpu.item(f) for f in files])
+    assert x.device.type == "cuda" and [i for i, _ in bad] == [6]
+    assert float((x.cpu() - ref).abs().max()) * 0.5 * 255 <= 4.01

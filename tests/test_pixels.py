@@ -1,0 +1,153 @@
+"""The decode paths (ovr.pixels): the tensor path matches PIL's within measured gray levels on every kind of file,
+the batched-decode branch a CUDA run takes (exercised here on CPU) agrees with per-file decoding, and the path is
+part of the cache key and the model."""
+import io
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from conftest import TINY, cli, make_folder
+
+
+def _photo(w: int = 96, h: int = 72) -> Image.Image:
+    """Smooth gradients plus texture, so a resize has something to get wrong."""
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[:h, :w]
+    arr = np.stack([xx * 255 / w, yy * 255 / h, (xx + yy) * 127 / (w + h) + 60], -1)
+    arr += rng.normal(0, 20, arr.shape)
+    return Image.fromarray(arr.clip(0, 255).astype(np.uint8))
+
+
+def _save(im: Image.Image, fmt: str, **kw) -> bytes:
+    b = io.BytesIO()
+    im.save(b, fmt, **kw)
+    return b.getvalue()
+
+
+def _files() -> dict[str, bytes]:
+    im = _photo()
+    exif = im.getexif()
+    exif[0x0112] = 6  # rotate 90 degrees on display
+    arr16 = (np.asarray(im.convert("L"), dtype=np.uint16) * 257)
+    pal = im.convert("RGBA")
+    pal.putalpha(128)
+    return {
+        "jpeg": _save(im, "JPEG", quality=90),
+        "gray jpeg": _save(im.convert("L"), "JPEG"),
+        "cmyk jpeg": _save(im.convert("CMYK"), "JPEG"),
+        "progressive jpeg": _save(im, "JPEG", progressive=True),
+        "exif-rotated jpeg": _save(im, "JPEG", exif=exif.tobytes()),
+        "png": _save(im, "PNG"),
+        "palette png": _save(im.convert("P"), "PNG"),
+        "rgba png": _save(pal, "PNG"),
+        "16-bit png": _save(Image.fromarray(arr16), "PNG"),
+    }
+
+
+@pytest.mark.parametrize("name", ["tiny_cnn", "efficientnet_lite0"])  # bilinear and bicubic resizes
+def test_tensor_path_matches_pil_within_two_gray_levels(name):
+    from ovr.backbones import REGISTRY, load_backbone
+
+    if not REGISTRY[name].available():
+        pytest.skip(f"{name} weights not installed")
+    pil = load_backbone(name).pixels()
+    ten = load_backbone(name, decode="tensor").pixels()
+    std = min(ten.prep.std)
+    for kind, data in _files().items():
+        a, _ = pil.batch([pil.item(data)])
+        b, bad = ten.batch([ten.item(data)])
+        assert not bad and a.shape == b.shape, kind
+        levels = float((a - b).abs().max()) * std * 255
+        assert levels <= 2.01, f"{kind}: {levels:.2f} gray levels apart"  # an unrotated EXIF file would be ~100
+
+
+def test_batched_decode_branch_agrees_with_per_file_decoding():
+    """The branch a CUDA run takes (workers pass plain JPEGs on as bytes, `batch` decodes them together), run on
+    CPU: same inputs as decoding each file in the worker; files a batch decoder cannot take stay on the CPU."""
+    from ovr.backbones import load_backbone
+
+    bb = load_backbone("tiny_cnn", decode="tensor")
+    per_file, batched = bb.pixels(batch_decode=False), bb.pixels(batch_decode=True)
+    files = _files()
+    items = [batched.item(d) for d in files.values()]
+    as_bytes = {k for k, x in zip(files, items) if x.ndim == 1}
+    assert as_bytes == {"jpeg", "gray jpeg", "progressive jpeg"}  # not CMYK, not EXIF-rotated, not PNG
+    a, _ = per_file.batch([per_file.item(d) for d in files.values()])
+    b, bad = batched.batch(items)
+    assert not bad and torch.equal(a, b)
+
+
+def test_a_jpeg_the_batch_decoder_refuses_is_reported_and_the_rest_kept():
+    from ovr.backbones import load_backbone
+
+    px = load_backbone("tiny_cnn", decode="tensor").pixels(batch_decode=True)
+    good = _save(_photo(), "JPEG")
+    n = len(good)
+    broken = good[:n // 2] + b"\xff\xd8\xff\xd8" + good[n // 2 + 4:]  # a marker inside the scan; still ends in EOI
+    items = [px.item(good), px.item(broken), px.item(good)]
+    assert [x.ndim for x in items] == [1, 1, 1]
+    x, bad = px.batch(items)
+    assert [i for i, _ in bad] == [1] and "broken data stream" in bad[0][1]
+    ref, _ = px.batch([px.item(good)])
+    assert x.shape[0] == 2 and torch.equal(x[0], ref[0]) and torch.equal(x[1], ref[0])
+
+
+def _embed(data, *args) -> dict:
+    out = data.parent / "embed.json"
+    r = cli("embed", data, *TINY, *args, "--json-out", out)
+    assert r.exit_code == 0, r.output
+    return json.loads(out.read_text())
+
+
+def test_decode_path_is_part_of_the_cache_key_and_the_model(tmp_path, cache_dir):
+    data = tmp_path / "data"
+    make_folder(data, n_classes=2, per_class=6)
+    for p in list(data.rglob("*.png"))[:6]:  # half JPEGs (the tensor decoder), half PNGs (PIL, tensor resize)
+        Image.open(p).convert("RGB").save(p.with_suffix(".jpg"), quality=95)
+        p.unlink()
+    assert _embed(data, "--decode", "tensor")["embedded"] == 12
+    assert _embed(data)["embedded"] == 12  # PIL on CPU by default: its own namespace, nothing reused
+    assert _embed(data, "--decode", "tensor")["embedded"] == 0
+    r = cli("train", data, "-o", tmp_path / "m", *TINY, "--decode", "tensor", "--epochs", "5")
+    assert r.exit_code == 0, r.output
+    spec = json.loads((tmp_path / "m" / "manifest.json").read_text())["backbone"]
+    assert spec["decode"] == "tensor"
+    import ovr
+
+    pred = ovr.load(tmp_path / "m", device="cpu")
+    assert pred.backbone.decode == "tensor"
+    _, _, skipped = pred.embed(sorted(data.rglob("*.*")))
+    assert not skipped
+    n_shards = len(list(cache_dir.rglob("shard-*.safetensors")))
+    pred.predict(sorted(data.rglob("*.*")))  # all cached in the tensor path's namespace: nothing new written
+    assert len(list(cache_dir.rglob("shard-*.safetensors"))) == n_shards
+
+
+def test_truncated_jpeg_is_skipped_with_the_same_reason_on_both_paths(tmp_path, cache_dir):
+    data = make_folder(tmp_path / "data", n_classes=2, per_class=3)
+    jpg = _save(_photo(), "JPEG")
+    (data / "c0" / "cut.jpg").write_bytes(jpg[: len(jpg) // 2])
+    reasons = []
+    for decode in ("pil", "tensor"):
+        out = _embed(data, "--decode", decode)
+        assert out["embedded"] == 6 and len(out["skipped"]) == 1
+        reasons.append(out["skipped"][0])
+    assert reasons[0] == reasons[1]
+
+
+def test_bad_decode_value_is_one_line(tmp_path):
+    r = cli("embed", make_folder(tmp_path / "d", 2, 2), *TINY, "--decode", "nvjpeg")
+    assert r.exit_code == 2 and "decode must be auto, pil or tensor" in r.output
+    assert len(r.output.strip().splitlines()) == 1
+
+
+def test_models_from_before_the_decode_path_load_as_pil():
+    from ovr.backbones import load_backbone, model_backbone
+
+    spec = load_backbone("tiny_cnn").spec()
+    del spec["decode"]
+    assert model_backbone(spec).decode == "pil"
+    assert model_backbone(spec).key == load_backbone("tiny_cnn").key  # the PIL path kept its old cache key
