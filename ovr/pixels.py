@@ -11,7 +11,7 @@ path is part of the backbone's identity (cache key, model manifest), so embeddin
   differently); the embeddings' difference is in the README (benchmarks/embed_throughput.py).
 
 Why torchvision.io and not TorchCodec (which torchvision 0.29 points to): on this project's pinned torch both
-decode bit-identically at the same speed (1,087 vs 1,058 JPEGs/s, one core), and torchvision.io ships with the
+decode bit-identically at the same speed (1,030 vs 1,032 JPEGs/s, one core), and torchvision.io ships with the
 torchvision already required; TorchCodec would be a new dependency. `_decode_jpegs` is the one place to change.
 """
 from __future__ import annotations
