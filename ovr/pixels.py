@@ -203,12 +203,14 @@ class Pixels:
         return x.sub_(mean).div_(std), bad
 
     def _one(self, blob: torch.Tensor) -> torch.Tensor | str:
-        """One JPEG the batch decoder refused: on the device alone, else the CPU path, else why not."""
+        """One JPEG the batch decoder refused, whole (uncropped): on the device alone, else PIL, else why not."""
+        from torchvision.transforms.v2.functional import pil_to_tensor
+
         try:
             return _decode_jpegs([blob], self.device)[0]
         except RuntimeError:
             pass
         try:
-            return self._from_pil(decode_image(blob.numpy().tobytes()))
+            return pil_to_tensor(decode_image(blob.numpy().tobytes()).convert("RGB"))
         except Exception as e:
             return describe_error(e)

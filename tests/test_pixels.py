@@ -151,3 +151,19 @@ def test_models_from_before_the_decode_path_load_as_pil():
     del spec["decode"]
     assert model_backbone(spec).decode == "pil"
     assert model_backbone(spec).key == load_backbone("tiny_cnn").key  # the PIL path kept its old cache key
+
+
+def test_a_file_only_pil_can_read_in_a_device_batch_is_cropped_once():
+    """The per-file fallback of the batched branch: bytes that reach the batch decoder but are not a JPEG it can
+    take (here a PNG) are decoded by PIL and resized and cropped once, like any other file (Lite0's resize + crop
+    applied twice would move the pixels)."""
+    from ovr.backbones import REGISTRY, load_backbone
+
+    if not REGISTRY["efficientnet_lite0"].available():
+        pytest.skip("efficientnet_lite0 weights not installed")
+    px = load_backbone("efficientnet_lite0", decode="tensor").pixels(batch_decode=True)
+    png, jpg = _save(_photo(), "PNG"), _save(_photo(), "JPEG")
+    as_bytes = torch.frombuffer(bytearray(png), dtype=torch.uint8)
+    x, bad = px.batch([px.item(jpg), as_bytes])
+    ref, _ = px.batch([px.item(jpg), px.item(png)])
+    assert not bad and torch.equal(x, ref)
