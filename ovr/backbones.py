@@ -251,10 +251,10 @@ def _seeded_build(info: "BackboneInfo", weights: str) -> tuple[nn.Module, Callab
 
 
 def load_backbone(name: str, weights: str = "default", memo_dir: str | Path | None = None,
-                  decode: str = "pil") -> Backbone:
+                  decode: str = "tensor") -> Backbone:
     """The backbone's identity (dim, weights fingerprint, preprocessing), remembered under memo_dir so that
     later runs know it without building the network; the network itself is built lazily. decode: "pil" or
-    "tensor" (ovr.pixels; resolve "auto" first)."""
+    "tensor" (ovr.pixels; the default, as `features.decode = "auto"` is)."""
     if decode not in ("pil", "tensor"):
         raise OvrError(f"decode must be pil or tensor, got {decode!r}")
     if name not in REGISTRY:

@@ -29,7 +29,7 @@ class FeatureConfig:
     workers: int = -1  # -1: on CUDA all cores but one; on CPU the cores left by the compute threads (at most 8)
     cache_dir: str = ""  # "": $OVR_CACHE_DIR or the user's cache dir
     dtype: str = "auto"  # how new embeddings are stored: float32 | float16 | auto (float16 on CUDA, float32 on CPU)
-    decode: str = "auto"  # pil | tensor (torchvision.io + tensor resize; nvJPEG on CUDA) | auto (tensor on CUDA)
+    decode: str = "auto"  # pil | tensor (torchvision.io + tensor resize; nvJPEG on CUDA) | auto (= tensor)
     strict: bool = False  # a bad image file is an error instead of a skipped file
 
     def __post_init__(self) -> None:
@@ -37,6 +37,14 @@ class FeatureConfig:
         _check(self.workers >= -1, f"workers must be -1 (one per core) or more, got {self.workers}")
         _check(self.dtype in ("auto", "float32", "float16"), f"dtype must be auto, float32 or float16, got {self.dtype!r}")
         _check(self.decode in ("auto", "pil", "tensor"), f"decode must be auto, pil or tensor, got {self.decode!r}")
+
+    @property
+    def decode_path(self) -> str:
+        """'auto' is the tensor path on every device (ovr.pixels). On CUDA, CPU decoding was the whole limit (524
+        img/s fed to a model that runs 6,584 on an H100); on 2 CPU cores with the forward pass on both, decoding
+        runs in the main process and the PIL path reached 0.75 of the raw forward pass against the tensor path's
+        0.88 (benchmarks/results/embed_throughput.json). Not tied to the device, so a cache's namespace is too."""
+        return "tensor" if self.decode == "auto" else self.decode
 
 
 @dataclass(frozen=True)

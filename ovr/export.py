@@ -3,8 +3,9 @@
 The graph reproduces `Model.answer` (with calibrated=False, as `ovr predict` by default): per-head logits, gated
 calibrated confidences, and the answer's class index (the guarded chain and its gate for a grown model, argmax
 otherwise). Its input is the backbone's crop, uint8 [B, S, S, 3] (NHWC, RGB, as image libraries hold pixels): the
-resize + centre crop stay outside the graph, because PIL's antialiased resize has no exact ONNX twin and a
-slightly different resize would move the logits by ~1e-2; `preprocess()` (and the `ovr.*` metadata) give that step.
+resize + centre crop stay outside the graph, because the antialiased resize (PIL's, or transforms.v2's on tensors:
+the model's decode path) has no exact ONNX twin and a slightly different resize would move the logits by ~1e-2;
+`split_transform(transform, decode)` (and the `ovr.*` metadata) give that step.
 Scaling to [0, 1] and the mean/std normalisation are inside.
 """
 from __future__ import annotations
@@ -92,7 +93,7 @@ def export_model(root: str | Path, out: str | Path, *, heads_only: bool = False,
     backbone = prep = None
     if not heads_only:
         bb = model_backbone(spec, cache_dir or default_cache_dir())
-        prep = split_transform(bb.transform)
+        prep = split_transform(bb.transform, bb.decode)
         backbone = bb.model.float().eval()
     graph = OvrGraph(model, backbone, prep).eval()
     if heads_only:

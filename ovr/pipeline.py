@@ -20,7 +20,6 @@ from .cache import EmbeddingCache, default_cache_dir
 from .features import (EmbeddedFolder, EmbedResult, Progress, augmented_images, embed_folder, embed_images, embed_paths,
                        embed_views)
 from .model import Model
-from .pixels import resolve_decode
 from .runtime import resolve_device
 from .store import check_can_write, load_model, model_lock, save_model, update_model
 
@@ -53,8 +52,7 @@ def embed_data(data: str | Path | ImageFolder, cfg: Config, progress: Progress |
     f = cfg.features
     folder = scan_data(data, cfg)
     device = resolve_device(f.device)
-    backbone = backbone or load_backbone(f.backbone, f.weights, f.cache_dir or default_cache_dir(),
-                                         resolve_decode(f.decode, device))
+    backbone = backbone or load_backbone(f.backbone, f.weights, f.cache_dir or default_cache_dir(), f.decode_path)
     emb = embed_folder(folder, backbone, open_cache(cfg, backbone), device, f.batch_size, f.workers, f.strict, progress,
                        **kw)
     emb.backbone = backbone

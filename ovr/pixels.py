@@ -4,14 +4,14 @@ path is part of the backbone's identity (cache key, model manifest), so embeddin
 - "pil": PIL decodes, the backbone's own transform resizes and normalises: every format; the reference.
 - "tensor": JPEGs are decoded by torchvision.io (libjpeg-turbo on CPU, bit-identical to PIL's decode on RGB,
   grayscale, CMYK, progressive and EXIF-rotated files; nvJPEG in batches on CUDA), then resized, cropped and
-  normalised by transforms.v2 on uint8 tensors (one bicubic resize of a 640x480 photo: 2,550/s against PIL's
-  334/s, one core). Other formats, JPEGs over MAX_PIXELS (PIL's draft mode), augmented views and files the JPEG
+  normalised by transforms.v2 on uint8 tensors (resize + crop of a 640x480 photo: 2,113/s against PIL's 303/s,
+  one core; benchmarks/results/embed_throughput.json). Other formats, JPEGs over MAX_PIXELS (PIL's draft mode), augmented views and files the JPEG
   decoder refuses are decoded by PIL and take the same tensor steps, so all of a run's images see one resize
   kernel. Inputs differ from the PIL path's by at most a gray level or two (the two bicubic kernels round
   differently); the embeddings' difference is in the README (benchmarks/embed_throughput.py).
 
 Why torchvision.io and not TorchCodec (which torchvision 0.29 points to): on this project's pinned torch both
-decode bit-identically at the same speed (1,030 vs 1,032 JPEGs/s, one core), and torchvision.io ships with the
+decode bit-identically at the same speed (1,042 vs 1,062 JPEGs/s, one core), and torchvision.io ships with the
 torchvision already required; TorchCodec would be a new dependency. `_decode_jpegs` is the one place to change.
 """
 from __future__ import annotations
@@ -27,40 +27,36 @@ from PIL import Image
 from .data import MAX_PIXELS, decode_image, describe_error
 from .errors import OvrError
 
-DECODES = ("auto", "pil", "tensor")
-
-
-def resolve_decode(decode: str, device: torch.device | str) -> str:
-    """'auto': the tensor path on CUDA, where decoding on the CPU is the whole limit (524 img/s fed to a model that
-    runs 6,584 img/s on an H100), PIL on CPU, where the forward pass is (the PIL pipeline reaches 0.97 of the raw
-    forward pass on 2 cores), so that existing CPU caches stay valid."""
-    if decode not in DECODES:
-        raise OvrError(f"decode must be one of {', '.join(DECODES)}, got {decode!r}")
-    if decode == "auto":
-        return "tensor" if torch.device(device).type == "cuda" else "pil"
-    return decode
-
-
 @dataclass
 class Preprocess:
-    """The backbone's transform split at the tensor boundary: PIL geometry (resize, crop), then mean/std."""
-    geometry: list  # PIL -> PIL callables
+    """The backbone's transform split at the tensor boundary: geometry (resize, crop), then mean/std. `decode`
+    says which resize reproduces the embeddings: PIL's (the "pil" path) or transforms.v2's on tensors."""
+    geometry: list  # PIL -> PIL callables (torchvision transforms, which also take tensors: tensor_geometry)
     size: int
     mean: list[float]
     std: list[float]
+    decode: str = "pil"
 
     def __call__(self, image: Image.Image) -> np.ndarray:
-        """PIL image -> uint8 [S, S, 3]: exactly the pixels the backbone's own transform turns into a tensor."""
+        """PIL image -> uint8 [S, S, 3]: exactly the pixels the path's own steps turn into the input tensor."""
         im = image.convert("RGB")
-        for t in self.geometry:
-            im = t(im)
-        arr = np.asarray(im, dtype=np.uint8)
+        if self.decode == "tensor":
+            from torchvision.transforms.v2.functional import pil_to_tensor
+
+            x = pil_to_tensor(im)
+            for t in self.tensor_geometry():
+                x = t(x)
+            arr = x.permute(1, 2, 0).numpy()
+        else:
+            for t in self.geometry:
+                im = t(im)
+            arr = np.asarray(im, dtype=np.uint8)
         if arr.shape != (self.size, self.size, 3):
             raise OvrError(f"preprocessing gave {arr.shape}, expected ({self.size}, {self.size}, 3)")
         return arr
 
     def metadata(self) -> dict:
-        return {"size": self.size, "mean": self.mean, "std": self.std,
+        return {"size": self.size, "mean": self.mean, "std": self.std, "decode": self.decode,
                 "geometry": " ".join(" ".join(repr(t).split()) for t in self.geometry)}
 
     def tensor_geometry(self) -> list:
@@ -76,7 +72,7 @@ class Preprocess:
         return out
 
 
-def split_transform(transform) -> Preprocess:
+def split_transform(transform, decode: str = "pil") -> Preprocess:
     """Read resize/crop and mean/std from a torchvision Compose (timm, tiny_cnn) or a torchvision weights preset."""
     import torchvision.transforms as T
 
@@ -84,7 +80,7 @@ def split_transform(transform) -> Preprocess:
         geometry = [T.Resize(transform.resize_size, interpolation=transform.interpolation,
                              antialias=transform.antialias), T.CenterCrop(transform.crop_size)]
         size = transform.crop_size[0]
-        return Preprocess(geometry, size, list(transform.mean), list(transform.std))
+        return Preprocess(geometry, size, list(transform.mean), list(transform.std), decode)
     steps = list(getattr(transform, "transforms", []))
     geometry, mean, std, size = [], None, None, None
     for t in steps:
@@ -100,7 +96,7 @@ def split_transform(transform) -> Preprocess:
             raise OvrError(f"cannot split this backbone's preprocessing step {name} into tensor steps")
     if mean is None or size is None:
         raise OvrError("cannot split this backbone's preprocessing: no centre crop or no normalisation found")
-    return Preprocess(geometry, size, mean, std)
+    return Preprocess(geometry, size, mean, std, decode)
 
 
 def _decode_jpegs(blobs: list[torch.Tensor], device: torch.device | str = "cpu", exif: bool = False) -> list[torch.Tensor]:
@@ -146,7 +142,7 @@ class Pixels:
         self.transform, self.decode, self.device = transform, decode, torch.device(device)
         self.batch_decode = (self.device.type == "cuda") if batch_decode is None else batch_decode
         if decode == "tensor":
-            self.prep = split_transform(transform)
+            self.prep = split_transform(transform, decode)
             self.geometry = self.prep.tensor_geometry()
 
     def _geometry(self, x: torch.Tensor) -> torch.Tensor:

@@ -105,22 +105,17 @@ class AllCached:
         return len(self.keys)
 
 
-def _no_gpu_here() -> bool:
-    """Certain that torch would pick the CPU for device 'auto': no NVIDIA driver (torch would need one)."""
-    return not Path("/proc/driver/nvidia").exists() and not any(Path("/dev").glob("nvidia[0-9]*"))
-
-
 def all_cached(paths: list[Path], features) -> AllCached | None:
     """Every image cached for this backbone, weights and decode path, told without torch; None when there is
-    work to do or only torch can tell (a remembered identity is missing; a GPU could be chosen; torchrun)."""
+    work to do or only torch can tell (a remembered identity is missing; an explicit CUDA device, which may not be
+    there; torchrun). The cache's namespace does not depend on the device, so 'auto' is answered here too."""
     t0 = time.perf_counter()
     f = features
     if os.environ.get("WORLD_SIZE", "1") != "1" or not paths:
         return None
-    cpu = f.device == "cpu" or (f.device == "auto" and _no_gpu_here())
-    if not cpu:
-        return None  # CUDA's availability (and so decode 'auto', and errors) is torch's to say
-    decode = "pil" if f.decode == "auto" else f.decode
+    if f.device not in ("cpu", "auto"):
+        return None  # whether that CUDA device exists is torch's to say (the full path fails in one line if not)
+    decode = f.decode_path
     memo_dir = f.cache_dir or default_cache_dir()
     ident = weights_identity(f.backbone, f.weights)
     m = recall(memo_dir, ident) if ident else None

@@ -37,7 +37,7 @@ def _parity(model: Path, onnx_path: Path, paths: list[Path]):
     pred = Predictor(model, "cpu")
     X, idx, _ = pred.embed(paths)
     ans = pred.model.answer(X)
-    prep = split_transform(pred.backbone.transform)
+    prep = split_transform(pred.backbone.transform, pred.backbone.decode)
     sess, meta = onnx_session(onnx_path)
     z, conf, cal, k = sess.run(None, {"images": np.stack([prep(load_image(p)) for p in paths])})
     assert json.loads(meta["ovr.classes"]) == pred.classes  # same label order

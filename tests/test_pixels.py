@@ -1,6 +1,7 @@
 """The decode paths (ovr.pixels): the tensor path matches PIL's within measured gray levels on every kind of file,
 the batched-decode branch a CUDA run takes (exercised here on CPU) agrees with per-file decoding, and the path is
 part of the cache key and the model."""
+import hashlib
 import io
 import json
 
@@ -53,7 +54,7 @@ def test_tensor_path_matches_pil_within_two_gray_levels(name):
 
     if not REGISTRY[name].available():
         pytest.skip(f"{name} weights not installed")
-    pil = load_backbone(name).pixels()
+    pil = load_backbone(name, decode="pil").pixels()
     ten = load_backbone(name, decode="tensor").pixels()
     std = min(ten.prep.std)
     for kind, data in _files().items():
@@ -108,10 +109,10 @@ def test_decode_path_is_part_of_the_cache_key_and_the_model(tmp_path, cache_dir)
     for p in list(data.rglob("*.png"))[:6]:  # half JPEGs (the tensor decoder), half PNGs (PIL, tensor resize)
         Image.open(p).convert("RGB").save(p.with_suffix(".jpg"), quality=95)
         p.unlink()
-    assert _embed(data, "--decode", "tensor")["embedded"] == 12
-    assert _embed(data)["embedded"] == 12  # PIL on CPU by default: its own namespace, nothing reused
+    assert _embed(data)["embedded"] == 12  # auto: the tensor path
+    assert _embed(data, "--decode", "pil")["embedded"] == 12  # its own namespace: nothing reused
     assert _embed(data, "--decode", "tensor")["embedded"] == 0
-    r = cli("train", data, "-o", tmp_path / "m", *TINY, "--decode", "tensor", "--epochs", "5")
+    r = cli("train", data, "-o", tmp_path / "m", *TINY, "--epochs", "5")
     assert r.exit_code == 0, r.output
     spec = json.loads((tmp_path / "m" / "manifest.json").read_text())["backbone"]
     assert spec["decode"] == "tensor"
@@ -147,10 +148,11 @@ def test_bad_decode_value_is_one_line(tmp_path):
 def test_models_from_before_the_decode_path_load_as_pil():
     from ovr.backbones import load_backbone, model_backbone
 
-    spec = load_backbone("tiny_cnn").spec()
+    spec = load_backbone("tiny_cnn", decode="pil").spec()
     del spec["decode"]
     assert model_backbone(spec).decode == "pil"
-    assert model_backbone(spec).key == load_backbone("tiny_cnn").key  # the PIL path kept its old cache key
+    old_key = hashlib.sha256(f"tiny_cnn\n{spec['fingerprint']}\n{spec['preprocess']}".encode()).hexdigest()
+    assert model_backbone(spec).key == old_key  # the PIL path kept the key it always had: old caches still serve
 
 
 def test_a_file_only_pil_can_read_in_a_device_batch_is_cropped_once():

@@ -43,8 +43,8 @@ def test_warm_embed_imports_no_torch_and_reports_what_the_full_path_does(tmp_pat
     make_image(data / "c1" / "new.png", 1, 99)  # one new image: the full path, which embeds just it
     again, imported = _embed(data, tmp_path / "c", tmp_path / "again.json")
     assert imported == "TORCH_IMPORTED" and again["embedded"] == 1 and again["cached"] == 12
-    tensor, _ = _embed(data, tmp_path / "c", tmp_path / "t.json", "--decode", "tensor")  # its own namespace
-    assert tensor["embedded"] == 13
+    pil, _ = _embed(data, tmp_path / "c", tmp_path / "p.json", "--decode", "pil")  # its own namespace
+    assert pil["embedded"] == 13
 
 
 def test_all_cached_steps_aside_when_unsure(tmp_path, monkeypatch):
@@ -68,7 +68,8 @@ def test_all_cached_steps_aside_when_unsure(tmp_path, monkeypatch):
     f = FeatureConfig(backbone="tiny_cnn", weights=str(weights), device="cpu", cache_dir=str(tmp_path / "c"))
     hit = all_cached(paths, f)
     assert hit is not None and hit.n_cached == 6 and hit.spec == bb.spec()
-    assert all_cached(paths, FeatureConfig(**{**f.__dict__, "decode": "tensor"})) is None  # not in that namespace
+    assert all_cached(paths, FeatureConfig(**{**f.__dict__, "decode": "pil"})) is None  # not in that namespace
+    assert all_cached(paths, FeatureConfig(**{**f.__dict__, "device": "auto"})) is not None  # same namespace
     assert all_cached(paths, FeatureConfig(**{**f.__dict__, "device": "cuda"})) is None  # torch must say
     monkeypatch.setenv("WORLD_SIZE", "2")
     assert all_cached(paths, f) is None  # torchrun: every rank must reach the barrier
