@@ -529,7 +529,8 @@ def info(
             return
         b = m["backbone"]
         console.print(f"[bold]{escape(str(model))}[/]: {len(m['classes'])} {m['head_type']} heads on [bold]{b['name']}[/] "
-                      f"(weights {b['weights']}, dim {b['dim']}, fingerprint {b['fingerprint'][:12]}), "
+                      f"(weights {b['weights']}, dim {b['dim']}, fingerprint {b['fingerprint'][:12]}, "
+                      f"decode {b.get('decode', 'pil')}), "
                       f"{m['examples']['count']} remembered examples, ovr {m['ovr_version']}", highlight=False)
         if any(h.get("trained_with") is None for h in m["heads"].values()):
             console.print("this model was written before ovr recorded which classes each head saw: they are inferred "

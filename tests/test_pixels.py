@@ -116,6 +116,7 @@ def test_decode_path_is_part_of_the_cache_key_and_the_model(tmp_path, cache_dir)
     assert r.exit_code == 0, r.output
     spec = json.loads((tmp_path / "m" / "manifest.json").read_text())["backbone"]
     assert spec["decode"] == "tensor"
+    assert "decode tensor" in " ".join(cli("info", tmp_path / "m").output.split())
     import ovr
 
     pred = ovr.load(tmp_path / "m", device="cpu")
