@@ -224,8 +224,9 @@ def _embed_missing(paths, keys, todo, backbone, cache, device, batch_size, worke
         for items, idx, bad in loader:
             if items:
                 xs, refused = pixels.batch(items)  # JPEGs a device decoder refused and PIL could not read
+                gone = {p for p, _ in refused}
                 bad = bad + [(idx[p], why) for p, why in refused]
-                idx = [j for p, j in enumerate(idx) if p not in {q for q, _ in refused}]
+                idx = [j for p, j in enumerate(idx) if p not in gone]
                 if idx:
                     pend.append(forward(backbone, xs, device).cpu())
                     pend_keys.extend(keys[order[j]] for j in idx)

@@ -170,3 +170,33 @@ def test_a_file_only_pil_can_read_in_a_device_batch_is_cropped_once():
     x, bad = px.batch([px.item(jpg), as_bytes])
     ref, _ = px.batch([px.item(jpg), px.item(png)])
     assert not bad and torch.equal(x, ref)
+
+
+def test_embedding_loop_on_the_batched_branch_skips_a_refused_file_and_keeps_the_rest(tmp_path):
+    """The loop a CUDA run takes (bytes out of the workers, decoded per batch), run on CPU by forcing the batched
+    branch: a JPEG the batch decoder and PIL both refuse is skipped with PIL's reason; the others match the
+    per-file tensor path's embeddings."""
+    import dataclasses
+
+    from ovr.backbones import Backbone, load_backbone
+    from ovr.cache import EmbeddingCache
+    from ovr.features import embed_paths
+
+    class Batched(Backbone):
+        def pixels(self, device="cpu", batch_decode=None):
+            return super().pixels(device, batch_decode=True)
+
+    bb = load_backbone("tiny_cnn", decode="tensor")
+    batched = Batched(**{f.name: getattr(bb, f.name) for f in dataclasses.fields(bb)})
+    good = [_save(_photo(64 + 8 * i, 48), "JPEG") for i in range(3)]
+    broken = good[0][: len(good[0]) // 2] + b"\xff\xd8\xff\xd8" + good[0][len(good[0]) // 2 + 4:]
+    paths = []
+    for i, data in enumerate([good[0], broken, good[1], good[2]]):
+        paths.append(tmp_path / f"{i}.jpg")
+        paths[-1].write_bytes(data)
+    r = embed_paths(paths, batched, EmbeddingCache(tmp_path / "c1", bb.key), torch.device("cpu"), batch_size=4,
+                    workers=0)
+    assert [p.name for p, _ in r.skipped] == ["1.jpg"] and "broken data stream" in r.skipped[0][1]
+    ref = embed_paths([paths[i] for i in (0, 2, 3)], bb, EmbeddingCache(tmp_path / "c2", bb.key),
+                      torch.device("cpu"), workers=0)
+    assert torch.equal(r.embeddings, ref.embeddings)
