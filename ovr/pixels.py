@@ -27,6 +27,9 @@ from PIL import Image
 from .data import MAX_PIXELS, decode_image, describe_error
 from .errors import OvrError
 
+MAX_ASPECT = 4  # see Preprocess.cut_box
+
+
 @dataclass
 class Preprocess:
     """The backbone's transform split at the tensor boundary: geometry (resize, crop), then mean/std. `decode`
@@ -37,9 +40,28 @@ class Preprocess:
     std: list[float]
     decode: str = "pil"
 
+    def cut_box(self, w: int, h: int) -> tuple[int, int, int, int] | None:
+        """(left, top, right, bottom) to cut a very elongated image to before the resize, or None. A 2 x 20,000
+        strip (a 158 KB PNG) resized to a short side of 256 becomes 256 x 2,560,000: 5 s and 3.4 GB in PIL. The
+        centre crop only ever sees the middle S/resize of the short side's length, so a long side over
+        MAX_ASPECT x the short one is cut to that first: the crop sees the same content (the resize grid shifts by
+        under an output pixel), and ordinary images are untouched."""
+        t = self.geometry[0] if self.geometry else None
+        size = getattr(t, "size", None) if type(t).__name__ == "Resize" else None
+        if not (isinstance(size, int) or (isinstance(size, (list, tuple)) and len(size) == 1)):
+            return None  # a fixed (h, w) resize squashes to a fixed size: nothing blows up
+        if max(w, h) <= MAX_ASPECT * min(w, h):
+            return None
+        keep = MAX_ASPECT * min(w, h)
+        if w > h:
+            return ((w - keep) // 2, 0, (w - keep) // 2 + keep, h)
+        return (0, (h - keep) // 2, w, (h - keep) // 2 + keep)
+
     def __call__(self, image: Image.Image) -> np.ndarray:
         """PIL image -> uint8 [S, S, 3]: exactly the pixels the path's own steps turn into the input tensor."""
         im = image.convert("RGB")
+        box = self.cut_box(*im.size)
+        im = im.crop(box) if box else im
         if self.decode == "tensor":
             from torchvision.transforms.v2.functional import pil_to_tensor
 
@@ -144,8 +166,16 @@ class Pixels:
         if decode == "tensor":
             self.prep = split_transform(transform, decode)
             self.geometry = self.prep.tensor_geometry()
+        else:
+            try:
+                self.prep = split_transform(transform, decode)  # for cut_box only
+            except OvrError:
+                self.prep = None  # a transform ovr cannot read: used as it is
 
     def _geometry(self, x: torch.Tensor) -> torch.Tensor:
+        box = self.prep.cut_box(x.shape[-1], x.shape[-2])
+        if box:
+            x = x[..., box[1]:box[3], box[0]:box[2]]
         for t in self.geometry:
             x = t(x)
         return x
@@ -157,7 +187,10 @@ class Pixels:
 
     def image(self, im: Image.Image) -> torch.Tensor:
         """An in-memory image -> an item."""
-        return self.transform(im.convert("RGB")) if self.decode == "pil" else self._from_pil(im)
+        if self.decode == "tensor":
+            return self._from_pil(im)
+        box = self.prep.cut_box(*im.size) if self.prep else None
+        return self.transform((im.crop(box) if box else im).convert("RGB"))
 
     def item(self, data: bytes, augment=None) -> torch.Tensor:
         """File bytes -> an item; augment: PIL image -> PIL image (augmented views always decode with PIL)."""

@@ -200,3 +200,47 @@ def test_embedding_loop_on_the_batched_branch_skips_a_refused_file_and_keeps_the
     ref = embed_paths([paths[i] for i in (0, 2, 3)], bb, EmbeddingCache(tmp_path / "c2", bb.key),
                       torch.device("cpu"), workers=0)
     assert torch.equal(r.embeddings, ref.embeddings)
+
+
+STRIP_RSS = """
+import io, resource, sys
+import numpy as np
+from PIL import Image
+from ovr.backbones import load_backbone
+im = Image.fromarray(np.random.default_rng(0).integers(0, 255, (1, 100_000, 3), dtype=np.uint8))
+b = io.BytesIO(); im.save(b, "PNG")
+px = load_backbone("tiny_cnn", decode=sys.argv[1]).pixels()
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+x = px.item(b.getvalue())
+assert tuple(x.shape) == (3, 32, 32)
+print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) // 1024)
+"""
+
+
+@pytest.mark.parametrize("decode", ["pil", "tensor"])
+def test_a_long_strip_is_cut_before_the_resize_not_blown_up(decode):
+    """A 1 x 100,000 strip (a small PNG) resized to a short side of 32 used to become 32 x 3,200,000 (300 MB of
+    pixels, 1.2 GB as floats) before the centre crop threw nearly all of it away."""
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-c", STRIP_RSS, decode], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert int(r.stdout.strip()) < 100  # MB of peak memory the image added
+
+
+def test_the_cut_leaves_ordinary_images_alone_and_export_cuts_alike():
+    from ovr.backbones import load_backbone
+
+    bb = load_backbone("tiny_cnn", decode="pil")
+    px = bb.pixels()
+    im = _photo(96, 72)  # 4:3
+    assert torch.equal(px.image(im), bb.transform(im))
+    strip = _photo(400, 40)  # 10:1: cut to 160 x 40 around the middle
+    assert px.prep.cut_box(400, 40) == (120, 0, 280, 40)
+    assert torch.equal(px.image(strip), bb.transform(strip.crop((120, 0, 280, 40))))
+    ten = load_backbone("tiny_cnn", decode="tensor")
+    crop = ten.pixels().image(strip).permute(1, 2, 0).numpy()
+    from ovr.pixels import split_transform
+
+    assert np.array_equal(split_transform(ten.transform, "tensor")(strip), crop)  # what export's users run
