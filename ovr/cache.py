@@ -15,6 +15,7 @@ import numpy as np
 from safetensors import safe_open
 
 from .atomic import atomic_write_bytes, check_writable
+from .data import describe_error
 from .errors import OvrError
 
 if TYPE_CHECKING:  # torch is imported where rows are read or written: a warm `ovr embed` only looks keys up
@@ -38,6 +39,22 @@ def atomic_save_safetensors(tensors: dict[str, torch.Tensor], path: Path, metada
 
 def content_key(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
+
+
+def hash_files(paths: list[Path], progress: Callable[[str, int, int], None] | None = None
+                ) -> tuple[list[str | None], list[tuple[Path, str]]]:
+    """Each file's content key (None and a reason for a file that cannot be read), torch-free."""
+    keys: list[str | None] = []
+    bad: list[tuple[Path, str]] = []
+    for i, p in enumerate(paths):
+        try:
+            keys.append(content_key(Path(p).read_bytes()))
+        except OSError as e:
+            keys.append(None)
+            bad.append((Path(p), describe_error(e)))
+        if progress and (i % 256 == 0 or i == len(paths) - 1):
+            progress("hash", i + 1, len(paths))
+    return keys, bad
 
 
 class EmbeddingCache:

@@ -228,9 +228,17 @@ def embed(
         cfg = _config(config, backbone=backbone, weights=weights, device=device, batch_size=batch_size,
                       workers=workers, cache_dir=cache_dir, strict=strict, dtype=dtype, decode=decode)
         folder = _early(data=data, cfg=cfg)
+        import os
+
+        from .cache import hash_files
         from .warm import all_cached
 
-        warm = all_cached(folder.paths, cfg.features)  # all cached: answered without importing torch (~1.8 s)
+        if os.environ.get("RANK", "0") == "0":  # each file read and hashed once: for the check below and the embedding
+            with progress_bar() as cb:
+                hashed = hash_files(folder.paths, cb)
+        else:
+            hashed = hash_files(folder.paths)
+        warm = all_cached(folder.paths, cfg.features, hashed)  # all cached: answered without importing torch (~1.8 s)
         if warm is not None:
             from .report import summary_of
 
@@ -249,9 +257,9 @@ def embed(
         try:
             if rank == 0:
                 with progress_bar() as cb:
-                    emb = embed_data(folder, cfg, progress=cb, gather=False, rank=rank, world=world)
+                    emb = embed_data(folder, cfg, progress=cb, gather=False, rank=rank, world=world, hashed=hashed)
             else:
-                emb = embed_data(folder, cfg, gather=False, rank=rank, world=world)
+                emb = embed_data(folder, cfg, gather=False, rank=rank, world=world, hashed=hashed)
         finally:
             distributed.teardown()
         if rank != 0:

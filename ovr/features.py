@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from .backbones import Backbone
-from .cache import EmbeddingCache, content_key
+from .cache import EmbeddingCache, hash_files
 from .data import ImageFolder, describe_error
 from .errors import OvrError
 from .pixels import Pixels
@@ -54,20 +54,6 @@ class EmbedResult:
     n_cached: int = 0
     n_new: int = 0
     seconds: float = 0.0
-
-
-def hash_files(paths: list[Path], progress: Progress | None = None) -> tuple[list[str | None], list[tuple[Path, str]]]:
-    keys: list[str | None] = []
-    bad: list[tuple[Path, str]] = []
-    for i, p in enumerate(paths):
-        try:
-            keys.append(content_key(Path(p).read_bytes()))
-        except OSError as e:
-            keys.append(None)
-            bad.append((Path(p), describe_error(e)))
-        if progress and (i % 256 == 0 or i == len(paths) - 1):
-            progress("hash", i + 1, len(paths))
-    return keys, bad
 
 
 def default_workers(workers: int, device: torch.device | str = "cpu") -> int:
@@ -119,18 +105,20 @@ def keys_in(cache: EmbeddingCache, keys: list[str | None]) -> list[bool]:
 def embed_paths(paths: list[Path], backbone: Backbone, cache: EmbeddingCache, device: torch.device,
                 batch_size: int = 64, workers: int = -1, strict: bool = False, progress: Progress | None = None,
                 shard_size: int = SHARD_SIZE, flush_seconds: float | None = None, *, gather: bool = True,
-                rank: int = 0, world: int = 1) -> EmbedResult:
+                rank: int = 0, world: int = 1,
+                hashed: tuple[list[str | None], list[tuple[Path, str]]] | None = None) -> EmbedResult:
     """Embed what the cache lacks (a shard every shard_size images or flush_seconds), then gather all rows on
     device (gather=False: only count them; `ovr embed` reports a summary and needs no rows). Another process
     embedding into the same cache is waited for; then only what it left is embedded. Under torchrun (world > 1)
-    this rank embeds every world-th missing content (by key order), and all ranks meet before the gather."""
+    this rank embeds every world-th missing content (by key order), and all ranks meet before the gather.
+    hashed: hash_files(paths) when the caller has it already (`ovr embed` hashes once for its warm check)."""
     t0 = time.perf_counter()
     if flush_seconds is None:
         flush_seconds = float(os.environ.get("OVR_FLUSH_SECONDS", FLUSH_SECONDS))
     paths = [Path(p) for p in paths]
     if world > 1 and os.environ.get("OVR_TEST_RANK_DELAY", "").startswith(f"{rank}:"):  # test hook: a late rank
         time.sleep(float(os.environ["OVR_TEST_RANK_DELAY"].split(":")[1]))
-    keys, skipped = hash_files(paths, progress)
+    keys, skipped = (list(hashed[0]), list(hashed[1])) if hashed is not None else hash_files(paths, progress)
     failed: dict[int, str] = {}
     todo = _todo(keys, cache)
     n_todo = len(todo)

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Callable
 
 from .atomic import atomic_write_bytes
-from .cache import EmbeddingCache, content_key, default_cache_dir
+from .cache import EmbeddingCache, default_cache_dir, hash_files
 
 MEMO = "backbones.json"
 
@@ -55,25 +55,24 @@ def weights_identity(name: str, weights: str, default_path: Callable[[], str | N
     return f"{name}|{os.path.abspath(path)}|{st.st_size}|{st.st_mtime_ns}|torch {torch_version()}"
 
 
-def recall(memo_dir: str | Path, ident: str) -> dict | None:
+def _memo(memo_dir: str | Path) -> dict:
     try:
         memo = json.loads((Path(memo_dir) / MEMO).read_text())
     except (OSError, json.JSONDecodeError, UnicodeDecodeError):
-        return None
-    m = memo.get(ident) if isinstance(memo, dict) else None
+        return {}
+    return memo if isinstance(memo, dict) else {}
+
+
+def recall(memo_dir: str | Path, ident: str) -> dict | None:
+    m = _memo(memo_dir).get(ident)
     return m if isinstance(m, dict) and {"dim", "fingerprint", "preprocess"} <= m.keys() else None
 
 
 def remember(memo_dir: str | Path, ident: str, entry: dict) -> None:
-    path = Path(memo_dir) / MEMO
-    try:
-        memo = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError, UnicodeDecodeError):
-        memo = {}
-    memo = memo if isinstance(memo, dict) else {}
+    memo = _memo(memo_dir)
     memo[ident] = entry
     try:
-        atomic_write_bytes(path, json.dumps(memo, indent=1).encode())
+        atomic_write_bytes(Path(memo_dir) / MEMO, json.dumps(memo, indent=1).encode())
     except OSError:
         pass  # a read-only cache: the identity is only a shortcut, recomputed next time
 
@@ -105,10 +104,11 @@ class AllCached:
         return len(self.keys)
 
 
-def all_cached(paths: list[Path], features) -> AllCached | None:
+def all_cached(paths: list[Path], features, hashed: tuple[list, list] | None = None) -> AllCached | None:
     """Every image cached for this backbone, weights and decode path, told without torch; None when there is
     work to do or only torch can tell (a remembered identity is missing; an explicit CUDA device, which may not be
-    there; torchrun). The cache's namespace does not depend on the device, so 'auto' is answered here too."""
+    there; torchrun). The cache's namespace does not depend on the device, so 'auto' is answered here too.
+    hashed: hash_files(paths), if the caller has it (and hands it on to the embedding when this says None)."""
     t0 = time.perf_counter()
     f = features
     if os.environ.get("WORLD_SIZE", "1") != "1" or not paths:
@@ -121,9 +121,8 @@ def all_cached(paths: list[Path], features) -> AllCached | None:
     m = recall(memo_dir, ident) if ident else None
     if m is None:
         return None
-    try:
-        keys = [content_key(Path(p).read_bytes()) for p in paths]
-    except OSError:
+    keys, bad = hashed if hashed is not None else hash_files(paths)
+    if bad:
         return None  # the full path says which file and why
     cache = EmbeddingCache(memo_dir, cache_key(f.backbone, m["fingerprint"], m["preprocess"], decode))
     if not all(cache.contains(keys)):
