@@ -42,8 +42,8 @@ class FeatureConfig:
     def decode_path(self) -> str:
         """'auto' is the tensor path on every device (ovr.pixels). On CUDA, CPU decoding was the whole limit (524
         img/s fed to a model that runs 6,584 on an H100); on 2 CPU cores with the forward pass on both, decoding
-        runs in the main process and the PIL path reached 0.75 of the raw forward pass against the tensor path's
-        0.88 (benchmarks/results/embed_throughput.json). Not tied to the device, so a cache's namespace is too."""
+        runs in the main process and the PIL path reached 0.77 of the raw forward pass against the tensor path's
+        0.87 (benchmarks/results/embed_throughput.json). Not tied to the device, so a cache's namespace is too."""
         return "tensor" if self.decode == "auto" else self.decode
 
 

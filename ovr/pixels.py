@@ -19,6 +19,7 @@ from __future__ import annotations
 import io
 import warnings
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 import torch
@@ -34,7 +35,7 @@ MAX_ASPECT = 4  # see Preprocess.cut_box
 class Preprocess:
     """The backbone's transform split at the tensor boundary: geometry (resize, crop), then mean/std. `decode`
     says which resize reproduces the embeddings: PIL's (the "pil" path) or transforms.v2's on tensors."""
-    geometry: list  # PIL -> PIL callables (torchvision transforms, which also take tensors: tensor_geometry)
+    geometry: list  # PIL -> PIL callables (torchvision transforms; _tensor_steps: their twins on tensors)
     size: int
     mean: list[float]
     std: list[float]
@@ -57,18 +58,26 @@ class Preprocess:
             return ((w - keep) // 2, 0, (w - keep) // 2 + keep, h)
         return (0, (h - keep) // 2, w, (h - keep) // 2 + keep)
 
+    def cut_pil(self, im: Image.Image) -> Image.Image:
+        box = self.cut_box(*im.size)
+        return im.crop(box) if box else im
+
+    def crop_tensor(self, x: torch.Tensor) -> torch.Tensor:
+        """uint8 [C, H, W] (any device) -> the cut, resize and crop on tensors: the tensor path's geometry."""
+        box = self.cut_box(x.shape[-1], x.shape[-2])
+        if box:
+            x = x[..., box[1]:box[3], box[0]:box[2]]
+        for t in self._tensor_steps:
+            x = t(x)
+        return x
+
     def __call__(self, image: Image.Image) -> np.ndarray:
         """PIL image -> uint8 [S, S, 3]: exactly the pixels the path's own steps turn into the input tensor."""
-        im = image.convert("RGB")
-        box = self.cut_box(*im.size)
-        im = im.crop(box) if box else im
+        im = self.cut_pil(image.convert("RGB"))
         if self.decode == "tensor":
             from torchvision.transforms.v2.functional import pil_to_tensor
 
-            x = pil_to_tensor(im)
-            for t in self.tensor_geometry():
-                x = t(x)
-            arr = x.permute(1, 2, 0).numpy()
+            arr = self.crop_tensor(pil_to_tensor(im)).permute(1, 2, 0).numpy()
         else:
             for t in self.geometry:
                 im = t(im)
@@ -81,7 +90,8 @@ class Preprocess:
         return {"size": self.size, "mean": self.mean, "std": self.std, "decode": self.decode,
                 "geometry": " ".join(" ".join(repr(t).split()) for t in self.geometry)}
 
-    def tensor_geometry(self) -> list:
+    @cached_property
+    def _tensor_steps(self) -> list:
         """The same resize and crop as transforms.v2 steps on uint8 [C, H, W] tensors (any device)."""
         from torchvision.transforms import v2
 
@@ -163,22 +173,15 @@ class Pixels:
             raise OvrError(f"decode must be pil or tensor here, got {decode!r}")
         self.transform, self.decode, self.device = transform, decode, torch.device(device)
         self.batch_decode = (self.device.type == "cuda") if batch_decode is None else batch_decode
-        if decode == "tensor":
-            self.prep = split_transform(transform, decode)
-            self.geometry = self.prep.tensor_geometry()
-        else:
-            try:
-                self.prep = split_transform(transform, decode)  # for cut_box only
-            except OvrError:
-                self.prep = None  # a transform ovr cannot read: used as it is
+        try:
+            self.prep = split_transform(transform, decode)  # the PIL path uses it for cut_box only
+        except OvrError:
+            if decode == "tensor":
+                raise
+            self.prep = None  # a transform ovr cannot read: used as it is
 
     def _geometry(self, x: torch.Tensor) -> torch.Tensor:
-        box = self.prep.cut_box(x.shape[-1], x.shape[-2])
-        if box:
-            x = x[..., box[1]:box[3], box[0]:box[2]]
-        for t in self.geometry:
-            x = t(x)
-        return x
+        return self.prep.crop_tensor(x)
 
     def _from_pil(self, im: Image.Image) -> torch.Tensor:
         from torchvision.transforms.v2.functional import pil_to_tensor
@@ -189,8 +192,7 @@ class Pixels:
         """An in-memory image -> an item."""
         if self.decode == "tensor":
             return self._from_pil(im)
-        box = self.prep.cut_box(*im.size) if self.prep else None
-        return self.transform((im.crop(box) if box else im).convert("RGB"))
+        return self.transform((self.prep.cut_pil(im) if self.prep else im).convert("RGB"))
 
     def item(self, data: bytes, augment=None) -> torch.Tensor:
         """File bytes -> an item; augment: PIL image -> PIL image (augmented views always decode with PIL)."""
