@@ -1,11 +1,14 @@
 """Growing a model one class at a time, through the same `Model` that `ovr add-class` uses, in one run:
 
 (1) leave-one-class-out: for each class, train on the others, add it (one head), evaluate on all classes; the gap
-    to joint training, for three answers side by side: plain argmax, the guarded chain (what ovr answers), and
-    `refresh` of the confused old heads (which retrains them). Old-class accuracy and new-class recall separately.
+    to joint training, for answers side by side: plain argmax, the guarded chain (what ovr answers; its gate a
+    softmax regression at these sizes), the chain with the LDA gate that ovr used before (and uses past
+    aggregate.GATE_SOFTMAX_MAX), and `refresh` of the confused old heads (which retrains them). Old-class accuracy
+    and new-class recall separately.
 (2) sequential growth: start with 2 classes and add the rest one at a time, 3 class orders; the gap to a joint
-    model of the same classes at every step.
-(3) scaling: time to add one head vs training all N heads, N = 10, 100, 1000 (synthetic, one L2 strength).
+    model of the same classes at every step, for the same answers but refresh.
+(3) scaling: time to add one class (its head, then the gate) vs training all N heads, N = 10, 100, 1000
+    (synthetic, one L2 strength).
 Datasets: digits and photos (benchmarks/datasets.py), EfficientNet-Lite0 embeddings.
 
     python benchmarks/add_class.py [--device cpu|cuda] [--sizes 10 100 1000] [--datasets digits photos]
@@ -24,6 +27,7 @@ import numpy as np
 import torch
 
 import datasets
+from ovr import aggregate
 from ovr.config import TrainConfig
 from ovr.model import Model
 from ovr.runtime import resolve_device
@@ -46,19 +50,28 @@ def subset(X, y, keep: list[int]):
     return X[rows.to(X.device)], pos[y][rows]
 
 
-def add(m: Model, name: str, X, y, Xv, yv) -> tuple[Model, float]:
+def add(m: Model, name: str, X, y, Xv, yv) -> tuple[Model, dict]:
     """`ovr add-class` on the in-memory model: one new head on all the rows, then the gate. Returns its seconds."""
     m = copy.deepcopy(m)
     m.classes.append(name)
     t0 = time.perf_counter()
     m.fit_heads([name], X, y, Xv, yv, SETTINGS)
-    seconds = time.perf_counter() - t0
+    t1 = time.perf_counter()
     m.rebuild_gate(X, y, Xv, yv)
-    return m, seconds
+    t2 = time.perf_counter()
+    return m, {"head_s": t1 - t0, "gate_s": t2 - t1, "total_s": t2 - t0}
+
+
+def with_lda_gate(m: Model, X, y, Xv, yv, Xt) -> np.ndarray:
+    """The guarded chain's answers with the gate ovr used before: a shrinkage LDA."""
+    r = copy.copy(m)
+    r.gate = aggregate.fit_gate(X, y, Xv, yv, m.classes, method="lda")
+    return r.answer(Xt).index
 
 
 def answers(m: Model, X, y, Xv, yv, Xt) -> dict[str, np.ndarray]:
-    out = {"argmax": m.answer(Xt).logits.argmax(1), "guarded": m.answer(Xt).index}
+    out = {"argmax": m.answer(Xt).logits.argmax(1), "guarded": m.answer(Xt).index,
+           "guarded_lda": with_lda_gate(m, X, y, Xv, yv, Xt)}
     r = copy.deepcopy(m)
     confused = sorted(r.confused_heads(torch.cat([X, Xv]), torch.cat([y, yv])))
     if confused:
@@ -66,6 +79,9 @@ def answers(m: Model, X, y, Xv, yv, Xt) -> dict[str, np.ndarray]:
         r.rebuild_gate(X, y, Xv, yv)
     out["refresh"] = r.answer(Xt).index
     return out
+
+
+RULES = ("argmax", "guarded", "guarded_lda", "refresh")
 
 
 def stat(v) -> dict:
@@ -98,12 +114,12 @@ def leave_one_out(arrays, classes, dev) -> dict:
                          "new_recall": float((pred[new] == K - 1).mean())}
         rows.append(res)
         print(f"  add {classes[k]:>22}: " + ", ".join(f"{r} {100 * (res[r]['accuracy'] - acc_joint):+.2f}"
-                                                      for r in ("argmax", "guarded", "refresh")) + " pts", flush=True)
+                                                      for r in RULES) + " pts", flush=True)
     summary = {r: {"gap_points": stat([100 * (x[r]["accuracy"] - acc_joint) for x in rows]),
                    "new_recall": stat([x[r]["new_recall"] for x in rows]),
-                   "old_accuracy": stat([x[r]["old_accuracy"] for x in rows])} for r in ("argmax", "guarded", "refresh")}
+                   "old_accuracy": stat([x[r]["old_accuracy"] for x in rows])} for r in RULES}
     return {"joint_accuracy": acc_joint, "summary": summary, "per_class": rows,
-            "add_seconds": stat([x["add_seconds"] for x in rows])}
+            "add_seconds": {k: stat([x["add_seconds"][k] for x in rows]) for k in rows[0]["add_seconds"]}}
 
 
 def sequential(arrays, classes, dev, orders: int = 3) -> dict:
@@ -126,14 +142,19 @@ def sequential(arrays, classes, dev, orders: int = 3) -> dict:
             a = m.answer(Xta)
             steps.append({"classes": n, "joint": float((joint.answer(Xta).index == yta).mean()),
                           "argmax": float((a.logits.argmax(1) == yta).mean()),
-                          "guarded": float((a.index == yta).mean())})
+                          "guarded": float((a.index == yta).mean()),
+                          "guarded_lda": float((with_lda_gate(m, Xa, ya, Xva, yva, Xta) == yta).mean())})
         last = steps[-1]
-        print(f"  order {seed}: final joint {last['joint']:.4f}, argmax {100 * (last['argmax'] - last['joint']):+.2f}, "
-              f"guarded {100 * (last['guarded'] - last['joint']):+.2f} pts; worst guarded step "
-              f"{min(100 * (s['guarded'] - s['joint']) for s in steps):+.2f}", flush=True)
+        print(f"  order {seed}: final joint {last['joint']:.4f}, " + ", ".join(
+            f"{r} {100 * (last[r] - last['joint']):+.2f}" for r in SEQ_RULES) + " pts; worst step " + ", ".join(
+            f"{r} {min(100 * (s[r] - s['joint']) for s in steps):+.2f}" for r in SEQ_RULES[1:]), flush=True)
         runs.append({"order": names, "steps": steps})
-    final = {r: stat([100 * (run["steps"][-1][r] - run["steps"][-1]["joint"]) for run in runs]) for r in ("argmax", "guarded")}
-    return {"runs": runs, "final_gap_points": final}
+    final = {r: stat([100 * (run["steps"][-1][r] - run["steps"][-1]["joint"]) for run in runs]) for r in SEQ_RULES}
+    worst = {r: stat([min(100 * (s[r] - s["joint"]) for s in run["steps"]) for run in runs]) for r in SEQ_RULES}
+    return {"runs": runs, "final_gap_points": final, "worst_step_gap_points": worst}
+
+
+SEQ_RULES = ("argmax", "guarded", "guarded_lda")
 
 
 def scaling(sizes: list[int], dev, per_class: int = 20, dim: int = 512) -> list[dict]:
@@ -152,15 +173,14 @@ def scaling(sizes: list[int], dev, per_class: int = 20, dim: int = 512) -> list[
             t0 = time.perf_counter()
             fit(names, X, y, Xv, yv, names)
             full = time.perf_counter() - t0
-            base = Model({"dim": dim}, "standardize", "linear", names[:-1])
-            t0 = time.perf_counter()
-            base.classes.append(names[-1])
-            base.fit_heads([names[-1]], X, y, Xv, yv, SETTINGS)
-            one = time.perf_counter() - t0
-            r = {"classes": N, "rows": len(y), "full_s": full, "add_one_s": one, "speedup": full / one,
-                 "target_speedup": N / 2}
-            print(f"  N={N:5d}: all heads {full:7.2f} s, one head {one:6.3f} s -> {full / one:6.1f}x (target N/2)",
-                  flush=True)
+            base = fit(names[:-1], *subset(X, y, list(range(N - 1))), *subset(Xv, yv, list(range(N - 1))), names[:-1])
+            grown, secs = add(base, names[-1], X, y, Xv, yv)
+            one, total = secs["head_s"], secs["total_s"]
+            r = {"classes": N, "rows": len(y), "full_s": full, "add_one_s": one, "gate_s": secs["gate_s"],
+                 "gate_method": grown.gate.method, "add_class_s": total, "speedup": full / one,
+                 "speedup_with_gate": full / total, "target_speedup": N / 2}
+            print(f"  N={N:5d}: all heads {full:7.2f} s, one head {one:6.3f} s -> {full / one:6.1f}x (target N/2); "
+                  f"with the gate ({grown.gate.method}, {secs['gate_s']:.2f} s) {full / total:6.1f}x", flush=True)
             out.append(r)
     finally:
         SETTINGS = saved

@@ -525,7 +525,7 @@ def info(
 ) -> None:
     """The model's backbone and a table of its heads (from the manifest; --verify checks the files too)."""
     with user_errors():
-        from .manifest import read_manifest
+        from .manifest import GATE_METHODS, read_manifest
 
         m = read_manifest(model)
         if verify:
@@ -562,7 +562,8 @@ def info(
                       highlight=False)
         if m.get("gate"):
             console.print("some heads never saw some classes (saw < all): answers go through the guarded chain and "
-                          f"its gate ({escape(m['gate']['file'])})", highlight=False)
+                          f"its gate ({GATE_METHODS.get(m['gate'].get('method', 'lda'), '?')}, {escape(m['gate']['file'])})",
+                          highlight=False)
 
 
 @app.command()

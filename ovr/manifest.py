@@ -114,6 +114,7 @@ def read_manifest(root: str | Path) -> dict:
 
 
 _NUM = (int, float)
+GATE_METHODS = {"softmax": "a softmax regression on the embeddings", "lda": "a shrinkage LDA on the embeddings"}
 _RECORD_KEYS = set(HeadRecord.__dataclass_fields__) | {"file", "sha256", "best_epoch"}
 _HEAD_KEYS = {"file": str, "sha256": str, "threshold": _NUM, "positives": int, "negatives": int, "l2": _NUM,
               "calibration": dict}
@@ -153,6 +154,11 @@ def manifest_problem(m: dict) -> str | None:
     g = m.get("gate")
     if g is not None and not (isinstance(g, dict) and isinstance(g.get("file"), str) and isinstance(g.get("classes"), list)):
         return "the gate entry has no file or classes"
+    if g is not None:
+        strength = g.get("strength", g.get("shrinkage"))  # "shrinkage": gates written before the softmax gate
+        if not (isinstance(strength, _NUM) and isinstance(g.get("temperature"), _NUM)
+                and g.get("method", "lda") in GATE_METHODS):
+            return "the gate entry has no valid method, strength or temperature"
     if not isinstance(m.get("config", {}), dict):
         return "config is not a table"
     return None

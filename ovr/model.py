@@ -176,10 +176,7 @@ class Model:
             if not self.grown():
                 self.gate = None
             elif name in self.gate.classes:
-                keep = [i for i, c in enumerate(self.gate.classes) if c != name]
-                g = self.gate
-                self.gate = aggregate.Gate([g.classes[i] for i in keep], g.weight[keep], g.bias[keep], g.shrinkage,
-                                           g.temperature)
+                self.gate = self.gate.without(name)
 
 
 @dataclass

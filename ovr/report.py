@@ -254,8 +254,8 @@ def write_bench_report(rep: dict, out: str | Path) -> Path:
            "- *NLL*, *ECE*: quality of the confidences. OvR confidences are per-head sigmoids normalised per row "
            "(as scikit-learn's OneVsRestClassifier does); *ECE cal* is after calibration on the val split "
            "(per-head Platt for OvR methods, one temperature for softmax methods).",
-           "- *add-class s*: time to go from N-1 to N classes: one new head for OvR methods, a full retrain for "
-           "softmax ones; *acc after add* is the test accuracy of that grown model (OvR: the guarded chain).",
+           "- *add-class s*: time to go from N-1 to N classes: one new head for OvR methods (for ovr, with the "
+           "gate of its guarded chain rebuilt), a full retrain for softmax ones; *acc after add* is the test accuracy of that grown model (OvR: the guarded chain).",
            "- *imbalance*: odd classes keep a fraction of their training images; *few-shot*: k training images per class.",
            "- *views* (with `--views K`): ovr and softmax trained on each training image plus K augmented views of it; "
            "*acc TTA*: test accuracy with logits averaged over each test image and K augmented views of it.",

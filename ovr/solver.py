@@ -6,6 +6,7 @@ them, so a column's answer does not depend on which other columns were solved be
   column, solved to a gradient tolerance by a per-column L-BFGS. All columns share two GEMMs per iteration
   (logits of the search directions X @ P, and the gradient X^T R); the line search needs no matmul at all, since
   the logits move linearly along the step (z + a * X p): a few 1-D Newton steps per column find the exact step.
+- `softmax_lbfgs`: one multinomial logistic regression (a grown model's gate), by the same L-BFGS and line search.
 - `adam_columns`: minibatch Adam with per-column early stopping, for MLP heads and the softmax baseline's MLP.
 """
 from __future__ import annotations
@@ -202,6 +203,90 @@ def logistic_lbfgs(X: torch.Tensor, T: torch.Tensor, pos_weight: torch.Tensor, l
         theta, f, g, z = new_theta, new_f, new_g, new_z
         it = it + active.long()
     return LogisticSolution(out_theta[:, :D], out_theta[:, D], out_iter, out_g, out_f, time.perf_counter() - t0)
+
+
+def softmax_lbfgs(X: torch.Tensor, y: torch.Tensor, weights: torch.Tensor, K: int, l2: float, *,
+                  init: torch.Tensor | None = None, tol: float = 1e-5, max_iter: int = 1000, memory: int = 10,
+                  dtype: torch.dtype = torch.float64, matmul_dtype: torch.dtype = torch.float32
+                  ) -> tuple[torch.Tensor, int, float]:
+    """Minimise f(theta) = sum_i weights_i * CE(x_i W^T + b, y_i) + l2 / 2 * (|W|^2 + |b|^2), theta = [W | b]
+    [K, D + 1]: one multinomial logistic regression (the grown model's gate). The bias is penalised too, so a class
+    without rows keeps a finite bias and the problem stays strictly convex: one optimum, whatever `init`. L-BFGS with
+    logistic_lbfgs's exact line search (the logits move linearly along a step: 1-D Newton steps are elementwise work,
+    two GEMMs per iteration) and its precision split (iterate and sums in `dtype`, [n, K] work in `matmul_dtype`).
+    Returns (theta, iterations, max |gradient|). torch.optim.LBFGS was tried first: constructing any torch.optim
+    optimizer imports torch._dynamo (1.2-1.6 s, once per process), longer than the whole fit."""
+    dev, wd = X.device, matmul_dtype
+    Xm = X.to(wd)
+    n, D = X.shape
+    Y = F.one_hot(y.to(dev), K).to(wd)
+    w = weights.to(dev, wd)
+    theta = torch.zeros(K, D + 1, dtype=dtype, device=dev) if init is None else init.to(dev, dtype).clone()
+
+    def logits(th: torch.Tensor) -> torch.Tensor:
+        return torch.addmm(th[:, D].to(wd), Xm, th[:, :D].T.to(wd))
+
+    def objective(th: torch.Tensor, z: torch.Tensor) -> tuple[float, torch.Tensor]:
+        f = (w * (torch.logsumexp(z, 1) - (z * Y).sum(1))).sum(dtype=dtype) + 0.5 * l2 * _dot(th.flatten(), th.flatten())
+        r = (torch.softmax(z, 1) - Y) * w[:, None]
+        return float(f), torch.cat([(r.T @ Xm).to(dtype), r.sum(0, dtype=dtype)[:, None]], 1) + l2 * th
+
+    z = logits(theta)
+    f, g = objective(theta, z)
+    pairs: list[tuple[torch.Tensor, torch.Tensor, float]] = []  # (s, y, 1 / s.y), oldest first
+    ftol, flat, it = 4 * torch.finfo(wd).eps, 0, 0
+    wy = w[:, None] * Y
+    for it in range(max_iter):
+        gnorm = float(g.abs().max())
+        if gnorm <= tol or (flat >= 3 and gnorm <= 10 * tol):  # the float32 floor, as in logistic_lbfgs
+            break
+        q, alphas = g.clone(), []
+        for s_, y_, rho in reversed(pairs):
+            a = rho * float(_dot(s_.flatten(), q.flatten()))
+            q -= a * y_
+            alphas.append(a)
+        if pairs:
+            s_, y_, _ = pairs[-1]
+            q *= float(_dot(s_.flatten(), y_.flatten()) / _dot(y_.flatten(), y_.flatten()))
+        for (s_, y_, rho), a in zip(pairs, reversed(alphas)):
+            q += (a - rho * float(_dot(y_.flatten(), q.flatten()))) * s_
+        p = -q
+        if float(_dot(g.flatten(), p.flatten())) >= 0:  # not a descent direction (rounding): steepest descent
+            p, pairs = -g, []
+        zp = logits(p)
+        tp, pp = float(_dot(theta.flatten(), p.flatten())), float(_dot(p.flatten(), p.flatten()))
+        wzpy = float((wy * zp).sum(dtype=dtype))
+        wzp2 = w[:, None] * zp * zp
+        a, lo, hi = 1.0, 0.0, float("inf")
+        for _ in range(LINE_SEARCH_STEPS):  # phi(a) = f(theta + a p) is convex: Newton in a, kept in [lo, hi]
+            P = torch.softmax(torch.add(z, zp, alpha=a), 1)
+            pz = (P * zp).sum(1)
+            d1 = float((w * pz).sum(dtype=dtype)) - wzpy + l2 * (tp + a * pp)
+            d2 = float((P * wzp2).sum(dtype=dtype) - (pz * pz * w).sum(dtype=dtype)) + l2 * pp
+            lo, hi = (a, hi) if d1 < 0 else (lo, a)
+            nxt = a - d1 / d2 if d2 > 0 else a
+            if not lo <= nxt <= hi:
+                nxt = (lo + hi) / 2 if hi < float("inf") else 2 * a
+            settled = abs(nxt - a) <= LINE_SEARCH_RTOL * max(abs(a), 1.0)
+            a = nxt
+            if settled:
+                break
+        for step in (a, lo):  # lo: the longest step known to descend, if the bracket failed to close
+            new_theta = theta + step * p
+            new_z = torch.add(z, zp, alpha=step)
+            new_f, new_g = objective(new_theta, new_z)
+            if new_f <= f + 1e-6 * abs(f) + 1e-12:
+                break
+        else:  # no progress along p: forget the curvature pairs and try steepest descent next
+            pairs = []
+            continue
+        s_, y_ = new_theta - theta, new_g - g
+        sy = float(_dot(s_.flatten(), y_.flatten()))
+        if sy > 1e-10 * float(_dot(y_.flatten(), y_.flatten())):
+            pairs = (pairs + [(s_, y_, 1.0 / sy)])[-memory:]
+        flat = flat + 1 if f - new_f <= ftol * max(abs(f), abs(new_f)) else 0
+        theta, f, g, z = new_theta, new_f, new_g, new_z
+    return theta, it, float(g.abs().max())
 
 
 def weighted_bce(z: torch.Tensor, T: torch.Tensor, pos_weight: torch.Tensor) -> torch.Tensor:

@@ -75,7 +75,7 @@ def _write_files(model: Model, root: Path, changed: set[str] | None, old: dict |
         data = st_save({"weight": g.weight.contiguous().float(), "bias": g.bias.contiguous().float()},
                        metadata={"ovr-gate": json.dumps(g.classes, ensure_ascii=False)})
         gate = {"file": _blob(data, root, "gate", ".safetensors"), "sha256": _sha(data), "classes": list(g.classes),
-                "shrinkage": g.shrinkage, "temperature": g.temperature}
+                "method": g.method, "strength": g.strength, "temperature": g.temperature}
     return {
         "schema_version": SCHEMA_VERSION, "ovr_version": __version__, "created": model.created, "updated": now(),
         "backbone": model.backbone, "head_type": model.head_type, "calibration": model.calibration,
@@ -217,7 +217,8 @@ def _load_files(root: Path, m: dict) -> Model:
     if m.get("gate"):
         g = m["gate"]
         t = st_load(_read_verified(root, g["file"], g["sha256"], "gate"))
-        gate = Gate(list(g["classes"]), t["weight"], t["bias"], float(g["shrinkage"]), float(g["temperature"]))
+        method, strength = (g["method"], g["strength"]) if "method" in g else ("lda", g["shrinkage"])  # written before the softmax gate
+        gate = Gate(list(g["classes"]), t["weight"], t["bias"], method, float(strength), float(g["temperature"]))
     return Model(m["backbone"], m["normalize"], m["head_type"], list(m["classes"]), heads, records, examples,
                  m.get("calibration", "platt"), m.get("config", {}), m["created"], gate)
 

@@ -12,7 +12,7 @@ from sklearn.preprocessing import StandardScaler
 from sklearn.utils.estimator_checks import parametrize_with_checks
 
 from ovr.estimators import OvRClassifier, SoftmaxClassifier
-from ovr.solver import logistic_lbfgs
+from ovr.solver import logistic_lbfgs, softmax_lbfgs
 
 FAST_SOFTMAX = dict(epochs=20, lr=0.02, device="cpu")
 
@@ -122,3 +122,22 @@ def test_a_column_started_far_off_with_saturated_logits_still_converges():
     sol = logistic_lbfgs(torch.tensor(X), T, torch.ones(1), torch.tensor([1e-4]), init=(w0, torch.zeros(1)))
     assert sol.grad_norm[0] <= 1e-4 and sol.iterations[0] < 500
     assert ((torch.tensor(X) @ sol.weight[0] + sol.bias[0] > 0).numpy() == (y == 1)).all()
+
+
+@pytest.mark.parametrize("l2", [1e-3, 1e-1])
+def test_softmax_solver_matches_scikit_learn(l2):
+    """The grown model's gate solver: sum_i w_i CE + l2/2 (|W|^2 + |b|^2) is scikit-learn's multinomial
+    LogisticRegression with C = 1 / l2, the weights as sample_weight, and the bias as a penalised constant column."""
+    X, y = blobs(4, 40, 12, seed=6)
+    X = StandardScaler().fit_transform(X)
+    w = np.random.default_rng(0).uniform(0.5, 2.0, len(y))
+    w /= w.sum()
+    theta, it, g = softmax_lbfgs(torch.tensor(X), torch.tensor(y), torch.tensor(w), 4, l2, tol=1e-10,
+                                 matmul_dtype=torch.float64, max_iter=5000)
+    assert g <= 1e-8 and it < 5000
+    X1 = np.c_[X, np.ones(len(X))]
+    sk = LogisticRegression(C=1 / l2, fit_intercept=False, tol=1e-12, max_iter=10000).fit(X1, y, sample_weight=w)
+    assert np.abs(theta.numpy() - sk.coef_).max() <= 1e-5 * np.abs(sk.coef_).max()
+    # the default float32 work reaches the same answers from far off
+    far, _, g32 = softmax_lbfgs(torch.tensor(X), torch.tensor(y), torch.tensor(w), 4, l2, init=30 * theta.flip(0))
+    assert g32 <= 1e-4 and np.array_equal((X1 @ far.numpy().T).argmax(1), sk.predict(X1))

@@ -176,3 +176,76 @@ def test_add_class_honours_a_config_file_over_the_stored_config(tiny_model, tmp_
     assert r.exit_code == 0, r.output
     rec = load_model(model).records["c4"]
     assert rec.l2 == 0.5 and rec.iterations <= 1
+
+
+def test_softmax_gate_solver_reaches_the_one_optimum():
+    """The gate's multinomial regression is strictly convex: from zeros or from a random start, L-BFGS ends at the
+    same parameters, where the gradient of the balanced, L2-penalised loss vanishes."""
+    X, y = blobs(K=4, n=30, d=6, spread=2.0)
+    Z = (X - X.mean(0)) / X.std(0)
+    th0 = aggregate._softmax_fit(Z, y, 4, 0.01)
+    th1 = aggregate._softmax_fit(Z, y, 4, 0.01, torch.randn(4, 7, generator=torch.Generator().manual_seed(1)) * 3)
+    assert th0.shape == (4, 7) and torch.allclose(th0, th1, atol=1e-3)
+    t = th0.clone().requires_grad_(True)
+    w = aggregate._balanced(y, 4, torch.float64)
+    z = Z.double() @ t[:, :6].T + t[:, 6]
+    loss = (w * torch.nn.functional.cross_entropy(z, y, reduction="none")).sum() + 0.005 * (t * t).sum()
+    loss.backward()
+    assert float(t.grad.abs().max()) < 1e-4  # float32 GEMMs inside; at zero it is ~0.2
+    assert abs(float(w.sum()) - 1) < 1e-12 and torch.allclose(w[y == 0].sum(), w[y == 3].sum())  # classes weigh alike
+
+
+def test_gate_does_not_depend_on_the_order_of_classes():
+    X, y, Xv, yv, Xt, _ = split(*blobs(K=4, n=45, d=8, spread=2.0))
+    names = ["a", "b", "c", "d"]
+    perm = torch.tensor([2, 0, 3, 1])  # new label of each old label
+    g = aggregate.fit_gate(X, y, Xv, yv, names)
+    gp = aggregate.fit_gate(X, perm[y], Xv, perm[yv], [names[i] for i in torch.argsort(perm)])
+    assert g.method == gp.method == "softmax"
+    assert np.allclose(g.posterior(Xt), gp.posterior(Xt)[:, perm.numpy()], atol=1e-4)
+
+
+def test_gate_method_follows_the_problem_size(monkeypatch):
+    X, y, Xv, yv, Xt, yt = split(*blobs(K=4, n=45, d=8, spread=2.0))
+    assert aggregate.fit_gate(X, y, Xv, yv, list("abcd")).method == "softmax"
+    monkeypatch.setattr(aggregate, "GATE_SOFTMAX_MAX", len(X) * 4 * 8 - 1)  # train + val rows x classes x dim
+    lda = aggregate.fit_gate(X, y, Xv, yv, list("abcd"))
+    assert lda.method == "lda" and 0 < lda.strength < 1
+    assert (lda.posterior(Xt).argmax(1) == yt.numpy()).mean() > 0.8
+    with pytest.raises(ValueError, match="gate method"):
+        aggregate.fit_gate(X, y, Xv, yv, list("abcd"), method="qda")
+
+
+def test_a_manifest_with_the_old_lda_gate_loads_and_answers_as_before(tiny_model):
+    """Gates written before the softmax gate were LDAs recorded with a 'shrinkage': they load as such, and a
+    damaged gate entry is a one-line error, not a KeyError."""
+    model, new = tiny_model
+    assert run("add-class", model, "c4", new / "c4", "--device", "cpu").exit_code == 0
+    assert load_model(model).gate.method == "softmax"
+    p = model / "manifest.json"
+    m = json.loads(p.read_text())
+    g = m["gate"]
+    g["shrinkage"] = g.pop("strength")
+    del g["method"]
+    p.write_text(json.dumps(m))
+    assert load_model(model).gate.method == "lda"
+    r = run("info", model)
+    assert r.exit_code == 0 and "shrinkage LDA" in r.output, r.output
+    del g["temperature"]
+    p.write_text(json.dumps(m))
+    r = run("predict", model, new / "c4", "--device", "cpu")
+    assert r.exit_code == 2 and "gate entry has no valid method" in r.output and "Traceback" not in r.output, r.output
+
+
+@pytest.mark.parametrize("scale", [0.01, 1.0, 3.0, 30.0])
+def test_gate_temperature_is_the_nll_minimum_in_its_range(scale):
+    """The Newton search on 1/T against a dense grid over [0.05, 50] (the ends included: 0.01 wants T below 0.05)."""
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(300, 6, generator=g, dtype=torch.float64) * scale
+    y = torch.randint(0, 6, (300,), generator=g)
+    z[torch.arange(300), y] += 1.5 * scale
+    T, nll = aggregate._temperature(z, y)
+    grid = np.exp(np.linspace(np.log(0.05), np.log(50), 4000))
+    best = min(float(torch.nn.functional.cross_entropy(z / t, y)) for t in grid)
+    assert 0.05 - 1e-9 <= T <= 50 and nll <= best + 1e-7
+    assert nll == pytest.approx(float(torch.nn.functional.cross_entropy(z / T, y)))
