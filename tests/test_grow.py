@@ -222,6 +222,7 @@ def test_a_manifest_with_the_old_lda_gate_loads_and_answers_as_before(tiny_model
     model, new = tiny_model
     assert run("add-class", model, "c4", new / "c4", "--device", "cpu").exit_code == 0
     assert load_model(model).gate.method == "softmax"
+    assert "softmax regression" in run("info", model).output
     p = model / "manifest.json"
     m = json.loads(p.read_text())
     g = m["gate"]
