@@ -1,5 +1,8 @@
 """Load on `ovr serve`, on 127.0.0.1 only: requests/s and p50/p99 latency for single images and batches, then an
 `ovr add-class` + POST /reload while clients keep sending, to show the new class served with no failed request.
+Then concurrent clients on two servers of the same model, ovr's default (requests share forward passes) and
+--max-batch 1 (one request per pass, as before), phases interleaved in pairs; each phase records the images per
+forward pass the server ran.
 
     python benchmarks/serve_load.py [--backbone efficientnet_lite0] [--seconds 15] [--out benchmarks/results/serve_load.json]
 
@@ -82,6 +85,7 @@ def main() -> None:
     ap.add_argument("--backbone", default="efficientnet_lite0")
     ap.add_argument("--seconds", type=float, default=15.0)
     ap.add_argument("--max-requests", type=int, default=2000)
+    ap.add_argument("--rounds", type=int, default=2, help="paired rounds of the shared-pass comparison")
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/serve_load.json"))
     a = ap.parse_args()
     base = Path(tempfile.mkdtemp(prefix="ovr-serve-"))
@@ -95,26 +99,38 @@ def main() -> None:
     ovr = [sys.executable, "-m", "ovr"]
     subprocess.run([*ovr, "train", str(data), "--out", str(base / "m"), "--backbone", a.backbone], env=env, check=True,
                    capture_output=True)
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    server = subprocess.Popen([*ovr, "serve", str(base / "m"), "--port", str(port)], env=env,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     import httpx
 
-    try:
+    def start(*extra: str):
+        port = free_port()
+        url = f"http://127.0.0.1:{port}"
+        proc = subprocess.Popen([*ovr, "serve", str(base / "m"), "--port", str(port), *extra], env=env,
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         for _ in range(600):
             try:
                 if httpx.get(url + "/health", timeout=1).status_code == 200:
                     break
             except httpx.HTTPError:
                 time.sleep(0.2)
-        files = sorted(data.rglob("*.png"))
-        res = {"machine": f"{os.cpu_count()} cores", "backbone": a.backbone, "image": "64x64 PNG crops of real photographs",
-               "phases": []}
-        for batch, clients in ((1, 1), (1, 4), (8, 2)):
-            r = load(url, files, batch, clients, a.seconds, a.max_requests)
-            res["phases"].append({"phase": "steady", **r})
-            print(json.dumps(res["phases"][-1]))
+        return proc, url
+
+    def phase(url: str, name: str, *args, **kw) -> dict:
+        h0 = httpx.get(url + "/health").json()
+        r = load(url, *args, **kw)
+        h1 = httpx.get(url + "/health").json()
+        passes = h1["forward_passes"] - h0["forward_passes"]
+        r = {"phase": name, **r, "forward_passes": passes,
+             "images_per_pass": (h1["images_embedded"] - h0["images_embedded"]) / max(passes, 1)}
+        print(json.dumps(r), flush=True)
+        return r
+
+    files = sorted(data.rglob("*.png"))
+    res = {"machine": f"{os.cpu_count()} cores", "backbone": a.backbone, "image": "64x64 PNG crops of real photographs",
+           "phases": []}
+    server, url = start()
+    try:
+        for batch, clients in ((1, 1), (1, 4), (1, 8), (8, 2)):
+            res["phases"].append(phase(url, "steady", files, batch, clients, a.seconds, a.max_requests))
         # grow the model on disk while clients keep sending, then reload: no request may fail
         holder: dict = {}
         t = threading.Thread(target=lambda: holder.update(load(url, files, 1, 2, a.seconds * 2, a.max_requests)))
@@ -128,12 +144,24 @@ def main() -> None:
         res["phases"].append({"phase": "during add-class + reload", **holder, "reload_s": reload_s,
                               "classes_after": rr["classes"]})
         print(json.dumps(res["phases"][-1]))
-        r = load(url, sorted(later.rglob("*.png")), 1, 1, a.seconds / 3, 200)
-        res["phases"].append({"phase": "new class images after reload", **r})
-        print(json.dumps(res["phases"][-1]))
+        res["phases"].append(phase(url, "new class images after reload", sorted(later.rglob("*.png")), 1, 1,
+                                   a.seconds / 3, 200))
     finally:
         server.terminate()
         server.wait(timeout=30)
+    # shared passes vs one request per pass, on the same (grown) model: both servers up, phases interleaved in
+    # pairs so that both sides see the same machine (the 1-client rate drifted 22 -> 34 req/s within one run)
+    servers = {"shared": start(), "one request per pass": start("--max-batch", "1")}
+    try:
+        for rnd in range(a.rounds):
+            for clients in (4, 8):
+                for name, (_, u) in servers.items():
+                    r = phase(u, f"compare: {name}", files, 1, clients, a.seconds, a.max_requests)
+                    res["phases"].append({**r, "round": rnd})
+    finally:
+        for proc, _ in servers.values():
+            proc.terminate()
+            proc.wait(timeout=30)
     a.out.parent.mkdir(parents=True, exist_ok=True)
     a.out.write_text(json.dumps(res, indent=1))
 

@@ -16,6 +16,7 @@ from rich.table import Table
 from .atomic import check_writable
 from .config import BenchConfig, DataConfig, FeatureConfig, TrainConfig
 from .errors import OvrError
+from .serve import MAX_BATCH  # torch-free, FastAPI-free: the module imports its extra inside create_app
 
 app = typer.Typer(no_args_is_help=True, rich_markup_mode="rich",
                   help="One-vs-rest image classification on frozen pretrained features.\n\n"
@@ -647,6 +648,7 @@ def serve(
     host: Annotated[str, typer.Option(help="Address to bind; the default serves this machine only.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="TCP port.")] = 8000,
     max_upload_mb: Annotated[float, typer.Option("--max-upload-mb", help="Largest request body accepted (413 beyond).")] = 20.0,
+    max_batch: Annotated[int, typer.Option("--max-batch", min=1, help="Images per forward pass, gathered from the requests waiting for it (1: one request per pass).")] = MAX_BATCH,
     device: DeviceOpt = None, cache_dir: CacheOpt = None,
 ) -> None:
     """HTTP API and a web page: POST /predict (multipart images) -> JSON; GET /classes, /health, /docs; POST /reload.
@@ -656,7 +658,8 @@ def serve(
         _early(model=model)
         from .serve import create_app, run
 
-        app_ = create_app(model, device=device or "auto", cache_dir=cache_dir, max_upload_mb=max_upload_mb)
+        app_ = create_app(model, device=device or "auto", cache_dir=cache_dir, max_upload_mb=max_upload_mb,
+                          max_batch=max_batch)
         err.print(f"serving {escape(str(model))} on http://{host}:{port}/ (API docs: /docs); Ctrl-C stops",
                   highlight=False)
         run(app_, host, port)

@@ -196,7 +196,14 @@ class Predictor:
             raise OvrError(f"tta must be 0 (off) or more views, got {tta}")
         inputs = self.inputs(inputs)
         X, idx, skipped, *views = self.embed(inputs, progress, tta=tta)
-        views = views[0] if views else []
+        return self.rows(inputs, X, idx, skipped, top_k=top_k, reject_below=reject_below, thresholds=thresholds,
+                         multilabel=multilabel, calibrated=calibrated, views=views[0] if views else [])
+
+    def rows(self, inputs: list, X: torch.Tensor, idx: list[int], skipped: list[tuple], *, top_k: int = 1,
+             reject_below: float | None = None, thresholds: bool = False, multilabel: bool = False,
+             calibrated: bool = False, views: list[torch.Tensor] = ()) -> list[dict]:
+        """predict's answers from embeddings already made (`embed`'s output): `ovr serve` embeds the images of
+        concurrent requests in one batch, then answers each request with its own options here."""
         if not len(idx):
             X, views = torch.empty(0, self.model.backbone["dim"]), []
         ans = self.model.answer(X, calibrated=calibrated, reject_below=reject_below, thresholds=thresholds,

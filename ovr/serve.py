@@ -1,7 +1,8 @@
 """`ovr serve`: the model behind an HTTP API (FastAPI) and one static web page.
 
-POST /predict takes one or more images (multipart field `files`) and answers one JSON object per image; all images
-of a request go through the backbone as one batch. A corrupt image is a 422 naming it, a body over the limit a 413;
+POST /predict takes one or more images (multipart field `files`) and answers one JSON object per image. One forward
+pass runs at a time, and it takes the images of every request waiting for it (up to `max_batch` images), so
+concurrent clients share batches; a request that finds the backbone idle runs at once. A corrupt image is a 422 naming it, a body over the limit a 413;
 the server keeps serving. POST /reload swaps in the model folder's current state (after `ovr add-class`) without
 a restart: requests in flight finish on the old model, the next ones see the new one.
 """
@@ -13,12 +14,77 @@ from pathlib import Path
 from . import __version__
 from .errors import OvrError
 
+MAX_BATCH = 64  # images per forward pass, gathered across the requests waiting for it
 INSTALL_HINT = 'serving needs the serve extra: pip install "ovr[serve]" (fastapi, uvicorn, python-multipart)'
 PAGE = Path(__file__).with_name("page.html")
 
 
+class Batcher:
+    """One backbone forward pass at a time, shared by the requests waiting for it. A request that finds the backbone
+    idle runs its own images at once (no added wait); requests that arrive meanwhile queue, and the next pass takes
+    them together, oldest first, up to `max_batch` images (a request is never split; max_batch=1: one request per
+    pass). Requests holding another Predictor (a /reload came between them) never share a pass."""
+
+    def __init__(self, max_batch: int = MAX_BATCH):
+        self.max_batch = max_batch
+        self.cv = threading.Condition(threading.Lock())
+        self.queue: list[dict] = []
+        self.busy = False
+        self.passes = 0  # forward passes run, and the images they embedded (GET /health)
+        self.images = 0
+
+    def embed(self, pred, images: list):
+        """The embeddings of `images` (PIL) with `pred`'s backbone, one row per image, in order."""
+        job = {"pred": pred, "images": images, "done": False, "X": None, "error": None}
+        with self.cv:
+            self.queue.append(job)
+            while not job["done"]:
+                if self.busy:
+                    self.cv.wait()
+                    continue
+                self.busy, batch = True, self._take()
+                self.cv.release()
+                try:
+                    self._run(batch)
+                finally:
+                    self.cv.acquire()
+                    self.busy = False
+                    self.cv.notify_all()
+        if job["error"] is not None:
+            raise job["error"]
+        return job["X"]
+
+    def _take(self) -> list[dict]:
+        head, n, batch = self.queue[0]["pred"], 0, []
+        for job in list(self.queue):
+            if job["pred"] is not head or (batch and n + len(job["images"]) > self.max_batch):
+                continue
+            batch.append(job)
+            n += len(job["images"])
+            self.queue.remove(job)
+        return batch
+
+    def _run(self, batch: list[dict]) -> None:
+        pred = batch[0]["pred"]
+        try:
+            X = pred.embed([im for job in batch for im in job["images"]])[0]
+            self.passes, self.images = self.passes + 1, self.images + len(X)
+            start = 0
+            for job in batch:
+                job["X"], start = X[start:start + len(job["images"])], start + len(job["images"])
+        except Exception as e:
+            if len(batch) > 1:  # only the request that caused it should fail: run each alone
+                for job in batch:
+                    self._run([job])
+                return
+            batch[0]["error"] = e
+        finally:
+            for job in batch:
+                job["done"] = True
+
+
 def create_app(model_root, *, device: str = "auto", cache_dir=None,
-               max_upload_mb: float = 20.0, max_files: int = 64):
+               max_upload_mb: float = 20.0, max_files: int = 64, max_batch: int = MAX_BATCH):
     try:
         from fastapi import FastAPI, File, HTTPException, Query, Request, UploadFile
         from fastapi.responses import HTMLResponse, JSONResponse
@@ -31,7 +97,7 @@ def create_app(model_root, *, device: str = "auto", cache_dir=None,
     limit = int(max_upload_mb * 1e6)
     state = {"pred": Predictor(model_root, device, cache_dir)}
     state["pred"].backbone  # build it now: the first request should not pay for it
-    run_lock = threading.Lock()  # one forward pass at a time on the device; requests queue here
+    batcher = Batcher(max_batch)
 
     app = FastAPI(title="ovr", version=__version__,
                   description="One-vs-rest detectors on frozen pretrained features. POST images to /predict.")
@@ -51,7 +117,8 @@ def create_app(model_root, *, device: str = "auto", cache_dir=None,
     @app.get("/health")
     def health() -> dict:
         pred = state["pred"]
-        return {"status": "ok", "model": str(model_root), "classes": len(pred.classes), "device": str(pred.device)}
+        return {"status": "ok", "model": str(model_root), "classes": len(pred.classes), "device": str(pred.device),
+                "forward_passes": batcher.passes, "images_embedded": batcher.images}
 
     @app.get("/classes")
     def classes() -> list[dict]:
@@ -78,9 +145,9 @@ def create_app(model_root, *, device: str = "auto", cache_dir=None,
                 raise HTTPException(422, f"cannot read image {f.filename}: {describe_error(e)}") from None
             names.append(f.filename or f"image {len(names)}")
         pred = state["pred"]
-        with run_lock:
-            rows = pred.predict(images, top_k=top_k, reject_below=reject_below, thresholds=thresholds,
-                                multilabel=True, calibrated=calibrated)
+        X = batcher.embed(pred, images)
+        rows = pred.rows(images, X, list(range(len(images))), [], top_k=top_k, reject_below=reject_below,
+                         thresholds=thresholds, multilabel=True, calibrated=calibrated)
         out = []
         for name, r in zip(names, rows):
             r = {**r, "input": name, "unknown": r.get("class") == "unknown"}

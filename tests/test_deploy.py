@@ -128,11 +128,58 @@ def test_serve_api(trained, tmp_path):
     r = client.post("/predict", files=[("files", ("big.png", big.getvalue(), "image/png"))])
     assert r.status_code == 413
     assert client.post("/predict", files=files[:1]).json()["results"][0]["class"] == "c0"
+    health = client.get("/health").json()
+    assert health["forward_passes"] == 2 and health["images_embedded"] == 4  # the 422 and 413 never reached it
     # grow the model on disk, reload: the new class is served, the old ones still answer
     assert cli("add-class", model, "c3", extra / "c3", "--device", "cpu").exit_code == 0
     assert client.post("/reload").json()["classes"] == ["c0", "c1", "c2", "c3"]
     r = client.post("/predict", files=[files[0], ("files", ("n.png", _png(extra / "c3" / "img009.png"), "image/png"))])
     assert [x["class"] for x in r.json()["results"]] == ["c0", "c3"]
+
+
+def test_concurrent_requests_share_a_forward_pass(trained):
+    """Three requests queued while the backbone is busy go through it in one pass, each gets its own rows (the
+    same as embedding its images alone), and a request held by an older Predictor (before a /reload) is kept
+    apart. max_batch=1 gives one pass per request."""
+    from ovr.data import load_image
+    from ovr.pipeline import Predictor
+    from ovr.serve import Batcher
+
+    base, data, _ = trained
+    pred, older = Predictor(base / "m", "cpu"), Predictor(base / "m", "cpu")
+    older._backbone = pred.backbone
+    requests = [[load_image(data / f"c{k}" / f"img00{i}.png") for i in range(k + 1)] for k in range(3)]
+    alone = [pred.embed(ims)[0] for ims in requests]
+
+    def queue_while_busy(b: Batcher, jobs):
+        out = [None] * len(jobs)
+        with b.cv:
+            b.busy = True  # as if a pass were running: the requests below must wait for the next one
+        threads = [threading.Thread(target=lambda i=i, p=p, ims=ims: out.__setitem__(i, b.embed(p, ims)))
+                   for i, (p, ims) in enumerate(jobs)]
+        for t in threads:
+            t.start()
+        deadline = time.monotonic() + 30
+        while len(b.queue) < len(jobs) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        with b.cv:
+            b.busy = False
+            b.cv.notify_all()
+        for t in threads:
+            t.join(30)
+        return out
+
+    b = Batcher()
+    out = queue_while_busy(b, [(pred, ims) for ims in requests])
+    assert b.passes == 1 and b.images == 6
+    for X, ref in zip(out, alone):
+        assert X.shape == ref.shape and np.allclose(X.numpy(), ref.numpy(), atol=1e-5)
+    b = Batcher()
+    queue_while_busy(b, [(pred, requests[0]), (older, requests[1]), (pred, requests[2])])
+    assert b.passes == 2  # the two requests on `pred` together, the older Predictor's alone
+    b = Batcher(max_batch=1)
+    queue_while_busy(b, [(pred, ims) for ims in requests])
+    assert b.passes == 3
 
 
 def _free_port() -> int:
