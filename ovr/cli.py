@@ -437,6 +437,10 @@ def _grow_config(model: Path, config, **flags):
     return model_config(model, config, **flags)
 
 
+def _gate_note(r) -> str:
+    return f", the guarded chain's gate {r.gate_seconds:.2f} s" if r.gate_seconds else ""
+
+
 def _print_confused(confused: dict[str, float]) -> None:
     if confused:
         names = ", ".join(f"{escape(c)} ({r:.0%})" for c, r in sorted(confused.items(), key=lambda x: -x[1]))
@@ -470,7 +474,7 @@ def add_class_cmd(
             err.print(f"[yellow]warning:[/] {n} of these images are already examples of {escape(other)}; "
                       f"both classes now claim them (remove-class {escape(other)} if it was a mistake)", highlight=False)
         console.print(f"added [bold]{escape(name)}[/] from {r.images} images in {r.seconds:.1f} s "
-                      f"(head training {r.train_seconds:.2f} s)", highlight=False)
+                      f"(head training {r.train_seconds:.2f} s{_gate_note(r)})", highlight=False)
         console.print(_train_table(load_model(model), f"new head in {model}", [name]))
         if not (refresh_confused and r.confused):
             _print_confused(r.confused)
@@ -695,7 +699,8 @@ def demo(
         mcfg = model_config(out / "model", device=device, cache_dir=cache_dir)
         with progress_bar() as cb:
             r = add_class(out / "model", "digit_9", [str(digits / "digit_9")], mcfg, progress=cb)
-        console.print(f"added digit_9 from {r.images} images; head training took {r.train_seconds:.2f} s", highlight=False)
+        console.print(f"added digit_9 from {r.images} images; head training took {r.train_seconds:.2f} s"
+                      f"{_gate_note(r)}", highlight=False)
         _print_confused(r.confused)
         _rule("3. predict a few images")
         samples = [sorted((digits / f"digit_{d}").glob("*.png"))[-1] for d in (0, 3, 9)]

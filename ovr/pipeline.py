@@ -328,6 +328,7 @@ class GrowResult:
     confused: dict[str, float] = field(default_factory=dict)  # old head -> share of the new images it fires on
     seconds: float = 0.0
     train_seconds: float = 0.0
+    gate_seconds: float = 0.0  # rebuilding the guarded chain's gate: part of add-class, often longer than the head
     remembered_as: dict[str, int] = field(default_factory=dict)  # these images were already examples of ...
 
 
@@ -399,10 +400,11 @@ def add_class(root: str | Path, name: str, inputs: list[str], cfg: Config, repla
         model.fit_heads([name], X, y, Xv, yv, cfg.train, progress=progress)
         train_s = time.perf_counter() - t1
         model.rebuild_gate(X, y, Xv, yv)
+        gate_s = time.perf_counter() - t1 - train_s
         new = torch.tensor([model.classes.index(name)] * len(r.keys))
         confused = {c: v for c, v in model.confused_heads(r.embeddings, new).items() if c != name}
         update_model(model, root, {name})
-    return GrowResult([name], len(r.keys), r.skipped, confused, time.perf_counter() - t0, train_s, dupes)
+    return GrowResult([name], len(r.keys), r.skipped, confused, time.perf_counter() - t0, train_s, gate_s, dupes)
 
 
 def remembered(model: Model, cache: EmbeddingCache, device: torch.device
