@@ -2,8 +2,8 @@
 
 POST /predict takes one or more images (multipart field `files`) and answers one JSON object per image. One forward
 pass runs at a time, and it takes the images of every request waiting for it (up to `max_batch` images), so
-concurrent clients share batches; a request that finds the backbone idle runs at once. A corrupt image is a 422 naming it, a body over the limit a 413;
-the server keeps serving. POST /reload swaps in the model folder's current state (after `ovr add-class`) without
+concurrent clients share batches; a request that finds the backbone idle runs at once. A corrupt image is a 422
+naming it, a body over the limit a 413; the server keeps serving. POST /reload swaps in the model folder's current state (after `ovr add-class`) without
 a restart: requests in flight finish on the old model, the next ones see the new one.
 """
 # No `from __future__ import annotations`: FastAPI reads the endpoint annotations at run time, and the types

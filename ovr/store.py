@@ -217,8 +217,9 @@ def _load_files(root: Path, m: dict) -> Model:
     if m.get("gate"):
         g = m["gate"]
         t = st_load(_read_verified(root, g["file"], g["sha256"], "gate"))
-        method, strength = (g["method"], g["strength"]) if "method" in g else ("lda", g["shrinkage"])  # written before the softmax gate
-        gate = Gate(list(g["classes"]), t["weight"], t["bias"], method, float(strength), float(g["temperature"]))
+        strength = g.get("strength", g.get("shrinkage"))  # gates written before the softmax gate: an LDA's shrinkage
+        gate = Gate(list(g["classes"]), t["weight"], t["bias"], g.get("method", "lda"), float(strength),
+                    float(g["temperature"]))
     return Model(m["backbone"], m["normalize"], m["head_type"], list(m["classes"]), heads, records, examples,
                  m.get("calibration", "platt"), m.get("config", {}), m["created"], gate)
 
