@@ -130,10 +130,10 @@ def normalise_rows(conf: np.ndarray) -> np.ndarray:
 #
 # The gate is the weak link: with the true class as an oracle gate, the chain ends 2 points above joint training
 # on the digits (and 14 on the photos); a shrinkage LDA gate, alone 3.0 (digits) and 6.3 (photos) points below
-# joint OvR, left sequential growth 1.4 and 2.6 points below joint. A multinomial logistic regression on the same
-# embeddings (0.7 below / 1.4 above joint alone) leaves 0.25 and 0.0 (benchmarks/add_class.py, 3 class orders). It
-# costs L-BFGS iterations over rows x classes x dim, so past GATE_SOFTMAX_MAX the closed-form LDA is used instead
-# (1,000 classes x 24,000 rows x 512, 2 CPU cores: LDA 2.2-3.1 s, softmax 24.5 s; 300 classes: 0.34 vs 1.3 s).
+# joint OvR, left sequential growth 1.2 and 2.9 points below joint. A multinomial logistic regression on the same
+# embeddings (0.7 below / 1.4 above joint alone) ends +0.1 and -1.5 (benchmarks/add_class.py, 3 resplits x 3 class
+# orders). It costs L-BFGS iterations over rows x classes x dim, so past GATE_SOFTMAX_MAX the closed-form LDA is
+# used instead (1,000 classes x 24,000 rows x 512, 2 CPU cores: LDA 2.2-3.1 s, softmax 24.5 s; 300 classes: 0.34 vs 1.3 s).
 
 
 @dataclass
