@@ -31,12 +31,10 @@ def _softmax(z: np.ndarray) -> np.ndarray:
 
 
 def fit_temperature(z: np.ndarray, y: np.ndarray) -> float:
-    """The softmax baseline's calibration: one temperature minimising validation NLL (a 1-D search)."""
+    """The softmax baseline's calibration: one temperature in [0.05, 20] minimising validation NLL."""
     if len(z) == 0:
         return 1.0
-    ts = np.exp(np.linspace(np.log(0.05), np.log(20), 200))
-    nll = [-np.log(np.clip(_softmax(z / t)[np.arange(len(y)), y], 1e-12, None)).mean() for t in ts]
-    return float(ts[int(np.argmin(nll))])
+    return aggregate.softmax_temperature(torch.as_tensor(z, dtype=torch.float64), torch.as_tensor(y).long(), t_max=20.0)[0]
 
 
 def _scenario_train(y: np.ndarray, scenario: str, seed: int, cfg: Config) -> np.ndarray:

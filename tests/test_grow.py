@@ -246,7 +246,7 @@ def test_gate_temperature_is_the_nll_minimum_in_its_range(scale):
     z = torch.randn(300, 6, generator=g, dtype=torch.float64) * scale
     y = torch.randint(0, 6, (300,), generator=g)
     z[torch.arange(300), y] += 1.5 * scale
-    T, nll = aggregate._temperature(z, y)
+    T, nll = aggregate.softmax_temperature(z, y)
     grid = np.exp(np.linspace(np.log(0.05), np.log(50), 4000))
     best = min(float(torch.nn.functional.cross_entropy(z / t, y)) for t in grid)
     assert 0.05 - 1e-9 <= T <= 50 and nll <= best + 1e-7
