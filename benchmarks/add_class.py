@@ -75,11 +75,12 @@ def chain_on_posterior(m: Model, Xt) -> np.ndarray:
     """A rule measured and not used: the chain's candidates scored by the gate's posterior alone (not each head's
     calibrated probability x its gate), which leaves a grown model's answers to the gate."""
     post = m.gate.posterior(Xt)[:, [m.gate.classes.index(c) for c in m.classes]]
-    return aggregate.guarded_chain(m.answer(Xt).logits, post, m.unseen())
+    return aggregate.guarded_chain(m.logits(Xt), post, m.unseen())  # starts, like the chain, at argmax
 
 
 def answers(m: Model, X, y, Xv, yv, Xt) -> dict[str, np.ndarray]:
-    out = {"argmax": m.answer(Xt).logits.argmax(1), "guarded": m.answer(Xt).index,
+    a = m.answer(Xt)
+    out = {"argmax": a.logits.argmax(1), "guarded": a.index,
            "guarded_lda": with_lda_gate(m, X, y, Xv, yv, Xt)}
     r = copy.deepcopy(m)
     confused = sorted(r.confused_heads(torch.cat([X, Xv]), torch.cat([y, yv])))
