@@ -1,19 +1,18 @@
-"""Growing a model one class at a time, through the same `Model` that `ovr add-class` uses, in one run:
+"""Growing a model one class at a time, through the same `Model.add_class` that `ovr add-class` uses, in one run:
 
-(1) leave-one-class-out: for each class, train on the others, add it (one head), evaluate on all classes; the gap
-    to joint training, for answers side by side: plain argmax, the guarded chain (what ovr answers; its gate a
-    softmax regression at these sizes), the chain with the LDA gate that ovr used before (and uses past
-    aggregate.GATE_SOFTMAX_MAX), and `refresh` of the confused old heads (which retrains them). Old-class accuracy
-    and new-class recall separately.
+(1) leave-one-class-out: for each class, train on the others, add it, evaluate on all classes; the gap to joint
+    training for: plain argmax, ovr's answer with the exact gate (solved from the model's statistics), the same
+    heads with the previous gate (a softmax regression refit on every remembered row), and `refresh` of the
+    confused old heads. Old-class accuracy and new-class recall separately.
 (2) sequential growth: start with 2 classes and add the rest one at a time, 3 class orders; the gap to a joint
-    model of the same classes at every step, for the same answers but refresh.
-    With --resplits R (and --only-sequential), (2) over R seeded resplits of the same images into train / val /
-    test of the same sizes, so the spread covers the data split as well as the class order.
-(3) scaling: time to add one class (its head, then the gate) vs training all N heads, N = 10, 100, 1000
-    (synthetic, one L2 strength).
+    model of the same classes at every step for the same answers but refresh; and ridge heads grown vs joint.
+    With --resplits R (and --only-sequential), over R seeded resplits of the same images into train / val / test
+    of the same sizes, so the spread covers the data split as well as the class order.
+(3) scaling (--only-scaling): time to add one class to a model that remembers 1,000 or 100,000 rows (synthetic).
 Datasets: digits and photos (benchmarks/datasets.py), EfficientNet-Lite0 embeddings.
 
-    python benchmarks/add_class.py [--device cpu|cuda] [--sizes 10 100 1000] [--datasets digits photos]
+    python benchmarks/add_class.py --only-sequential --resplits 3 --out benchmarks/results/add_class_resplits.json
+    python benchmarks/add_class.py --only-scaling --out benchmarks/results/add_class_scaling.json
 """
 from __future__ import annotations
 
@@ -31,16 +30,17 @@ import torch
 import datasets
 from ovr import aggregate
 from ovr.config import TrainConfig
-from ovr.model import Model
+from ovr.model import Model, grow_in_order
 from ovr.runtime import resolve_device
 
 SETTINGS = TrainConfig()
 
 
-def fit(names: list[str], X, y, Xv, yv, classes: list[str]) -> Model:
+def fit(names: list[str], X, y, Xv, yv, classes: list[str], head: str = "linear") -> Model:
     """A model of `classes` (labels index them) trained jointly on the rows of those classes."""
-    m = Model({"dim": X.shape[1]}, "standardize", "linear", list(classes))
-    m.fit_heads(list(names), X, y, Xv, yv, SETTINGS)
+    settings = SETTINGS if head == SETTINGS.head else TrainConfig(head=head)
+    m = Model({"dim": X.shape[1]}, "standardize", head, list(classes))
+    m.fit(X, y, Xv, yv, settings)
     return m
 
 
@@ -53,45 +53,36 @@ def subset(X, y, keep: list[int]):
 
 
 def add(m: Model, name: str, X, y, Xv, yv) -> tuple[Model, dict]:
-    """`ovr add-class` on the in-memory model: one new head on all the rows, then the gate. Returns its seconds."""
+    """`ovr add-class` on the in-memory model (Model.add_class: its statistics, its head, the gate); its seconds."""
     m = copy.deepcopy(m)
-    m.classes.append(name)
+    k = len(m.classes)
     t0 = time.perf_counter()
-    m.fit_heads([name], X, y, Xv, yv, SETTINGS)
-    t1 = time.perf_counter()
-    m.rebuild_gate(X, y, Xv, yv)
-    t2 = time.perf_counter()
-    return m, {"head_s": t1 - t0, "gate_s": t2 - t1, "total_s": t2 - t0}
+    m.add_class(name, X[(y == k).to(X.device)], Xv[(yv == k).to(Xv.device)], SETTINGS,
+                remembered=lambda: (X, y, Xv, yv))
+    return m, {"total_s": time.perf_counter() - t0}
 
 
-def with_lda_gate(m: Model, X, y, Xv, yv, Xt) -> np.ndarray:
-    """The guarded chain's answers with the gate ovr used before: a shrinkage LDA."""
+def with_gate(m: Model, method: str, X, y, Xv, yv, Xt) -> np.ndarray:
+    """The same heads answered with another gate: 'softmax' (refit on every remembered row, the previous default)
+    or 'lda'."""
     r = copy.copy(m)
-    r.gate = aggregate.fit_gate(X, y, Xv, yv, m.classes, method="lda")
+    r.gate = aggregate.fit_gate(X, y, Xv, yv, m.classes, method=method)
     return r.answer(Xt).index
-
-
-def chain_on_posterior(m: Model, Xt) -> np.ndarray:
-    """A rule measured and not used: the chain's candidates scored by the gate's posterior alone (not each head's
-    calibrated probability x its gate), which leaves a grown model's answers to the gate."""
-    post = m.gate.posterior(Xt)[:, [m.gate.classes.index(c) for c in m.classes]]
-    return aggregate.guarded_chain(m.logits(Xt), post, m.unseen())  # starts, like the chain, at argmax
 
 
 def answers(m: Model, X, y, Xv, yv, Xt) -> dict[str, np.ndarray]:
     a = m.answer(Xt)
-    out = {"argmax": a.logits.argmax(1), "guarded": a.index,
-           "guarded_lda": with_lda_gate(m, X, y, Xv, yv, Xt)}
+    out = {"argmax": a.logits.argmax(1), "ridge_gate": a.index,
+           "softmax_gate": with_gate(m, "softmax", X, y, Xv, yv, Xt)}
     r = copy.deepcopy(m)
     confused = sorted(r.confused_heads(torch.cat([X, Xv]), torch.cat([y, yv])))
     if confused:
-        r.fit_heads(confused, X, y, Xv, yv, SETTINGS)
-        r.rebuild_gate(X, y, Xv, yv)
+        r.refresh(confused, X, y, Xv, yv, SETTINGS)
     out["refresh"] = r.answer(Xt).index
     return out
 
 
-RULES = ("argmax", "guarded", "guarded_lda", "refresh")
+RULES = ("argmax", "ridge_gate", "softmax_gate", "refresh")
 
 
 def stat(v) -> dict:
@@ -133,6 +124,9 @@ def leave_one_out(arrays, classes, dev) -> dict:
 
 
 def sequential(arrays, classes, dev, orders: int = 3) -> dict:
+    """Grown from 2 classes one add-class at a time (model.grow_in_order), 3 class orders; at every step the gap to
+    a model trained jointly on the same classes: BCE heads with the exact (ridge) gate, the same heads with the
+    previous softmax gate, plain argmax; and ridge heads grown vs joint (identical predictions expected)."""
     X, y, Xv, yv, Xt, yt = (torch.as_tensor(a, device=dev) if i % 2 == 0 else torch.as_tensor(a)
                             for i, a in enumerate(arrays))
     K = len(classes)
@@ -140,32 +134,46 @@ def sequential(arrays, classes, dev, orders: int = 3) -> dict:
     for seed in range(orders):
         order = np.random.default_rng(seed).permutation(K).tolist()
         names = [classes[c] for c in order]
-        m = fit(names[:2], *subset(X, y, order[:2]), *subset(Xv, yv, order[:2]), names[:2])
+        pos = torch.empty(K, dtype=torch.long)
+        pos[torch.tensor(order)] = torch.arange(K)
         steps = []
-        for n in range(3, K + 1):
+
+        def step(m: Model, n: int) -> None:
             Xa, ya = subset(X, y, order[:n])
             Xva, yva = subset(Xv, yv, order[:n])
-            m, _ = add(m, names[n - 1], Xa, ya, Xva, yva)
             Xta, yta = subset(Xt, torch.as_tensor(yt), order[:n])
             yta = yta.numpy()
             joint = fit(names[:n], Xa, ya, Xva, yva, names[:n])
             a = m.answer(Xta)
             steps.append({"classes": n, "joint": float((joint.answer(Xta).index == yta).mean()),
                           "argmax": float((a.logits.argmax(1) == yta).mean()),
-                          "guarded": float((a.index == yta).mean()),
-                          "guarded_lda": float((with_lda_gate(m, Xa, ya, Xva, yva, Xta) == yta).mean()),
-                          "chain_on_gate_posterior": float((chain_on_posterior(m, Xta) == yta).mean())})
+                          "ridge_gate": float((a.index == yta).mean()),
+                          "softmax_gate": float((with_gate(m, "softmax", Xa, ya, Xva, yva, Xta) == yta).mean())})
+
+        grow_in_order(X, pos[y], Xv, pos[yv], names, SETTINGS, step=step)
+        ridge_settings = TrainConfig(head="ridge")
+        grown_ridge = grow_in_order(X, pos[y], Xv, pos[yv], names, ridge_settings)
+        joint_ridge = fit(names, X, pos[y], Xv, pos[yv], names, head="ridge")
+        zt = grown_ridge.answer(Xt).logits
+        zj = joint_ridge.answer(Xt).logits
+        ytn = pos[torch.as_tensor(yt)].numpy()
+        ridge = {"grown_accuracy": float((zt.argmax(1) == ytn).mean()), "joint_accuracy": float((zj.argmax(1) == ytn).mean()),
+                 "identical_predictions": bool(np.array_equal(zt.argmax(1), zj.argmax(1))),
+                 "max_logit_difference": float(np.abs(zt - zj).max()),
+                 "gap_to_bce_joint_points": 100 * (float((zj.argmax(1) == ytn).mean()) - steps[-1]["joint"])}
         last = steps[-1]
         print(f"  order {seed}: final joint {last['joint']:.4f}, " + ", ".join(
             f"{r} {100 * (last[r] - last['joint']):+.2f}" for r in SEQ_RULES) + " pts; worst step " + ", ".join(
-            f"{r} {min(100 * (s[r] - s['joint']) for s in steps):+.2f}" for r in SEQ_RULES[1:]), flush=True)
-        runs.append({"order": names, "steps": steps})
+            f"{r} {min(100 * (s[r] - s['joint']) for s in steps):+.2f}" for r in SEQ_RULES[1:])
+            + f"; ridge heads grown == joint: {ridge['identical_predictions']} (ridge joint vs BCE joint "
+            f"{ridge['gap_to_bce_joint_points']:+.2f} pts)", flush=True)
+        runs.append({"order": names, "steps": steps, "ridge_heads": ridge})
     final = {r: stat([100 * (run["steps"][-1][r] - run["steps"][-1]["joint"]) for run in runs]) for r in SEQ_RULES}
     worst = {r: stat([min(100 * (s[r] - s["joint"]) for s in run["steps"]) for run in runs]) for r in SEQ_RULES}
     return {"runs": runs, "final_gap_points": final, "worst_step_gap_points": worst}
 
 
-SEQ_RULES = ("argmax", "guarded", "guarded_lda", "chain_on_gate_posterior")
+SEQ_RULES = ("argmax", "ridge_gate", "softmax_gate")
 
 
 def resplit(arrays, seed: int):
@@ -179,49 +187,58 @@ def resplit(arrays, seed: int):
     return tuple(a for p in parts for a in (X[p], y[p]))
 
 
-def scaling(sizes: list[int], dev, per_class: int = 20, dim: int = 512) -> list[dict]:
-    global SETTINGS
-    saved, SETTINGS = SETTINGS, TrainConfig(l2_grid=(1e-2,))
+def scaling(sizes: list[int], dev, classes: int = 100, dim: int = 512) -> list[dict]:
+    """Time to add one class (statistics + head + gate, not the embedding) to a model that remembers R rows, for
+    each R in `sizes`: BCE heads (one L2 strength: the head's logistic solve reads every remembered row) and ridge
+    heads (every head and the gate from the statistics: independent of R). Synthetic embeddings."""
     out = []
-    try:
-        for N in sizes:
-            g = torch.Generator().manual_seed(N)
-            centers = torch.randn(N, dim, generator=g) * 0.5
-            y = torch.arange(N).repeat_interleave(per_class)
-            X = (centers[y] + torch.randn(len(y), dim, generator=g)).to(dev)
-            yv = torch.arange(N).repeat_interleave(4)
-            Xv = (centers[yv] + torch.randn(len(yv), dim, generator=g)).to(dev)
-            names = [f"c{k}" for k in range(N)]
+    for R in sizes:
+        g = torch.Generator().manual_seed(R)
+        centers = torch.randn(classes, dim, generator=g) * 0.5
+        y = torch.arange(classes).repeat_interleave(R // classes)
+        X = (centers[y] + torch.randn(len(y), dim, generator=g)).to(dev)
+        cut = int(0.85 * len(y))
+        names = [f"c{k}" for k in range(classes)]
+        row = {"remembered_rows": len(y), "classes": classes, "dim": dim}
+        for head in ("linear", "ridge"):
+            settings = TrainConfig(head=head, l2_grid=(1e-2,))
+            old = y < classes - 1
+            Xo, yo = X[:cut][old[:cut].to(X.device)], y[:cut][old[:cut]]
+            Xvo, yvo = X[cut:][old[cut:].to(X.device)], y[cut:][old[cut:]]
+            m = Model({"dim": dim}, "standardize", head, names[:-1])
+            m.fit(Xo, yo, Xvo, yvo, settings)
+            new, newv = ~old[:cut], ~old[cut:]
             t0 = time.perf_counter()
-            fit(names, X, y, Xv, yv, names)
-            full = time.perf_counter() - t0
-            base = fit(names[:-1], *subset(X, y, list(range(N - 1))), *subset(Xv, yv, list(range(N - 1))), names[:-1])
-            grown, secs = add(base, names[-1], X, y, Xv, yv)
-            one, total = secs["head_s"], secs["total_s"]
-            r = {"classes": N, "rows": len(y), "full_s": full, "add_one_s": one, "gate_s": secs["gate_s"],
-                 "gate_method": grown.gate.method, "add_class_s": total, "speedup": full / one,
-                 "speedup_with_gate": full / total, "target_speedup": N / 2}
-            print(f"  N={N:5d}: all heads {full:7.2f} s, one head {one:6.3f} s -> {full / one:6.1f}x (target N/2); "
-                  f"with the gate ({grown.gate.method}, {secs['gate_s']:.2f} s) {full / total:6.1f}x", flush=True)
-            out.append(r)
-    finally:
-        SETTINGS = saved
+            m.add_class(names[-1], X[:cut][new.to(X.device)], X[cut:][newv.to(X.device)], settings,
+                        remembered=lambda: (X[:cut], y[:cut], X[cut:], y[cut:]))
+            row[f"{head}_add_class_s"] = time.perf_counter() - t0
+        print(f"  R={len(y):7d}: add-class with BCE heads {row['linear_add_class_s']:.2f} s, with ridge heads "
+              f"{row['ridge_add_class_s']:.2f} s", flush=True)
+        out.append(row)
+    for head in ("linear", "ridge"):
+        out[-1][f"{head}_ratio_to_first"] = out[-1][f"{head}_add_class_s"] / out[0][f"{head}_add_class_s"]
     return out
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cpu")
-    ap.add_argument("--sizes", type=int, nargs="+", default=[10, 100, 1000])
+    ap.add_argument("--sizes", type=int, nargs="+", default=[1000, 100000], help="remembered rows for (3)")
     ap.add_argument("--datasets", nargs="+", default=["digits", "photos"])
     ap.add_argument("--orders", type=int, default=3)
     ap.add_argument("--resplits", type=int, default=1, help="with --only-sequential: seeded resplits of the data")
     ap.add_argument("--only-sequential", action="store_true", help="only (2), over --resplits x --orders")
+    ap.add_argument("--only-scaling", action="store_true", help="only (3)")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "add_class.json"))
     a = ap.parse_args()
     dev = resolve_device(a.device)
     res = {"cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "machine": platform.machine(),
            "device": str(dev) if dev.type == "cpu" else torch.cuda.get_device_name(0), "datasets": {}}
+    if a.only_scaling:
+        res["scaling"] = scaling(a.sizes, dev)
+        Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(a.out).write_text(json.dumps(res, indent=2))
+        return
     if a.only_sequential:
         for d in a.datasets:
             arrays, classes = getattr(datasets, d)(a.device)
@@ -249,7 +266,7 @@ def main() -> None:
         res["datasets"][d] = {"leave_one_out": loo, "sequential": sequential(arrays, list(classes), dev, a.orders)}
         Path(a.out).parent.mkdir(parents=True, exist_ok=True)
         Path(a.out).write_text(json.dumps(res, indent=2))
-    print("[scaling] add one head vs train all N", flush=True)
+    print("[scaling] add one class to a model that remembers R rows", flush=True)
     res["scaling"] = scaling(a.sizes, dev)
     Path(a.out).write_text(json.dumps(res, indent=2))
     print(f"-> {a.out}")

@@ -1,4 +1,5 @@
-"""Head confidences -> answers. Pure functions on [n, N] arrays: calibration, thresholds, argmax, unknown, multilabel."""
+"""What the answer is built from: per-head calibration and thresholds (fitted on validation logits), and the gate of
+a grown model. The answer itself is `answer.answer`."""
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
@@ -91,65 +92,40 @@ def fit_thresholds(conf: np.ndarray, targets: np.ndarray, default: float = 0.5) 
     return out
 
 
-def predict(conf: np.ndarray, reject_below: float | None = None, thresholds: np.ndarray | None = None,
-            index: np.ndarray | None = None) -> np.ndarray:
-    """The answer (`index`, by default the argmax of confidence), or UNKNOWN where the answer's confidence is below
-    reject_below, or where no head passes its threshold."""
-    idx = conf.argmax(1) if index is None else np.asarray(index)
-    if reject_below is not None and len(idx):
-        idx = np.where(conf[np.arange(len(idx)), idx] < reject_below, UNKNOWN, idx)
-    if thresholds is not None:
-        idx = np.where((conf >= thresholds).any(1), idx, UNKNOWN)
-    return idx
-
-
-def multilabel(conf: np.ndarray, thresholds: np.ndarray | float = 0.5) -> np.ndarray:
-    """Every class whose head fires: a boolean [n, N] matrix."""
-    return conf >= thresholds
-
-
-def top_k(conf: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    k = min(k, conf.shape[1])
-    idx = np.argsort(-conf, axis=1, kind="stable")[:, :k]
-    return idx, np.take_along_axis(conf, idx, 1)
-
-
 def normalise_rows(conf: np.ndarray) -> np.ndarray:
     """OvR confidences as a distribution (as scikit-learn's OneVsRestClassifier.predict_proba), for NLL and ECE."""
     return conf / np.clip(conf.sum(1, keepdims=True), 1e-12, None)
 
 
-# --- grown models: the guarded chain and its gate ----------------------------------------------------------
+# --- grown models: the gate ----------------------------------------------------------------------------------
 #
 # A head that never saw class k as a negative is no evidence against k: after `add-class ring`, the circle head
-# fires on rings because it never learned otherwise. The guarded chain keeps today's argmax w whenever w's head
-# saw every class (so a model with nothing added answers exactly as before). Otherwise it compares w with the
-# classes w never saw, by each head's calibrated probability times a gate: one minus the probability, from a
-# linear classifier over all classes (rebuilt at every add, never touching a head), that the input belongs to a
-# class that head never saw. The winner's own unseen classes are checked in turn, until the answer is stable.
-#
-# The gate is the weak link: with the true class as an oracle gate, the chain ends 2 points above joint training
-# on the digits (and 14 on the photos); a shrinkage LDA gate, alone 3.0 (digits) and 6.3 (photos) points below
-# joint OvR, left sequential growth 1.2 and 2.9 points below joint. A multinomial logistic regression on the same
-# embeddings (0.7 below / 1.4 above joint alone) ends +0.1 and -1.5 (benchmarks/add_class.py, 3 resplits x 3 class
-# orders). It costs L-BFGS iterations over rows x classes x dim, so past GATE_SOFTMAX_MAX the closed-form LDA is
-# used instead (1,000 classes x 24,000 rows x 512, 2 CPU cores: LDA 2.2-3.1 s, softmax 24.5 s; 300 classes: 0.34 vs 1.3 s).
+# fires on rings because it never learned otherwise. Each head's confidence is therefore multiplied by its gate:
+# one minus the probability, from a classifier over all classes that is rebuilt at every add without touching a
+# head, that the input belongs to a class that head never saw. The default gate is solved from the model's
+# statistics (stats.ridge_gate), so it is exactly the same whatever the order the classes came in; 'softmax' is the
+# earlier gate, refit on every remembered row at each add (kept to be measured against: benchmarks/add_class.py).
 
 
 @dataclass
 class Gate:
-    """Linear discriminants on raw embeddings: posterior = softmax(X @ weight.T + bias). `method` says how they
-    were fitted: 'softmax' (multinomial logistic regression, `strength` its L2) or 'lda' (`strength` its shrinkage);
-    `temperature` was chosen on validation and is folded into weight and bias."""
+    """Linear discriminants: posterior = softmax(phi(X) @ weight.T + bias), phi(X) = X or relu(X @ projection).
+    `method` says how they were fitted: 'ridge' (from the statistics, `strength` its ridge lam), 'softmax'
+    (multinomial logistic regression, `strength` its L2) or 'lda' (`strength` its shrinkage); the temperature is
+    folded into weight and bias."""
     classes: list[str]
-    weight: torch.Tensor  # [K, D]
+    weight: torch.Tensor  # [K, M]
     bias: torch.Tensor  # [K]
     method: str
     strength: float
     temperature: float
+    projection: torch.Tensor | None = None  # [D, M]
 
     def posterior(self, X: torch.Tensor) -> np.ndarray:
-        z = X.to(torch.float64) @ self.weight.to(X.device, torch.float64).T + self.bias.to(X.device, torch.float64)
+        X = X.to(torch.float64)
+        if self.projection is not None:
+            X = torch.relu(X @ self.projection.to(X))
+        z = X @ self.weight.to(X.device, torch.float64).T + self.bias.to(X.device, torch.float64)
         return torch.softmax(z, 1).cpu().numpy()
 
     def without(self, name: str) -> "Gate":
@@ -279,24 +255,3 @@ def unseen_matrix(classes: list[str], trained_with: list[list[str]]) -> np.ndarr
     for h, tw in enumerate(trained_with):
         U[h, [index[c] for c in tw if c in index]] = False
     return U
-
-
-def gates(posterior: np.ndarray, unseen: np.ndarray) -> np.ndarray:
-    """Per row and head: 1 - P(the input is of a class that head never saw) [n, N]."""
-    return np.clip(1.0 - posterior @ unseen.T.astype(float), 0.0, 1.0)
-
-
-def guarded_chain(conf: np.ndarray, score: np.ndarray, unseen: np.ndarray) -> np.ndarray:
-    """Start from argmax(conf); while the current answer's head never saw some classes, let it compete with them
-    on `score` (calibrated probability x gate). With no unseen classes this is exactly argmax(conf)."""
-    w = conf.argmax(1)
-    N = conf.shape[1]
-    if not unseen.any():
-        return w
-    for _ in range(N):
-        cand = unseen[w] | (np.arange(N) == w[:, None])
-        nw = np.where(cand, score, -np.inf).argmax(1)
-        if (nw == w).all():
-            break
-        w = nw
-    return w

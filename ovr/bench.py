@@ -107,10 +107,8 @@ def _add_class(method: _Method, X, y, Xv, yv, Xt, K: int) -> tuple[float, np.nda
     t0 = time.perf_counter()
     if method.name == "ovr":  # exactly what `ovr add-class` does, through the same Model
         m = copy.deepcopy(base.m.model_)
-        name = str(K - 1)
-        m.classes.append(name)
-        m.fit_heads([name], X, y, Xv, yv, method.cfg.train)
-        m.rebuild_gate(X, y, Xv, yv)  # part of add-class: timed with the head
+        m.add_class(str(K - 1), X[(y == K - 1).to(X.device)], Xv[(yv == K - 1).to(Xv.device)], method.cfg.train,
+                    remembered=lambda: (X, y, Xv, yv))  # its head, its statistics and the gate: all timed
         return time.perf_counter() - t0, m.answer(Xt).index
     elif method.name == "sklearn-ovr":
         from sklearn.linear_model import LogisticRegression
@@ -236,40 +234,36 @@ def run_bench(emb, cfg: Config, progress: Progress | None = None, methods: tuple
 
 
 def growth_curve(X, y, Xv, yv, Xt, yt, cfg: Config, points: int = 8) -> dict:
-    """One model grown from 2 classes to all, one add-class at a time (class order seeded), through `Model` as
-    `ovr add-class` does: test accuracy on the classes so far for the guarded chain and plain argmax, beside a
-    model trained jointly on the same classes (at up to `points` steps: a joint fit per step)."""
-    from .model import Model
+    """One model grown from 2 classes to all, one add-class at a time (class order seeded), through
+    `model.grow_in_order` as `ovr add-class` does: test accuracy on the classes so far for the model's answer and
+    plain argmax, beside a model trained jointly on the same classes (at up to `points` steps: a joint fit each)."""
+    from .model import Model, grow_in_order
 
     K = int(y.max()) + 1
     order = np.random.default_rng(cfg.train.seed).permutation(K).tolist()
     names = [str(c) for c in order]
     pos = torch.empty(K, dtype=torch.long)
     pos[torch.tensor(order)] = torch.arange(K)
+    steps = set(int(round(v)) for v in np.linspace(3, K, min(points, K - 2))) | {K}
+    out = {"order": [int(c) for c in order], "classes": [], "grown": [], "argmax": [], "joint": []}
 
     def rows(A, lab, n):  # the rows of the first n classes of the order, relabelled to their position in it
         keep = pos[lab] < n
         return A[keep.to(A.device)], pos[lab][keep]
 
-    steps = sorted({int(round(v)) for v in np.linspace(2, K, min(points, K - 1))} | {K})
-    m = Model({"dim": X.shape[1]}, cfg.train.normalize, "linear", names[:2])
-    m.fit_heads(names[:2], *rows(X, y, 2), *rows(Xv, yv, 2), cfg.train)
-    out = {"order": [int(c) for c in order], "classes": [], "guarded": [], "argmax": [], "joint": []}
-    for n in range(3, K + 1):
-        m.classes.append(names[n - 1])
-        Xa, ya, Xva, yva = *rows(X, y, n), *rows(Xv, yv, n)
-        m.fit_heads([names[n - 1]], Xa, ya, Xva, yva, cfg.train)
-        m.rebuild_gate(Xa, ya, Xva, yva)
+    def step(m: Model, n: int) -> None:
         if n not in steps:
-            continue
+            return
         Xta, yta = rows(Xt, yt, n)
         a = m.answer(Xta)
-        joint = Model({"dim": X.shape[1]}, cfg.train.normalize, "linear", names[:n])
-        joint.fit_heads(names[:n], Xa, ya, Xva, yva, cfg.train)
+        joint = Model({"dim": X.shape[1]}, cfg.train.normalize, cfg.train.head, names[:n])
+        joint.fit(*rows(X, y, n), *rows(Xv, yv, n), cfg.train)
         out["classes"].append(n)
-        out["guarded"].append(float((a.index == yta.numpy()).mean()))
+        out["grown"].append(float((a.index == yta.numpy()).mean()))
         out["argmax"].append(float((a.logits.argmax(1) == yta.numpy()).mean()))
         out["joint"].append(float((joint.answer(Xta).index == yta.numpy()).mean()))
+
+    grow_in_order(X, pos[y], Xv, pos[yv], names, cfg.train, normalize=cfg.train.normalize, step=step)
     return out
 
 

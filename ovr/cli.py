@@ -14,7 +14,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from .atomic import check_writable
-from .config import BenchConfig, DataConfig, FeatureConfig, TrainConfig
+from .config import AnswerOptions, BenchConfig, DataConfig, FeatureConfig, TrainConfig
 from .errors import OvrError
 from .serve import MAX_BATCH  # torch-free, FastAPI-free: the module imports its extra inside create_app
 
@@ -346,7 +346,7 @@ def predict(
     paths: Annotated[list[str], typer.Argument(help="Image files, folders or glob patterns.")],
     top_k: Annotated[int, typer.Option("--top-k", help="Classes to show per image.")] = 1,
     reject_below: Annotated[Optional[float], typer.Option("--reject-below", help="Answer 'unknown' when the best confidence is below T.")] = None,
-    thresholds: Annotated[bool, typer.Option("--thresholds", help="Answer 'unknown' when no head passes its stored threshold.")] = False,
+    thresholds: Annotated[bool, typer.Option("--thresholds", help="Answer 'unknown' when the answer's head does not pass its stored threshold.")] = False,
     multilabel: Annotated[bool, typer.Option("--multilabel", help="Also list every class whose head fires.")] = False,
     calibrated: Annotated[bool, typer.Option("--calibrated", help="Use the stored per-head calibration.")] = False,
     tta: TtaOpt = 0,
@@ -357,8 +357,8 @@ def predict(
     with user_errors():
         from .data import expand_inputs
 
-        if top_k < 1:
-            raise OvrError(f"--top-k must be at least 1, got {top_k}")
+        options = AnswerOptions(top_k=top_k, reject_below=reject_below, thresholds=thresholds,
+                                 multilabel=multilabel, calibrated=calibrated, tta=tta)
         ignored: dict[str, int] = {}
         files = expand_inputs(paths, ignored)
         _early(model=model)
@@ -368,7 +368,7 @@ def predict(
             from .data import describe_ignored
             _warn_skipped([], [describe_ignored(ignored) + " in the folders given"])
         pred = Predictor(model, device or "auto", cache_dir)
-        rows = pred.predict(files, top_k, reject_below, thresholds, multilabel, calibrated, tta=tta)
+        rows = pred.predict(files, options)
         failed = all("error" in r for r in rows)
         if as_json:
             for r in rows:
@@ -400,7 +400,7 @@ def evaluate(
     data: Annotated[Path, typer.Argument(help="Image folder (or CSV/TSV manifest), split as at training time.")],
     split: Annotated[str, typer.Option(help="train | val | test | all (every image of DATA).")] = "test",
     reject_below: Annotated[Optional[float], typer.Option("--reject-below")] = None,
-    thresholds: Annotated[bool, typer.Option("--thresholds", help="Unknown when no head passes its threshold.")] = False,
+    thresholds: Annotated[bool, typer.Option("--thresholds", help="Unknown when the answer's head does not pass its stored threshold.")] = False,
     calibrated: Annotated[bool, typer.Option("--calibrated", help="Use the stored per-head calibration.")] = False,
     tta: TtaOpt = 0,
     report: Annotated[Optional[Path], typer.Option("--report", help="Also write DIR/report.md + report.json + PNGs: per-class scores, confusion matrix, per-head curves, error gallery.")] = None,
@@ -412,6 +412,7 @@ def evaluate(
         from .data import check_split
 
         check_split(split)
+        options = AnswerOptions(reject_below=reject_below, thresholds=thresholds, calibrated=calibrated, tta=tta)
         _early(model=model, data=data)
         if report is not None:
             check_writable(report, "cannot write the report: folder")
@@ -419,7 +420,7 @@ def evaluate(
         from .report import metrics_tables
 
         with progress_bar() as cb:
-            m = evaluate_model(model, data, split, device, cache_dir, reject_below, thresholds, calibrated, cb, tta=tta)
+            m = evaluate_model(model, data, split, options, device=device, cache_dir=cache_dir, progress=cb)
         if report is not None:
             from .manifest import read_manifest
             from .report import write_model_report
@@ -437,16 +438,12 @@ def _grow_config(model: Path, config, **flags):
     return model_config(model, config, **flags)
 
 
-def _gate_note(r) -> str:
-    return f", the guarded chain's gate {r.gate_seconds:.2f} s" if r.gate_seconds else ""
-
-
 def _print_confused(confused: dict[str, float]) -> None:
     if confused:
         names = ", ".join(f"{escape(c)} ({r:.0%})" for c, r in sorted(confused.items(), key=lambda x: -x[1]))
         console.print(f"[yellow]old heads that fire on the new images:[/] {names}\n"
-                      f"  they never saw this class as a negative; answers already arbitrate between them and the new "
-                      f"head (guarded chain), and `ovr refresh MODEL` would retrain just those.",
+                      f"  they never saw this class as a negative; each answer already weighs them by the gate "
+                      f"(the chance that the image is of a class they never saw), and `ovr refresh MODEL` would retrain just those.",
                       highlight=False)
 
 
@@ -474,7 +471,7 @@ def add_class_cmd(
             err.print(f"[yellow]warning:[/] {n} of these images are already examples of {escape(other)}; "
                       f"both classes now claim them (remove-class {escape(other)} if it was a mistake)", highlight=False)
         console.print(f"added [bold]{escape(name)}[/] from {r.images} images in {r.seconds:.1f} s "
-                      f"(head training {r.train_seconds:.2f} s{_gate_note(r)})", highlight=False)
+                      f"(head and gate {r.train_seconds:.2f} s)", highlight=False)
         console.print(_train_table(load_model(model), f"new head in {model}", [name]))
         if not (refresh_confused and r.confused):
             _print_confused(r.confused)
@@ -566,8 +563,8 @@ def info(
                       "head files not read (the manifest was checked); `ovr info --verify` reads and checks them",
                       highlight=False)
         if m.get("gate"):
-            console.print("some heads never saw some classes (saw < all): answers go through the guarded chain and "
-                          f"its gate ({GATE_METHODS.get(m['gate'].get('method', 'lda'), '?')}, {escape(m['gate']['file'])})",
+            console.print("some heads never saw some classes (saw < all): their confidences are weighed by "
+                          f"the gate ({GATE_METHODS.get(m['gate'].get('method', 'lda'), '?')}, {escape(m['gate']['file'])})",
                           highlight=False)
 
 
@@ -641,7 +638,7 @@ def export(
             return
         i = info["input"]
         console.print(f"wrote {escape(str(out))} ({info['bytes'] / 1e6:.1f} MB, opset {opset}): {len(info['classes'])} "
-                      f"heads{' with the gate and guarded chain of a grown model' if info['grown'] else ''}; "
+                      f"heads{' with the gate of a grown model' if info['grown'] else ''}; "
                       f"input {i['name']} {i['dtype']} {i['shape']}; outputs logits, confidences, calibrated, class_index",
                       highlight=False)
 
@@ -699,8 +696,8 @@ def demo(
         mcfg = model_config(out / "model", device=device, cache_dir=cache_dir)
         with progress_bar() as cb:
             r = add_class(out / "model", "digit_9", [str(digits / "digit_9")], mcfg, progress=cb)
-        console.print(f"added digit_9 from {r.images} images; head training took {r.train_seconds:.2f} s"
-                      f"{_gate_note(r)}", highlight=False)
+        console.print(f"added digit_9 from {r.images} images; its head and the gate took {r.train_seconds:.2f} s",
+                      highlight=False)
         _print_confused(r.confused)
         _rule("3. predict a few images")
         samples = [sorted((digits / f"digit_{d}").glob("*.png"))[-1] for d in (0, 3, 9)]

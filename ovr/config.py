@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import tomllib
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -10,7 +11,8 @@ from typing import Any
 
 from .errors import OvrError
 
-HEADS = ("linear", "mlp")
+HEADS = ("linear", "mlp", "ridge")
+GATES = ("ridge", "softmax")
 NORMALIZE = ("standardize", "l2")
 CALIBRATION = ("platt", "temperature", "none")
 
@@ -62,7 +64,7 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    head: str = "linear"  # linear | mlp
+    head: str = "linear"  # linear (BCE, exact L-BFGS) | mlp (BCE, Adam) | ridge (closed form from the statistics)
     hidden: int = 256
     epochs: int = 100  # mlp heads (Adam) and the softmax baseline; linear heads are solved exactly
     lr: float = 3e-3
@@ -78,10 +80,16 @@ class TrainConfig:
     calibration: str = "platt"  # platt | temperature | none
     seed: int = 0
     views: int = 0  # augmented views per training image, besides the plain one (validation and test stay plain)
+    # The model's statistics (and so ridge heads and the gate) use relu(x @ R) for a seeded Gaussian R [D, M], with
+    # M = min(stats_features, 4 D); 0: the embeddings themselves. The Gram matrix is M^2 float64 numbers.
+    stats_features: int = 2048
+    gate: str = "ridge"  # ridge (exact, from the statistics) | softmax (refit on every remembered row at each add)
     chunk_heads: int = 0  # heads per solve; 0: sized to memory (model.heads_per_chunk); results do not depend on it
 
     def __post_init__(self) -> None:
         _check(self.views >= 0, f"views must be 0 or more, got {self.views}")
+        _check(self.stats_features >= 0, f"stats_features must be 0 (the embeddings) or more, got {self.stats_features}")
+        _check(self.gate in GATES, f"gate must be one of {', '.join(GATES)}, got {self.gate!r}")
         _check(self.chunk_heads >= 0, f"chunk_heads must be 0 (automatic) or more, got {self.chunk_heads}")
         for name, allowed in (("head", HEADS), ("normalize", NORMALIZE), ("calibration", CALIBRATION)):
             _check(getattr(self, name) in allowed, f"{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
@@ -112,6 +120,33 @@ class BenchConfig:
         _check(self.seeds >= 1, f"seeds must be at least 1, got {self.seeds}")
         _check(self.few_shot_k >= 1, f"few_shot_k must be at least 1, got {self.few_shot_k}")
         _check(0 < self.imbalance_ratio <= 1, f"imbalance_ratio must be in (0, 1], got {self.imbalance_ratio}")
+
+
+@dataclass(frozen=True)
+class AnswerOptions:
+    """How to answer. `calibrated`: report the per-head calibrated confidences. `reject_below`: unknown below this
+    confidence. `thresholds`: unknown when the answer's head does not pass its stored threshold. `multilabel`: also
+    every class that passes its threshold. `top_k`: classes listed per row. `tta`: augmented views averaged in."""
+    calibrated: bool = False
+    reject_below: float | None = None
+    thresholds: bool = False
+    multilabel: bool = False
+    top_k: int = 1
+    tta: int = 0
+
+    def __post_init__(self) -> None:
+        rb = self.reject_below
+        if rb is not None and (isinstance(rb, bool) or not isinstance(rb, (int, float)) or not math.isfinite(rb)
+                               or not 0 <= rb <= 1):
+            raise OvrError(f"reject_below must be a number in [0, 1], got {rb!r}")
+        for name in ("top_k", "tta"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int):
+                raise OvrError(f"{name} must be a whole number, got {v!r}")
+        if self.top_k < 1:
+            raise OvrError(f"top_k must be at least 1, got {self.top_k}")
+        if self.tta < 0:
+            raise OvrError(f"tta must be 0 (off) or more views, got {self.tta}")
 
 
 @dataclass(frozen=True)

@@ -1,8 +1,7 @@
 """`ovr export`: a model folder -> one ONNX graph (pixels -> backbone -> every head -> the answer), or the heads alone.
 
-The graph reproduces `Model.answer` (with calibrated=False, as `ovr predict` by default): per-head logits, gated
-calibrated confidences, and the answer's class index (the guarded chain and its gate for a grown model, argmax
-otherwise). Its input is the backbone's crop, uint8 [B, S, S, 3] (NHWC, RGB, as image libraries hold pixels): the
+The graph is `answer.answer` traced (with calibrated=False, as `ovr predict` by default): per-head logits, the
+confidences and calibrated confidences (times the gate of a grown model), and the answer's class index. Its input is the backbone's crop, uint8 [B, S, S, 3] (NHWC, RGB, as image libraries hold pixels): the
 resize + centre crop stay outside the graph, because the antialiased resize (PIL's, or transforms.v2's on tensors:
 the model's decode path) has no exact ONNX twin and a slightly different resize would move the logits by ~1e-2;
 `split_transform(transform, decode)` (and the `ovr.*` metadata) give that step.
@@ -18,7 +17,10 @@ import torch
 from torch import nn
 
 from .errors import OvrError
-from .heads import head_inputs, stack_heads, stacked_logits
+from dataclasses import fields
+
+from .answer import AnswerTensors, answer
+from .config import AnswerOptions
 from .model import Model
 from .pixels import Preprocess, split_transform  # noqa: F401 (Preprocess: the public type)
 
@@ -27,26 +29,23 @@ INSTALL_HINT = 'ONNX export needs the export extra: pip install "ovr[export]" (o
 
 class OvrGraph(nn.Module):
     """images uint8 [B, S, S, 3] (or embeddings [B, D] with heads_only) -> logits, confidences, calibrated,
-    class_index."""
+    class_index: `answer.answer` itself, traced, on the model's tensors held as buffers."""
 
-    def __init__(self, model: Model, backbone: nn.Module | None, prep: Preprocess | None) -> None:
+    def __init__(self, model: Model, backbone: nn.Module | None, prep: Preprocess | None,
+                 options: AnswerOptions = AnswerOptions()) -> None:
         super().__init__()
         self.backbone = backbone
-        self.normalize = model.normalize
-        p = stack_heads([model.heads[c] for c in model.classes])
-        self.head_keys = sorted(p)
+        self.options = options
+        t = model.tensors()
+        self.normalize = t.normalize
+        self.head_keys = sorted(t.heads)
         for k in self.head_keys:
-            self.register_buffer(f"h_{k}", p[k].float())
-        recs = [model.records[c] for c in model.classes]
-        self.register_buffer("cal_a", torch.tensor([r.calibration.a for r in recs], dtype=torch.float32))
-        self.register_buffer("cal_b", torch.tensor([r.calibration.b for r in recs], dtype=torch.float32))
-        U = model.unseen()
-        self.grown = bool(U.any()) and model.gate is not None
-        self.register_buffer("unseen", torch.from_numpy(U.astype(np.float32)))
-        if self.grown:
-            order = [model.gate.classes.index(c) for c in model.classes]
-            self.register_buffer("gate_w", model.gate.weight[order].float())
-            self.register_buffer("gate_b", model.gate.bias[order].float())
+            self.register_buffer(f"h_{k}", t.heads[k].float())
+        self.tensor_names = [f.name for f in fields(AnswerTensors)
+                             if isinstance(getattr(t, f.name), torch.Tensor)]
+        for name in self.tensor_names:
+            self.register_buffer(name, getattr(t, name).float())
+        self.grown = t.gate_weight is not None
         if prep is not None:
             self.register_buffer("mean", torch.tensor(prep.mean).view(1, 3, 1, 1))
             self.register_buffer("std", torch.tensor(prep.std).view(1, 3, 1, 1))
@@ -57,22 +56,10 @@ class OvrGraph(nn.Module):
 
     def forward(self, x: torch.Tensor):
         X = self.features(x) if self.backbone is not None else x
-        p = {k: getattr(self, f"h_{k}") for k in self.head_keys}
-        z = stacked_logits(p, head_inputs(self.normalize, X))
-        cal = torch.sigmoid(z * self.cal_a + self.cal_b)
-        raw = torch.sigmoid(z)
-        if not self.grown:
-            return z, raw, cal, torch.argmax(z, dim=1)
-        post = torch.softmax(X @ self.gate_w.T + self.gate_b, dim=1)
-        g = torch.clamp(1.0 - post @ self.unseen.T, 0.0, 1.0)
-        score = cal * g
-        w = torch.argmax(z, dim=1)
-        N = z.shape[1]
-        eye = torch.eye(N, device=z.device)
-        for _ in range(N):  # aggregate.guarded_chain, unrolled: N rounds always reach its fixed point
-            cand = self.unseen[w] + eye[w]
-            w = torch.argmax(torch.where(cand > 0, score, torch.full_like(score, -1e30)), dim=1)
-        return z, raw * g, cal * g, w
+        t = AnswerTensors(heads={k: getattr(self, f"h_{k}") for k in self.head_keys}, normalize=self.normalize,
+                          **{name: getattr(self, name) for name in self.tensor_names})
+        r = answer(t, X, (), self.options)
+        return r.logits, r.raw, r.calibrated, r.index
 
 
 def export_model(root: str | Path, out: str | Path, *, heads_only: bool = False, opset: int = 18,
@@ -121,7 +108,7 @@ def export_model(root: str | Path, out: str | Path, *, heads_only: bool = False,
                                  "dtype": "float32" if heads_only else "uint8"}),
         "ovr.outputs": "logits [B, N] per head; confidences [B, N] sigmoid(logit), times the gate of a grown "
                        "model; calibrated [B, N] sigmoid(a * logit + b) per head (ovr.calibration), times the gate; "
-                       "class_index [B] the answer (guarded chain when grown, else argmax)",
+                       "class_index [B] the answer: the class with the highest confidence (ovr.answer.answer)",
         "ovr.backbone": json.dumps(spec),
         "ovr.grown": json.dumps(graph.grown),
     }

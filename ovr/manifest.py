@@ -9,6 +9,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from .atomic import check_writable
+from .config import HEADS
 from .errors import OvrError
 from .records import HeadRecord
 
@@ -114,7 +115,8 @@ def read_manifest(root: str | Path) -> dict:
 
 
 _NUM = (int, float)
-GATE_METHODS = {"softmax": "a softmax regression on the embeddings", "lda": "a shrinkage LDA on the embeddings"}
+GATE_METHODS = {"ridge": "a ridge regression solved from the model's statistics (exact under growth)",
+                "softmax": "a softmax regression refit on the embeddings", "lda": "a shrinkage LDA on the embeddings"}
 _RECORD_KEYS = set(HeadRecord.__dataclass_fields__) | {"file", "sha256", "best_epoch"}
 _HEAD_KEYS = {"file": str, "sha256": str, "threshold": _NUM, "positives": int, "negatives": int, "l2": _NUM,
               "calibration": dict}
@@ -127,7 +129,7 @@ def manifest_problem(m: dict) -> str | None:
                      ("normalize", str), ("created", str)):
         if not isinstance(m.get(key), typ):
             return f"{key!r} is missing or not a {typ.__name__}"
-    if m["head_type"] not in ("linear", "mlp") or m["normalize"] not in ("standardize", "l2"):
+    if m["head_type"] not in HEADS or m["normalize"] not in ("standardize", "l2"):
         return f"unknown head type {m['head_type']!r} or normalisation {m['normalize']!r}"
     if not isinstance(m["backbone"].get("dim"), int) or not isinstance(m["backbone"].get("name"), str):
         return "the backbone has no name or dim"
@@ -159,6 +161,16 @@ def manifest_problem(m: dict) -> str | None:
         if not (isinstance(strength, _NUM) and isinstance(g.get("temperature"), _NUM)
                 and g.get("method", "lda") in GATE_METHODS):
             return "the gate entry has no valid method, strength or temperature"
+        if g.get("projection") == "stats" and not m.get("stats"):
+            return "the gate reads the statistics, and there are none"
+    st = m.get("stats")
+    if st is not None and not (isinstance(st, dict) and isinstance(st.get("file"), str)
+                               and isinstance(st.get("sha256"), str) and isinstance(st.get("classes"), list)
+                               and all(isinstance(c, str) for c in st["classes"])
+                               and isinstance(st.get("features"), int) and not isinstance(st.get("features"), bool)):
+        return "the statistics entry has no file, sha256, classes or features"
+    if m["head_type"] == "ridge" and st is None:
+        return "a model of ridge heads has no statistics"
     if not isinstance(m.get("config", {}), dict):
         return "config is not a table"
     return None

@@ -14,8 +14,10 @@ import numpy as np
 import torch
 
 from . import aggregate
+from .answer import AnswerOptions, AnswerResult, AnswerTensors, answer, head_logits
 from .config import TrainConfig
-from .heads import Normalizer, Tensors, fit_ovr_heads, head_inputs, stack_heads, stacked_logits
+from .heads import Normalizer, Tensors, fit_ovr_heads, stack_heads
+from .stats import FeatureMap, Stats, ridge_gate, ridge_heads
 from .records import Calibration, HeadRecord, new_run_id, now  # noqa: F401  (re-exported: ovr.model is the API)
 
 CONFUSED_RATE = 0.10  # a head that fires on more than this share of a class it never saw is "confused"
@@ -34,16 +36,37 @@ class Model:
     config: dict = field(default_factory=dict)
     created: str = field(default_factory=now)
     gate: aggregate.Gate | None = None  # only while some head has not seen every class
+    stats: Stats | None = None  # counts, sums and Gram of the remembered embeddings (None: a model saved before)
+    gate_method: str = "ridge"  # ridge: exact, from `stats` | softmax: refit on every remembered row (as before)
 
     # --- reading --------------------------------------------------------------------------------------------
 
-    def logits(self, X: torch.Tensor, classes: list[str] | None = None) -> np.ndarray:
-        classes = classes or self.classes
+    def check_features(self, X: torch.Tensor, what: str = "features") -> None:
         if X.ndim != 2 or (self.backbone.get("dim") and X.shape[1] != self.backbone["dim"]):
-            raise ValueError(f"features must be [n, {self.backbone.get('dim')}], got {list(X.shape)}")
-        p = stack_heads([self.heads[c] for c in classes], X.device)
+            raise ValueError(f"{what} must be [n, {self.backbone.get('dim')}], got {list(X.shape)}")
+
+    def tensors(self, device: torch.device | str = "cpu", classes: list[str] | None = None) -> AnswerTensors:
+        """What `answer.answer` reads, for these classes (all by default; a subset answers without a gate)."""
+        classes = classes or self.classes
+        recs = [self.records[c] for c in classes]
+        f64 = lambda v: torch.tensor(v, dtype=torch.float64, device=device)  # noqa: E731
+        U = aggregate.unseen_matrix(classes, [r.trained_with for r in recs])
+        t = AnswerTensors(stack_heads([self.heads[c] for c in classes], device), self.normalize,
+                          f64([r.calibration.a for r in recs]), f64([r.calibration.b for r in recs]),
+                          f64([r.threshold for r in recs]), torch.from_numpy(U.astype("float64")).to(device))
+        if self.head_type == "ridge":
+            t.head_projection = self.stats.features.projection
+        if U.any() and self.gate is not None and classes == self.classes:
+            order = [self.gate.classes.index(c) for c in classes]
+            t.gate_weight = self.gate.weight[order].to(device, torch.float64)
+            t.gate_bias = self.gate.bias[order].to(device, torch.float64)
+            t.gate_projection = self.gate.projection
+        return t
+
+    def logits(self, X: torch.Tensor, classes: list[str] | None = None) -> np.ndarray:
+        self.check_features(X)
         with torch.no_grad():
-            return stacked_logits(p, head_inputs(self.normalize, X.to(p[next(iter(p))].dtype))).cpu().numpy()
+            return head_logits(self.tensors(X.device, classes), X).cpu().numpy()
 
     def unseen(self) -> np.ndarray:
         """U[h, k]: head h never saw an example of class k (bool [N, N])."""
@@ -52,35 +75,15 @@ class Model:
     def grown(self) -> bool:
         return bool(self.unseen().any())
 
-    def answer(self, X: torch.Tensor, *, calibrated: bool = False, reject_below: float | None = None,
-               thresholds: bool = False, views: list[torch.Tensor] = ()) -> "Answer":
-        """Confidences, the class of each row (guarded chain; plain argmax when no head missed a class), and
-        'unknown' (-1) by --reject-below / --thresholds. With a gate, every confidence is multiplied by its
-        head's gate, so a head is not believed on a class it never saw; thresholds and multi-label use those.
-        `views` (test-time augmentation): more embeddings of the same rows; each head's logits, and the gate's
-        posteriors, are averaged over X and them."""
-        z = np.mean([self.logits(V) for V in (X, *views)], axis=0)
-        N = len(self.classes)
-        a = np.array([self.records[c].calibration.a for c in self.classes])
-        b = np.array([self.records[c].calibration.b for c in self.classes])
-        thr = np.array([self.records[c].threshold for c in self.classes])
-        raw, cal = aggregate.confidences(z), aggregate.confidences(z, a, b)
-        conf = cal if calibrated else raw
-        if calibrated:  # the thresholds were chosen on raw confidences; calibration is monotonic
-            t = np.clip(thr, 1e-12, 1 - 1e-12)
-            thr = aggregate.confidences(np.log(t / (1 - t)), a, b)
-        U = self.unseen()
-        g = np.ones((len(z), N))
-        if U.any() and self.gate is not None and len(z):
-            post = np.mean([self.gate.posterior(V) for V in (X, *views)], axis=0)
-            order = [self.gate.classes.index(c) for c in self.classes]
-            g = aggregate.gates(post[:, order], U)
-            idx = aggregate.guarded_chain(conf, cal * g, U)
-        else:
-            idx = conf.argmax(1) if len(z) else np.zeros(0, dtype=int)
-        conf = conf * g
-        idx = aggregate.predict(conf, reject_below, thr if thresholds else None, index=idx)
-        return Answer(idx, conf, thr, z)
+    def answer(self, X: torch.Tensor, options: AnswerOptions | None = None, *, views: list[torch.Tensor] = (),
+               **fields) -> "Answer":
+        """`answer.answer` on this model (options, or its fields as keywords); arrays on the CPU."""
+        options = options or AnswerOptions(**fields)
+        self.check_features(X)
+        with torch.no_grad():
+            r = answer(self.tensors(X.device), X, list(views), options)
+        return Answer(*(v.cpu().numpy() for v in (r.index, r.confidences, r.thresholds, r.logits, r.labels,
+                                                  r.top_index, r.top_confidence, r.calibrated)))
 
     def fire_rates(self, X: torch.Tensor, heads: list[str]) -> dict[str, float]:
         """Share of the rows of X on which each head passes its own threshold (raw, ungated)."""
@@ -150,15 +153,64 @@ class Model:
                 val_loss=None if np.isnan(f.val_loss) else f.val_loss, val=val[j], run=run,
                 l2_path=[[s, None if np.isnan(v) else v] for s, v in (f.l2_path or [])], curve=f.curve or [])
 
-    def rebuild_gate(self, X: torch.Tensor, y: torch.Tensor, Xv: torch.Tensor, yv: torch.Tensor) -> None:
-        """The gate from all remembered examples, or none when every head has seen every class. Multi-label rows
-        count for their first label (the gate arbitrates single answers)."""
-        self.gate = (aggregate.fit_gate(X, first_label(y), Xv, first_label(yv), self.classes) if self.grown()
-                     else None)
+    # --- growing: the one implementation of each step --------------------------------------------------------
 
-    def remove(self, name: str) -> None:
-        """Drop one head and its class's examples (so no later head learns from them as negatives). The gate
-        loses that class's discriminant: the others' do not depend on it."""
+    def fit(self, X: torch.Tensor, y: torch.Tensor, Xv: torch.Tensor, yv: torch.Tensor, settings: TrainConfig, *,
+            progress=None) -> None:
+        """Every head, and the statistics, from these rows (labels index `classes`)."""
+        self.stats = None
+        self.remember(X, y, Xv, yv, settings)
+        if self.head_type == "ridge":
+            self.solve_ridge_heads(settings)
+        else:
+            self.fit_heads(list(self.classes), X, y, Xv, yv, settings, progress=progress)
+        self.rebuild_gate(lambda: (X, y, Xv, yv))
+
+    def remember(self, X: torch.Tensor, y: torch.Tensor, Xv: torch.Tensor, yv: torch.Tensor,
+                 settings: TrainConfig | None = None, sign: float = 1.0) -> None:
+        """Add (or subtract) rows to the statistics; builds them on first use (also for a model saved before
+        statistics existed: then X.. must be every remembered row)."""
+        if self.stats is None:
+            settings = settings or TrainConfig()
+            dim = self.backbone.get("dim") or X.shape[1]
+            fm = FeatureMap.random(dim, min(settings.stats_features, 4 * dim), settings.seed)
+            self.stats = Stats.empty(fm.size(dim), fm)
+        for A, lab in ((X, y), (Xv, yv)):
+            self.stats.update(A, lab, list(self.classes), sign)
+
+    def add_class(self, name: str, X: torch.Tensor, Xv: torch.Tensor, settings: TrainConfig, *,
+                  remembered=None, progress=None) -> None:
+        """One new class from its own rows (train X, validation Xv): its statistics are added, its head is trained
+        (a BCE head on `remembered()` -> (X, y, Xv, yv): every remembered row, the new ones included; ridge heads are
+        re-solved from the statistics alone), and the gate is rebuilt from the statistics. Other BCE heads are
+        untouched. A class that exists is replaced: its old rows must have been subtracted (`forget`) first."""
+        if name not in self.classes:
+            self.classes.append(name)
+        k = self.classes.index(name)
+        lab = lambda A: torch.full((len(A),), k, dtype=torch.long)  # noqa: E731
+        if self.stats is None:  # a model saved before statistics: built once from everything it remembers
+            self.remember(*remembered(), settings)
+        else:
+            self.remember(X, lab(X), Xv, lab(Xv), settings)
+        if self.head_type == "ridge":
+            self.solve_ridge_heads(settings)
+        else:
+            self.fit_heads([name], *remembered(), settings, progress=progress)
+        self.rebuild_gate(remembered)
+
+    def forget(self, name: str, X: torch.Tensor, keep_rows: bool = False) -> None:
+        """Subtract class `name`'s rows X from the statistics and drop its column (keep_rows: rows that stay as
+        examples of other labels keep their place in the Gram matrix)."""
+        if self.stats is None or name not in self.stats.classes:
+            return
+        if not keep_rows:
+            self.stats.update(X, torch.full((len(X),), -1, dtype=torch.long), [], -1.0)
+        self.stats.drop(name)
+
+    def remove_class(self, name: str, X: torch.Tensor, remembered=None) -> None:
+        """Drop one class: its head, its remembered examples, and its rows X (the examples that were only of this
+        class) from the statistics. Other BCE heads are untouched; ridge heads and the gate are re-solved."""
+        self.forget(name, X)
         self.classes.remove(name)
         del self.heads[name], self.records[name]
         kept = []
@@ -172,11 +224,68 @@ class Model:
                 continue
             kept.append(e)
         self.examples = kept
-        if self.gate is not None:
-            if not self.grown():
-                self.gate = None
-            elif name in self.gate.classes:
-                self.gate = self.gate.without(name)
+        if self.head_type == "ridge":
+            self.solve_ridge_heads(settings or TrainConfig())
+        self.rebuild_gate(remembered)
+
+    def refresh(self, names: list[str], X: torch.Tensor, y: torch.Tensor, Xv: torch.Tensor, yv: torch.Tensor,
+                settings: TrainConfig, *, progress=None) -> None:
+        """Retrain the heads of `names` on every remembered row (X.. : all of them); the statistics stay."""
+        if self.stats is None:
+            self.remember(X, y, Xv, yv, settings)
+        if self.head_type == "ridge":
+            self.solve_ridge_heads(settings)
+        else:
+            self.fit_heads(names, X, y, Xv, yv, settings, progress=progress)
+        self.rebuild_gate(lambda: (X, y, Xv, yv))
+
+    def solve_ridge_heads(self, settings: TrainConfig, run: str | None = None) -> None:
+        """Every class's ridge head from the statistics (one solve for all): exact under growth."""
+        run = run or new_run_id()
+        r = self.stats.ridge(list(self.classes))
+        W, b = ridge_heads(r)
+        s = self.stats
+        for j, c in enumerate(self.classes):
+            n = float(s.counts[s.classes.index(c)])
+            self.heads[c] = {"weight": W[j].float(), "bias": b[j].float()}
+            self.records[c] = HeadRecord(
+                seed=settings.seed, positives=int(n), negatives=int(float(s.rows) - n), pos_weight=1.0, l2=r.lam,
+                threshold=0.5, calibration=Calibration("none"), trained_with=list(self.classes), solver="ridge",
+                run=run)
+
+    def rebuild_gate(self, remembered=None) -> None:
+        """The gate, or none when every head has seen every class. 'ridge' (default): solved from the statistics,
+        exactly the same for a model grown in any order as for one built at once. 'softmax': the earlier gate, a
+        multinomial logistic regression refit on `remembered()` -> (X, y, Xv, yv), every remembered row."""
+        if not self.grown():
+            self.gate = None
+        elif self.gate_method == "ridge":
+            r = self.stats.ridge(list(self.classes))
+            W, b, beta = ridge_gate(r)
+            self.gate = aggregate.Gate(list(self.classes), W.float(), b.float(), "ridge", r.lam, 1.0 / beta,
+                                       self.stats.features.projection)
+        else:
+            X, y, Xv, yv = remembered()
+            self.gate = aggregate.fit_gate(X, first_label(y), Xv, first_label(yv), self.classes, self.gate_method)
+
+
+def grow_in_order(X: torch.Tensor, y: torch.Tensor, Xv: torch.Tensor, yv: torch.Tensor, classes: list[str],
+                  settings: TrainConfig, *, normalize: str = "standardize", step=None) -> Model:
+    """A model of classes[:2] trained together, then classes[2:] added one at a time by `Model.add_class`, as `ovr
+    add-class` does (labels index `classes`). `step(model, n)` is called after each class is added (n classes)."""
+    def upto(A, lab, n):
+        keep = lab < n
+        return A[keep.to(A.device)], lab[keep]
+
+    m = Model({"dim": X.shape[1]}, normalize, settings.head, list(classes[:2]), gate_method=settings.gate)
+    m.fit(*upto(X, y, 2), *upto(Xv, yv, 2), settings)
+    for n in range(3, len(classes) + 1):
+        Xa, ya, Xva, yva = (*upto(X, y, n), *upto(Xv, yv, n))
+        m.add_class(classes[n - 1], Xa[(ya == n - 1).to(Xa.device)], Xva[(yva == n - 1).to(Xva.device)], settings,
+                    remembered=lambda: (Xa, ya, Xva, yva))
+        if step is not None:
+            step(m, n)
+    return m
 
 
 @dataclass
@@ -185,9 +294,13 @@ class Answer:
     confidences: np.ndarray  # [n, N] per head (calibrated if asked), times its gate
     thresholds: np.ndarray  # [N] in the same space
     logits: np.ndarray  # [n, N]
+    labels: np.ndarray  # [n, N] bool: every class whose confidence passes its threshold (multi-label)
+    top_index: np.ndarray  # [n, k] by confidence, highest first (k >= 2 where there are 2 classes)
+    top_confidence: np.ndarray  # [n, k]
+    calibrated: np.ndarray  # [n, N] calibrated confidences times the gate, whichever `confidences` are
 
     def multilabel(self) -> np.ndarray:
-        return aggregate.multilabel(self.confidences, self.thresholds)
+        return self.labels
 
 
 def head_targets(y: torch.Tensor, columns: np.ndarray, device) -> torch.Tensor:

@@ -19,6 +19,7 @@ from .backbones import Backbone, load_backbone, model_backbone
 from .cache import EmbeddingCache, default_cache_dir
 from .features import (EmbeddedFolder, EmbedResult, Progress, augmented_images, embed_folder, embed_images, embed_paths,
                        embed_views)
+from .answer import AnswerOptions
 from .model import Model
 from .runtime import resolve_device
 from .store import check_can_write, load_model, model_lock, save_model, update_model
@@ -79,9 +80,9 @@ def train_model(data: str | Path | ImageFolder, out: str | Path, cfg: Config, fo
     vkeys, V = views_of(emb.result, np.flatnonzero(emb.splits == "train"), cfg.train.views, cfg, emb.backbone,
                         open_cache(cfg, emb.backbone), progress)
     model = Model(emb.backbone.spec(), cfg.train.normalize, cfg.train.head, list(classes),
-                  calibration=cfg.train.calibration, config=config_to_dict(cfg))
-    model.fit_heads(list(classes), torch.cat([X, V.flatten(0, 1)]),
-                    torch.cat([y, y.repeat_interleave(cfg.train.views, dim=0)]), Xv, yv, cfg.train, progress=progress)
+                  calibration=cfg.train.calibration, config=config_to_dict(cfg), gate_method=cfg.train.gate)
+    model.fit(torch.cat([X, V.flatten(0, 1)]), torch.cat([y, y.repeat_interleave(cfg.train.views, dim=0)]), Xv, yv,
+              cfg.train, progress=progress)
     T = emb.folder.targets[emb.result.input_index] if emb.folder.targets is not None else None
     model.examples = [{"key": k, "label": classes[int(lab)], "split": str(sp)}
                       | ({"labels": [classes[j] for j in np.flatnonzero(T[i])]} if T is not None else {})
@@ -185,43 +186,36 @@ class Predictor:
         return X, index, skipped, [V[:, k] for k in range(tta)]
 
 
-    def predict(self, inputs: list, top_k: int = 1, reject_below: float | None = None, thresholds: bool = False,
-                multilabel: bool = False, calibrated: bool = False, progress: Progress | None = None,
-                tta: int = 0) -> list[dict]:
-        """One dict per input, in order: class (or 'unknown'), confidence, top-k, or an error. tta = K averages
-        each head's logits over the image and K augmented views of it."""
-        if top_k < 1:
-            raise OvrError(f"top_k must be at least 1, got {top_k}")
-        if tta < 0:
-            raise OvrError(f"tta must be 0 (off) or more views, got {tta}")
+    def predict(self, inputs: list, options: AnswerOptions | None = None, progress: Progress | None = None,
+                **fields) -> list[dict]:
+        """One dict per input, in order: class (or 'unknown'), confidence, top-k, runner-up, labels (multi-label),
+        or an error. `options` (or its fields as keywords: top_k, reject_below, thresholds, multilabel, calibrated,
+        tta) says how to answer."""
+        options = options or AnswerOptions(**fields)
         inputs = self.inputs(inputs)
-        X, idx, skipped, *views = self.embed(inputs, progress, tta=tta)
-        return self.rows(inputs, X, idx, skipped, top_k=top_k, reject_below=reject_below, thresholds=thresholds,
-                         multilabel=multilabel, calibrated=calibrated, views=views[0] if views else [])
+        X, idx, skipped, *views = self.embed(inputs, progress, tta=options.tta)
+        return self.rows(inputs, X, idx, skipped, options, views=views[0] if views else [])
 
-    def rows(self, inputs: list, X: torch.Tensor, idx: list[int], skipped: list[tuple], *, top_k: int = 1,
-             reject_below: float | None = None, thresholds: bool = False, multilabel: bool = False,
-             calibrated: bool = False, views: list[torch.Tensor] = ()) -> list[dict]:
+    def rows(self, inputs: list, X: torch.Tensor, idx: list[int], skipped: list[tuple],
+             options: AnswerOptions = AnswerOptions(), views: list[torch.Tensor] = ()) -> list[dict]:
         """predict's answers from embeddings already made (`embed`'s output): `ovr serve` embeds the images of
         concurrent requests in one batch, then answers each request with its own options here."""
         if not len(idx):
             X, views = torch.empty(0, self.model.backbone["dim"]), []
-        ans = self.model.answer(X, calibrated=calibrated, reject_below=reject_below, thresholds=thresholds,
-                                views=views)
-        pred, conf = ans.index, ans.confidences
-        fired_all = ans.multilabel()
-        ti, tc = aggregate.top_k(conf, max(top_k, 2))
+        ans = self.model.answer(X, options, views=views)
         rows: list[dict] = [{}] * len(inputs)
         name = lambda x: "<image>" if isinstance(x, Image.Image) else str(x)  # noqa: E731
+        k = options.top_k
         for r, i in enumerate(idx):
-            row = {"input": name(inputs[i]),
-                   "class": self.classes[pred[r]] if pred[r] >= 0 else "unknown",
-                   "confidence": float(conf[r, pred[r]] if pred[r] >= 0 else conf[r].max()),
-                   "top": [{"class": self.classes[j], "confidence": float(c)} for j, c in zip(ti[r][:top_k], tc[r][:top_k])]}
+            ti, tc = ans.top_index[r], ans.top_confidence[r]
+            p = int(ans.index[r])
+            row = {"input": name(inputs[i]), "class": self.classes[p] if p >= 0 else "unknown",
+                   "confidence": float(tc[0]),
+                   "top": [{"class": self.classes[j], "confidence": float(c)} for j, c in zip(ti[:k], tc[:k])]}
             if len(self.classes) > 1:
-                row["runner_up"] = {"class": self.classes[ti[r][1]], "confidence": float(tc[r][1])}
-            if multilabel:
-                row["labels"] = [c for c, f in zip(self.classes, fired_all[r]) if f]
+                row["runner_up"] = {"class": self.classes[ti[1]], "confidence": float(tc[1])}
+            if options.multilabel:
+                row["labels"] = [c for c, f in zip(self.classes, ans.labels[r]) if f]
             rows[i] = row
         bad = {str(p): why for p, why in skipped}
         for i, x in enumerate(inputs):
@@ -244,14 +238,12 @@ def model_config(root: str | Path, config: str | Path | None = None, **overrides
     return load_config(config, overrides, stored=stored)
 
 
-def evaluate_model(root: str | Path, data: str | Path, split: str = "test", device: str | None = None,
-                   cache_dir: str | None = None, reject_below: float | None = None, thresholds: bool = False,
-                   calibrated: bool = False, progress: Progress | None = None, tta: int = 0) -> dict:
+def evaluate_model(root: str | Path, data: str | Path, split: str = "test", options: AnswerOptions = AnswerOptions(),
+                   *, device: str | None = None, cache_dir: str | None = None, progress: Progress | None = None) -> dict:
     from .metrics import classification_metrics, expected_calibration_error, worst_errors
 
     check_split(split)
-    if tta < 0:
-        raise OvrError(f"--tta must be 0 (off) or more views, got {tta}")
+    tta = options.tta
     cfg = model_config(root, device=device, cache_dir=cache_dir)
     pred = Predictor(root, cfg.features.device, cfg.features.cache_dir or None)
     emb = embed_data(data, cfg, progress, backbone=pred.backbone)
@@ -264,14 +256,14 @@ def evaluate_model(root: str | Path, data: str | Path, split: str = "test", devi
         _, V = views_of(emb.result, rows, tta, cfg, pred.backbone, open_cache(cfg, pred.backbone), progress)
         views = [V[:, k] for k in range(tta)]
     if emb.folder.multilabel:
-        return _evaluate_multilabel(pred, emb, rows, X, views, calibrated, root, data, split, tta)
+        return _evaluate_multilabel(pred, emb, rows, X, views, options, root, data, split)
     # Classes the model does not know count as "should be unknown": their rejection rate is reported.
     remap = np.array([pred.classes.index(c) if c in pred.classes else -1 for c in emb.folder.classes])
     y = remap[y.numpy()]
     foreign = y < 0
     if foreign.all():
         raise OvrError(f"none of the classes of {data} is a class of the model")
-    ans = pred.model.answer(X, calibrated=calibrated, reject_below=reject_below, thresholds=thresholds, views=views)
+    ans = pred.model.answer(X, options, views=views)
     known = torch.from_numpy(~foreign).to(X.device)
     present = sorted(set(y[~foreign].tolist()))  # metrics over the classes DATA has, not the model's others
     out = classification_metrics(y[~foreign], ans.index[~foreign], aggregate.normalise_rows(ans.confidences[~foreign]),
@@ -287,7 +279,7 @@ def evaluate_model(root: str | Path, data: str | Path, split: str = "test", devi
 
 
 def _evaluate_multilabel(pred: "Predictor", emb: EmbeddedFolder, rows: np.ndarray, X: torch.Tensor, views: list,
-                         calibrated: bool, root, data, split: str, tta: int) -> dict:
+                         options: AnswerOptions, root, data, split: str) -> dict:
     """Per-class AP, mAP, micro/macro F1 at the stored thresholds, subset accuracy, Hamming loss."""
     from .metrics import multilabel_metrics
 
@@ -298,10 +290,10 @@ def _evaluate_multilabel(pred: "Predictor", emb: EmbeddedFolder, rows: np.ndarra
     for j, c in enumerate(folder.classes):
         if c in pred.classes:
             T[:, pred.classes.index(c)] |= Tf[:, j]
-    ans = pred.model.answer(X, calibrated=calibrated, views=views)
-    out = multilabel_metrics(T, ans.confidences, ans.multilabel(), pred.classes)
+    ans = pred.model.answer(X, options, views=views)
+    out = multilabel_metrics(T, ans.confidences, ans.labels, pred.classes)
     out.update({"split": split, "model": str(root), "data": str(data), "skipped": len(emb.result.skipped),
-                "tta": tta, "labels_not_in_model": unknown})
+                "tta": options.tta, "labels_not_in_model": unknown})
     return out
 
 
@@ -328,7 +320,6 @@ class GrowResult:
     confused: dict[str, float] = field(default_factory=dict)  # old head -> share of the new images it fires on
     seconds: float = 0.0
     train_seconds: float = 0.0
-    gate_seconds: float = 0.0  # rebuilding the guarded chain's gate: part of add-class, often longer than the head
     remembered_as: dict[str, int] = field(default_factory=dict)  # these images were already examples of ...
 
 
@@ -342,6 +333,7 @@ def _open_for_update(root: Path, cfg: Config) -> tuple[Model, Backbone, Embeddin
         raise OvrError(f"model was made with backbone {spec['name']}, not {f.backbone}")
     root_dir = f.cache_dir or default_cache_dir()
     bb = model_backbone(spec, root_dir)
+    model.gate_method = cfg.train.gate
     return model, bb, EmbeddingCache(root_dir, bb.key, cache_dtype(cfg)), resolve_device(f.device)
 
 
@@ -366,7 +358,7 @@ def _xy(model: Model, cache: EmbeddingCache, device: torch.device, split: str) -
 
 def add_class(root: str | Path, name: str, inputs: list[str], cfg: Config, replace: bool = False,
               negatives: str | Path | None = None, progress: Progress | None = None) -> GrowResult:
-    """Embed only the new images, train exactly one head, and swap it into the model under a lock."""
+    """Embed only the new images, add the class to the model (`Model.add_class`) and save under a lock."""
     t0 = time.perf_counter()
     root = Path(root)
     if not name.strip() or "\x00" in name:  # what a class folder can be named (even "cat "), add-class takes
@@ -384,27 +376,40 @@ def add_class(root: str | Path, name: str, inputs: list[str], cfg: Config, repla
         splits = split_assignments(len(r.keys), cfg.data.val_fraction, 0.0, cfg.data.split_seed, name)
         dupes = remembered_under_other_labels(model, r.keys, name)
         new_ex = [{"key": k, "label": name, "split": s} for k, s in zip(r.keys, splits)]
-        vkeys, _ = views_of(r, [i for i, s in enumerate(splits) if s == "train"], cfg.train.views, cfg, bb, cache,
+        vkeys, V = views_of(r, [i for i, s in enumerate(splits) if s == "train"], cfg.train.views, cfg, bb, cache,
                             progress)
         new_ex += view_examples(vkeys, [e for e in new_ex if e["split"] == "train"], cfg.train.views)
+        if name in model.classes and model.stats is not None:  # --replace: its old rows leave the statistics
+            model.forget(name, rows_of(model, cache, device, name))
         if negatives is not None:
             d, f = cfg.data, cfg.features
             folder = scan_folder(negatives, d.val_fraction, 0.0, d.split_seed)
             neg = embed_folder(folder, bb, cache, device, f.batch_size, f.workers, f.strict, progress)
             new_ex += [{"key": k, "label": None, "split": str(s)} for k, s in zip(neg.result.keys, neg.splits)]
+            if model.stats is not None:
+                model.stats.update(neg.result.embeddings, torch.full((len(neg.result.keys),), -1), [])
         model.examples = [e for e in model.examples if e["label"] != name] + new_ex
-        if name not in model.classes:
-            model.classes.append(name)
-        X, y, Xv, yv = remembered(model, cache, device)
+        is_train = torch.from_numpy(np.asarray(splits) == "train")
+        Xn = torch.cat([r.embeddings[is_train.to(r.embeddings.device)].to(device), V.flatten(0, 1)])
+        Xnv = r.embeddings[(~is_train).to(r.embeddings.device)].to(device)
         t1 = time.perf_counter()
-        model.fit_heads([name], X, y, Xv, yv, cfg.train, progress=progress)
+        model.add_class(name, Xn, Xnv, cfg.train, remembered=lambda: remembered(model, cache, device),
+                        progress=progress)
         train_s = time.perf_counter() - t1
-        model.rebuild_gate(X, y, Xv, yv)
-        gate_s = time.perf_counter() - t1 - train_s
         new = torch.tensor([model.classes.index(name)] * len(r.keys))
         confused = {c: v for c, v in model.confused_heads(r.embeddings, new).items() if c != name}
-        update_model(model, root, {name})
-    return GrowResult([name], len(r.keys), r.skipped, confused, time.perf_counter() - t0, train_s, gate_s, dupes)
+        update_model(model, root, {name} | (set(model.classes) if model.head_type == "ridge" else set()))
+    return GrowResult([name], len(r.keys), r.skipped, confused, time.perf_counter() - t0, train_s, dupes)
+
+
+def rows_of(model: Model, cache: EmbeddingCache, device: torch.device, name: str) -> torch.Tensor:
+    """The remembered embeddings of the examples of class `name` that are of no other class (from the cache)."""
+    keys = [e["key"] for e in model.examples
+            if e.get("split") in ("train", "val") and (e.get("labels") or [e["label"]]) == [name]]
+    try:
+        return cache.get(keys).to(device) if keys else torch.empty(0, model.backbone["dim"], device=device)
+    except OvrError as e:
+        raise OvrError(f"{e} (the class's images must be embedded on this machine first)") from None
 
 
 def remembered(model: Model, cache: EmbeddingCache, device: torch.device
@@ -436,14 +441,14 @@ def refresh(root: str | Path, classes: list[str], cfg: Config, progress: Progres
         confused = model.confused_heads(torch.cat([X, Xv]), torch.cat([y, yv])) if not classes else {}
         chosen = classes or sorted(confused)
         if chosen:
-            model.fit_heads(chosen, X, y, Xv, yv, cfg.train, progress=progress)
-            model.rebuild_gate(X, y, Xv, yv)
-            update_model(model, root, set(chosen))
+            model.refresh(chosen, X, y, Xv, yv, cfg.train, progress=progress)
+            update_model(model, root, set(model.classes) if model.head_type == "ridge" else set(chosen))
     return GrowResult(chosen, confused=confused, seconds=time.perf_counter() - t0)
 
 
-def remove_class(root: str | Path, name: str) -> GrowResult:
-    """Drop one head and its class's remembered examples; the other heads stay byte-identical."""
+def remove_class(root: str | Path, name: str, cfg: Config | None = None) -> GrowResult:
+    """Drop one head, its class's remembered examples and their statistics; the other BCE heads stay
+    byte-identical. Reads the embeddings of that class only (from the cache)."""
     root = Path(root)
     with model_lock(root):
         model = load_model(root)
@@ -451,6 +456,9 @@ def remove_class(root: str | Path, name: str) -> GrowResult:
             raise OvrError(f"no class {name!r} in {root}")
         if len(model.classes) == 1:
             raise OvrError(f"{name!r} is the model's only class; delete the folder instead")
-        model.remove(name)
-        update_model(model, root, set())
+        model, _, cache, device = _open_for_update(root, cfg or model_config(root))
+        if model.stats is None:  # a model saved before statistics: they are built once from every remembered row
+            model.remember(*remembered(model, cache, device), model_config(root).train)
+        model.remove_class(name, rows_of(model, cache, device, name), lambda: remembered(model, cache, device))
+        update_model(model, root, set(model.classes) if model.head_type == "ridge" else set())
     return GrowResult([name])

@@ -127,9 +127,9 @@ def bench_tables(rep: dict) -> list[Table]:
     g = rep.get("growth")
     if g and g["classes"]:
         t = Table(title="ovr grown one class at a time: test accuracy on the classes so far")
-        for col in ("classes", "joint", "grown (guarded chain)", "grown (plain argmax)"):
+        for col in ("classes", "joint", "grown (ovr's answer)", "grown (plain argmax)"):
             t.add_column(col, justify="right")
-        for n, j, gu, am in zip(g["classes"], g["joint"], g["guarded"], g["argmax"]):
+        for n, j, gu, am in zip(g["classes"], g["joint"], g["grown"], g["argmax"]):
             t.add_row(str(n), f"{j:.3f}", f"{gu:.3f}", f"{am:.3f}")
         out.append(t)
     return out
@@ -209,7 +209,7 @@ def plot_bench(rep: dict, out: Path) -> list[str]:
     g = rep.get("growth")
     if g and g["classes"]:
         fig, ax = plt.subplots(figsize=(6, 4))
-        for key, label in (("joint", "trained on all classes at once"), ("guarded", "grown, guarded chain (ovr)"),
+        for key, label in (("joint", "trained on all classes at once"), ("grown", "grown, ovr's answer (with the gate)"),
                            ("argmax", "grown, plain argmax")):
             ax.plot(g["classes"], g[key], "o-", label=label)
         ax.set_xlabel("classes in the model"), ax.set_ylabel("test accuracy"), ax.set_ylim(0, 1.02)
@@ -230,8 +230,8 @@ def growth_markdown(rep: dict) -> list[str]:
         return []
     lines = ["## grown one class at a time (ovr)", "",
              "From 2 classes to all, one `add-class` at a time; test accuracy on the classes so far.", "",
-             "| classes | joint | grown, guarded chain | grown, plain argmax |", "|---:|---:|---:|---:|"]
-    for n, j, gu, am in zip(g["classes"], g["joint"], g["guarded"], g["argmax"]):
+             "| classes | joint | grown, ovr's answer | grown, plain argmax |", "|---:|---:|---:|---:|"]
+    for n, j, gu, am in zip(g["classes"], g["joint"], g["grown"], g["argmax"]):
         lines.append(f"| {n} | {j:.3f} | {gu:.3f} | {am:.3f} |")
     return lines + [""]
 
@@ -254,8 +254,8 @@ def write_bench_report(rep: dict, out: str | Path) -> Path:
            "- *NLL*, *ECE*: quality of the confidences. OvR confidences are per-head sigmoids normalised per row "
            "(as scikit-learn's OneVsRestClassifier does); *ECE cal* is after calibration on the val split "
            "(per-head Platt for OvR methods, one temperature for softmax methods).",
-           "- *add-class s*: time to go from N-1 to N classes: one new head for OvR methods (for ovr, with the "
-           "gate of its guarded chain rebuilt), a full retrain for softmax ones; *acc after add* is the test accuracy of that grown model (OvR: the guarded chain).",
+           "- *add-class s*: time to go from N-1 to N classes: one new head for OvR methods (for ovr, with its "
+           "statistics and gate updated), a full retrain for softmax ones; *acc after add* is the test accuracy of that grown model (ovr: its answer with the gate).",
            "- *imbalance*: odd classes keep a fraction of their training images; *few-shot*: k training images per class.",
            "- *views* (with `--views K`): ovr and softmax trained on each training image plus K augmented views of it; "
            "*acc TTA*: test accuracy with logits averaged over each test image and K augmented views of it.",

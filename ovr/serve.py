@@ -12,6 +12,7 @@ import threading
 from pathlib import Path
 
 from . import __version__
+from .config import AnswerOptions
 from .errors import OvrError
 
 MAX_BATCH = 64  # images per forward pass, gathered across the requests waiting for it
@@ -130,7 +131,7 @@ def create_app(model_root, *, device: str = "auto", cache_dir=None,
     def predict(files: list[UploadFile] = File(..., description="one or more images"),
                 top_k: int = Query(3, ge=1, description="classes listed per image"),
                 reject_below: float | None = Query(None, ge=0, le=1, description="'unknown' below this confidence"),
-                thresholds: bool = Query(False, description="'unknown' when no head passes its threshold"),
+                thresholds: bool = Query(False, description="'unknown' when the answer's head does not pass its threshold"),
                 calibrated: bool = Query(False, description="calibrated confidences")) -> dict:
         if len(files) > max_files:
             raise HTTPException(413, f"{len(files)} files in one request; at most {max_files}")
@@ -146,8 +147,9 @@ def create_app(model_root, *, device: str = "auto", cache_dir=None,
             names.append(f.filename or f"image {len(names)}")
         pred = state["pred"]
         X = batcher.embed(pred, images)
-        rows = pred.rows(images, X, list(range(len(images))), [], top_k=top_k, reject_below=reject_below,
-                         thresholds=thresholds, multilabel=True, calibrated=calibrated)
+        options = AnswerOptions(top_k=top_k, reject_below=reject_below, thresholds=thresholds, multilabel=True,
+                                calibrated=calibrated)
+        rows = pred.rows(images, X, list(range(len(images))), [], options)
         out = []
         for name, r in zip(names, rows):
             r = {**r, "input": name, "unknown": r.get("class") == "unknown"}

@@ -28,6 +28,7 @@ from .atomic import atomic_write_bytes
 from .heads import Tensors
 from .manifest import MANIFEST, SCHEMA_VERSION, check_can_write, model_lock, read_manifest, recover  # noqa: F401 (re-exported)
 from .model import HeadRecord, Model, now
+from .stats import FeatureMap, Stats
 
 
 
@@ -69,28 +70,38 @@ def _write_files(model: Model, root: Path, changed: set[str] | None, old: dict |
             atomic_write_bytes(root / "heads" / fname, data)
         heads[c] = {**model.records[c].to_json(), "file": f"heads/{fname}", "sha256": _sha(data)}
     ex = json.dumps(model.examples, ensure_ascii=False).encode()
-    gate = None
+    gate = stats = None
     if model.gate is not None:
         g = model.gate
         data = st_save({"weight": g.weight.contiguous().float(), "bias": g.bias.contiguous().float()},
                        metadata={"ovr-gate": json.dumps(g.classes, ensure_ascii=False)})
         gate = {"file": _blob(data, root, "gate", ".safetensors"), "sha256": _sha(data), "classes": list(g.classes),
-                "method": g.method, "strength": g.strength, "temperature": g.temperature}
+                "method": g.method, "strength": g.strength, "temperature": g.temperature,
+                "projection": "stats" if g.projection is not None else None}
+    if model.stats is not None:
+        st = model.stats
+        t = {"counts": st.counts, "sums": st.sums, "rows": st.rows.reshape(1), "total": st.total, "gram": st.gram}
+        if st.features.projection is not None:
+            t["projection"] = st.features.projection.float()
+        data = st_save({k: v.contiguous() for k, v in t.items()}, metadata={"ovr-stats": "1"})
+        stats = {"file": _blob(data, root, "stats", ".safetensors"), "sha256": _sha(data), "classes": list(st.classes),
+                 "rows": float(st.rows), "features": st.dim}
     return {
         "schema_version": SCHEMA_VERSION, "ovr_version": __version__, "created": model.created, "updated": now(),
         "backbone": model.backbone, "head_type": model.head_type, "calibration": model.calibration,
         "normalize": model.normalize,
         "examples": {"file": _blob(ex, root, "examples", ".json"), "sha256": _sha(ex), "count": len(model.examples)},
-        "classes": list(model.classes), "heads": heads, "gate": gate, "config": model.config,
+        "classes": list(model.classes), "heads": heads, "gate": gate, "stats": stats, "config": model.config,
     }
 
 
 def _prune(root: Path, manifest: dict) -> None:
     """Delete files the manifest no longer names (left by a replaced head or an interrupted update)."""
     keep = {h["file"] for h in manifest["heads"].values()} | {manifest["examples"]["file"]}
-    if manifest.get("gate"):
-        keep.add(manifest["gate"]["file"])
-    for p in list(root.glob("heads/*")) + list(root.glob("examples-*")) + list(root.glob("gate-*")):
+    for part in ("gate", "stats"):
+        if manifest.get(part):
+            keep.add(manifest[part]["file"])
+    for p in [*root.glob("heads/*"), *root.glob("examples-*"), *root.glob("gate-*"), *root.glob("stats-*")]:
         rel = p.relative_to(root).as_posix()
         if rel not in keep and not p.is_symlink() and p.parent.resolve() in (root.resolve(), (root / "heads").resolve()):
             p.unlink(missing_ok=True)
@@ -141,7 +152,7 @@ def update_model(model: Model, root: str | Path, changed: set[str]) -> dict:
 
 
 def _check_head_tensors(c: str, t: dict, head_type: str, dim: int) -> None:
-    want = {"linear": {"weight", "bias"}, "mlp": {"w1", "b1", "w2", "b2"}}[head_type]
+    want = {"linear": {"weight", "bias"}, "ridge": {"weight", "bias"}, "mlp": {"w1", "b1", "w2", "b2"}}[head_type]
     if set(t) != want:
         raise OvrError(f"head of class {c!r} holds tensors {sorted(t)}, expected {sorted(want)}")
     w = t["weight" if head_type == "linear" else "w1"]
@@ -202,7 +213,8 @@ def _load_files(root: Path, m: dict) -> Model:
             heads[c] = st_load(data)
         except Exception as e:  # safetensors raises its own error types on malformed bytes
             raise OvrError(f"head of class {c!r} is not a safetensors file: {e}") from None
-        _check_head_tensors(c, heads[c], m["head_type"], m["backbone"]["dim"])
+        _check_head_tensors(c, heads[c], m["head_type"], m["stats"]["features"] if m["head_type"] == "ridge"
+                            else m["backbone"]["dim"])
         try:
             records[c] = _record(rec, legacy.get(c))
         except TypeError as e:
@@ -213,15 +225,22 @@ def _load_files(root: Path, m: dict) -> Model:
         assert isinstance(examples, list) and all(isinstance(x, dict) and "key" in x for x in examples)
     except (json.JSONDecodeError, UnicodeDecodeError, AssertionError):
         raise OvrError(f"the training examples index of {root} is corrupt") from None
-    gate = None
+    stats = gate = None
+    if m.get("stats"):
+        s = m["stats"]
+        t = st_load(_read_verified(root, s["file"], s["sha256"], "statistics"))
+        stats = Stats(list(s["classes"]), t["counts"], t["sums"], t["rows"].reshape(()), t["total"], t["gram"],
+                      FeatureMap(t.get("projection")))
     if m.get("gate"):
         g = m["gate"]
         t = st_load(_read_verified(root, g["file"], g["sha256"], "gate"))
         strength = g.get("strength", g.get("shrinkage"))  # gates written before the softmax gate: an LDA's shrinkage
+        proj = stats.features.projection if g.get("projection") == "stats" and stats is not None else None
         gate = Gate(list(g["classes"]), t["weight"], t["bias"], g.get("method", "lda"), float(strength),
-                    float(g["temperature"]))
+                    float(g["temperature"]), proj)
     return Model(m["backbone"], m["normalize"], m["head_type"], list(m["classes"]), heads, records, examples,
-                 m.get("calibration", "platt"), m.get("config", {}), m["created"], gate)
+                 m.get("calibration", "platt"), m.get("config", {}), m["created"], gate, stats,
+                 m.get("config", {}).get("train", {}).get("gate", "ridge"))
 
 
 # Heads trained by one `ovr train` call were written microseconds apart; a head added later, seconds or more after.

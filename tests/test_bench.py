@@ -38,8 +38,8 @@ def test_report_has_every_method_metric_and_file(report):
                     continue  # accuracy_tta only with --views
                 assert k in res and len(res[k]["values"]) == 2, (scen, m, k)
     g = rep["growth"]
-    assert g["classes"][-1] == 4 and len(g["guarded"]) == len(g["argmax"]) == len(g["joint"]) == len(g["classes"])
-    assert all(0 <= v <= 1 for v in g["guarded"] + g["argmax"] + g["joint"])
+    assert g["classes"][-1] == 4 and len(g["grown"]) == len(g["argmax"]) == len(g["joint"]) == len(g["classes"])
+    assert all(0 <= v <= 1 for v in g["grown"] + g["argmax"] + g["joint"])
     assert "grown one class at a time" in (tmp / "rep" / "report.md").read_text()
     for f in ["report.md", "report.json", "confusion.png", "reliability.png", "per_class_f1.png", "add_class_time.png",
               "growth.png", "curves.png"]:

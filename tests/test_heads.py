@@ -133,17 +133,6 @@ def test_platt_calibration_reduces_nll_and_thresholds_maximise_f1():
             assert best >= f1_score(t[:, j], conf[:, j] >= other) - 1e-9
 
 
-def test_aggregator_unknown_and_multilabel():
-    conf = np.array([[0.9, 0.2], [0.4, 0.3], [0.8, 0.7]])
-    assert aggregate.predict(conf).tolist() == [0, 0, 0]
-    assert aggregate.predict(conf, reject_below=0.5).tolist() == [0, -1, 0]
-    assert aggregate.predict(conf, thresholds=np.array([0.85, 0.6])).tolist() == [0, -1, 0]
-    # the guarded chain's answer, not the argmax, is what reject_below looks at
-    assert aggregate.predict(conf, reject_below=0.75, index=np.array([1, 1, 1])).tolist() == [-1, -1, -1]
-    assert aggregate.predict(conf, reject_below=0.65, index=np.array([0, 1, 1])).tolist() == [0, -1, 1]
-    assert aggregate.multilabel(conf, np.array([0.5, 0.5])).tolist() == [[True, False], [False, False], [True, True]]
-
-
 def test_standardize_floor_keeps_dimensions_dead_in_training_bounded():
     from ovr.heads import STD_FLOOR, Normalizer
 

@@ -142,7 +142,7 @@ def test_multilabel_heads_train_on_their_own_column_and_metrics_match_sklearn(tm
     train_val = np.isin(folder.splits, ["train", "val"])
     for j, c in enumerate(folder.classes):  # positives: every train/val image carrying the label, shared or not
         assert m.records[c].positives == int(folder.targets[train_val, j].sum())
-    ev = evaluate_model(tmp_path / "m", path, "all", "cpu")
+    ev = evaluate_model(tmp_path / "m", path, "all", device="cpu")
     assert ev["multilabel"] and set(ev) >= {"mAP", "micro_f1", "macro_f1", "subset_accuracy", "hamming_loss"}
     pred = Predictor(tmp_path / "m", "cpu")
     X, idx, _ = pred.embed(folder.paths)
