@@ -2,7 +2,7 @@
 a grown model. The answer itself is `answer.answer`."""
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -128,10 +128,6 @@ class Gate:
         z = X @ self.weight.to(X.device, torch.float64).T + self.bias.to(X.device, torch.float64)
         return torch.softmax(z, 1).cpu().numpy()
 
-    def without(self, name: str) -> "Gate":
-        """The gate over the other classes: the softmax over the rest is the posterior given `name` is ruled out."""
-        keep = [i for i, c in enumerate(self.classes) if c != name]
-        return replace(self, classes=[self.classes[i] for i in keep], weight=self.weight[keep], bias=self.bias[keep])
 
 
 GATE_SOFTMAX_MAX = 2e8  # rows x classes x dim up to which the gate is a softmax regression (digits: 2e7, 0.5 s)

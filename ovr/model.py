@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from . import aggregate
-from .answer import AnswerOptions, AnswerResult, AnswerTensors, answer, head_logits
+from .answer import AnswerOptions, AnswerTensors, answer, head_logits
 from .config import TrainConfig
 from .heads import Normalizer, Tensors, fit_ovr_heads, stack_heads
 from .stats import FeatureMap, Stats, ridge_gate, ridge_heads
@@ -161,7 +161,7 @@ class Model:
         self.stats = None
         self.remember(X, y, Xv, yv, settings)
         if self.head_type == "ridge":
-            self.solve_ridge_heads(settings)
+            self.solve_ridge_heads(settings.seed)
         else:
             self.fit_heads(list(self.classes), X, y, Xv, yv, settings, progress=progress)
         self.rebuild_gate(lambda: (X, y, Xv, yv))
@@ -193,18 +193,16 @@ class Model:
         else:
             self.remember(X, lab(X), Xv, lab(Xv), settings)
         if self.head_type == "ridge":
-            self.solve_ridge_heads(settings)
+            self.solve_ridge_heads(settings.seed)
         else:
             self.fit_heads([name], *remembered(), settings, progress=progress)
         self.rebuild_gate(remembered)
 
-    def forget(self, name: str, X: torch.Tensor, keep_rows: bool = False) -> None:
-        """Subtract class `name`'s rows X from the statistics and drop its column (keep_rows: rows that stay as
-        examples of other labels keep their place in the Gram matrix)."""
+    def forget(self, name: str, X: torch.Tensor) -> None:
+        """Subtract class `name`'s rows X (its examples of no other class) from the statistics and drop its column."""
         if self.stats is None or name not in self.stats.classes:
             return
-        if not keep_rows:
-            self.stats.update(X, torch.full((len(X),), -1, dtype=torch.long), [], -1.0)
+        self.stats.update(X, torch.full((len(X),), -1, dtype=torch.long), [], -1.0)
         self.stats.drop(name)
 
     def remove_class(self, name: str, X: torch.Tensor, remembered=None) -> None:
@@ -225,7 +223,7 @@ class Model:
             kept.append(e)
         self.examples = kept
         if self.head_type == "ridge":
-            self.solve_ridge_heads(settings or TrainConfig())
+            self.solve_ridge_heads(self.records[self.classes[0]].seed)
         self.rebuild_gate(remembered)
 
     def refresh(self, names: list[str], X: torch.Tensor, y: torch.Tensor, Xv: torch.Tensor, yv: torch.Tensor,
@@ -234,12 +232,16 @@ class Model:
         if self.stats is None:
             self.remember(X, y, Xv, yv, settings)
         if self.head_type == "ridge":
-            self.solve_ridge_heads(settings)
+            self.solve_ridge_heads(settings.seed)
         else:
             self.fit_heads(names, X, y, Xv, yv, settings, progress=progress)
         self.rebuild_gate(lambda: (X, y, Xv, yv))
 
-    def solve_ridge_heads(self, settings: TrainConfig, run: str | None = None) -> None:
+    def rewritten(self, changed: set[str]) -> set[str]:
+        """The head files a change rewrites: `changed`, or every head of a ridge model (all re-solved together)."""
+        return set(self.classes) if self.head_type == "ridge" else set(changed)
+
+    def solve_ridge_heads(self, seed: int, run: str | None = None) -> None:
         """Every class's ridge head from the statistics (one solve for all): exact under growth."""
         run = run or new_run_id()
         r = self.stats.ridge(list(self.classes))
@@ -249,7 +251,7 @@ class Model:
             n = float(s.counts[s.classes.index(c)])
             self.heads[c] = {"weight": W[j].float(), "bias": b[j].float()}
             self.records[c] = HeadRecord(
-                seed=settings.seed, positives=int(n), negatives=int(float(s.rows) - n), pos_weight=1.0, l2=r.lam,
+                seed=seed, positives=int(n), negatives=int(float(s.rows) - n), pos_weight=1.0, l2=r.lam,
                 threshold=0.5, calibration=Calibration("none"), trained_with=list(self.classes), solver="ridge",
                 run=run)
 

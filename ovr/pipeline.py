@@ -398,7 +398,7 @@ def add_class(root: str | Path, name: str, inputs: list[str], cfg: Config, repla
         train_s = time.perf_counter() - t1
         new = torch.tensor([model.classes.index(name)] * len(r.keys))
         confused = {c: v for c, v in model.confused_heads(r.embeddings, new).items() if c != name}
-        update_model(model, root, {name} | (set(model.classes) if model.head_type == "ridge" else set()))
+        update_model(model, root, model.rewritten({name}))
     return GrowResult([name], len(r.keys), r.skipped, confused, time.perf_counter() - t0, train_s, dupes)
 
 
@@ -442,7 +442,7 @@ def refresh(root: str | Path, classes: list[str], cfg: Config, progress: Progres
         chosen = classes or sorted(confused)
         if chosen:
             model.refresh(chosen, X, y, Xv, yv, cfg.train, progress=progress)
-            update_model(model, root, set(model.classes) if model.head_type == "ridge" else set(chosen))
+            update_model(model, root, model.rewritten(set(chosen)))
     return GrowResult(chosen, confused=confused, seconds=time.perf_counter() - t0)
 
 
@@ -451,14 +451,14 @@ def remove_class(root: str | Path, name: str, cfg: Config | None = None) -> Grow
     byte-identical. Reads the embeddings of that class only (from the cache)."""
     root = Path(root)
     with model_lock(root):
-        model = load_model(root)
+        cfg = cfg or model_config(root)
+        model, _, cache, device = _open_for_update(root, cfg)
         if name not in model.classes:
             raise OvrError(f"no class {name!r} in {root}")
         if len(model.classes) == 1:
             raise OvrError(f"{name!r} is the model's only class; delete the folder instead")
-        model, _, cache, device = _open_for_update(root, cfg or model_config(root))
         if model.stats is None:  # a model saved before statistics: they are built once from every remembered row
-            model.remember(*remembered(model, cache, device), model_config(root).train)
+            model.remember(*remembered(model, cache, device), cfg.train)
         model.remove_class(name, rows_of(model, cache, device, name), lambda: remembered(model, cache, device))
-        update_model(model, root, set(model.classes) if model.head_type == "ridge" else set())
+        update_model(model, root, model.rewritten(set()))
     return GrowResult([name])

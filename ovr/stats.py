@@ -139,11 +139,6 @@ class Stats:
         b = counts / n - mu @ W
         return Ridge(classes, W, b, lam, df, self)
 
-    def within_scatter(self) -> torch.Tensor:
-        """Pooled within-class scatter of the labelled rows: G_labelled - sum_k s_k s_k^T / n_k (single-label view;
-        rows with no class count with the total)."""
-        return self.gram - (self.sums.T / self.counts.clamp_min(1)) @ self.sums
-
 
 @dataclass
 class Ridge:

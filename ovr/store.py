@@ -155,7 +155,7 @@ def _check_head_tensors(c: str, t: dict, head_type: str, dim: int) -> None:
     want = {"linear": {"weight", "bias"}, "ridge": {"weight", "bias"}, "mlp": {"w1", "b1", "w2", "b2"}}[head_type]
     if set(t) != want:
         raise OvrError(f"head of class {c!r} holds tensors {sorted(t)}, expected {sorted(want)}")
-    w = t["weight" if head_type == "linear" else "w1"]
+    w = t["w1" if head_type == "mlp" else "weight"]
     if w.shape[0] != dim:
         raise OvrError(f"head of class {c!r} expects {w.shape[0]} features, the backbone gives {dim}")
     if not all(bool(torch.isfinite(v).all()) for v in t.values()):

@@ -304,3 +304,24 @@ def test_gate_temperature_is_the_nll_minimum_in_its_range(scale):
     best = min(float(torch.nn.functional.cross_entropy(z / t, y)) for t in grid)
     assert 0.05 - 1e-9 <= T <= 50 and nll <= best + 1e-7
     assert nll == pytest.approx(float(torch.nn.functional.cross_entropy(z / T, y)))
+
+
+def test_ridge_model_through_add_and_remove_by_the_cli(tmp_path, cache_dir):
+    """--head ridge through the CLI: add-class and remove-class re-solve every head from the statistics, and the
+    model after add + remove answers as the model before (remove-class of a ridge model raised a NameError)."""
+    data = make_folder(tmp_path / "data", n_classes=3, per_class=12)
+    new = make_folder(tmp_path / "new", n_classes=4, per_class=12)
+    assert run("train", data, "--out", tmp_path / "m", *TINY, "--head", "ridge").exit_code == 0
+    from ovr.pipeline import Predictor
+
+    before = Predictor(tmp_path / "m", "cpu")
+    X, _, _ = before.embed(sorted(data.rglob("*.png")))
+    z0 = before.model.answer(X).logits
+    r = run("add-class", tmp_path / "m", "c3", new / "c3", "--device", "cpu")
+    assert r.exit_code == 0, r.output
+    assert load_model(tmp_path / "m").gate is None  # ridge heads all see every class
+    r = run("remove-class", tmp_path / "m", "c3")
+    assert r.exit_code == 0, r.output
+    m = load_model(tmp_path / "m")
+    assert m.classes == ["c0", "c1", "c2"] and m.head_type == "ridge"
+    assert np.abs(m.answer(X).logits - z0).max() < 1e-3
