@@ -35,8 +35,23 @@ def free_port() -> int:
 
 
 def load(url: str, files: list[Path], batch: int, clients: int, seconds: float, max_requests: int,
-         expect: set[str] | None = None) -> dict:
+         api: str = "predict") -> dict:
+    """Clients in threads for `seconds`; api "predict" (multipart) or "v2" (Open Inference Protocol infer, the
+    images as one BYTES tensor in binary data, as tritonclient sends them; class_name asked as binary data)."""
     import httpx
+
+    from ovr.protocol import HEADER, serialize_bytes
+
+    def send(c, part):
+        if api == "predict":
+            r = c.post(url + "/predict", files=[("files", (n, b, "image/png")) for n, b in part])
+            return r.status_code == 200, ({x["class"] for x in r.json()["results"]} if r.status_code == 200 else set())
+        raw = serialize_bytes([b for _, b in part])
+        head = json.dumps({"inputs": [{"name": "images", "datatype": "BYTES", "shape": [len(part)],
+                                       "parameters": {"binary_data_size": len(raw)}}],
+                           "outputs": [{"name": "class_name", "parameters": {"binary_data": False}}]}).encode()
+        r = c.post(url + "/v2/models/m/infer", content=head + raw, headers={HEADER: str(len(head))})
+        return r.status_code == 200, (set(r.json()["outputs"][0]["data"]) if r.status_code == 200 else set())
 
     lat: list[float] = []
     errors = [0]
@@ -56,9 +71,7 @@ def load(url: str, files: list[Path], batch: int, clients: int, seconds: float, 
                 i += batch * clients
                 t0 = time.perf_counter()
                 try:
-                    r = c.post(url + "/predict", files=[("files", (n, b, "image/png")) for n, b in part])
-                    ok = r.status_code == 200
-                    classes = {x["class"] for x in r.json()["results"]} if ok else set()
+                    ok, classes = send(c, part)
                 except httpx.HTTPError:
                     ok, classes = False, set()
                 with lock:
@@ -86,8 +99,11 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=15.0)
     ap.add_argument("--max-requests", type=int, default=2000)
     ap.add_argument("--rounds", type=int, default=2, help="paired rounds of the shared-pass comparison")
-    ap.add_argument("--out", type=Path, default=Path("benchmarks/results/serve_load.json"))
+    ap.add_argument("--only-protocol", action="store_true",
+                    help="only the Open Inference Protocol's infer beside /predict, phases interleaved in pairs")
+    ap.add_argument("--out", type=Path, default=None)
     a = ap.parse_args()
+    a.out = a.out or Path("benchmarks/results") / ("serve_protocol.json" if a.only_protocol else "serve_load.json")
     base = Path(tempfile.mkdtemp(prefix="ovr-serve-"))
     env = {**os.environ, "OVR_CACHE_DIR": os.environ.get("OVR_CACHE_DIR", str(base / "cache"))}
     allp = write_photos_folder(base / "all", per_class=30)
@@ -104,11 +120,11 @@ def main() -> None:
     def start(*extra: str):
         port = free_port()
         url = f"http://127.0.0.1:{port}"
-        proc = subprocess.Popen([*ovr, "serve", str(base / "m"), "--port", str(port), *extra], env=env,
+        proc = subprocess.Popen([*ovr, "serve", str(base / "m"), "--port", str(port), "--name", "m", *extra], env=env,
                                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         for _ in range(600):
             try:
-                if httpx.get(url + "/health", timeout=1).status_code == 200:
+                if httpx.get(url + "/v2/health/ready", timeout=1).status_code == 200:
                     break
             except httpx.HTTPError:
                 time.sleep(0.2)
@@ -127,6 +143,20 @@ def main() -> None:
     files = sorted(data.rglob("*.png"))
     res = {"machine": f"{os.cpu_count()} cores", "backbone": a.backbone, "image": "64x64 PNG crops of real photographs",
            "phases": []}
+    if a.only_protocol:  # the same server, the same images: /predict and /v2 infer, interleaved in pairs
+        server, url = start()
+        try:
+            for rnd in range(a.rounds):
+                for batch, clients in ((1, 1), (1, 4), (8, 2)):
+                    for api in ("predict", "v2"):
+                        r = phase(url, f"api: {api}", files, batch, clients, a.seconds, a.max_requests, api=api)
+                        res["phases"].append({**r, "api": api, "round": rnd})
+        finally:
+            server.terminate()
+            server.wait(timeout=30)
+        a.out.parent.mkdir(parents=True, exist_ok=True)
+        a.out.write_text(json.dumps(res, indent=1))
+        return
     server, url = start()
     try:
         for batch, clients in ((1, 1), (1, 4), (1, 8), (8, 2)):

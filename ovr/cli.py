@@ -646,13 +646,16 @@ def export(
 @app.command()
 def serve(
     model: Annotated[Path, typer.Argument(help="Model folder.")],
-    host: Annotated[str, typer.Option(help="Address to bind; the default serves this machine only.")] = "127.0.0.1",
+    host: Annotated[str, typer.Option(help="Address to bind; the default serves this machine only (there is no "
+                                           "authentication: put a proxy in front to expose it).")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="TCP port.")] = 8000,
+    name: Annotated[Optional[str], typer.Option(help="Model name under /v2/models/ (default: the folder's name).")] = None,
     max_upload_mb: Annotated[float, typer.Option("--max-upload-mb", help="Largest request body accepted (413 beyond).")] = 20.0,
     max_batch: Annotated[int, typer.Option("--max-batch", min=1, help="Images per forward pass, gathered from the requests waiting for it (1: one request per pass).")] = MAX_BATCH,
     device: DeviceOpt = None, cache_dir: CacheOpt = None,
 ) -> None:
-    """HTTP API and a web page: POST /predict (multipart images) -> JSON; GET /classes, /health, /docs; POST /reload.
+    """HTTP API and a web page. POST /predict (multipart images) -> JSON; GET /classes, /health, /docs; POST /reload.
+    The Open Inference Protocol (KServe v2: tritonclient, KServe and MLServer clients) under /v2.
 
     Needs the serve extra: pip install "ovr[serve]"."""
     with user_errors():
@@ -660,9 +663,12 @@ def serve(
         from .serve import create_app, run
 
         app_ = create_app(model, device=device or "auto", cache_dir=cache_dir, max_upload_mb=max_upload_mb,
-                          max_batch=max_batch)
-        err.print(f"serving {escape(str(model))} on http://{host}:{port}/ (API docs: /docs); Ctrl-C stops",
-                  highlight=False)
+                          max_batch=max_batch, model_name=name)
+        if host not in ("127.0.0.1", "localhost", "::1"):
+            err.print(f"[yellow]warning:[/] serving on {escape(host)}: anyone who can reach it can call it "
+                      "(no authentication); put a proxy with authentication in front", highlight=False)
+        err.print(f"serving {escape(str(model))} on http://{host}:{port}/ (API docs: /docs; Open Inference "
+                  f"Protocol: /v2); Ctrl-C stops", highlight=False)
         run(app_, host, port)
 
 

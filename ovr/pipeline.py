@@ -131,6 +131,13 @@ class Predictor:
             self._backbone = model_backbone(self.model.backbone, self.cache_dir)
         return self._backbone
 
+    @property
+    def crop(self):
+        """The backbone's preprocessing split at the crop (ovr.pixels.Preprocess: size, mean, std)."""
+        from .pixels import split_transform
+
+        return split_transform(self.backbone.transform, self.backbone.decode)
+
     @staticmethod
     def inputs(items) -> list:
         """What predict accepts, as a flat list of images and paths: a path, a folder, a glob, a PIL image, an
@@ -185,6 +192,22 @@ class Predictor:
         V = torch.cat(vparts).view(len(X), tta, -1) if vparts else torch.empty(0, tta, D)
         return X, index, skipped, [V[:, k] for k in range(tta)]
 
+
+    def embed_crops(self, crops: np.ndarray) -> torch.Tensor:
+        """Embeddings of the backbone's crops, uint8 [B, S, S, 3] (RGB, resized and cropped already: the exported
+        graph's input), in batches of 64."""
+        from .features import forward
+
+        prep = self.crop
+        S = prep.size
+        if crops.dtype != np.uint8 or crops.ndim != 4 or crops.shape[1:] != (S, S, 3):
+            raise OvrError(f"crops must be uint8 [B, {S}, {S}, 3] for this backbone, got {crops.dtype} "
+                           f"{list(crops.shape)}")
+        mean = torch.tensor(prep.mean).view(1, 3, 1, 1)
+        std = torch.tensor(prep.std).view(1, 3, 1, 1)
+        out = [forward(self.backbone, (torch.from_numpy(crops[i:i + 64]).permute(0, 3, 1, 2).float() / 255 - mean)
+                       / std, self.device) for i in range(0, len(crops), 64)]
+        return torch.cat(out) if out else torch.empty(0, self.backbone.dim, device=self.device)
 
     def predict(self, inputs: list, options: AnswerOptions | None = None, progress: Progress | None = None,
                 **fields) -> list[dict]:

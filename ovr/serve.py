@@ -11,6 +11,8 @@ a restart: requests in flight finish on the old model, the next ones see the new
 import threading
 from pathlib import Path
 
+import numpy as np
+
 from . import __version__
 from .config import AnswerOptions
 from .errors import OvrError
@@ -84,32 +86,78 @@ class Batcher:
                 job["done"] = True
 
 
-def create_app(model_root, *, device: str = "auto", cache_dir=None,
-               max_upload_mb: float = 20.0, max_files: int = 64, max_batch: int = MAX_BATCH):
+class BodyLimit:
+    """ASGI wrapper: a request body over `limit` bytes is a 413, counted as it arrives (chunked or not), so an
+    oversized upload is refused before it is stored anywhere."""
+
+    def __init__(self, app, limit: int, limit_mb: float):
+        self.app, self.limit, self.limit_mb = app, limit, limit_mb
+
+    def _too_large(self, size: float):
+        from starlette.exceptions import HTTPException
+
+        return HTTPException(413, f"request body of {size / 1e6:.1f} MB is over the {self.limit_mb:g} MB limit")
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        size = dict(scope.get("headers") or []).get(b"content-length", b"")
+        if size.isdigit() and int(size) > self.limit:
+            from starlette.responses import JSONResponse
+
+            return await JSONResponse({"detail": str(self._too_large(int(size)).detail)}, 413)(scope, receive, send)
+        seen = 0
+
+        async def counted():
+            nonlocal seen
+            msg = await receive()
+            seen += len(msg.get("body", b""))
+            if seen > self.limit:
+                raise self._too_large(seen)
+            return msg
+
+        await self.app(scope, counted, send)
+
+
+def create_app(model_root, *, device: str = "auto", cache_dir=None, max_upload_mb: float = 20.0,
+               max_files: int = 64, max_batch: int = MAX_BATCH, model_name: str | None = None, warm: bool = True):
+    """The app. `model_name`: the name the Open Inference Protocol serves the model under (default: the model
+    folder's name). The backbone is built and run once on a blank image in the background: /v2/health/ready (and
+    /health's "ready") say true once that is done, so the first request does not pay for it."""
     try:
         from fastapi import FastAPI, File, HTTPException, Query, Request, UploadFile
-        from fastapi.responses import HTMLResponse, JSONResponse
+        from fastapi.responses import HTMLResponse, JSONResponse, Response
+        from starlette.exceptions import HTTPException as StarletteHTTPException
         import python_multipart  # noqa: F401  (FastAPI's form parser; without it uploads fail at run time)
     except ImportError:
         raise OvrError(INSTALL_HINT) from None
+    from PIL import Image
+
+    from . import protocol
     from .data import decode_image, describe_error
     from .pipeline import Predictor
 
     limit = int(max_upload_mb * 1e6)
     state = {"pred": Predictor(model_root, device, cache_dir)}
-    state["pred"].backbone  # build it now: the first request should not pay for it
+    name = model_name or Path(model_root).resolve().name
+    ready = threading.Event()
     batcher = Batcher(max_batch)
 
-    app = FastAPI(title="ovr", version=__version__,
-                  description="One-vs-rest detectors on frozen pretrained features. POST images to /predict.")
+    def warm_up() -> None:
+        pred = state["pred"]
+        try:
+            batcher.embed(pred, [Image.new("RGB", (64, 64))])
+        finally:
+            ready.set()
 
-    @app.middleware("http")
-    async def body_limit(request: Request, call_next):
-        size = request.headers.get("content-length")
-        if size is not None and size.isdigit() and int(size) > limit:
-            return JSONResponse({"detail": f"request body of {int(size) / 1e6:.1f} MB is over the "
-                                           f"{max_upload_mb:g} MB limit"}, status_code=413)
-        return await call_next(request)
+    if warm:
+        threading.Thread(target=warm_up, daemon=True, name="ovr-warm-up").start()
+    else:
+        ready.set()
+
+    app = FastAPI(title="ovr", version=__version__,
+                  description="One-vs-rest detectors on frozen pretrained features. POST images to /predict, or "
+                              "use the Open Inference Protocol under /v2.")
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     def page() -> str:
@@ -118,7 +166,8 @@ def create_app(model_root, *, device: str = "auto", cache_dir=None,
     @app.get("/health")
     def health() -> dict:
         pred = state["pred"]
-        return {"status": "ok", "model": str(model_root), "classes": len(pred.classes), "device": str(pred.device),
+        return {"status": "ok", "ready": ready.is_set(), "model": str(model_root), "name": name,
+                "classes": len(pred.classes), "device": str(pred.device),
                 "forward_passes": batcher.passes, "images_embedded": batcher.images}
 
     @app.get("/classes")
@@ -133,28 +182,32 @@ def create_app(model_root, *, device: str = "auto", cache_dir=None,
                 reject_below: float | None = Query(None, ge=0, le=1, description="'unknown' below this confidence"),
                 thresholds: bool = Query(False, description="'unknown' when the answer's head does not pass its threshold"),
                 calibrated: bool = Query(False, description="calibrated confidences")) -> dict:
+        """One result per file, in order: the answer, or {"input", "error"} for a file that is not a readable
+        image (the other files are still answered)."""
         if len(files) > max_files:
             raise HTTPException(413, f"{len(files)} files in one request; at most {max_files}")
-        images, names = [], []
-        for f in files:
+        images, names, errors = [], [], {}
+        for i, f in enumerate(files):
+            names.append(f.filename or f"image {i}")
             data = f.file.read(limit + 1)
             if len(data) > limit:
                 raise HTTPException(413, f"{f.filename}: over the {max_upload_mb:g} MB limit")
             try:
                 images.append(decode_image(data))
             except Exception as e:  # PIL raises many types for bad bytes; the client gets one line
-                raise HTTPException(422, f"cannot read image {f.filename}: {describe_error(e)}") from None
-            names.append(f.filename or f"image {len(names)}")
+                errors[i] = f"cannot read image: {describe_error(e)}" if data else "empty file"
         pred = state["pred"]
-        X = batcher.embed(pred, images)
         options = AnswerOptions(top_k=top_k, reject_below=reject_below, thresholds=thresholds, multilabel=True,
                                 calibrated=calibrated)
-        rows = pred.rows(images, X, list(range(len(images))), [], options)
+        X = batcher.embed(pred, images) if images else None
+        rows = iter(pred.rows(images, X, list(range(len(images))), [], options) if images else [])
         out = []
-        for name, r in zip(names, rows):
-            r = {**r, "input": name, "unknown": r.get("class") == "unknown"}
-            r["labels"] = r.get("labels", [])
-            out.append(r)
+        for i, n in enumerate(names):
+            if i in errors:
+                out.append({"input": n, "error": errors[i]})
+                continue
+            r = next(rows)
+            out.append({**r, "input": n, "unknown": r.get("class") == "unknown", "labels": r.get("labels", [])})
         return {"model": str(model_root), "classes": len(pred.classes), "results": out}
 
     @app.post("/reload")
@@ -168,11 +221,122 @@ def create_app(model_root, *, device: str = "auto", cache_dir=None,
         state["pred"] = new  # one assignment: a request sees the old model or the new one
         return {"status": "reloaded", "classes": new.classes}
 
+    # --- the Open Inference Protocol (v2) ---------------------------------------------------------------------
+    def v2_error(message: str, status: int = 400):
+        return JSONResponse({"error": message}, status_code=status)
+
+    def v2_model(model: str, version: str | None):
+        if model != name or version not in (None, "1"):
+            raise protocol.ProtocolError(f"unknown model '{model}'" + (f" version '{version}'" if version else "")
+                                         + f"; this server serves '{name}' version 1", 404)
+        return state["pred"]
+
+    @app.get("/v2")
+    def v2_server() -> dict:
+        return {"name": "ovr", "version": __version__, "extensions": protocol.EXTENSIONS}
+
+    @app.get("/v2/health/live")
+    def v2_live() -> dict:
+        return {"live": True}
+
+    @app.get("/v2/health/ready")
+    def v2_ready():
+        return {"ready": True} if ready.is_set() else v2_error("warming up", 400)
+
+    @app.get("/v2/models/{model}/ready")
+    @app.get("/v2/models/{model}/versions/{version}/ready")
+    def v2_model_ready(model: str, version: str | None = None):
+        v2_model(model, version)
+        return {"name": name, "ready": True} if ready.is_set() else v2_error("warming up", 400)
+
+    @app.get("/v2/models/{model}")
+    @app.get("/v2/models/{model}/versions/{version}")
+    def v2_metadata(model: str, version: str | None = None) -> dict:
+        pred = v2_model(model, version)
+        N, S = len(pred.classes), pred.crop.size
+        return {"name": name, "versions": ["1"], "platform": "ovr",
+                "inputs": [{"name": "images", "datatype": "BYTES", "shape": [-1]},
+                           {"name": "crops", "datatype": "UINT8", "shape": [-1, S, S, 3]}],
+                "outputs": [{"name": "logits", "datatype": "FP32", "shape": [-1, N]},
+                            {"name": "confidences", "datatype": "FP32", "shape": [-1, N]},
+                            {"name": "calibrated", "datatype": "FP32", "shape": [-1, N]},
+                            {"name": "class_index", "datatype": "INT64", "shape": [-1]},
+                            {"name": "class_name", "datatype": "BYTES", "shape": [-1]}],
+                "parameters": {"classes": pred.classes}}
+
+    @app.post("/v2/models/{model}/infer")
+    @app.post("/v2/models/{model}/versions/{version}/infer")
+    async def v2_infer(model: str, request: Request, version: str | None = None):
+        from starlette.concurrency import run_in_threadpool
+
+        pred = v2_model(model, version)
+        req = protocol.parse_request(await request.body(), request.headers.get(protocol.HEADER))
+        return await run_in_threadpool(v2_answer, pred, req)
+
+    def v2_answer(pred, req: "protocol.Request"):
+        if len(req.inputs) != 1:
+            raise protocol.ProtocolError(f"one input, encoded images (BYTES) or crops (UINT8); got {len(req.inputs)}")
+        t = req.inputs[0]
+        if t.datatype == "BYTES":
+            if t.data.ndim == 2 and t.data.shape[1] == 1:
+                t.data = t.data[:, 0]
+            if t.data.ndim != 1:
+                raise protocol.ProtocolError(f"input '{t.name}': BYTES images must have shape [B] or [B, 1], "
+                                             f"got {t.shape}")
+            if len(t.data) > max_files:
+                raise protocol.ProtocolError(f"{len(t.data)} images in one request; at most {max_files}", 413)
+            images = []
+            for i, b in enumerate(t.data):
+                try:
+                    images.append(decode_image(b))
+                except Exception as e:
+                    why = describe_error(e) if b else "empty"
+                    raise protocol.ProtocolError(f"input '{t.name}' element {i}: not a readable image ({why})") from None
+            X = batcher.embed(pred, images) if images else None
+        elif t.datatype == "UINT8":
+            try:
+                X = pred.embed_crops(t.data)
+            except OvrError as e:
+                raise protocol.ProtocolError(f"input '{t.name}': {e}") from None
+        else:
+            raise protocol.ProtocolError(f"input '{t.name}': datatype {t.datatype}; send encoded images as BYTES "
+                                         f"or crops as UINT8")
+        if X is None:
+            X = torch_empty(pred)
+        ans = pred.model.answer(X)
+        idx = ans.index.astype(np.int64)
+        outputs = {"logits": ans.logits.astype(np.float32), "confidences": ans.confidences.astype(np.float32),
+                   "calibrated": ans.calibrated.astype(np.float32), "class_index": idx,
+                   "class_name": protocol._objects([(pred.classes[i] if i >= 0 else "unknown").encode()
+                                                    for i in idx])}
+        body, header = protocol.build_response(name, "1", req, outputs, pred.classes,
+                                               {"logits", "confidences", "calibrated"})
+        if header is None:
+            return Response(body, media_type="application/json")
+        return Response(body, media_type="application/octet-stream", headers={protocol.HEADER: str(header)})
+
+    def torch_empty(pred):
+        import torch
+
+        return torch.empty(0, pred.model.backbone["dim"])
+
+    @app.exception_handler(protocol.ProtocolError)
+    async def protocol_error(request: Request, e: protocol.ProtocolError):
+        return v2_error(str(e), e.status)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, e: StarletteHTTPException):
+        if request.url.path.startswith("/v2"):
+            return v2_error(str(e.detail), e.status_code)
+        return JSONResponse({"detail": e.detail}, status_code=e.status_code, headers=getattr(e, "headers", None))
+
     @app.exception_handler(OvrError)
     async def ovr_error(request: Request, e: OvrError):
+        if request.url.path.startswith("/v2"):
+            return v2_error(str(e))
         return JSONResponse({"detail": str(e)}, status_code=400)
 
-    return app
+    return BodyLimit(app, limit, max_upload_mb)
 
 
 def run(app, host: str = "127.0.0.1", port: int = 8000) -> None:

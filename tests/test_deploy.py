@@ -117,9 +117,10 @@ def test_serve_api(trained, tmp_path):
     assert [x["input"] for x in res] == ["c0.png", "c1.png", "c2.png"]
     assert [x["class"] for x in res] == ["c0", "c1", "c2"] and all(len(x["top"]) == 2 for x in res)
     assert all(set(x) >= {"class", "confidence", "top", "labels", "unknown"} for x in res)
-    # a corrupt upload: 422 naming it, and the server goes on serving
+    # a corrupt upload: its own error entry, and the server goes on serving
     r = client.post("/predict", files=[("files", ("bad.png", b"not an image", "image/png"))])
-    assert r.status_code == 422 and "bad.png" in r.json()["detail"]
+    assert r.status_code == 200 and r.json()["results"][0]["input"] == "bad.png"
+    assert "cannot read image" in r.json()["results"][0]["error"]
     # over the size limit: 413
     big = io.BytesIO()
     from PIL import Image
@@ -129,7 +130,8 @@ def test_serve_api(trained, tmp_path):
     assert r.status_code == 413
     assert client.post("/predict", files=files[:1]).json()["results"][0]["class"] == "c0"
     health = client.get("/health").json()
-    assert health["forward_passes"] == 2 and health["images_embedded"] == 4  # the 422 and 413 never reached it
+    # the warm-up's pass, then two requests; the unreadable file and the 413 never reached the backbone
+    assert health["ready"] and health["forward_passes"] == 3 and health["images_embedded"] == 5
     # grow the model on disk, reload: the new class is served, the old ones still answer
     assert cli("add-class", model, "c3", extra / "c3", "--device", "cpu").exit_code == 0
     assert client.post("/reload").json()["classes"] == ["c0", "c1", "c2", "c3"]
@@ -188,7 +190,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_page_in_a_real_browser(trained):
+def test_page_in_a_real_browser(trained, tmp_path):
     """Headless Chromium opens the page, chooses an image, and reads the answer the page shows."""
     pytest.importorskip("fastapi", reason='the serve extra is not installed (pip install "ovr[serve]")')
     webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is not installed")
@@ -228,6 +230,23 @@ def test_page_in_a_real_browser(trained):
         ans = WebDriverWait(drv, 60).until(EC.presence_of_element_located((By.CSS_SELECTOR, ".answer")))
         assert ans.get_attribute("data-class") == "c1" and ans.text.startswith("c1 (")
         assert len(drv.find_elements(By.CSS_SELECTOR, ".bar")) == 3  # a bar per class
+        # a mixed upload (good, corrupt, empty, not an image): every good image answered, each bad one its error,
+        # and nothing left over from the previous request
+        bad = tmp_path / "bad"
+        bad.mkdir()
+        (bad / "corrupt.png").write_bytes((data / "c0" / "img009.png").read_bytes()[:60])
+        (bad / "empty.png").write_bytes(b"")
+        (bad / "notes.txt").write_text("not an image")
+        picks = [data / "c2" / "img009.png", bad / "corrupt.png", bad / "empty.png", bad / "notes.txt",
+                 data / "c0" / "img009.png"]
+        chooser = drv.find_element(By.ID, "files")
+        drv.execute_script("arguments[0].value = ''", chooser)  # chromedriver adds to a multiple input's files
+        chooser.send_keys("\n".join(str(p) for p in picks))
+        WebDriverWait(drv, 60).until(lambda d: len(d.find_elements(By.CSS_SELECTOR, ".result")) == 5
+                                     and d.find_elements(By.CSS_SELECTOR, ".answer")[0].text.startswith("c2"))
+        answers = [a.text for a in drv.find_elements(By.CSS_SELECTOR, ".answer")]
+        assert answers[0].startswith("c2 (") and answers[4].startswith("c0 (")
+        assert answers[2] == "error: empty file" and all(a.startswith("error: ") for a in answers[1:4])
     finally:
         if drv is not None:
             drv.quit()
