@@ -108,6 +108,58 @@ def load_tensor_twin(bb):
     return load_backbone(bb.name, bb.weights, decode="tensor")
 
 
+def engines(paths: list, a, dev, tmp: Path, repeats: int = 5) -> dict:
+    """(e) torch eager against onnxruntime (ovr.engine), same weights, same pre-decoded batches, interleaved, best of
+    `repeats`; then the file pipeline (`embed_paths`, what `ovr embed` runs) with each engine on a cold cache; and how
+    far the engines' embeddings are apart."""
+    from ovr.backbones import load_backbone
+    from ovr.cache import EmbeddingCache
+    from ovr.config import FeatureConfig
+    from ovr.data import load_image
+    from ovr.engine import attach
+    from ovr.features import embed_paths, forward
+
+    decode = FeatureConfig().decode_path
+    bbs = {}
+    for eng in ("torch", "onnxruntime"):
+        bbs[eng] = load_backbone(a.backbone, a.weights, decode=decode)
+        attach(bbs[eng], eng, dev, tmp / "engine-cache")
+    xs = torch.stack([bbs["torch"].pixels("cpu").image(load_image(p)) for p in paths[:a.batch_size]])
+    if xs.dtype == torch.uint8:  # the tensor path's items are uint8 crops: normalise as Pixels.batch does
+        xs, _ = bbs["torch"].pixels("cpu").batch(list(xs))
+    out = {eng: forward(bb, xs, dev).cpu() for eng, bb in bbs.items()}  # warm-up (and the graph's export)
+    best = {eng: float("inf") for eng in bbs}
+    for _ in range(repeats):
+        for eng, bb in bbs.items():
+            t0 = time.perf_counter()
+            forward(bb, xs, dev)
+            best[eng] = min(best[eng], time.perf_counter() - t0)
+    raw = {eng: len(xs) / t for eng, t in best.items()}
+    A, B = out["torch"], out["onnxruntime"]
+    pipeline: dict = {}
+    for rnd in range(2):  # interleaved, each on a cold cache; the faster of two rounds
+        for eng, bb in bbs.items():
+            cache = EmbeddingCache(tmp / f"engine-pipeline-{eng}-{rnd}", bb.key)
+            t0 = time.perf_counter()
+            embed_paths(paths, bb, cache, dev, batch_size=a.batch_size, workers=a.workers)
+            secs = time.perf_counter() - t0
+            if eng not in pipeline or secs < pipeline[eng]["seconds"]:
+                pipeline[eng] = {"images_per_s": len(paths) / secs, "over_torch_raw": len(paths) / secs / raw["torch"],
+                                 "over_own_raw": len(paths) / secs / raw[eng], "seconds": secs}
+    res = {"raw_forward_images_per_s": raw, "onnxruntime_over_torch_raw": raw["onnxruntime"] / raw["torch"],
+           "pipeline": pipeline, "batch": len(xs), "decode": decode, "threads": torch.get_num_threads(),
+           "embeddings_max_abs_diff_over_max_abs": float((A - B).abs().max() / A.abs().max()),
+           "embeddings_cosine_min": float(torch.nn.functional.cosine_similarity(A, B, dim=1).min()),
+           "targets": {"default_engine_pipeline_over_torch_raw": 2.5, "pipeline_over_own_raw": 0.8}}
+    print(f"engines, {len(xs)}-image batch, best of {repeats}: torch eager {raw['torch']:.1f} img/s, onnxruntime "
+          f"{raw['onnxruntime']:.1f} img/s ({res['onnxruntime_over_torch_raw']:.2f}x)")
+    for eng, v in pipeline.items():
+        print(f"  file pipeline with {eng:12s} {v['images_per_s']:7.1f} img/s = {v['over_torch_raw']:.2f}x torch raw, "
+              f"{v['over_own_raw']:.2f} of its own raw")
+    print(f"  embeddings: max |diff| / max |x| = {res['embeddings_max_abs_diff_over_max_abs']:.2e}")
+    return res
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--images", type=int, default=256)
@@ -117,6 +169,7 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--workers", type=int, default=-1, help="DataLoader decode workers (-1: ovr's default)")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "embed_throughput.json"))
+    ap.add_argument("--only-engines", action="store_true", help="only (e): torch vs onnxruntime")
     a = ap.parse_args()
 
     from ovr.data import load_image, scan_folder
@@ -129,6 +182,12 @@ def main() -> None:
     tmp = Path(tempfile.mkdtemp(prefix="ovr-bench-"))
     data = make_photos(tmp / "photos", a.images)
     paths = scan_folder(data).paths
+    if a.only_engines:
+        res = {"images": len(paths), "image_size": "640x480 JPEG", "backbone": a.backbone, "device": str(dev),
+               "cpu_count": os.cpu_count(), "engines": engines(paths, a, dev, tmp)}
+        Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(a.out).write_text(json.dumps(res, indent=2))
+        return
     bb = load_backbone(a.backbone, a.weights, decode="pil")
     st = stages([Path(p).read_bytes() for p in paths[:128]], bb, dev)
     bb.model.to(dev).to(memory_format=torch.channels_last)

@@ -27,6 +27,20 @@ class Backbone:
     decode: str = "pil"  # the decode path (ovr.pixels): "pil" | "tensor"; part of the cache key
     build: Callable[[], tuple[nn.Module, Callable]] = field(repr=False, default=None)
     _built: tuple[nn.Module, Callable] | None = field(repr=False, default=None)
+    engine: str = "torch"  # what runs the forward pass (ovr.engine.attach): torch | onnxruntime
+    engine_dir: Path | None = field(repr=False, default=None)
+    _ort: Callable | None = field(repr=False, default=None)
+    _transform: Callable | None = field(repr=False, default=None)
+
+    def run(self, x: torch.Tensor) -> torch.Tensor:
+        """Normalised pixels [B, 3, S, S] -> embeddings [B, D], on this backbone's engine."""
+        if self.engine == "onnxruntime":
+            if self._ort is None:
+                from .engine import session
+
+                self._ort = session(self)
+            return self._ort(x)
+        return self.model(x)
 
     def _get(self) -> tuple[nn.Module, Callable]:
         if self._built is None:
@@ -41,6 +55,13 @@ class Backbone:
 
     @property
     def transform(self) -> Callable:
+        if self._built is None and self.engine == "onnxruntime":  # the graph's saved preprocessing: no network
+            if self._transform is None:
+                from .engine import saved_transform
+
+                self._transform = saved_transform(self)
+            if self._transform is not None:
+                return self._transform
         return self._get()[1]
 
     @property

@@ -42,6 +42,7 @@ def _d(section: type, key: str) -> str:
 ConfigOpt = Annotated[Optional[Path], typer.Option("--config", help="TOML config file; flags given here override it.")]
 BackboneOpt = Annotated[Optional[str], typer.Option(help=f"Backbone name (see `ovr backbones`). {_d(FeatureConfig, 'backbone')}")]
 WeightsOpt = Annotated[Optional[str], typer.Option(help="'default' (pretrained), 'none' (random init) or a local .pth/.safetensors state dict.")]
+EngineOpt = Annotated[Optional[str], typer.Option(help="What runs the backbone: auto (onnxruntime on the CPU where it is installed, torch on CUDA) | torch | onnxruntime. Both give the same embeddings (to float32 rounding) and share the cache. auto is the default")]
 DeviceOpt = Annotated[Optional[str], typer.Option(help=f"auto | cpu | cuda. {_d(FeatureConfig, 'device')}")]
 BatchOpt = Annotated[Optional[int], typer.Option("--batch-size", help=f"Images per forward pass. {_d(FeatureConfig, 'batch_size')}")]
 WorkersOpt = Annotated[Optional[int], typer.Option(help=f"DataLoader decode workers (-1: on CUDA all cores but one, on CPU the cores the compute threads leave; at most 8). {_d(FeatureConfig, 'workers')}")]
@@ -83,12 +84,21 @@ def _version(value: bool) -> None:
         raise typer.Exit()
 
 
+EMBEDDING_COMMANDS = {"embed", "train", "predict", "evaluate", "add-class", "refresh", "bench", "serve", "demo"}
+
+
 @app.callback()
-def _root(version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
+def _root(ctx: typer.Context,
+          version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
                                                 help="Print the version and exit.")] = False,
           threads: Annotated[Optional[int], typer.Option("--threads", help="Compute threads (torch's pool); 0: the cores not already busy (from the load average). Also $OVR_THREADS. 0 is the default")] = None) -> None:
     """One-vs-rest image classification on frozen pretrained features."""
     import os
+
+    from .engine import INSTALL_HINT, available
+
+    if ctx.invoked_subcommand in EMBEDDING_COMMANDS and "--engine" not in sys.argv and not available():
+        err.print(f"note: the backbone runs on torch; {INSTALL_HINT} for the faster CPU engine", highlight=False)
 
     if threads is not None:
         if threads < 0:
@@ -217,7 +227,7 @@ def backbones() -> None:
 @app.command()
 def embed(
     data: DataArg,
-    backbone: BackboneOpt = None, weights: WeightsOpt = None, device: DeviceOpt = None, batch_size: BatchOpt = None,
+    backbone: BackboneOpt = None, weights: WeightsOpt = None, device: DeviceOpt = None, engine: EngineOpt = None, batch_size: BatchOpt = None,
     workers: WorkersOpt = None, cache_dir: CacheOpt = None, strict: StrictOpt = None, config: ConfigOpt = None,
     dtype: DtypeOpt = None, decode: DecodeOpt = None, as_json: JsonOpt = False, json_out: JsonOutOpt = None,
 ) -> None:
@@ -226,7 +236,7 @@ def embed(
     Across processes and machines: torchrun --nproc_per_node=K -m ovr embed DATA (each rank embeds its share of
     what is not cached yet; rank 0 reports)."""
     with user_errors():
-        cfg = _config(config, backbone=backbone, weights=weights, device=device, batch_size=batch_size,
+        cfg = _config(config, backbone=backbone, weights=weights, device=device, engine=engine, batch_size=batch_size,
                       workers=workers, cache_dir=cache_dir, strict=strict, dtype=dtype, decode=decode)
         folder = _early(data=data, cfg=cfg)
         import os
@@ -300,7 +310,7 @@ def _train_table(model, title: str, names=None) -> Table:
 def train(
     data: DataArg,
     out: Annotated[Path, typer.Option("--out", "-o", help="Model folder to write.")],
-    backbone: BackboneOpt = None, weights: WeightsOpt = None, device: DeviceOpt = None, batch_size: BatchOpt = None,
+    backbone: BackboneOpt = None, weights: WeightsOpt = None, device: DeviceOpt = None, engine: EngineOpt = None, batch_size: BatchOpt = None,
     workers: WorkersOpt = None, cache_dir: CacheOpt = None, strict: StrictOpt = None, dtype: DtypeOpt = None,
     decode: DecodeOpt = None,
     head: Annotated[Optional[str], typer.Option(help=f"linear | mlp. {_d(TrainConfig, 'head')}")] = None,
@@ -324,7 +334,7 @@ def train(
     with user_errors():
         from .report import embed_line, embed_summary
 
-        cfg = _config(config, backbone=backbone, weights=weights, device=device, batch_size=batch_size,
+        cfg = _config(config, backbone=backbone, weights=weights, device=device, engine=engine, batch_size=batch_size,
                       workers=workers, cache_dir=cache_dir, strict=strict, head=head, hidden=hidden, epochs=epochs,
                       lr=lr, seed=seed, pos_weight=pos_weight, normalize=normalize, calibration=calibration,
                       l2_grid=_floats(l2_grid, "--l2-grid"), tol=tol, val_fraction=val_fraction,
@@ -351,7 +361,7 @@ def predict(
     calibrated: Annotated[bool, typer.Option("--calibrated", help="Use the stored per-head calibration.")] = False,
     tta: TtaOpt = 0,
     as_json: Annotated[bool, typer.Option("--json", help="One JSON object per image on stdout.")] = False,
-    device: DeviceOpt = None, cache_dir: CacheOpt = None,
+    device: DeviceOpt = None, engine: EngineOpt = None, cache_dir: CacheOpt = None,
 ) -> None:
     """Classify images with a trained model (a corrupt image gets an error row; the rest are still predicted)."""
     with user_errors():
@@ -367,7 +377,7 @@ def predict(
         if ignored:
             from .data import describe_ignored
             _warn_skipped([], [describe_ignored(ignored) + " in the folders given"])
-        pred = Predictor(model, device or "auto", cache_dir)
+        pred = Predictor(model, device or "auto", cache_dir, engine or "auto")
         rows = pred.predict(files, options)
         failed = all("error" in r for r in rows)
         if as_json:
@@ -405,7 +415,7 @@ def evaluate(
     tta: TtaOpt = 0,
     report: Annotated[Optional[Path], typer.Option("--report", help="Also write DIR/report.md + report.json + PNGs: per-class scores, confusion matrix, per-head curves, error gallery.")] = None,
     as_json: JsonOpt = False, json_out: JsonOutOpt = None,
-    device: DeviceOpt = None, cache_dir: CacheOpt = None,
+    device: DeviceOpt = None, engine: EngineOpt = None, cache_dir: CacheOpt = None,
 ) -> None:
     """Accuracy, macro-F1, balanced accuracy, per-class metrics, confusion matrix and ECE on one split."""
     with user_errors():
@@ -420,7 +430,7 @@ def evaluate(
         from .report import metrics_tables
 
         with progress_bar() as cb:
-            m = evaluate_model(model, data, split, options, device=device, cache_dir=cache_dir, progress=cb)
+            m = evaluate_model(model, data, split, options, device=device, cache_dir=cache_dir, engine=engine, progress=cb)
         if report is not None:
             from .manifest import read_manifest
             from .report import write_model_report
@@ -455,7 +465,7 @@ def add_class_cmd(
     negatives: Annotated[Optional[Path], typer.Option(help="Extra negatives: an image folder (its images are never this class).")] = None,
     replace: Annotated[bool, typer.Option("--replace", help="Retrain the class if it already exists.")] = False,
     refresh_confused: Annotated[bool, typer.Option("--refresh", help="Then retrain the old heads that fire on the new images (as `ovr refresh` would); the rest stay byte-identical.")] = False,
-    backbone: BackboneOpt = None, device: DeviceOpt = None, cache_dir: CacheOpt = None, strict: StrictOpt = None,
+    backbone: BackboneOpt = None, device: DeviceOpt = None, engine: EngineOpt = None, cache_dir: CacheOpt = None, strict: StrictOpt = None,
     config: ConfigOpt = None,
 ) -> None:
     """Train one new head (negatives: the model's cached training embeddings); every other head file stays byte-identical."""
@@ -463,7 +473,7 @@ def add_class_cmd(
         _early(model=model, inputs=images)
         from .pipeline import add_class, load_model, refresh as do_refresh
 
-        cfg = _grow_config(model, config, backbone=backbone, device=device, cache_dir=cache_dir, strict=strict)
+        cfg = _grow_config(model, config, backbone=backbone, device=device, engine=engine, cache_dir=cache_dir, strict=strict)
         with progress_bar() as cb:
             r = add_class(model, name, images, cfg, replace=replace, negatives=negatives, progress=cb)
         _warn_skipped(r.skipped)
@@ -487,14 +497,14 @@ def add_class_cmd(
 def refresh(
     model: Annotated[Path, typer.Argument(help="Model folder.")],
     classes: Annotated[Optional[list[str]], typer.Argument(help="Heads to retrain; none: those confused by newer classes.")] = None,
-    device: DeviceOpt = None, cache_dir: CacheOpt = None, config: ConfigOpt = None,
+    device: DeviceOpt = None, engine: EngineOpt = None, cache_dir: CacheOpt = None, config: ConfigOpt = None,
 ) -> None:
     """Retrain chosen old heads with all current negatives; the other heads stay byte-identical."""
     with user_errors():
         _early(model=model)
         from .pipeline import load_model, refresh as do_refresh
 
-        cfg = _grow_config(model, config, device=device, cache_dir=cache_dir)
+        cfg = _grow_config(model, config, device=device, engine=engine, cache_dir=cache_dir)
         with progress_bar() as cb:
             r = do_refresh(model, classes or [], cfg, progress=cb)
         if not r.changed:
@@ -572,7 +582,7 @@ def info(
 def bench(
     data: Annotated[Path, typer.Argument(help="Image folder (as for train).")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Report folder: report.json, report.md, PNG plots.")],
-    backbone: BackboneOpt = None, weights: WeightsOpt = None, device: DeviceOpt = None, batch_size: BatchOpt = None,
+    backbone: BackboneOpt = None, weights: WeightsOpt = None, device: DeviceOpt = None, engine: EngineOpt = None, batch_size: BatchOpt = None,
     workers: WorkersOpt = None, cache_dir: CacheOpt = None,
     seeds: Annotated[Optional[int], typer.Option(help=f"Seeds per method and scenario. {_d(BenchConfig, 'seeds')}")] = None,
     sklearn: Annotated[Optional[bool], typer.Option("--sklearn/--no-sklearn", help="Include the scikit-learn references.")] = None,
@@ -583,7 +593,7 @@ def bench(
 ) -> None:
     """One-vs-rest vs softmax (and scikit-learn) on the same features: quality, calibration, time, add-class."""
     with user_errors():
-        cfg = _config(config, backbone=backbone, weights=weights, device=device, batch_size=batch_size,
+        cfg = _config(config, backbone=backbone, weights=weights, device=device, engine=engine, batch_size=batch_size,
                       workers=workers, cache_dir=cache_dir, seeds=seeds, sklearn=sklearn, head=head, epochs=epochs)
         check_writable(out, "cannot write the report: folder")  # before the long part
         folder = _early(data=data, cfg=cfg)
@@ -652,7 +662,7 @@ def serve(
     name: Annotated[Optional[str], typer.Option(help="Model name under /v2/models/ (default: the folder's name).")] = None,
     max_upload_mb: Annotated[float, typer.Option("--max-upload-mb", help="Largest request body accepted (413 beyond).")] = 20.0,
     max_batch: Annotated[int, typer.Option("--max-batch", min=1, help="Images per forward pass, gathered from the requests waiting for it (1: one request per pass).")] = MAX_BATCH,
-    device: DeviceOpt = None, cache_dir: CacheOpt = None,
+    device: DeviceOpt = None, engine: EngineOpt = None, cache_dir: CacheOpt = None,
 ) -> None:
     """HTTP API and a web page. POST /predict (multipart images) -> JSON; GET /classes, /health, /docs; POST /reload.
     The Open Inference Protocol (KServe v2: tritonclient, KServe and MLServer clients) under /v2.
@@ -662,7 +672,7 @@ def serve(
         _early(model=model)
         from .serve import create_app, run
 
-        app_ = create_app(model, device=device or "auto", cache_dir=cache_dir, max_upload_mb=max_upload_mb,
+        app_ = create_app(model, device=device or "auto", cache_dir=cache_dir, engine=engine or "auto", max_upload_mb=max_upload_mb,
                           max_batch=max_batch, model_name=name)
         if host not in ("127.0.0.1", "localhost", "::1"):
             err.print(f"[yellow]warning:[/] serving on {escape(host)}: anyone who can reach it can call it "
@@ -676,7 +686,7 @@ def serve(
 def demo(
     out: Annotated[Path, typer.Option(help="Folder for the demo's data, model and report.")] = Path("ovr-demo"),
     seeds: Annotated[Optional[int], typer.Option(help=f"Benchmark seeds. {_d(BenchConfig, 'seeds')}")] = None,
-    device: DeviceOpt = None, cache_dir: CacheOpt = None,
+    device: DeviceOpt = None, engine: EngineOpt = None, cache_dir: CacheOpt = None,
 ) -> None:
     """The main job, offline: scikit-learn's digits as images -> embed -> train 9 classes -> add the 10th -> predict -> bench."""
     with user_errors():
@@ -687,7 +697,7 @@ def demo(
         from .pipeline import Predictor, add_class, embed_data, model_config, train_model
         from .report import bench_tables, embed_line, embed_summary, write_bench_report
 
-        cfg = _config(None, device=device, cache_dir=cache_dir, seeds=seeds)
+        cfg = _config(None, device=device, engine=engine, cache_dir=cache_dir, seeds=seeds)
         check_writable(out, "cannot write the demo: folder")
         digits = write_digits_folder(out / "digits")
         nine = out / "digits-0-8"
@@ -699,7 +709,7 @@ def demo(
         console.print(embed_line(embed_summary(emb)), highlight=False)
         console.print(_train_table(model, f"{len(model.classes)} heads -> {out / 'model'}"))
         _rule("2. add digit_9 without retraining the others")
-        mcfg = model_config(out / "model", device=device, cache_dir=cache_dir)
+        mcfg = model_config(out / "model", device=device, cache_dir=cache_dir, engine=engine)
         with progress_bar() as cb:
             r = add_class(out / "model", "digit_9", [str(digits / "digit_9")], mcfg, progress=cb)
         console.print(f"added digit_9 from {r.images} images; its head and the gate took {r.train_seconds:.2f} s",
@@ -707,7 +717,8 @@ def demo(
         _print_confused(r.confused)
         _rule("3. predict a few images")
         samples = [sorted((digits / f"digit_{d}").glob("*.png"))[-1] for d in (0, 3, 9)]
-        rows = Predictor(out / "model", mcfg.features.device, mcfg.features.cache_dir or None).predict(samples, top_k=2)
+        rows = Predictor(out / "model", mcfg.features.device, mcfg.features.cache_dir or None,
+                         mcfg.features.engine).predict(samples, top_k=2)
         t = Table()
         for col in ["file", "class", "confidence", "runner-up"]:
             t.add_column(col)

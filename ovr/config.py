@@ -9,6 +9,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from .engine import ENGINES
 from .errors import OvrError
 
 HEADS = ("linear", "mlp", "ridge")
@@ -33,8 +34,10 @@ class FeatureConfig:
     dtype: str = "auto"  # how new embeddings are stored: float32 | float16 | auto (float16 on CUDA, float32 on CPU)
     decode: str = "auto"  # pil | tensor (torchvision.io + tensor resize; nvJPEG on CUDA) | auto (= tensor)
     strict: bool = False  # a bad image file is an error instead of a skipped file
+    engine: str = "auto"  # the backbone's forward pass: torch | onnxruntime | auto (onnxruntime on CPU if installed)
 
     def __post_init__(self) -> None:
+        _check(self.engine in ENGINES, f"engine must be one of {', '.join(ENGINES)}, got {self.engine!r}")
         _check(self.batch_size >= 1, f"batch_size must be at least 1, got {self.batch_size}")
         _check(self.workers >= -1, f"workers must be -1 (one per core) or more, got {self.workers}")
         _check(self.dtype in ("auto", "float32", "float16"), f"dtype must be auto, float32 or float16, got {self.dtype!r}")

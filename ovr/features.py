@@ -72,9 +72,11 @@ def default_workers(workers: int, device: torch.device | str = "cpu") -> int:
 
 def forward(backbone: Backbone, x: torch.Tensor, device: torch.device) -> torch.Tensor:
     """A batch of inputs (ovr.pixels) -> embeddings on the device."""
+    if backbone.engine != "torch":
+        return backbone.run(x.contiguous()).to(device)
     x = x.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
     with torch.inference_mode(), torch.autocast(device.type, dtype=torch.float16, enabled=device.type == "cuda"):
-        return backbone.model(x).float()
+        return backbone.run(x).float()
 
 
 # A shard is written every SHARD_SIZE images or FLUSH_SECONDS ($OVR_FLUSH_SECONDS), whichever comes first: with the
@@ -193,7 +195,8 @@ _SHARDS_WRITTEN = 0
 def _embed_missing(paths, keys, todo, backbone, cache, device, batch_size, workers, progress, shard_size,
                    flush_seconds, failed: dict[int, str], aug_seeds: list[int | None] | None = None,
                    stage: str = "embed") -> None:
-    backbone.model.to(device).to(memory_format=torch.channels_last)
+    if backbone.engine == "torch":
+        backbone.model.to(device).to(memory_format=torch.channels_last)
     order = list(todo.values())
     n_workers = default_workers(workers, device)
     seeds = [aug_seeds[i] for i in order] if aug_seeds is not None else None
@@ -267,7 +270,8 @@ def augmented_images(images: list, views: int, seed: int) -> list:
 
 def embed_images(images: list, backbone: Backbone, device: torch.device, batch_size: int = 64) -> torch.Tensor:
     """PIL images -> embeddings, no cache (for the Python API on in-memory images)."""
-    backbone.model.to(device).to(memory_format=torch.channels_last)
+    if backbone.engine == "torch":
+        backbone.model.to(device).to(memory_format=torch.channels_last)
     pixels = backbone.pixels(device)
     out = [forward(backbone, pixels.batch([pixels.image(im) for im in images[i:i + batch_size]])[0], device)
            for i in range(0, len(images), batch_size)]

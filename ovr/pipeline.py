@@ -13,6 +13,7 @@ from PIL import Image
 from . import aggregate
 from .config import Config, config_to_dict, config_to_toml, load_config
 from .data import ImageFolder, check_split, expand_inputs, scan_folder, split_assignments
+from .engine import attach, resolve_engine
 from .errors import OvrError
 from .atomic import check_writable
 from .backbones import Backbone, load_backbone, model_backbone
@@ -53,7 +54,9 @@ def embed_data(data: str | Path | ImageFolder, cfg: Config, progress: Progress |
     f = cfg.features
     folder = scan_data(data, cfg)
     device = resolve_device(f.device)
-    backbone = backbone or load_backbone(f.backbone, f.weights, f.cache_dir or default_cache_dir(), f.decode_path)
+    if backbone is None:
+        backbone = load_backbone(f.backbone, f.weights, f.cache_dir or default_cache_dir(), f.decode_path)
+        attach(backbone, f.engine, device, f.cache_dir or default_cache_dir())
     emb = embed_folder(folder, backbone, open_cache(cfg, backbone), device, f.batch_size, f.workers, f.strict, progress,
                        **kw)
     emb.backbone = backbone
@@ -79,7 +82,8 @@ def train_model(data: str | Path | ImageFolder, out: str | Path, cfg: Config, fo
         raise OvrError(f"no readable training images for class {empty[0]!r}")
     vkeys, V = views_of(emb.result, np.flatnonzero(emb.splits == "train"), cfg.train.views, cfg, emb.backbone,
                         open_cache(cfg, emb.backbone), progress)
-    model = Model(emb.backbone.spec(), cfg.train.normalize, cfg.train.head, list(classes),
+    spec = {**emb.backbone.spec(), "engine": emb.backbone.engine}  # for the record: the engines share the cache
+    model = Model(spec, cfg.train.normalize, cfg.train.head, list(classes),
                   calibration=cfg.train.calibration, config=config_to_dict(cfg), gate_method=cfg.train.gate)
     model.fit(torch.cat([X, V.flatten(0, 1)]), torch.cat([y, y.repeat_interleave(cfg.train.views, dim=0)]), Xv, yv,
               cfg.train, progress=progress)
@@ -114,11 +118,13 @@ def view_examples(vkeys: list[str], sources: list[dict], views: int) -> list[dic
 class Predictor:
     """A loaded model plus its backbone: `ovr.load(MODEL).predict([...paths or PIL images...])`."""
 
-    def __init__(self, root: str | Path, device: str = "auto", cache_dir: str | Path | None = None) -> None:
+    def __init__(self, root: str | Path, device: str = "auto", cache_dir: str | Path | None = None,
+                 engine: str = "auto") -> None:
         self.root = Path(root)
         self.model = load_model(root)
         self.device = resolve_device(device)
         self.cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
+        self.engine = resolve_engine(engine, self.device)
         self._backbone: Backbone | None = None
 
     @property
@@ -129,6 +135,7 @@ class Predictor:
     def backbone(self) -> Backbone:
         if self._backbone is None:
             self._backbone = model_backbone(self.model.backbone, self.cache_dir)
+            attach(self._backbone, self.engine, self.device, self.cache_dir)
         return self._backbone
 
     @property
@@ -247,8 +254,9 @@ class Predictor:
         return rows
 
 
-def load(root: str | Path, device: str = "auto", cache_dir: str | Path | None = None) -> Predictor:
-    return Predictor(root, device, cache_dir)
+def load(root: str | Path, device: str = "auto", cache_dir: str | Path | None = None, engine: str = "auto"
+         ) -> Predictor:
+    return Predictor(root, device, cache_dir, engine)
 
 
 def model_config(root: str | Path, config: str | Path | None = None, **overrides) -> Config:
@@ -257,18 +265,20 @@ def model_config(root: str | Path, config: str | Path | None = None, **overrides
     from .manifest import read_manifest
 
     stored = {k: dict(v) for k, v in read_manifest(root).get("config", {}).items() if isinstance(v, dict)}
-    stored.get("features", {}).pop("cache_dir", None)  # where to write comes from the user, never from a model file
+    for machine in ("cache_dir", "engine"):  # where to write and what runs here: from the user, never a model file
+        stored.get("features", {}).pop(machine, None)
     return load_config(config, overrides, stored=stored)
 
 
 def evaluate_model(root: str | Path, data: str | Path, split: str = "test", options: AnswerOptions = AnswerOptions(),
-                   *, device: str | None = None, cache_dir: str | None = None, progress: Progress | None = None) -> dict:
+                   *, device: str | None = None, cache_dir: str | None = None, engine: str | None = None,
+                   progress: Progress | None = None) -> dict:
     from .metrics import classification_metrics, expected_calibration_error, worst_errors
 
     check_split(split)
     tta = options.tta
-    cfg = model_config(root, device=device, cache_dir=cache_dir)
-    pred = Predictor(root, cfg.features.device, cfg.features.cache_dir or None)
+    cfg = model_config(root, device=device, cache_dir=cache_dir, engine=engine)
+    pred = Predictor(root, cfg.features.device, cfg.features.cache_dir or None, cfg.features.engine)
     emb = embed_data(data, cfg, progress, backbone=pred.backbone)
     X, y, _ = emb.split(split) if split != "all" else (emb.result.embeddings, torch.from_numpy(emb.labels), None)
     if len(X) == 0:
@@ -356,8 +366,10 @@ def _open_for_update(root: Path, cfg: Config) -> tuple[Model, Backbone, Embeddin
         raise OvrError(f"model was made with backbone {spec['name']}, not {f.backbone}")
     root_dir = f.cache_dir or default_cache_dir()
     bb = model_backbone(spec, root_dir)
+    device = resolve_device(f.device)
+    attach(bb, f.engine, device, root_dir)
     model.gate_method = cfg.train.gate
-    return model, bb, EmbeddingCache(root_dir, bb.key, cache_dtype(cfg)), resolve_device(f.device)
+    return model, bb, EmbeddingCache(root_dir, bb.key, cache_dtype(cfg)), device
 
 
 def _xy(model: Model, cache: EmbeddingCache, device: torch.device, split: str) -> tuple[torch.Tensor, torch.Tensor]:

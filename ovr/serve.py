@@ -119,7 +119,7 @@ class BodyLimit:
         await self.app(scope, counted, send)
 
 
-def create_app(model_root, *, device: str = "auto", cache_dir=None, max_upload_mb: float = 20.0,
+def create_app(model_root, *, device: str = "auto", cache_dir=None, engine: str = "auto", max_upload_mb: float = 20.0,
                max_files: int = 64, max_batch: int = MAX_BATCH, model_name: str | None = None, warm: bool = True):
     """The app. `model_name`: the name the Open Inference Protocol serves the model under (default: the model
     folder's name). The backbone is built and run once on a blank image in the background: /v2/health/ready (and
@@ -138,7 +138,7 @@ def create_app(model_root, *, device: str = "auto", cache_dir=None, max_upload_m
     from .pipeline import Predictor
 
     limit = int(max_upload_mb * 1e6)
-    state = {"pred": Predictor(model_root, device, cache_dir)}
+    state = {"pred": Predictor(model_root, device, cache_dir, engine)}
     name = model_name or Path(model_root).resolve().name
     ready = threading.Event()
     batcher = Batcher(max_batch)
@@ -213,7 +213,7 @@ def create_app(model_root, *, device: str = "auto", cache_dir=None, max_upload_m
     @app.post("/reload")
     def reload() -> dict:
         old = state["pred"]
-        new = Predictor(model_root, device, cache_dir)
+        new = Predictor(model_root, device, cache_dir, engine)
         if new.model.backbone.get("fingerprint") == old.model.backbone.get("fingerprint"):
             new._backbone = old._backbone  # same network: keep the built one
         else:

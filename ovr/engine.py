@@ -1,0 +1,185 @@
+"""Engines for the backbone's forward pass: torch, or onnxruntime (the backbone's ONNX graph, exported once per
+backbone identity into the cache folder and reused by every command that embeds).
+
+`auto` picks onnxruntime on the CPU when it is installed (on a CPU it runs the same convnet several times faster
+than torch eager; `benchmarks/embed_throughput.py`), and torch on CUDA. The two engines share cache rows: their
+embeddings agree to float32 rounding (tested), far below what moves an answer, so the engine is not part of the
+cache key (it is recorded with a model, for the record only).
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from .errors import OvrError
+
+if TYPE_CHECKING:
+    import torch
+
+    from .backbones import Backbone
+
+ENGINES = ("auto", "torch", "onnxruntime")
+OPSET = 17
+INSTALL_HINT = "the onnxruntime engine needs onnxruntime and onnx (default dependencies): pip install onnxruntime onnx"
+# How far the engines' embeddings may be apart (max |difference| / max |embedding|, float32): measured ~1e-6 on
+# the tiny test backbone and on EfficientNet-Lite0; the cache is shared only because it is this small.
+TOLERANCE = 1e-4
+
+
+def available() -> bool:
+    return all(importlib.util.find_spec(m) is not None for m in ("onnxruntime", "onnx"))
+
+
+def resolve_engine(engine: str, device: "torch.device") -> str:
+    """The engine to use: `auto` is onnxruntime on the CPU where it is installed, else torch."""
+    if engine not in ENGINES:
+        raise OvrError(f"engine must be one of {', '.join(ENGINES)}, got {engine!r}")
+    if engine == "torch" or (engine == "auto" and (device.type != "cpu" or not available())):
+        return "torch"
+    if device.type != "cpu":
+        raise OvrError(f"the onnxruntime engine runs on the CPU here; use --device cpu or --engine torch "
+                       f"(device is {device})")
+    if not available():
+        raise OvrError(INSTALL_HINT)
+    return "onnxruntime"
+
+
+def graph_path(cache_dir: str | Path, backbone: "Backbone") -> Path:
+    """Where the backbone's graph lives: one file per backbone identity (name, weights fingerprint,
+    preprocessing, decode path: the cache key) and opset."""
+    return Path(cache_dir) / "engines" / f"{backbone.key}-opset{OPSET}.onnx"
+
+
+def export_backbone(backbone: "Backbone", path: Path) -> None:
+    """The backbone alone as ONNX, float [B, 3, S, S] normalised pixels -> embeddings [B, D], written atomically.
+    The TorchScript-based exporter: a convnet in a fraction of a second (the dynamo exporter takes ~15x longer),
+    with the dynamo exporter as the fallback where it is gone or refuses the model."""
+    import io
+    import warnings
+
+    import torch
+
+    from .atomic import atomic_write_bytes
+
+    model = backbone.model.float().eval()
+    S = _input_size(backbone)
+    x = torch.zeros(2, 3, S, S)
+    buf = io.BytesIO()
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            torch.onnx.export(model, (x,), buf, input_names=["pixels"], output_names=["embeddings"],
+                              dynamic_axes={"pixels": {0: "batch"}, "embeddings": {0: "batch"}},
+                              opset_version=OPSET, dynamo=False)
+            data = buf.getvalue()
+        except Exception:  # noqa: BLE001  (any exporter failure: try the other exporter, which says why)
+            prog = torch.onnx.export(model, (x,), input_names=["pixels"], output_names=["embeddings"],
+                                     dynamic_shapes=({0: torch.export.Dim("batch", min=1)},),
+                                     opset_version=max(OPSET, 18), dynamo=True, external_data=False, verbose=False)
+            data = prog.model_proto.SerializeToString()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        record = transform_record(backbone.transform, backbone.decode)
+    except OvrError:
+        record = None  # a transform ovr cannot describe: the onnxruntime engine builds the network for it
+    if record is not None:
+        atomic_write_bytes(path.with_suffix(".json"), json.dumps(record).encode())
+    atomic_write_bytes(path, data)
+
+
+def transform_record(transform, decode: str) -> dict:
+    """The backbone's preprocessing as data (resize, crop, mean, std), so that the onnxruntime engine can rebuild
+    it without building the network (which is most of a one-image predict's time)."""
+    from .pixels import split_transform
+
+    prep = split_transform(transform, decode)
+    steps = []
+    for t in prep.geometry:
+        if type(t).__name__ == "Resize":
+            size = t.size if isinstance(t.size, int) else list(t.size)
+            steps.append({"op": "resize", "size": size, "interpolation": t.interpolation.value,
+                          "max_size": t.max_size, "antialias": t.antialias})
+        else:
+            steps.append({"op": "center_crop", "size": list(t.size)})
+    return {"geometry": steps, "mean": prep.mean, "std": prep.std}
+
+
+def transform_from_record(record: dict):
+    """transform_record's inverse: a torchvision Compose that gives the same pixels."""
+    import torchvision.transforms as T
+
+    steps = []
+    for g in record["geometry"]:
+        if g["op"] == "resize":
+            steps.append(T.Resize(g["size"], interpolation=T.InterpolationMode(g["interpolation"]),
+                                  max_size=g["max_size"], antialias=g["antialias"]))
+        else:
+            steps.append(T.CenterCrop(g["size"]))
+    return T.Compose([*steps, T.ToTensor(), T.Normalize(record["mean"], record["std"])])
+
+
+def saved_transform(backbone: "Backbone"):
+    """The preprocessing saved beside the backbone's graph, or None (not exported yet)."""
+    path = graph_path(backbone.engine_dir, backbone).with_suffix(".json")
+    try:
+        return transform_from_record(json.loads(path.read_text()))
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def _input_size(backbone: "Backbone") -> int:
+    from .pixels import split_transform
+
+    try:
+        return split_transform(backbone.transform, backbone.decode).size
+    except OvrError:
+        return 224
+
+
+class OrtForward:
+    """An onnxruntime session with the call of a torch module: normalised pixels [B, 3, S, S] -> embeddings."""
+
+    def __init__(self, path: Path, threads: int) -> None:
+        import onnxruntime as ort
+
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = threads
+        opts.inter_op_num_threads = 1
+        opts.log_severity_level = 3
+        self.session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+        self.path, self.threads = path, threads
+
+    def __call__(self, x: "torch.Tensor") -> "torch.Tensor":
+        import numpy as np
+        import torch
+
+        out = self.session.run(None, {"pixels": np.ascontiguousarray(x.float().numpy())})[0]
+        return torch.from_numpy(out)
+
+
+def attach(backbone: "Backbone", engine: str, device: "torch.device", cache_dir: str | Path) -> str:
+    """Give the backbone the engine that `engine` resolves to on `device`; returns the engine's name. Nothing is
+    built here: the graph is exported (into the cache folder, under its lock) and loaded on the first forward
+    pass, so a run whose images are all cached never pays for it."""
+    backbone.engine = resolve_engine(engine, device)
+    backbone.engine_dir = Path(cache_dir)
+    return backbone.engine
+
+
+def session(backbone: "Backbone") -> OrtForward:
+    """The backbone's onnxruntime forward, its graph exported on first use."""
+    import os
+
+    from filelock import FileLock
+
+    from .runtime import compute_threads
+
+    path = graph_path(backbone.engine_dir, backbone)
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with FileLock(str(path.parent / ".export.lock")):
+            if not path.exists():
+                export_backbone(backbone, path)
+    return OrtForward(path, compute_threads(int(os.environ.get("OVR_THREADS", "0"))))

@@ -1,0 +1,95 @@
+"""The backbone's engines (ovr.engine): torch and onnxruntime give the same embeddings and answers, share the
+cache, export the graph once per backbone identity, and say in one line what is wrong."""
+import json
+
+import pytest
+import torch
+
+from conftest import TINY, cli, make_folder
+
+pytest.importorskip("onnxruntime", reason='the onnxruntime engine needs the export extra (pip install "ovr[export]")')
+
+
+def _cfg(cache, engine):
+    from ovr.config import load_config
+
+    return load_config(None, {"backbone": "tiny_cnn", "device": "cpu", "workers": 0, "cache_dir": str(cache),
+                              "engine": engine})
+
+
+def test_engines_agree_and_share_the_cache(tmp_path):
+    from ovr.engine import TOLERANCE, graph_path
+    from ovr.pipeline import embed_data
+
+    data = make_folder(tmp_path / "data", n_classes=3, per_class=6)
+    apart = {}
+    for engine in ("torch", "onnxruntime"):  # each on its own cache: both really embed
+        emb = embed_data(data, _cfg(tmp_path / f"cache-{engine}", engine))
+        assert emb.backbone.engine == engine and emb.result.n_new == 18
+        apart[engine] = emb.result.embeddings
+    A, B = apart["torch"], apart["onnxruntime"]
+    assert (A - B).abs().max() / A.abs().max() < TOLERANCE
+    # the onnxruntime engine on the torch engine's cache: every row is reused, nothing embedded again
+    shared = embed_data(data, _cfg(tmp_path / "cache-torch", "onnxruntime"))
+    assert shared.result.n_new == 0 and torch.equal(shared.result.embeddings, A)
+    # the graph is exported once per backbone identity, into the cache folder
+    path = graph_path(tmp_path / "cache-onnxruntime", shared.backbone)
+    stamp = path.stat().st_mtime_ns
+    (data / "c0" / "new.png").write_bytes((data / "c1" / "img000.png").read_bytes()[:-1] + b"\x00")
+    again = embed_data(data, _cfg(tmp_path / "cache-onnxruntime", "onnxruntime"))
+    assert again.result.n_new == 1 and path.stat().st_mtime_ns == stamp
+
+
+def test_both_engines_answer_alike_through_the_cli_and_the_engine_is_recorded(tmp_path, monkeypatch):
+    data = make_folder(tmp_path / "data", n_classes=3, per_class=10)
+    monkeypatch.setenv("OVR_CACHE_DIR", str(tmp_path / "cache"))
+    assert cli("train", data, "--out", tmp_path / "m", *TINY, "--engine", "onnxruntime").exit_code == 0
+    manifest = json.loads((tmp_path / "m" / "manifest.json").read_text())
+    assert manifest["backbone"]["engine"] == "onnxruntime"
+    images = [data / f"c{k}" / "img009.png" for k in range(3)]
+    answers = {}
+    for engine in ("torch", "onnxruntime"):
+        monkeypatch.setenv("OVR_CACHE_DIR", str(tmp_path / f"fresh-{engine}"))  # no cached rows: each embeds
+        r = cli("predict", tmp_path / "m", *images, "--json", "--device", "cpu", "--engine", engine)
+        assert r.exit_code == 0, r.output
+        answers[engine] = [json.loads(line) for line in r.stdout.splitlines()]
+    assert [a["class"] for a in answers["torch"]] == [a["class"] for a in answers["onnxruntime"]] == ["c0", "c1", "c2"]
+    for a, b in zip(answers["torch"], answers["onnxruntime"]):
+        assert abs(a["confidence"] - b["confidence"]) < 1e-4
+
+
+def test_engine_mistakes_are_one_line_errors(tmp_path):
+    from ovr.engine import resolve_engine
+    from ovr.errors import OvrError
+
+    with pytest.raises(OvrError, match="engine must be one of"):
+        resolve_engine("tensorrt", torch.device("cpu"))
+    with pytest.raises(OvrError, match="runs on the CPU"):
+        resolve_engine("onnxruntime", torch.device("cuda"))
+    assert resolve_engine("auto", torch.device("cuda")) == "torch"
+    assert resolve_engine("auto", torch.device("cpu")) == "onnxruntime"  # installed here
+    r = cli("embed", make_folder(tmp_path / "d", 2, 2), "--backbone", "tiny_cnn", "--engine", "tvm")
+    assert r.exit_code == 2 and "engine must be one of" in r.output and "Traceback" not in r.output
+
+
+def test_onnxruntime_engine_never_builds_the_network_once_its_graph_exists(tmp_path):
+    """The preprocessing is saved beside the graph: a later process embeds new images without building the torch
+    network (most of a one-image predict's time), with the same embeddings."""
+    from ovr.backbones import load_backbone
+    from ovr.cache import EmbeddingCache
+    from ovr.engine import attach
+    from ovr.features import embed_paths
+
+    data = make_folder(tmp_path / "data", n_classes=2, per_class=3)
+    paths = sorted(data.rglob("*.png"))
+    first = load_backbone("tiny_cnn", "default", tmp_path / "cache", "tensor")
+    attach(first, "torch", torch.device("cpu"), tmp_path / "cache")
+    ref = embed_paths(paths, first, EmbeddingCache(tmp_path / "ref", first.key), torch.device("cpu"), workers=0)
+    warm = load_backbone("tiny_cnn", "default", tmp_path / "cache", "tensor")
+    attach(warm, "onnxruntime", torch.device("cpu"), tmp_path / "cache")
+    embed_paths(paths[:1], warm, EmbeddingCache(tmp_path / "c1", warm.key), torch.device("cpu"), workers=0)  # exports
+    later = load_backbone("tiny_cnn", "default", tmp_path / "cache", "tensor")  # a new process, as it were
+    attach(later, "onnxruntime", torch.device("cpu"), tmp_path / "cache")
+    r = embed_paths(paths, later, EmbeddingCache(tmp_path / "c2", later.key), torch.device("cpu"), workers=0)
+    assert later._built is None and r.n_new == len(paths)
+    assert (r.embeddings - ref.embeddings).abs().max() < 1e-4 * ref.embeddings.abs().max()
