@@ -149,6 +149,67 @@ def bench(name, X, y, Xv, yv, Xt, yt, dev, sk_heads: int | None = None) -> dict:
     return res
 
 
+def synthetic64(seed: int = 0):
+    """The issue's synthetic set: 24,000 x 384, 64 classes (20,000 to train and validate, 4,000 held out)."""
+    from sklearn.datasets import make_classification
+
+    X, y = make_classification(n_samples=24000, n_features=384, n_informative=96, n_redundant=0, n_classes=64,
+                               n_clusters_per_class=1, class_sep=2.0, random_state=seed)
+    X = X.astype(np.float32)
+    return X[:17000], y[:17000], X[17000:20000], y[17000:20000], X[20000:], y[20000:]
+
+
+def defaults(name, X, y, Xv, yv, Xt, yt, dev, resplits: int = 5) -> dict:
+    """Default settings on both sides, over seeded resplits of train + validation (each fit on 90% of it, the
+    same held-out test rows): OvRClassifier() (the L2 path), OvRClassifier(l2_search="sweep") (every strength),
+    and make_pipeline(StandardScaler(), OneVsRestClassifier(LogisticRegression())). Time, accuracy, the strengths
+    the two searches chose, how often they agree, and where not, how much validation loss the path gave up."""
+    Xa, ya = np.concatenate([X, Xv]), np.concatenate([y, yv])
+    rows: dict[str, list] = {"ovr path (default)": [], "ovr sweep": [], "sklearn default": []}
+    agree, chosen, loss_gap = [], {"path": [], "sweep": []}, []
+    OvRClassifier(device=str(dev)).fit(Xa[:300], ya[:300])  # warm-up
+    for seed in range(resplits):
+        Xtr, _, ytr, _ = train_test_split(Xa, ya, test_size=0.1, stratify=ya, random_state=seed)
+        p, tp = timed(lambda: OvRClassifier(device=str(dev), seed=seed).fit(Xtr, ytr))
+        w, tw = timed(lambda: OvRClassifier(device=str(dev), seed=seed, l2_search="sweep").fit(Xtr, ytr))
+        s, ts = timed(lambda: make_pipeline(StandardScaler(), OneVsRestClassifier(LogisticRegression(), n_jobs=-1))
+                      .fit(Xtr, ytr))
+        for key, est, t in (("ovr path (default)", p, tp), ("ovr sweep", w, tw), ("sklearn default", s, ts)):
+            rows[key].append((t, float((est.predict(Xt) == yt).mean())))
+        rp, rw = p.model_.records, w.model_.records
+        agree.append(float(np.mean([rp[c].l2 == rw[c].l2 for c in rp])))
+        chosen["path"] += [rp[c].l2 for c in rp]
+        chosen["sweep"] += [rw[c].l2 for c in rw]
+        for c in rp:  # where they differ: the sweep's validation loss at the path's choice minus at its own
+            full = dict(map(tuple, rw[c].l2_path)) if rw[c].l2_path else {}
+            if rp[c].l2 != rw[c].l2 and rp[c].l2 in full:
+                loss_gap.append(full[rp[c].l2] - full[rw[c].l2])
+        print(f"  [{name}] resplit {seed}: path {tp:.2f} s acc {rows['ovr path (default)'][-1][1]:.4f}, sweep "
+              f"{tw:.2f} s acc {rows['ovr sweep'][-1][1]:.4f}, scikit-learn {ts:.2f} s acc "
+              f"{rows['sklearn default'][-1][1]:.4f}; strengths agree on {agree[-1]:.0%} of heads", flush=True)
+    out = {"dataset": name, "train_and_val": list(Xa.shape), "test": len(Xt), "classes": int(ya.max()) + 1,
+           "resplits": resplits}
+    for k, v in rows.items():
+        t, acc = np.array([r[0] for r in v]), np.array([r[1] for r in v])
+        out[k] = {"seconds_median": float(np.median(t)), "seconds_min": float(t.min()), "seconds_max": float(t.max()),
+                  "accuracy_mean": float(acc.mean()), "accuracy_std": float(acc.std()), "accuracy": acc.tolist()}
+    out["path_speedup_over_sweep"] = out["ovr sweep"]["seconds_median"] / out["ovr path (default)"]["seconds_median"]
+    out["path_speedup_over_sklearn"] = out["sklearn default"]["seconds_median"] / out["ovr path (default)"]["seconds_median"]
+    out["strengths_agree"] = float(np.mean(agree))
+    out["strengths_chosen"] = {k: {str(l2): int(n) for l2, n in zip(*np.unique(v, return_counts=True))}
+                               for k, v in chosen.items()}
+    out["validation_loss_given_up_where_they_differ"] = ({"n": len(loss_gap), "max": float(max(loss_gap)),
+                                                         "mean": float(np.mean(loss_gap))} if loss_gap else {"n": 0})
+    d = out
+    print(f"[{name}] defaults, {resplits} resplits: path {d['ovr path (default)']['seconds_median']:.2f} s, sweep "
+          f"{d['ovr sweep']['seconds_median']:.2f} s, scikit-learn {d['sklearn default']['seconds_median']:.2f} s "
+          f"(path {d['path_speedup_over_sklearn']:.2f}x scikit-learn, {d['path_speedup_over_sweep']:.2f}x sweep); "
+          f"accuracy {d['ovr path (default)']['accuracy_mean']:.4f} +-{d['ovr path (default)']['accuracy_std']:.4f} / "
+          f"{d['ovr sweep']['accuracy_mean']:.4f} / {d['sklearn default']['accuracy_mean']:.4f} "
+          f"+-{d['sklearn default']['accuracy_std']:.4f}; strengths agree {d['strengths_agree']:.1%}", flush=True)
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cpu")
@@ -156,8 +217,20 @@ def main() -> None:
     ap.add_argument("--sklearn-heads-synthetic", type=int, default=10,
                     help="heads scikit-learn's sweep is timed on for the synthetic set (scaled to all 100)")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "heads_vs_sklearn.json"))
+    ap.add_argument("--only-defaults", action="store_true",
+                    help="only default settings on both sides (path, sweep, scikit-learn) over 5 resplits; "
+                         "datasets digits, photos, synthetic64")
+    ap.add_argument("--resplits", type=int, default=5)
     a = ap.parse_args()
     dev = resolve_device(a.device)
+    if a.only_defaults:
+        res = {"cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "results": []}
+        for d in a.datasets:
+            arrays = synthetic64() if d == "synthetic64" else getattr(datasets, d)(a.device)[0]
+            res["results"].append(defaults(d, *arrays, dev, a.resplits))
+            out = Path(a.out).with_name("heads_defaults.json")
+            out.write_text(json.dumps(res, indent=2))
+        return
     out = {"cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "machine": platform.machine(),
            "device": str(dev) if dev.type == "cpu" else torch.cuda.get_device_name(0), "results": []}
     for d in a.datasets:

@@ -91,7 +91,7 @@ EMBEDDING_COMMANDS = {"embed", "train", "predict", "evaluate", "add-class", "ref
 def _root(ctx: typer.Context,
           version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
                                                 help="Print the version and exit.")] = False,
-          threads: Annotated[Optional[int], typer.Option("--threads", help="Compute threads (torch's pool); 0: the cores not already busy (from the load average). Also $OVR_THREADS. 0 is the default")] = None) -> None:
+          threads: Annotated[Optional[int], typer.Option("--threads", help="Compute threads (torch's and onnxruntime's pools); 0: the cores other processes are not using right now. Also $OVR_THREADS. 0 is the default")] = None) -> None:
     """One-vs-rest image classification on frozen pretrained features."""
     import os
 
@@ -142,10 +142,11 @@ def user_errors():
 
 
 def _rate(stage: str, done: int, elapsed: float) -> str:
-    """Items per second, once a second has passed (one batch in 0.4 ms read "166,600 img/s")."""
-    if elapsed < 1.0 or not done:
+    """Images per second for the stages that count images, once a second has passed (one batch in 0.4 ms read
+    "166,600 img/s"); other stages (solves, benchmark runs) show no rate: theirs means nothing."""
+    if elapsed < 1.0 or not done or stage not in ("embed", "hash", "views"):
         return ""
-    return f"{done / elapsed:,.0f} {'img/s' if stage in ('embed', 'hash') else '/s'}"
+    return f"{done / elapsed:,.0f} img/s"
 
 
 @contextmanager

@@ -14,6 +14,7 @@ from .errors import OvrError
 
 HEADS = ("linear", "mlp", "ridge")
 GATES = ("ridge", "softmax")
+L2_SEARCH = ("path", "sweep")
 NORMALIZE = ("standardize", "l2")
 CALIBRATION = ("platt", "temperature", "none")
 
@@ -76,6 +77,9 @@ class TrainConfig:
     # L2 strengths in the per-sample-mean scale (scikit-learn's C = 1 / (l2 * n)): half-decades from 1e-4 to 10.
     # Each head keeps the one with its best validation loss, then is refit on train + val.
     l2_grid: tuple[float, ...] = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1, 1.0, 3.0, 10.0)
+    # How linear heads search l2_grid: path (strong to weak, warm-started; a head stops after two strengths without
+    # a better validation loss) | sweep (every strength solved for every head)
+    l2_search: str = "path"
     tol: float = 1e-4  # linear heads: stop when max |gradient| of a head's objective is below this (scikit-learn's default tol, same scale)
     max_iter: int = 500  # linear heads: L-BFGS iterations at most
     pos_weight: bool = True
@@ -92,6 +96,7 @@ class TrainConfig:
     def __post_init__(self) -> None:
         _check(self.views >= 0, f"views must be 0 or more, got {self.views}")
         _check(self.stats_features >= 0, f"stats_features must be 0 (the embeddings) or more, got {self.stats_features}")
+        _check(self.l2_search in L2_SEARCH, f"l2_search must be one of {', '.join(L2_SEARCH)}, got {self.l2_search!r}")
         _check(self.gate in GATES, f"gate must be one of {', '.join(GATES)}, got {self.gate!r}")
         _check(self.chunk_heads >= 0, f"chunk_heads must be 0 (automatic) or more, got {self.chunk_heads}")
         for name, allowed in (("head", HEADS), ("normalize", NORMALIZE), ("calibration", CALIBRATION)):
@@ -108,7 +113,7 @@ class TrainConfig:
         """The keyword arguments of heads.fit_ovr_heads."""
         return dict(head=self.head, hidden=self.hidden, epochs=self.epochs, lr=self.lr, batch_size=self.head_batch_size,
                     patience=self.patience, l2_grid=self.l2_grid, pos_weight=self.pos_weight, seed=self.seed,
-                    tol=self.tol, max_iter=self.max_iter)
+                    tol=self.tol, max_iter=self.max_iter, l2_search=self.l2_search)
 
 
 @dataclass(frozen=True)

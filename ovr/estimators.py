@@ -16,14 +16,14 @@ from sklearn.model_selection import train_test_split
 from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import check_is_fitted, validate_data
 
-from .config import TrainConfig
+from .config import DataConfig, TrainConfig
 from .heads import (Normalizer, autograd_grad, ce_columns, ce_linear_grad, check_head, init_linear, init_mlp,
                     stacked_logits)
 from .model import Model
 from .runtime import head_seed, resolve_device
 from .solver import adam_columns
 
-_T = TrainConfig()
+_T, _D = TrainConfig(), DataConfig()
 MIN_VAL_PER_CLASS = 2  # an internal validation split needs this many rows of every class in it
 
 
@@ -98,6 +98,9 @@ class OvRClassifier(_Base):
         Adam settings, for MLP heads only.
     l2_grid : tuple of float
         L2 strengths in the per-sample-mean scale (scikit-learn's C = 1 / (l2 * n_samples)).
+    l2_search : {"path", "sweep"}
+        How each linear head searches `l2_grid`: a warm-started path from strong to weak that stops once the
+        validation loss stops improving, or every strength.
     pos_weight : bool
         Weight each head's positives by its negatives / positives (BCEWithLogitsLoss's pos_weight).
     normalize : {"standardize", "l2"}
@@ -130,9 +133,10 @@ class OvRClassifier(_Base):
     def __init__(self, head: str = _T.head, hidden: int = _T.hidden, epochs: int = _T.epochs, lr: float = _T.lr,
                  batch_size: int = _T.head_batch_size, patience: int = _T.patience, l2_grid: tuple = _T.l2_grid,
                  pos_weight: bool = _T.pos_weight, normalize: str = _T.normalize, calibration: str = _T.calibration,
-                 tol: float = _T.tol, max_iter: int = _T.max_iter, val_fraction: float = 0.2, seed: int = _T.seed,
-                 device: str = "auto") -> None:
+                 tol: float = _T.tol, max_iter: int = _T.max_iter, l2_search: str = _T.l2_search,
+                 val_fraction: float = _D.val_fraction, seed: int = _T.seed, device: str = "auto") -> None:
         self.head, self.hidden, self.epochs, self.lr = head, hidden, epochs, lr
+        self.l2_search = l2_search
         self.batch_size, self.patience, self.l2_grid, self.pos_weight = batch_size, patience, l2_grid, pos_weight
         self.normalize, self.calibration, self.tol, self.max_iter = normalize, calibration, tol, max_iter
         self.val_fraction, self.seed, self.device = val_fraction, seed, device
@@ -143,7 +147,7 @@ class OvRClassifier(_Base):
             return TrainConfig(head=self.head, hidden=self.hidden, epochs=self.epochs, lr=self.lr,
                                head_batch_size=self.batch_size, patience=self.patience, l2_grid=tuple(self.l2_grid),
                                pos_weight=self.pos_weight, normalize=self.normalize, calibration=self.calibration,
-                               tol=self.tol, max_iter=self.max_iter, seed=self.seed)
+                               tol=self.tol, max_iter=self.max_iter, l2_search=self.l2_search, seed=self.seed)
         except Exception as e:  # config errors are OvrError with the CLI's wording; here they are ValueErrors
             raise ValueError(str(e).removeprefix("config: ")) from None
 
@@ -202,7 +206,7 @@ class SoftmaxClassifier(_Base):
     def __init__(self, head: str = _T.head, hidden: int = _T.hidden, epochs: int = _T.epochs, lr: float = _T.lr,
                  batch_size: int = _T.head_batch_size, patience: int = _T.patience,
                  l2_grid: tuple = (1e-4, 1e-3, 1e-2, 1e-1), normalize: str = _T.normalize,
-                 val_fraction: float = 0.2, seed: int = _T.seed, device: str = "auto") -> None:
+                 val_fraction: float = _D.val_fraction, seed: int = _T.seed, device: str = "auto") -> None:
         self.head, self.hidden, self.epochs, self.lr = head, hidden, epochs, lr
         self.batch_size, self.patience, self.l2_grid = batch_size, patience, l2_grid
         self.normalize, self.val_fraction, self.seed, self.device = normalize, val_fraction, seed, device

@@ -6,6 +6,7 @@ order comes from the global seed and initial weights from (seed, class name), ne
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Callable
 
@@ -178,12 +179,15 @@ def _pos_weights(T: torch.Tensor, on: bool) -> tuple[torch.Tensor, torch.Tensor,
 def fit_ovr_heads(X: torch.Tensor, T: torch.Tensor, Xv: torch.Tensor | None, Tv: torch.Tensor | None,
                   names: list[str], *, head: str, hidden: int, epochs: int, lr: float, batch_size: int,
                   patience: int, l2_grid: tuple[float, ...], pos_weight: bool, seed: int, tol: float = DEFAULT_TOL,
-                  max_iter: int = 500, refit: bool = True, progress: Callable | None = None) -> list[HeadFit]:
+                  max_iter: int = 500, refit: bool = True, l2_search: str = "path",
+                  progress: Callable | None = None) -> list[HeadFit]:
     """One binary head per column of T (targets in {0, 1}, [n, N]) on normalised features.
 
-    Linear heads: the exact solver. Every head x strength of `l2_grid` is one column of a single L-BFGS solve on
-    the training rows; each head keeps the strength with the lowest validation loss (pos-weighted BCE) and is then
-    refit on train + validation at that strength (more data; the linear-probe protocol), warm-started. The
+    Linear heads: the exact solver. Each head keeps the strength of `l2_grid` with the lowest validation loss
+    (pos-weighted BCE), searched by `l2_search`: "path" (`l2_path`: strong to weak, warm-started, a head stops once
+    its loss has not improved for two strengths) or "sweep" (every head x strength one column of a single L-BFGS
+    solve); then it is refit on train + validation at that strength (more data; the linear-probe protocol),
+    warm-started. The
     validation logits of the head before its refit are kept, so calibration and thresholds are fitted on rows the
     head has not seen. MLP heads: minibatch Adam with per-column early stopping (no refit).
     Without validation data every head uses the middle strength of the grid.
@@ -198,7 +202,20 @@ def fit_ovr_heads(X: torch.Tensor, T: torch.Tensor, Xv: torch.Tensor | None, Tv:
     grid = torch.tensor(l2_grid if has_val else [sorted(l2_grid)[G // 2]], dtype=torch.float64)
     G = len(grid)
     Tv = Tv.to(dev, torch.float32) if has_val else None
-    if head == "linear":
+    if head == "linear" and has_val and l2_search == "path":
+        W, b, val, choice, iters, gn = l2_path(X, T, Xv, Tv, pw, grid, tol=tol, max_iter=max_iter,
+                                               progress=progress)
+        val_logits = (Xv.to(W.dtype) @ W.T + b).cpu().numpy()
+        if refit:
+            Xa, Ta = torch.cat([X, Xv.to(X.dtype)]), torch.cat([T, Tv])
+            pos, neg, pw = _pos_weights(Ta, pos_weight)
+            sol = logistic_lbfgs(Xa, Ta, pw, grid[choice.cpu()], init=(W, b), tol=tol, max_iter=max_iter,
+                                 progress=progress, stage="refit")
+            W, b, iters, gn = sol.weight, sol.bias, sol.iterations, sol.grad_norm
+        params = [{"weight": W[j].float().cpu(), "bias": b[j].float().cpu()} for j in range(N)]
+        stats = [(int(iters[j]), float(gn[j])) for j in range(N)]
+        solver = "lbfgs"
+    elif head == "linear":
         sol = logistic_lbfgs(X, T.repeat_interleave(G, 1), pw.repeat_interleave(G), grid.repeat(N), tol=tol,
                              max_iter=max_iter, progress=progress)
         W, b = sol.weight, sol.bias
@@ -218,7 +235,7 @@ def fit_ovr_heads(X: torch.Tensor, T: torch.Tensor, Xv: torch.Tensor | None, Tv:
             Xa, Ta = torch.cat([X, Xv.to(X.dtype)]), torch.cat([T, Tv])
             pos, neg, pw = _pos_weights(Ta, pos_weight)
             sol = logistic_lbfgs(Xa, Ta, pw, grid[choice.cpu()], init=(W, b), tol=tol, max_iter=max_iter,
-                                 progress=progress)
+                                 progress=progress, stage="refit")
             W, b, iters, gn = sol.weight, sol.bias, sol.iterations, sol.grad_norm
         params = [{"weight": W[j].float().cpu(), "bias": b[j].float().cpu()} for j in range(N)]
         stats = [(int(iters[j]), float(gn[j])) for j in range(N)]
@@ -240,12 +257,64 @@ def fit_ovr_heads(X: torch.Tensor, T: torch.Tensor, Xv: torch.Tensor | None, Tv:
         solver = "adam"
         curves = [[[e + 1, float(tr[int(c)]), None if va is None else float(va[int(c)])]
                    for e, (tr, va) in enumerate(res.history or [])] for c in cols]
-    paths = [[[float(grid[g]), float(val[j, g])] for g in range(G)] if has_val else [] for j in range(N)]
+    paths = [[[float(grid[g]), float(val[j, g])] for g in range(G) if not math.isnan(float(val[j, g]))]
+             if has_val else [] for j in range(N)]
     if solver == "lbfgs":
         curves = [[] for _ in range(N)]
     return [HeadFit(params[j], seeds[j], int(pos[j]), int(neg[j]), float(pw[j]), float(grid[int(choice[j])]),
                     float(val[j, choice[j]]), solver, stats[j][0], stats[j][1],
                     val_logits[:, j] if val_logits is not None else None, paths[j], curves[j]) for j in range(N)]
+
+
+PATH_PATIENCE = 2  # strengths in a row without a better validation loss before a head's path stops
+
+
+def l2_path(X: torch.Tensor, T: torch.Tensor, Xv: torch.Tensor, Tv: torch.Tensor, pw: torch.Tensor,
+            grid: torch.Tensor, *, tol: float, max_iter: int, patience: int = PATH_PATIENCE,
+            progress: Callable | None = None):
+    """The L2 strength of each linear head by a regularisation path: strengths from strong to weak, each solved
+    to `tol` warm-started from the previous one's answer (a strongly regularised column converges in a few
+    iterations, and each next one starts near its answer), its validation loss recorded; a head's path stops
+    after `patience` strengths in a row without a lower validation loss, so the weak strengths (the expensive,
+    slowly converging ones) are solved only for heads whose loss still falls there. Every decision is per head:
+    a head's path, and so its answer, does not depend on the heads beside it.
+
+    -> (weight [N, D], bias [N]: each head at its chosen strength; val [N, G] validation losses (nan: not
+    solved); choice [N] index into grid; iterations [N], grad_norm [N] of the chosen solve)."""
+    N, D, G = T.shape[1], X.shape[1], len(grid)
+    dev = X.device
+    order = sorted(range(G), key=lambda g: -float(grid[g]))
+    val = torch.full((N, G), float("nan"), dtype=torch.float64, device=dev)
+    best = torch.full((N,), float("inf"), dtype=torch.float64, device=dev)
+    choice = torch.zeros(N, dtype=torch.long, device=dev)
+    rises = torch.zeros(N, dtype=torch.long, device=dev)
+    W = torch.zeros(N, D, dtype=torch.float64, device=dev)
+    b = torch.zeros(N, dtype=torch.float64, device=dev)
+    bestW, bestb = W.clone(), b.clone()
+    iters = torch.zeros(N, dtype=torch.long, device=dev)
+    gn = torch.zeros(N, dtype=torch.float64, device=dev)
+    active = torch.arange(N, device=dev)
+    Xv64 = Xv.to(dev, torch.float64)
+    for k, g in enumerate(order):
+        if progress:
+            progress("l2 path", k, G, heads=len(active))
+        sol = logistic_lbfgs(X, T[:, active], pw[active], grid[g].repeat(len(active)),
+                             init=(W[active], b[active]), tol=tol, max_iter=max_iter)
+        W[active], b[active] = sol.weight, sol.bias
+        v = weighted_bce(Xv64 @ sol.weight.T + sol.bias, Tv[:, active], pw[active]).to(torch.float64)
+        val[active, g] = v
+        better = v < best[active]
+        idx = active[better]
+        best[idx], choice[idx] = v[better], g
+        bestW[idx], bestb[idx] = sol.weight[better], sol.bias[better]
+        iters[idx], gn[idx] = sol.iterations[better], sol.grad_norm[better]
+        rises[active] = torch.where(better, 0, rises[active] + 1)
+        active = active[rises[active] < patience]
+        if not len(active):
+            break
+    if progress:
+        progress("l2 path", G, G, heads=0)
+    return bestW, bestb, val, choice, iters, gn
 
 
 def stack_heads(heads: list[Tensors], device: torch.device | str = "cpu") -> Tensors:

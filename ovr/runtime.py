@@ -20,20 +20,50 @@ _THREADS_SET = False
 
 
 def compute_threads(requested: int = 0) -> int:
-    """Threads for torch's intra-op pool: `requested` if > 0, else the cores not already busy (cores minus the
-    1-minute load average, at least 1). Measured on this project's 2-core machine with two busy-loop processes
-    beside it: a warm `ovr demo` took 436 s with torch's default (2 threads fighting 2 busy processes) and 114 s with
-    1 thread (57 s on an idle machine, where 2 threads are 1.5x faster than 1 for the head solve)."""
+    """Threads for the compute pools (torch's, onnxruntime's): `requested` if > 0, else the cores not already busy
+    (cores minus what other processes use right now, at least 1). Measured on this project's 2-core machine with
+    two busy-loop processes beside it: a warm `ovr demo` took 436 s with torch's default (2 threads fighting 2 busy
+    processes) and 114 s with 1 thread."""
     import os
 
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     if requested > 0:
         return requested
+    return max(1, min(cores, int(cores - busy_cores(cores) + 0.5)))
+
+
+def busy_cores(cores: int, window: float = 0.05) -> float:
+    """How many cores other processes keep busy: from /proc/stat over `window` seconds (this process is idle
+    meanwhile), else the 1-minute load average. Not the load average first: in a VM it can read 1.0 on an idle
+    machine (this project's CI machine does: load 1.0, /proc/stat 99.8% idle), which halved every pool."""
+    import os
+    import time
+
     try:
-        busy = os.getloadavg()[0]
-    except OSError:
-        busy = 0.0
-    return max(1, min(cores, int(cores - busy + 0.5)))
+        a = _cpu_times()
+        time.sleep(window)
+        b = _cpu_times()
+        return busy_between(a, b, cores)
+    except (OSError, ValueError, IndexError):
+        try:
+            return os.getloadavg()[0]
+        except OSError:
+            return 0.0
+
+
+def _cpu_times() -> list[int]:
+    with open("/proc/stat", encoding="ascii") as f:
+        return [int(v) for v in f.readline().split()[1:]]
+
+
+def busy_between(a: list[int], b: list[int], cores: int) -> float:
+    """Busy cores between two readings of /proc/stat's aggregate `cpu` line (user nice system idle iowait ...)."""
+    d = [y - x for x, y in zip(a, b)]
+    total = sum(d[:8])  # guest time is counted inside user already
+    if total <= 0:
+        return 0.0
+    idle = d[3] + (d[4] if len(d) > 4 else 0)
+    return cores * (1 - idle / total)
 
 
 def configure_threads(requested: int | None = None) -> int:

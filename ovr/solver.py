@@ -48,7 +48,7 @@ def _dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 def logistic_lbfgs(X: torch.Tensor, T: torch.Tensor, pos_weight: torch.Tensor, l2: torch.Tensor, *,
                    init: tuple[torch.Tensor, torch.Tensor] | None = None, tol: float = 1e-4, max_iter: int = 500,
                    memory: int = 10, dtype: torch.dtype = torch.float64, matmul_dtype: torch.dtype = torch.float32,
-                   progress: Callable | None = None) -> LogisticSolution:
+                   progress: Callable | None = None, stage: str = "solve") -> LogisticSolution:
     """Minimise, for every column c independently,
 
         f_c(w, b) = mean_i s_ic * BCE(x_i . w + b, t_ic) + l2_c / 2 * |w|^2,   s_ic = pos_weight_c if t_ic else 1
@@ -126,8 +126,8 @@ def logistic_lbfgs(X: torch.Tensor, T: torch.Tensor, pos_weight: torch.Tensor, l
                 Sh, Yh, rho = Sh[:, keep], Yh[:, keep], rho[:, keep]
                 done = done[keep]
         active = ~done
-        if progress:
-            progress("solve", step, max_iter, converged=int(C - active.sum()), of=C)
+        if progress:  # the bar counts converged columns: it ends where the solve ends
+            progress(stage, int(C - active.sum()), C, iteration=step)
         # two-loop recursion, newest pair first; empty pairs have rho = 0
         q = g.clone()
         alpha = []
@@ -202,6 +202,8 @@ def logistic_lbfgs(X: torch.Tensor, T: torch.Tensor, pos_weight: torch.Tensor, l
         flat = torch.where(still, flat + 1, torch.zeros_like(flat))
         theta, f, g, z = new_theta, new_f, new_g, new_z
         it = it + active.long()
+    if progress:
+        progress(stage, C, C, iteration=int(out_iter.max()) if C else 0)
     return LogisticSolution(out_theta[:, :D], out_theta[:, D], out_iter, out_g, out_f, time.perf_counter() - t0)
 
 
@@ -374,5 +376,7 @@ def adam_columns(params: Tensors, grad_fn: Callable, loss_fn: Callable, X: torch
             progress("train", epoch, epochs, training=int(active.sum()), finished=int(C - active.sum()))
         if not active.any():
             break
+    if progress:  # early stopping ends the work before `epochs`: the bar ends with it
+        progress("train", epoch, epoch, training=0, finished=C)
     return AdamResult({k: v.detach() for k, v in best.items()}, best_val, best_epoch, epoch, time.perf_counter() - t0,
                       history)

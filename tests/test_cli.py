@@ -1,6 +1,8 @@
 """What a new user trips over: names with brackets, top-k, all-failed predictions, --version, the Python API's
 inputs, bad features."""
 
+import time
+
 import numpy as np
 import pytest
 import torch
@@ -103,17 +105,46 @@ def test_train_flags_for_what_users_tune(tmp_path, cache_dir):
         assert r.exit_code == 2 and "error:" in r.output, (bad, r.output)
 
 
+def test_threads_count_cores_other_processes_really_use():
+    """Real busy loops on every core: /proc/stat sees them, and ovr takes one thread."""
+    import os
+    import subprocess
+    import sys
+
+    import ovr.runtime as rt
+
+    if not os.path.exists("/proc/stat"):
+        pytest.skip("no /proc/stat")
+    cores = len(os.sched_getaffinity(0))
+    loops = [subprocess.Popen([sys.executable, "-c", "import time\nt = time.time()\nwhile time.time() - t < 5: pass"])
+             for _ in range(cores)]
+    try:
+        time.sleep(0.5)
+        assert rt.busy_cores(cores, window=0.3) > cores - 0.6
+        assert rt.compute_threads(0) == 1
+    finally:
+        for p in loops:
+            p.kill()
+
+
 def test_threads_from_the_free_cores_or_as_asked(monkeypatch):
     import os
 
     import ovr.runtime as rt
 
     cores = len(os.sched_getaffinity(0))
-    monkeypatch.setattr(os, "getloadavg", lambda: (float(cores) + 3, 0.0, 0.0))
+    # /proc/stat's aggregate line (user nice system idle iowait ...), read twice: the busy share between them
+    busy = iter([[100, 0, 0, 100, 0, 0, 0, 0], [100 + 100 * cores, 0, 0, 100, 0, 0, 0, 0]])
+    monkeypatch.setattr(rt, "_cpu_times", lambda: next(busy))
     assert rt.compute_threads(0) == 1  # a machine busy with other work: one thread
-    monkeypatch.setattr(os, "getloadavg", lambda: (0.0, 0.0, 0.0))
+    # an idle machine whose load average reads high (a VM's phantom load of 1.0 gave 1 thread of 2): all cores
+    idle = iter([[100, 0, 0, 100, 0, 0, 0, 0], [101, 0, 0, 100 + 100 * cores, 0, 0, 0, 0]])
+    monkeypatch.setattr(rt, "_cpu_times", lambda: next(idle))
+    monkeypatch.setattr(os, "getloadavg", lambda: (float(cores), 0.0, 0.0))
     assert rt.compute_threads(0) == cores
     assert rt.compute_threads(3) == 3
+    monkeypatch.setattr(rt, "_cpu_times", lambda: (_ for _ in ()).throw(OSError("no /proc")))
+    assert rt.compute_threads(0) == 1  # without /proc/stat: the load average
     before = torch.get_num_threads()
     try:
         monkeypatch.setenv("OVR_THREADS", "1")

@@ -31,12 +31,12 @@ def fit(X, y, Xv, yv, targets, names, **kw):
     return fit_ovr_heads(X, T, Xv, Tv, names, **{**FAST, **kw})
 
 
-@pytest.mark.parametrize("head", ["linear", "mlp"])
-def test_head_alone_equals_head_in_a_stack_of_100(head):
+@pytest.mark.parametrize("head,search", [("linear", "path"), ("linear", "sweep"), ("mlp", "path")])
+def test_head_alone_equals_head_in_a_stack_of_100(head, search):
     X, y = blobs(100, 6, 12, seed=1)
     Xv, yv = blobs(100, 2, 12, seed=2)
     names = [f"class{i}" for i in range(100)]
-    kw = dict(head=head, seed=7, epochs=10)
+    kw = dict(head=head, seed=7, epochs=10, l2_search=search, l2_grid=(1e-3, 1e-2, 1e-1, 1.0))
     alone = fit(X, y, Xv, yv, [42], [names[42]], **kw)[0]
     stack = fit(X, y, Xv, yv, list(range(100)), names, **kw)
     # Linear heads: the solver's float32 GEMMs round a one-column product differently from a 100-column one
@@ -202,3 +202,23 @@ def test_chunked_solves_give_the_same_heads():
             assert fits[0].records[c].l2 == fits[chunk].records[c].l2
             assert fits[0].records[c].threshold == pytest.approx(fits[chunk].records[c].threshold, abs=1e-3)
     assert heads_per_chunk(100_000, 11, "cpu") == 56  # 2 GB / (8 arrays x 4 bytes x 100,000 rows x 11 strengths)
+
+
+def test_l2_path_chooses_what_the_full_sweep_chooses_at_a_fraction_of_the_solves():
+    """Strong to weak, warm-started, a head stopping after two strengths without a better validation loss: on
+    overlapping blobs (the validation loss is U-shaped in the strength) every head keeps the sweep's strength, its
+    recorded path is the sweep's losses where it went, and the weakest strengths are left out."""
+    X, y = blobs(12, 30, 24, seed=5)
+    X = X + torch.randn(X.shape, generator=torch.Generator().manual_seed(0)) * 3  # overlap: a U-shaped curve
+    Xv, yv = blobs(12, 20, 24, seed=6)
+    Xv = Xv + torch.randn(Xv.shape, generator=torch.Generator().manual_seed(1)) * 3
+    grid = (1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1, 1.0, 3.0, 10.0)
+    kw = dict(l2_grid=grid, tol=1e-6)
+    sweep = fit(X, y, Xv, yv, list(range(12)), [f"c{i}" for i in range(12)], l2_search="sweep", **kw)
+    path = fit(X, y, Xv, yv, list(range(12)), [f"c{i}" for i in range(12)], l2_search="path", **kw)
+    assert [f.l2 for f in path] == [f.l2 for f in sweep]
+    assert len({f.l2 for f in sweep}) > 1  # the heads really chose different strengths
+    for p, s in zip(path, sweep):
+        full = dict(map(tuple, s.l2_path))
+        assert len(p.l2_path) < len(grid) and all(abs(v - full[l2]) < 1e-4 for l2, v in p.l2_path)
+        assert torch.allclose(p.params["weight"], s.params["weight"], atol=1e-4)
