@@ -203,15 +203,15 @@ def fit_ovr_heads(X: torch.Tensor, T: torch.Tensor, Xv: torch.Tensor | None, Tv:
     G = len(grid)
     Tv = Tv.to(dev, torch.float32) if has_val else None
     if head == "linear" and has_val and l2_search == "path":
-        W, b, val, choice, iters, gn = l2_path(X, T, Xv, Tv, pw, grid, tol=tol, max_iter=max_iter,
+        W, b, val, choice, iters, gn = l2_path(X, T, Xv, Tv, pw, grid, tol=tol * SEARCH_TOL, max_iter=max_iter,
                                                progress=progress)
         val_logits = (Xv.to(W.dtype) @ W.T + b).cpu().numpy()
-        if refit:
-            Xa, Ta = torch.cat([X, Xv.to(X.dtype)]), torch.cat([T, Tv])
-            pos, neg, pw = _pos_weights(Ta, pos_weight)
-            sol = logistic_lbfgs(Xa, Ta, pw, grid[choice.cpu()], init=(W, b), tol=tol, max_iter=max_iter,
-                                 progress=progress, stage="refit")
-            W, b, iters, gn = sol.weight, sol.bias, sol.iterations, sol.grad_norm
+        # the final solve, to tol itself: on train + validation (refit), or polishing the path's answer on train
+        Xa, Ta = (torch.cat([X, Xv.to(X.dtype)]), torch.cat([T, Tv])) if refit else (X, T)
+        pos, neg, pw = _pos_weights(Ta, pos_weight)
+        sol = logistic_lbfgs(Xa, Ta, pw, grid[choice.cpu()], init=(W, b), tol=tol, max_iter=max_iter,
+                             progress=progress, stage="refit" if refit else "solve")
+        W, b, iters, gn = sol.weight, sol.bias, sol.iterations, sol.grad_norm
         params = [{"weight": W[j].float().cpu(), "bias": b[j].float().cpu()} for j in range(N)]
         stats = [(int(iters[j]), float(gn[j])) for j in range(N)]
         solver = "lbfgs"
@@ -267,6 +267,7 @@ def fit_ovr_heads(X: torch.Tensor, T: torch.Tensor, Xv: torch.Tensor | None, Tv:
 
 
 PATH_PATIENCE = 2  # strengths in a row without a better validation loss before a head's path stops
+SEARCH_TOL = 10  # the path ranks strengths solved to tol * SEARCH_TOL; the chosen one is refit to tol itself
 
 
 def l2_path(X: torch.Tensor, T: torch.Tensor, Xv: torch.Tensor, Tv: torch.Tensor, pw: torch.Tensor,
