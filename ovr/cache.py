@@ -48,10 +48,16 @@ def hash_files(paths: list[Path], progress: Callable[[str, int, int], None] | No
     bad: list[tuple[Path, str]] = []
     for i, p in enumerate(paths):
         try:
-            keys.append(content_key(Path(p).read_bytes()))
+            data = Path(p).read_bytes()
         except OSError as e:
             keys.append(None)
             bad.append((Path(p), describe_error(e)))
+        else:
+            if data:
+                keys.append(content_key(data))
+            else:  # nothing to decode: said here, never handed to a decoder (whose error would not say it)
+                keys.append(None)
+                bad.append((Path(p), "empty file"))
         if progress and (i % 256 == 0 or i == len(paths) - 1):
             progress("hash", i + 1, len(paths))
     return keys, bad
@@ -216,6 +222,29 @@ class EmbeddingCache:
             yield
         finally:
             lock.release()
+
+    # --- contents that could not be decoded ------------------------------------------------------------------
+
+    REFUSED = "refused.json"
+
+    def refused(self) -> dict[str, str]:
+        """Content key -> why it could not be embedded, for contents a run refused: a warm run skips them with the
+        same reason instead of decoding them again (they are the same bytes, so the same answer)."""
+        try:
+            data = json.loads((self.dir / self.REFUSED).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return {}
+        return {k: v for k, v in data.items() if isinstance(k, str) and isinstance(v, str)} if isinstance(data, dict) else {}
+
+    def refuse(self, reasons: dict[str, str]) -> None:
+        """Remember refused contents (call under the embed lock; the file is replaced atomically)."""
+        if not reasons:
+            return
+        from .atomic import atomic_write_bytes
+
+        merged = {**self.refused(), **reasons}
+        self.dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(self.dir / self.REFUSED, json.dumps(merged, sort_keys=True).encode())
 
     def __contains__(self, key: str) -> bool:
         return self._find([key])[0] is not None

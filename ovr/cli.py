@@ -185,14 +185,17 @@ def _floats(text: str | None, flag: str) -> tuple[float, ...] | None:
 
 
 def _early(model: Path | None = None, data: Path | None = None, inputs: list[str] | None = None,
-           cfg=None, out: Path | None = None, force: bool = False):
+           cfg=None, out: Path | None = None, force: bool = False, new_class: str | None = None,
+           replace: bool = False):
     """The checks users trip over most, before torch is imported (2-3 s): the model's manifest, the data folder
     (scanned in full when cfg is given; the ImageFolder is returned for the library to use), the inputs, --out."""
     from .data import check_data_path, expand_inputs, scan_folder
     from .manifest import check_can_write, read_manifest
 
     if model is not None:
-        read_manifest(model)
+        manifest = read_manifest(model)
+        if new_class is not None and new_class in manifest.get("classes", []) and not replace:
+            raise OvrError(f"class {new_class!r} already exists in {model}; pass --replace to retrain it")
     if out is not None:
         check_can_write(Path(out), force)
     if inputs is not None:
@@ -471,7 +474,7 @@ def add_class_cmd(
 ) -> None:
     """Train one new head (negatives: the model's cached training embeddings); every other head file stays byte-identical."""
     with user_errors():
-        _early(model=model, inputs=images)
+        _early(model=model, inputs=images, new_class=name, replace=replace)  # an existing class: before any work
         from .pipeline import add_class, load_model, refresh as do_refresh
 
         cfg = _grow_config(model, config, backbone=backbone, device=device, engine=engine, cache_dir=cache_dir, strict=strict)

@@ -122,6 +122,11 @@ def embed_paths(paths: list[Path], backbone: Backbone, cache: EmbeddingCache, de
         time.sleep(float(os.environ["OVR_TEST_RANK_DELAY"].split(":")[1]))
     keys, skipped = (list(hashed[0]), list(hashed[1])) if hashed is not None else hash_files(paths, progress)
     failed: dict[int, str] = {}
+    refused = cache.refused()
+    for i, k in enumerate(keys):  # refused by an earlier run: the same bytes, the same answer, no decode
+        if k is not None and k in refused:
+            failed[i] = refused[k]
+            keys[i] = None
     todo = _todo(keys, cache)
     n_todo = len(todo)
     if world > 1:
@@ -160,7 +165,7 @@ def embed_paths(paths: list[Path], backbone: Backbone, cache: EmbeddingCache, de
         emb = torch.empty(0, backbone.dim)
         if good_keys and not all(cache.contains(good_keys)):
             raise OvrError(f"embeddings missing from the cache {cache.dir} after embedding; run again")
-    n_new = n_todo - len({keys[i] for i in failed})
+    n_new = n_todo - len({keys[i] for i in failed if keys[i] is not None})
     return EmbedResult([paths[i] for i in good], good_keys, emb, np.asarray(good, dtype=np.int64), skipped,
                        n_cached=len(good) - min(n_new, len(good)), n_new=n_new, seconds=time.perf_counter() - t0)
 
@@ -172,8 +177,12 @@ def _embed_locked(paths, keys, backbone, cache, device, batch_size, workers, pro
     with cache.embedding(waiting=lambda: progress and progress("wait for another ovr embed", 0, 1)):
         todo = _todo(keys, cache)
         if todo:
-            _embed_missing(paths, keys, todo, backbone, cache, device, batch_size, workers, progress, shard_size,
-                           flush_seconds, failed, **kw)
+            before = set(failed)
+            try:
+                _embed_missing(paths, keys, todo, backbone, cache, device, batch_size, workers, progress,
+                               shard_size, flush_seconds, failed, **kw)
+            finally:
+                cache.refuse({keys[i]: why for i, why in failed.items() if i not in before and keys[i] is not None})
     return len(todo)
 
 

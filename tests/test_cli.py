@@ -153,3 +153,21 @@ def test_threads_from_the_free_cores_or_as_asked(monkeypatch):
     finally:
         torch.set_num_threads(before)
     assert run("--threads", "-1", "info", "x").exit_code == 2
+
+
+def test_add_class_of_an_existing_class_says_so_before_any_work(tmp_path):
+    """Before torch is imported or an image read (it used to hash every image first)."""
+    import subprocess
+    import sys
+
+    data = tmp_path / "data"
+    for c in range(2):
+        for i in range(6):
+            make_image(data / f"c{c}" / f"img{i}.png", c, i)
+    assert cli("train", data, "--out", tmp_path / "m", *TINY).exit_code == 0
+    code = ("import sys\nfrom ovr.cli import main\n"
+            f"sys.argv = ['ovr', 'add-class', {str(tmp_path / 'm')!r}, 'c0', {str(data / 'c1')!r}]\n"
+            "try:\n    main()\nexcept SystemExit as e:\n    print('exit', e.code, 'torch' in sys.modules)\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert "exit 2 False" in r.stdout, r.stdout + r.stderr
+    assert "class 'c0' already exists" in r.stderr and "--replace" in r.stderr

@@ -117,6 +117,30 @@ def test_bad_files_skipped_with_warning_and_strict_errors(folder, cache_dir):
     assert r.exit_code == 2 and "cannot read image" in r.output
 
 
+def test_empty_files_are_said_and_refused_contents_are_not_decoded_again(folder, cache_dir, monkeypatch):
+    """A zero-byte image is "empty file" everywhere (it was torch.frombuffer's "both buffer length (0) and count
+    (-1) must not be 0"), and a file that could not be decoded is remembered by content: a warm run skips it
+    with the same reason without decoding it again (it was retried on every run)."""
+    import ovr.pixels
+
+    (folder / "c0" / "empty.png").write_bytes(b"")
+    good = (folder / "c1" / "img000.png").read_bytes()
+    (folder / "c1" / "cut.png").write_bytes(good[: len(good) // 2])
+    r = runner.invoke(app, ["embed", str(folder), *TINY, "--decode", "tensor"])
+    assert r.exit_code == 0, r.output
+    out = " ".join(r.output.split())
+    assert "empty.png: empty file" in out and "buffer length" not in out and "cut.png" in out and "2 skipped" in out
+    from ovr.data import decode_image
+
+    calls = []
+    monkeypatch.setattr(ovr.pixels, "decode_image", lambda data: calls.append(len(data)) or decode_image(data))
+    r2 = runner.invoke(app, ["embed", str(folder), *TINY, "--decode", "tensor"])
+    assert r2.exit_code == 0 and "2 skipped" in r2.output and "24 from cache, 0 newly embedded" in r2.output
+    assert calls == []  # nothing decoded: the cut file's refusal was remembered
+    why = [line for line in r.output.splitlines() if "cut.png" in line]
+    assert why and why[0].split("cut.png")[-1] in r2.output  # the same reason
+
+
 def test_cli_embed_and_backbones(folder, cache_dir):
     r = runner.invoke(app, ["embed", str(folder), *TINY])
     assert r.exit_code == 0 and "24 newly embedded" in r.output
