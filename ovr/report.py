@@ -70,16 +70,26 @@ def multilabel_tables(m: dict) -> list[Table]:
 def metrics_tables(m: dict) -> list[Table]:
     if m.get("multilabel"):
         return multilabel_tables(m)
-    s = Table(title=f"{m.get('split', '')} split: {m['n']} images")
+    foreign = m.get("foreign") or {}
+    scored = f"{m['n']} images of the model's classes" if foreign.get("n") else f"{m['n']} images"
+    s = Table(title=f"{m.get('split', '')} split: {scored}")
     s.add_column("metric"), s.add_column("value", justify="right")
     for k in ["accuracy", "macro_f1", "balanced_accuracy", "top2_accuracy", "top3_accuracy", "nll", "ece",
               "ece_calibrated", "unknown_rate"]:
         if k in m:
             s.add_row(k, f"{m[k]:.4f}")
+    if foreign.get("n"):  # images of classes the model has no head for: not scored above, but said
+        s.add_row(escape(f"images of classes without a head ({', '.join(foreign['classes'])})"), str(foreign["n"]))
+        s.add_row("  of them answered unknown", f"{foreign['rejected']:.4f}")
+    if m.get("skipped"):
+        s.add_row("unreadable files skipped", str(m["skipped"]))
     pc = Table(title="per class")
     for col in ["class", "precision", "recall", "F1", "support"]:
         pc.add_column(col, justify="left" if col == "class" else "right")
     for c, r in m["per_class"].items():
+        if r["support"] == 0:  # a head whose class has no image in this split: nothing to score
+            pc.add_row(escape(c) + " [dim](no images in this split)[/]", "-", "-", "-", "0")
+            continue
         pc.add_row(escape(c), f"{r['precision']:.3f}", f"{r['recall']:.3f}", f"{r['f1']:.3f}", str(r["support"]))
     cm = Table(title="confusion matrix (rows: true, columns: predicted)")
     cm.add_column("")
@@ -145,14 +155,17 @@ def _md_table(rep: dict, scen: str) -> str:
     return "\n".join(lines)
 
 
-def _draw_confusion(ax, cm: np.ndarray, title: str) -> None:
+def _draw_confusion(ax, cm: np.ndarray, title: str, names: list[str]) -> None:
+    """The matrix with its classes named on both axes (rows: true, columns: predicted)."""
     ax.imshow(cm, cmap="Blues")
     for (i, j), v in np.ndenumerate(cm):
         if v:
             ax.text(j, i, str(v), ha="center", va="center", fontsize=7, color="white" if v > cm.max() / 2 else "black")
     ax.set_title(title)
     ax.set_xlabel("predicted"), ax.set_ylabel("true")
-    ax.set_xticks(range(len(cm))), ax.set_yticks(range(len(cm)))
+    size = 7 if len(cm) <= 20 else 5
+    ax.set_xticks(range(len(cm)), names, rotation=45, ha="right", fontsize=size)
+    ax.set_yticks(range(len(cm)), names, fontsize=size)
 
 
 def plot_bench(rep: dict, out: Path) -> list[str]:
@@ -166,7 +179,7 @@ def plot_bench(rep: dict, out: Path) -> list[str]:
     pair = [m for m in ("ovr", "softmax") if m in d]
     fig, axes = plt.subplots(1, len(pair), figsize=(5.5 * len(pair), 4.8))
     for ax, m in zip(np.atleast_1d(axes), pair):
-        _draw_confusion(ax, np.array(d[m]["confusion_matrix"]), f"{m}: confusion matrix (test)")
+        _draw_confusion(ax, np.array(d[m]["confusion_matrix"]), f"{m}: confusion matrix (test)", rep["classes"])
     fig.tight_layout()
     fig.savefig(out / "confusion.png", dpi=110), plt.close(fig)
     files.append("confusion.png")
@@ -361,7 +374,7 @@ def plot_model_metrics(m: dict, out: Path) -> list[str]:
     if "confusion_matrix" in m:
         cm = np.array(m["confusion_matrix"])
         fig, ax = plt.subplots(figsize=(max(4, 0.45 * len(cm)), max(3.5, 0.4 * len(cm))))
-        _draw_confusion(ax, cm, "confusion matrix")
+        _draw_confusion(ax, cm, "confusion matrix", list(m["classes"]))
         fig.tight_layout()
         fig.savefig(out / "confusion.png", dpi=110), plt.close(fig)
         files.append("confusion.png")
@@ -393,9 +406,11 @@ def write_model_report(m: dict, manifest: dict, out: str | Path) -> Path:
     for c, r in m["per_class"].items():
         ap = ("-" if r.get("ap") is None else f"{r['ap']:.3f}") + " | " if m.get("multilabel") else ""
         md.append(f"| {c} | {ap}{r['precision']:.3f} | {r['recall']:.3f} | {r['f1']:.3f} | {r['support']} |")
-    md += ["", "*curves.png*: per head, the validation loss at each L2 strength of the grid and the one chosen "
-           "(training curves for MLP heads). *errors.png*: per true class, the images answered wrongly with the "
-           "highest confidence.", ""]
+    notes = {"curves.png": "per head, the validation loss at each L2 strength tried and the one chosen (training "
+                           "curves for MLP heads)",
+             "errors.png": "per true class, the images answered wrongly with the highest confidence"}
+    said = [f"*{p}*: {notes[p]}." for p in plots if p in notes]  # only the plots written (no errors: no gallery)
+    md += ["", " ".join(said), ""] if said else [""]
     md += [f"![{p}]({p})" for p in plots]
     (out / "report.md").write_text("\n".join(md) + "\n")
     return out

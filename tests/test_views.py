@@ -181,7 +181,7 @@ def test_evaluate_report_has_curves_and_an_error_gallery(tmp_path, cache_dir):
     from ovr.store import load_model
 
     rec = load_model(tmp_path / "m").records["c0"]
-    assert len(rec.l2_path) == 11 and rec.l2 in [s for s, _ in rec.l2_path]
+    assert 2 <= len(rec.l2_path) <= 11 and rec.l2 in [s for s, _ in rec.l2_path]  # the path stops past the best
     assert min(rec.l2_path, key=lambda p: p[1])[0] == rec.l2  # the chosen strength is the best on validation
 
 
@@ -201,3 +201,41 @@ def test_bench_on_multilabel_data_skips_softmax_and_says_so(tmp_path, cache_dir)
     rep = json.loads((tmp_path / "rep" / "report.json").read_text())
     assert rep["multilabel"] and rep["methods"] == ["ovr"] and len(rep["results"]["mAP"]["values"]) == 2
     assert 0 <= rep["results"]["mAP"]["mean"] <= 1 and (tmp_path / "rep" / "per_class_ap.png").stat().st_size > 500
+
+
+def test_evaluate_says_what_it_did_not_score_and_its_report_shows_only_what_it_wrote(tmp_path, cache_dir):
+    """Images of a class the model has no head for are counted and their rejection rate printed (they were only
+    in --json); a class with no image in the split is marked, not a row of zeros; the confusion matrix names its
+    classes; report.md links no error gallery when there are no errors."""
+    data = make_folder(tmp_path / "d", n_classes=3, per_class=10)
+    assert cli("train", data, "--out", tmp_path / "m", *TINY).exit_code == 0
+    extra = make_folder(tmp_path / "e", n_classes=4, per_class=6)  # c3: a class the model does not know
+    r = cli("evaluate", tmp_path / "m", extra, "--split", "all", "--device", "cpu", "--report", tmp_path / "rep")
+    assert r.exit_code == 0, r.output
+    out = " ".join(r.output.split())
+    assert "18 images of the model's classes" in out and "images of classes without a head (c3)" in out
+    assert "answered unknown" in out
+    md = (tmp_path / "rep" / "report.md").read_text()
+    m = json.loads((tmp_path / "rep" / "report.json").read_text())
+    assert ("errors.png" in md) == bool(m["errors"]) and (tmp_path / "rep" / "errors.png").exists() == bool(m["errors"])
+    from ovr.manifest import read_manifest
+    from ovr.report import write_model_report
+
+    write_model_report({**m, "errors": []}, read_manifest(tmp_path / "m"), tmp_path / "rep2")  # no errors at all
+    assert "errors.png" not in (tmp_path / "rep2" / "report.md").read_text()
+    assert not (tmp_path / "rep2" / "errors.png").exists()
+    only = make_folder(tmp_path / "o", n_classes=2, per_class=6)  # no c2 images at all
+    r = cli("evaluate", tmp_path / "m", only, "--split", "all", "--device", "cpu")
+    assert "c2 (no images in this split)" in " ".join(r.output.split())
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from ovr.report import _draw_confusion
+
+    fig, ax = plt.subplots()
+    _draw_confusion(ax, np.array([[3, 1], [0, 4]]), "cm", ["cat", "dog"])
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["cat", "dog"]
+    assert [t.get_text() for t in ax.get_yticklabels()] == ["cat", "dog"]
+    plt.close(fig)
