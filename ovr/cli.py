@@ -305,7 +305,9 @@ def _train_table(model, title: str, names=None) -> Table:
         r = model.records[c]
         v = r.val or {}
         f = lambda x: "-" if x is None else f"{x:.3f}"  # noqa: E731
-        t.add_row(escape(c), str(r.positives), str(r.negatives), f"{r.l2:g}", f"{r.iterations} ({r.solver})",
+        its = (f"0 ({r.solver}: the warm start was already converged)" if r.iterations == 0 and r.solver == "lbfgs"
+               else f"{r.iterations} ({r.solver})")
+        t.add_row(escape(c), str(r.positives), str(r.negatives), f"{r.l2:g}", its,
                   f(r.val_loss), f(r.threshold), f(v.get("precision")), f(v.get("recall")), f(v.get("f1")))
     return t
 
@@ -323,7 +325,8 @@ def train(
     lr: Annotated[Optional[float], typer.Option(help=f"Adam learning rate. {_d(TrainConfig, 'lr')}")] = None,
     seed: Annotated[Optional[int], typer.Option(help="Global seed; each head's seed derives from it and its class name.")] = None,
     pos_weight: Annotated[Optional[bool], typer.Option("--pos-weight/--no-pos-weight", help=f"Weight positives by negatives/positives per head. {_d(TrainConfig, 'pos_weight')}")] = None,
-    l2_grid: Annotated[Optional[str], typer.Option("--l2-grid", help=f"L2 strengths each head chooses from on the val split, comma-separated (one value: no sweep, about {len(TrainConfig().l2_grid)}x less work). {_d(TrainConfig, 'l2_grid')}")] = None,
+    l2_grid: Annotated[Optional[str], typer.Option("--l2-grid", help=f"L2 strengths each head chooses from on the val split, comma-separated (one value: no search). {_d(TrainConfig, 'l2_grid')}")] = None,
+    l2_search: Annotated[Optional[str], typer.Option("--l2-search", help=f"How linear heads search the L2 strengths: path (strong to weak, warm-started, each head stops once its validation loss stops improving) | sweep (every strength). {_d(TrainConfig, 'l2_search')}")] = None,
     tol: Annotated[Optional[float], typer.Option(help=f"Linear heads: stop at this max |gradient| (scikit-learn's tol). {_d(TrainConfig, 'tol')}")] = None,
     val_fraction: Annotated[Optional[float], typer.Option("--val-fraction", help=f"Share of each class held out to choose strengths and calibrate. {_d(DataConfig, 'val_fraction')}")] = None,
     test_fraction: Annotated[Optional[float], typer.Option("--test-fraction", help=f"Share of each class kept for `ovr evaluate`. {_d(DataConfig, 'test_fraction')}")] = None,
@@ -341,7 +344,7 @@ def train(
         cfg = _config(config, backbone=backbone, weights=weights, device=device, engine=engine, batch_size=batch_size,
                       workers=workers, cache_dir=cache_dir, strict=strict, head=head, hidden=hidden, epochs=epochs,
                       lr=lr, seed=seed, pos_weight=pos_weight, normalize=normalize, calibration=calibration,
-                      l2_grid=_floats(l2_grid, "--l2-grid"), tol=tol, val_fraction=val_fraction,
+                      l2_grid=_floats(l2_grid, "--l2-grid"), l2_search=l2_search, tol=tol, val_fraction=val_fraction,
                       test_fraction=test_fraction, split_seed=split_seed, views=views, dtype=dtype,
                       decode=decode)
         folder = _early(data=data, cfg=cfg, out=out, force=force)

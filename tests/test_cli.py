@@ -171,3 +171,23 @@ def test_add_class_of_an_existing_class_says_so_before_any_work(tmp_path):
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert "exit 2 False" in r.stdout, r.stdout + r.stderr
     assert "class 'c0' already exists" in r.stderr and "--replace" in r.stderr
+
+
+def test_train_table_says_why_a_head_took_no_iterations(tmp_path):
+    """A head whose warm start was already converged read "0 (lbfgs)", as if it had not been trained."""
+    from rich.console import Console
+
+    from ovr.cli import _train_table
+    from ovr.store import load_model
+
+    data = tmp_path / "data"
+    for c in range(2):
+        for i in range(6):
+            make_image(data / f"c{c}" / f"img{i}.png", c, i)
+    assert cli("train", data, "--out", tmp_path / "m", *TINY).exit_code == 0
+    model = load_model(tmp_path / "m")
+    model.records["c0"].iterations = 0
+    con = Console(record=True, width=300)
+    con.print(_train_table(model, "t"))
+    text = con.export_text()
+    assert "already converged" in text and "0 (lbfgs)" not in text

@@ -222,3 +222,22 @@ def test_l2_path_chooses_what_the_full_sweep_chooses_at_a_fraction_of_the_solves
         full = dict(map(tuple, s.l2_path))
         assert len(p.l2_path) < len(grid) and all(abs(v - full[l2]) < 1e-4 for l2, v in p.l2_path)
         assert torch.allclose(p.params["weight"], s.params["weight"], atol=1e-4)
+
+
+@pytest.mark.parametrize("head,search", [("linear", "path"), ("linear", "sweep"), ("mlp", "path")])
+def test_progress_ends_where_the_work_ends(head, search):
+    """Every stage's last report has done == total (bars stopped at "solve 20/500" and "train 7/100" when the
+    solve converged or early stopping ended it), and a stage's total never shrinks below what it reported done."""
+    X, y = blobs(4, 20, 8, seed=3)
+    Xv, yv = blobs(4, 10, 8, seed=4)
+    last: dict = {}
+
+    def progress(stage, done, total, **info):
+        assert 0 <= done <= total, (stage, done, total)
+        last[stage] = (done, total)
+
+    fit(X, y, Xv, yv, [0, 1, 2, 3], list("abcd"), head=head, l2_search=search, epochs=50, progress=progress)
+    assert last and all(d == t for d, t in last.values()), last
+    from ovr.cli import _rate
+
+    assert _rate("solve", 20, 5.0) == "" and _rate("bench", 36, 5.0) == "" and _rate("embed", 100, 2.0) == "50 img/s"
