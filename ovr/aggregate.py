@@ -15,10 +15,14 @@ UNKNOWN = -1
 
 def fit_calibration(logits: np.ndarray, targets: np.ndarray, kind: str = "platt", iters: int = 50
                     ) -> tuple[np.ndarray, np.ndarray]:
-    """Per-head (a, b) with p = sigmoid(a*z + b), fitted by Newton's method on that head's validation BCE.
+    """Per-head (a, b) with p = sigmoid(a*z + b), fitted by Newton's method on that head's validation BCE, kept
+    only where it helps on rows it was not fitted on: cross-fitted over two stratified halves of the validation
+    rows, a head whose calibrated held-out loss is not below its raw one keeps the identity (1, 0). With a few
+    validation positives Platt's smoothed targets cap a positive's confidence near (n+1)/(n+2), and the
+    calibration made every confidence worse (ECE 0.0006 raw vs 0.23 calibrated with 3-4 positives per class).
 
-    'temperature' fits a only (b = 0); 'none' returns the identity. Each head's 2x2 Newton step uses its
-    own column only, so calibration keeps heads independent.
+    'temperature' fits a only (b = 0); 'none' returns the identity. Each head uses its own column only, so
+    calibration keeps heads independent.
     """
     if kind not in CALIBRATION:
         raise ValueError(f"calibration must be platt, temperature or none, not {kind!r}")
@@ -27,22 +31,50 @@ def fit_calibration(logits: np.ndarray, targets: np.ndarray, kind: str = "platt"
         return np.ones(N), np.zeros(N)
     z = torch.as_tensor(logits, dtype=torch.float64)
     t = torch.as_tensor(targets, dtype=torch.float64)
+    a, b = _fit_ab(z, t, torch.ones_like(z), kind, iters)
+    # cross-fit: per head, positives and negatives dealt alternately into two halves
+    pos = t > 0.5
+    rank = torch.where(pos, pos.double().cumsum(0), (~pos).double().cumsum(0))
+    half = (rank % 2 == 0).double()
+    held_cal = torch.zeros(N, dtype=torch.float64)
+    held_raw = torch.zeros(N, dtype=torch.float64)
+    for m in (half, 1 - half):
+        fa, fb = _fit_ab(z, t, m, kind, iters)
+        other = 1 - m
+        held_cal += (_bce(fa * z + fb, t) * other).sum(0)
+        held_raw += (_bce(z, t) * other).sum(0)
+    helps = held_cal < held_raw
+    return (torch.where(helps, a, 1.0).numpy(), torch.where(helps, b, 0.0).numpy())
+
+
+def _bce(z: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    return torch.nn.functional.binary_cross_entropy_with_logits(z, t, reduction="none")
+
+
+def _fit_ab(z: torch.Tensor, t: torch.Tensor, m: torch.Tensor, kind: str, iters: int
+            ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(a, b) per column on the rows where m == 1 (Newton on the mean BCE against Platt's smoothed targets)."""
+    N = z.shape[1]
+    cnt = m.sum(0).clamp_min(1)
     # Platt's smoothed targets: without them separable validation data drives a to infinity.
-    npos, nneg = t.sum(0), (1 - t).sum(0)
+    npos, nneg = (t * m).sum(0), ((1 - t) * m).sum(0)
     t = torch.where(t > 0.5, (npos + 1) / (npos + 2), 1 / (nneg + 2))
     a, b = torch.ones(N, dtype=torch.float64), torch.zeros(N, dtype=torch.float64)
     ridge = 1e-6
 
+    def mean(v):
+        return (v * m).sum(0) / cnt
+
     def loss(a, b):
-        return torch.nn.functional.binary_cross_entropy_with_logits(a * z + b, t, reduction="none").mean(0)
+        return mean(_bce(a * z + b, t))
 
     cur = loss(a, b)
     for _ in range(iters):
         p = torch.sigmoid(a * z + b)
         w = p * (1 - p) + 1e-12
         r = p - t
-        ga, gb = (r * z).mean(0), r.mean(0)
-        haa, hab, hbb = (w * z * z).mean(0) + ridge, (w * z).mean(0), w.mean(0) + ridge
+        ga, gb = mean(r * z), mean(r)
+        haa, hab, hbb = mean(w * z * z) + ridge, mean(w * z), mean(w) + ridge
         if kind == "temperature":
             da, db = ga / haa, torch.zeros_like(gb)
         else:
@@ -61,7 +93,7 @@ def fit_calibration(logits: np.ndarray, targets: np.ndarray, kind: str = "platt"
         a, b, cur = torch.where(ok, na, a), torch.where(ok, nb, b), torch.where(ok, new, cur)
         if float((step * (da.abs() + db.abs())).max()) < 1e-9:
             break
-    return a.numpy(), b.numpy()
+    return a, b
 
 
 def confidences(logits: np.ndarray, a: np.ndarray | None = None, b: np.ndarray | None = None) -> np.ndarray:

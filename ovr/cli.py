@@ -294,10 +294,24 @@ def _embed_report(s: dict, as_json: bool, json_out: Path | None, notes: list[str
     console.print(embed_line(s), highlight=False)
 
 
+def _calibration_cell(model, r) -> str:
+    """A head's calibration; "none" where one was asked for says why (it did not help on held-out rows)."""
+    if r.calibration.kind != "none" or model.calibration == "none" or r.solver == "ridge":
+        return r.calibration.kind
+    return "none: no gain on held-out val rows"
+
+
+def _calibration_info(m: dict, h: dict) -> str:
+    kind = (h.get("calibration") or {}).get("kind", "none")
+    if kind != "none" or m.get("calibration", "platt") == "none" or m.get("head_type") == "ridge":
+        return kind
+    return "none: no gain on held-out val rows"
+
+
 def _train_table(model, title: str, names=None) -> Table:
     t = Table(title=title)
     for col, just in [("class", "left"), ("positives", "right"), ("negatives", "right"), ("L2", "right"),
-                      ("iterations", "right"), ("val loss", "right"), ("threshold", "right"), ("val P", "right"),
+                      ("iterations", "right"), ("val loss", "right"), ("calibration", "left"), ("threshold", "right"), ("val P", "right"),
                       ("val R", "right"), ("val F1", "right")]:
         # narrow terminals wrap names (never cut them) and keep numbers whole
         t.add_column(col, justify=just, overflow="fold", no_wrap=col != "class")
@@ -308,7 +322,7 @@ def _train_table(model, title: str, names=None) -> Table:
         its = (f"0 ({r.solver}: the warm start was already converged)" if r.iterations == 0 and r.solver == "lbfgs"
                else f"{r.iterations} ({r.solver})")
         t.add_row(escape(c), str(r.positives), str(r.negatives), f"{r.l2:g}", its,
-                  f(r.val_loss), f(r.threshold), f(v.get("precision")), f(v.get("recall")), f(v.get("f1")))
+                  f(r.val_loss), _calibration_cell(model, r), f(r.threshold), f(v.get("precision")), f(v.get("recall")), f(v.get("f1")))
     return t
 
 
@@ -564,7 +578,8 @@ def info(
                           "from when each head was created (heads of one training run saw each other)", highlight=False)
         t = Table(title="heads")
         right = ("positives", "negatives", "L2", "val F1", "threshold", "saw")
-        for col in ["class", "positives", "negatives", "L2", "val F1", "threshold", "saw", "created", "sha256"]:
+        for col in ["class", "positives", "negatives", "L2", "val F1", "calibration", "threshold", "saw", "created",
+                    "sha256"]:
             t.add_column(col, justify="right" if col in right else "left", overflow="fold", no_wrap=col != "class")
         for c in m["classes"]:
             h = m["heads"][c]
@@ -572,7 +587,8 @@ def info(
             tw = h.get("trained_with")
             saw = "?" if tw is None else f"{len(set(tw) & set(m['classes']))}/{len(m['classes'])}"
             t.add_row(escape(c), str(h["positives"]), str(h["negatives"]), f"{h['l2']:g}",
-                      "-" if f1 is None else f"{f1:.3f}", f"{h['threshold']:.3f}", saw, h["created"][:19],
+                      "-" if f1 is None else f"{f1:.3f}", _calibration_info(m, h), f"{h['threshold']:.3f}", saw,
+                      h["created"][:19],
                       h["sha256"][:12])
         console.print(t)
         console.print(f"verified: {len(m['classes'])} head files (sha256, tensors, shapes, finite values), examples"

@@ -147,7 +147,8 @@ class Model:
             self.heads[c] = norm.fold(f.params)
             self.records[c] = HeadRecord(
                 seed=f.seed, positives=f.positives, negatives=f.negatives, pos_weight=f.pos_weight, l2=f.l2,
-                threshold=float(thr[j]), calibration=Calibration(settings.calibration, float(a[j]), float(b[j])),
+                threshold=float(thr[j]), calibration=Calibration(settings.calibration if (a[j], b[j]) != (1.0, 0.0) else "none",
+                                                                 float(a[j]), float(b[j])),
                 trained_with=list(trained_with), solver=f.solver, iterations=f.iterations,
                 grad_norm=None if np.isnan(f.grad_norm) else f.grad_norm,
                 val_loss=None if np.isnan(f.val_loss) else f.val_loss, val=val[j], run=run,

@@ -187,7 +187,11 @@ def test_train_table_says_why_a_head_took_no_iterations(tmp_path):
     assert cli("train", data, "--out", tmp_path / "m", *TINY).exit_code == 0
     model = load_model(tmp_path / "m")
     model.records["c0"].iterations = 0
+    from ovr.records import Calibration
+
+    model.records["c1"].calibration = Calibration("none")  # platt asked for, identity kept: say why
     con = Console(record=True, width=300)
     con.print(_train_table(model, "t"))
     text = con.export_text()
     assert "already converged" in text and "0 (lbfgs)" not in text
+    assert "none: no gain on held-out val rows" in text

@@ -241,3 +241,22 @@ def test_progress_ends_where_the_work_ends(head, search):
     from ovr.cli import _rate
 
     assert _rate("solve", 20, 5.0) == "" and _rate("bench", 36, 5.0) == "" and _rate("embed", 100, 2.0) == "50 img/s"
+
+
+def test_calibration_is_kept_only_where_it_helps_on_held_out_rows():
+    """With 3-4 validation positives per head Platt's smoothed targets capped a positive near 0.8 and made every
+    confidence worse; now such a head keeps the identity. With plenty of rows and overconfident logits, the
+    calibration is kept and fixes them."""
+    rng = np.random.default_rng(0)
+    # well-separated, well-calibrated heads, 4 positives each among 60 rows
+    t = np.zeros((60, 5))
+    for j in range(5):
+        t[rng.choice(60, 4, replace=False), j] = 1
+    z = np.where(t > 0, 8.0, -8.0) + rng.normal(0, 0.5, t.shape)
+    a, b = aggregate.fit_calibration(z, t)
+    assert np.allclose(a, 1) and np.allclose(b, 0)
+    # 4,000 rows, logits 4x too confident: the calibration helps on held-out rows and is kept
+    zt = rng.normal(0, 1.5, (4000, 3))
+    tt = (rng.random(zt.shape) < 1 / (1 + np.exp(-zt))).astype(float)
+    a, b = aggregate.fit_calibration(4 * zt, tt)
+    assert np.allclose(a, 0.25, atol=0.03) and np.allclose(b, 0, atol=0.1)
