@@ -139,6 +139,8 @@ def sequential(arrays, classes, dev, orders: int = 3) -> dict:
         steps = []
 
         def step(m: Model, n: int) -> None:
+            if n < 3:  # the first model, before any add-class: grown == joint
+                return
             Xa, ya = subset(X, y, order[:n])
             Xva, yva = subset(Xv, yv, order[:n])
             Xta, yta = subset(Xt, torch.as_tensor(yt), order[:n])

@@ -1,20 +1,29 @@
 """ovr: one-vs-rest image classification on frozen pretrained features.
 
-Data flow, one module per stage: data (images) -> features (embeddings, cache) -> heads / softmax
--> aggregate -> metrics / report; store keeps models on disk, train orchestrates, cli only parses.
+    import ovr
+    X, y, classes = ovr.embed("DATA")              # an image folder -> embeddings (cached), labels, class names
+    clf = ovr.OvRClassifier().fit(X, y)            # one independent head per class (a scikit-learn estimator)
+    model = ovr.load("MODEL")                      # a model folder made by `ovr train`, with its backbone
+    model.predict(["a.jpg"])                       # one dict per input: class, confidence, top, runner_up
+
+Errors a user can fix are `ovr.OvrError`, one line each.
 """
 from .errors import OvrError
+from .version import __version__
 
-__version__ = "0.1.0"
-__all__ = ["OvrError", "__version__", "load", "OvRClassifier", "SoftmaxClassifier"]
+__all__ = ["OvrError", "__version__", "embed", "load", "OvRClassifier", "SoftmaxClassifier"]
 
 
 def __getattr__(name: str):
     # Lazy so `import ovr` and `ovr --help` do not pay for importing torch.
-    if name == "load":
-        from .pipeline import load
-        return load
+    if name in ("load", "embed"):
+        from . import pipeline
+        return getattr(pipeline, name)
     if name in ("OvRClassifier", "SoftmaxClassifier"):
         from . import estimators
         return getattr(estimators, name)
-    raise AttributeError(name)
+    raise AttributeError(f"module 'ovr' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

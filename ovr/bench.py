@@ -13,7 +13,8 @@ import time
 import numpy as np
 import torch
 
-from . import __version__, aggregate
+from . import aggregate
+from .version import __version__
 from .config import Config, config_to_dict
 from .features import Progress
 from .estimators import OvRClassifier, SoftmaxClassifier
@@ -126,7 +127,8 @@ def _add_class(method: _Method, X, y, Xv, yv, Xt, K: int) -> tuple[float, np.nda
 
 def _mean_std(values: list[float]) -> dict:
     v = np.asarray(values, dtype=float)
-    return {"mean": float(v.mean()), "std": float(v.std()), "values": [float(x) for x in v]}
+    return {"mean": float(v.mean()), "std": float(v.std()), "median": float(np.median(v)), "min": float(v.min()),
+            "max": float(v.max()), "values": [float(x) for x in v]}
 
 
 SCALARS = ("accuracy", "accuracy_tta", "macro_f1", "balanced_accuracy", "top3_accuracy", "nll", "ece",
@@ -244,7 +246,8 @@ def growth_curve(X, y, Xv, yv, Xt, yt, cfg: Config, points: int = 8) -> dict:
     names = [str(c) for c in order]
     pos = torch.empty(K, dtype=torch.long)
     pos[torch.tensor(order)] = torch.arange(K)
-    steps = set(int(round(v)) for v in np.linspace(3, K, min(points, K - 2))) | {K}
+    # every size when they are few (a joint fit each), else `points` sizes from 2 to K, always both ends
+    steps = set(range(2, K + 1)) if K - 1 <= points else {int(round(v)) for v in np.linspace(2, K, points)} | {2, K}
     out = {"order": [int(c) for c in order], "classes": [], "grown": [], "argmax": [], "joint": []}
 
     def rows(A, lab, n):  # the rows of the first n classes of the order, relabelled to their position in it

@@ -79,7 +79,7 @@ def _rule(title: str) -> None:
 
 def _version(value: bool) -> None:
     if value:
-        from . import __version__
+        from .version import __version__
         print(f"ovr {__version__}")
         raise typer.Exit()
 
@@ -452,6 +452,7 @@ def evaluate(
 
         with progress_bar() as cb:
             m = evaluate_model(model, data, split, options, device=device, cache_dir=cache_dir, engine=engine, progress=cb)
+        _warn_skipped(m.get("skipped_files", []), m.get("notes", []))  # as train says them
         if report is not None:
             from .manifest import read_manifest
             from .report import write_model_report
@@ -603,7 +604,7 @@ def info(
 
 @app.command()
 def bench(
-    data: Annotated[Path, typer.Argument(help="Image folder (as for train).")],
+    data: DataArg,
     out: Annotated[Path, typer.Option("--out", "-o", help="Report folder: report.json, report.md, PNG plots.")],
     backbone: BackboneOpt = None, weights: WeightsOpt = None, device: DeviceOpt = None, engine: EngineOpt = None, batch_size: BatchOpt = None,
     workers: WorkersOpt = None, cache_dir: CacheOpt = None,
@@ -634,6 +635,7 @@ def bench(
             err.print(f"[yellow]note:[/] {MULTILABEL_NOTE}", highlight=False, soft_wrap=True)
         with progress_bar() as cb:
             emb = embed_data(folder, cfg, progress=cb)
+            _warn_skipped(emb.result.skipped, emb.folder.notes)  # as train says them
             if folder.multilabel:
                 rep = run_bench_multilabel(emb, cfg, progress=cb)
             else:

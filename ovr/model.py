@@ -275,13 +275,16 @@ class Model:
 def grow_in_order(X: torch.Tensor, y: torch.Tensor, Xv: torch.Tensor, yv: torch.Tensor, classes: list[str],
                   settings: TrainConfig, *, normalize: str = "standardize", step=None) -> Model:
     """A model of classes[:2] trained together, then classes[2:] added one at a time by `Model.add_class`, as `ovr
-    add-class` does (labels index `classes`). `step(model, n)` is called after each class is added (n classes)."""
+    add-class` does (labels index `classes`). `step(model, n)` is called on the first model (n = 2) and after each
+    class is added (n classes)."""
     def upto(A, lab, n):
         keep = lab < n
         return A[keep.to(A.device)], lab[keep]
 
     m = Model({"dim": X.shape[1]}, normalize, settings.head, list(classes[:2]), gate_method=settings.gate)
     m.fit(*upto(X, y, 2), *upto(Xv, yv, 2), settings)
+    if step is not None:
+        step(m, 2)
     for n in range(3, len(classes) + 1):
         Xa, ya, Xva, yva = (*upto(X, y, n), *upto(Xv, yv, n))
         m.add_class(classes[n - 1], Xa[(ya == n - 1).to(Xa.device)], Xva[(yva == n - 1).to(Xva.device)], settings,

@@ -256,7 +256,22 @@ class Predictor:
 
 def load(root: str | Path, device: str = "auto", cache_dir: str | Path | None = None, engine: str = "auto"
          ) -> Predictor:
+    """A trained model folder and its backbone, ready to answer: `ovr.load("MODEL").predict(["a.jpg", pil_image])`
+    gives one dict per input (class or "unknown", confidence, top, runner_up, labels). device: auto | cpu | cuda;
+    engine: auto | torch | onnxruntime (ovr.engine); cache_dir: where embeddings are cached."""
     return Predictor(root, device, cache_dir, engine)
+
+
+def embed(data: str | Path, backbone: str = "efficientnet_lite0", *, weights: str = "default", device: str = "auto",
+          engine: str = "auto", cache_dir: str | Path | None = None,
+          progress: Progress | None = None) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """An image folder (one subfolder per class) or a CSV manifest -> (embeddings [n, D] float32, labels [n] as
+    class indices, class names), every readable image, through the embedding cache: the inputs of
+    `ovr.OvRClassifier`. Unreadable files are left out (`ovr embed DATA` lists them)."""
+    cfg = load_config(None, {"backbone": backbone, "weights": weights, "device": device, "engine": engine,
+                             "cache_dir": str(cache_dir) if cache_dir else None})
+    emb = embed_data(data, cfg, progress)
+    return emb.result.embeddings.float().cpu().numpy(), np.asarray(emb.labels), list(emb.folder.classes)
 
 
 def model_config(root: str | Path, config: str | Path | None = None, **overrides) -> Config:
@@ -306,9 +321,14 @@ def evaluate_model(root: str | Path, data: str | Path, split: str = "test", opti
     out["foreign"] = {"n": int(foreign.sum()), "classes": [c for c, r in zip(emb.folder.classes, remap) if r < 0],
                       "rejected": float((ans.index[foreign] < 0).mean()) if foreign.any() else None}
     out["errors"] = worst_errors([emb.result.paths[i] for i in rows], y, ans.index, ans.confidences, pred.classes)
-    out.update({"split": split, "model": str(root), "data": str(data), "skipped": len(emb.result.skipped),
-                "tta": tta})
+    out.update({"split": split, "model": str(root), "data": str(data), "tta": tta, **_skips(emb)})
     return out
+
+
+def _skips(emb: EmbeddedFolder) -> dict:
+    """What DATA held that was not scored: unreadable files (with why) and the scan's notes."""
+    return {"skipped": len(emb.result.skipped), "notes": list(emb.folder.notes),
+            "skipped_files": [[str(p), str(why)] for p, why in emb.result.skipped]}
 
 
 def _evaluate_multilabel(pred: "Predictor", emb: EmbeddedFolder, rows: np.ndarray, X: torch.Tensor, views: list,
@@ -325,8 +345,8 @@ def _evaluate_multilabel(pred: "Predictor", emb: EmbeddedFolder, rows: np.ndarra
             T[:, pred.classes.index(c)] |= Tf[:, j]
     ans = pred.model.answer(X, options, views=views)
     out = multilabel_metrics(T, ans.confidences, ans.labels, pred.classes)
-    out.update({"split": split, "model": str(root), "data": str(data), "skipped": len(emb.result.skipped),
-                "tta": options.tta, "labels_not_in_model": unknown})
+    out.update({"split": split, "model": str(root), "data": str(data), "tta": options.tta,
+                "labels_not_in_model": unknown, **_skips(emb)})
     return out
 
 

@@ -87,8 +87,20 @@ class Preprocess:
         return arr
 
     def metadata(self) -> dict:
-        return {"size": self.size, "mean": self.mean, "std": self.std, "decode": self.decode,
-                "geometry": " ".join(" ".join(repr(t).split()) for t in self.geometry)}
+        """Plain keys another runtime can apply without ovr: resize the shorter side to `resize_shorter` (or the
+        whole image to `resize` [h, w]) with `interpolation` (antialiased), centre-crop to `crop` x `crop`, and
+        (inside the exported graph) scale to [0, 1] and normalise with `mean` / `std`."""
+        out: dict = {"resize_shorter": None, "resize": None, "interpolation": None, "crop": self.size,
+                     "mean": self.mean, "std": self.std, "decode": self.decode}
+        for t in self.geometry:
+            if type(t).__name__ == "Resize":
+                size = t.size if isinstance(t.size, int) else list(t.size)
+                if isinstance(size, int) or len(size) == 1:
+                    out["resize_shorter"] = size if isinstance(size, int) else size[0]
+                else:
+                    out["resize"] = size
+                out["interpolation"] = t.interpolation.value
+        return out
 
     @cached_property
     def _tensor_steps(self) -> list:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -110,49 +111,70 @@ BENCH_COLUMNS = [("accuracy", "acc", "{:.3f}"), ("accuracy_tta", "acc TTA", "{:.
                  ("add_class_seconds", "add-class s", "{:.3f}"), ("accuracy_after_add", "acc after add", "{:.3f}")]
 
 
-def _cell(stat: dict | None, fmt: str) -> str:
+TIME_COLUMNS = ("train_seconds", "add_class_seconds")
+
+
+def _cell(stat: dict | None, fmt: str, key: str = "") -> str:
+    """mean ± std over the seeds (± on every row, zero included, when there are several); times as median
+    (min-max): their spread is skewed (one slow run), and a mean ± std wider than the mean says nothing."""
     if not stat:
         return "-"
-    return fmt.format(stat["mean"]) + (f" ±{fmt.format(stat['std'])}" if stat["std"] > 0 and "," not in fmt else "")
+    several = len(stat.get("values", [])) > 1
+    if key in TIME_COLUMNS and several and "median" in stat:
+        return f"{fmt.format(stat['median'])} ({fmt.format(stat['min'])}-{fmt.format(stat['max'])})"
+    return fmt.format(stat["mean"]) + (f" ±{fmt.format(stat['std'])}" if several and "," not in fmt else "")
 
 
 TERMINAL_COLUMNS = ("accuracy", "accuracy_tta", "macro_f1", "nll", "ece", "ece_calibrated", "train_seconds", "add_class_seconds",
                     "accuracy_after_add")
 
 
-def bench_tables(rep: dict) -> list[Table]:
-    """The terminal view (report.md and report.json have every column)."""
+@dataclass
+class Tab:
+    """One table, written once: shown by Rich in the terminal and as Markdown in report.md (JSON has the data)."""
+    title: str
+    columns: list[str]
+    rows: list[list[str]]
+    left: int = 1  # columns left-aligned from the start (names); the rest are numbers
+
+    def rich(self) -> Table:
+        t = Table(title=escape(self.title))
+        for i, c in enumerate(self.columns):
+            t.add_column(c, justify="left" if i < self.left else "right", no_wrap=i == 0)
+        for r in self.rows:
+            t.add_row(*(escape(v) for v in r))
+        return t
+
+    def markdown(self) -> str:
+        lines = ["| " + " | ".join(self.columns) + " |",
+                 "|" + "---|" * self.left + "---:|" * (len(self.columns) - self.left)]
+        lines += ["| " + " | ".join(r) + " |" for r in self.rows]
+        return "\n".join(lines)
+
+
+def bench_tabs(rep: dict, terminal: bool = False) -> list[Tab]:
+    """The benchmark's tables: one per scenario (terminal: the columns that fit), then the growth table."""
     out = []
     for scen in rep["scenarios"]:
         res = rep["results"][scen]
-        cols = [c for c in BENCH_COLUMNS if c[0] in TERMINAL_COLUMNS and any(c[0] in r for r in res.values())]
-        t = Table(title=f"{scen}: mean ± std over {len(rep['seeds'])} seeds "
-                        f"(train {rep['n']['train_per_scenario'][scen]}, test {rep['n']['test']} images)")
-        t.add_column("method", no_wrap=True, min_width=19)
-        for _, label, _ in cols:
-            t.add_column(label, justify="right")
-        for m in (m for m in rep["methods"] if m in res):
-            t.add_row(m, *(_cell(res[m].get(k), fmt) for k, _, fmt in cols))
-        out.append(t)
+        cols = [c for c in BENCH_COLUMNS if (not terminal or c[0] in TERMINAL_COLUMNS)
+                and any(c[0] in r for r in res.values())]
+        title = (f"{scen}: mean ± std over {len(rep['seeds'])} seeds, times median (range) "
+                 f"(train {rep['n']['train_per_scenario'][scen]}, test {rep['n']['test']} images)")
+        rows = [[m, *(_cell(res[m].get(k), fmt, k) for k, _, fmt in cols)] for m in rep["methods"] if m in res]
+        out.append(Tab(title, ["method", *(label for _, label, _ in cols)], rows))
     g = rep.get("growth")
     if g and g["classes"]:
-        t = Table(title="ovr grown one class at a time: test accuracy on the classes so far")
-        for col in ("classes", "joint", "grown (ovr's answer)", "grown (plain argmax)"):
-            t.add_column(col, justify="right")
-        for n, j, gu, am in zip(g["classes"], g["joint"], g["grown"], g["argmax"]):
-            t.add_row(str(n), f"{j:.3f}", f"{gu:.3f}", f"{am:.3f}")
-        out.append(t)
+        rows = [[str(n), f"{j:.3f}", f"{gu:.3f}", f"{am:.3f}"]
+                for n, j, gu, am in zip(g["classes"], g["joint"], g["grown"], g["argmax"])]
+        out.append(Tab("ovr grown one class at a time: test accuracy on the classes so far",
+                       ["classes", "joint", "grown, ovr's answer", "grown, plain argmax"], rows, left=0))
     return out
 
 
-def _md_table(rep: dict, scen: str) -> str:
-    res = rep["results"][scen]
-    cols = [c for c in BENCH_COLUMNS if any(c[0] in r for r in res.values())]
-    lines = ["| method | " + " | ".join(label for _, label, _ in cols) + " |",
-             "|---|" + "---:|" * len(cols)]
-    for m in (m for m in rep["methods"] if m in res):
-        lines.append(f"| {m} | " + " | ".join(_cell(res[m].get(k), fmt) for k, _, fmt in cols) + " |")
-    return "\n".join(lines)
+def bench_tables(rep: dict) -> list[Table]:
+    """The terminal view (report.md and report.json have every column)."""
+    return [t.rich() for t in bench_tabs(rep, terminal=True)]
 
 
 def _draw_confusion(ax, cm: np.ndarray, title: str, names: list[str]) -> None:
@@ -214,6 +236,7 @@ def plot_bench(rep: dict, out: Path) -> list[str]:
         if m != "n_classes":
             ax.plot(s["n_classes"], s[m], "o-", label=f"{m} ({'one new head' if m == 'ovr' else 'retrain all'})")
     ax.set_xlabel("classes after adding one"), ax.set_ylabel("seconds to add a class"), ax.set_title("add-class time")
+    ax.set_xticks(s["n_classes"])  # class counts: whole numbers only
     ax.legend()
     fig.tight_layout()
     fig.savefig(out / "add_class_time.png", dpi=110), plt.close(fig)
@@ -226,6 +249,7 @@ def plot_bench(rep: dict, out: Path) -> list[str]:
                            ("argmax", "grown, plain argmax")):
             ax.plot(g["classes"], g[key], "o-", label=label)
         ax.set_xlabel("classes in the model"), ax.set_ylabel("test accuracy"), ax.set_ylim(0, 1.02)
+        ax.xaxis.get_major_locator().set_params(integer=True)
         ax.set_title("growing a model one class at a time"), ax.legend()
         fig.tight_layout()
         fig.savefig(out / "growth.png", dpi=110), plt.close(fig)
@@ -235,18 +259,6 @@ def plot_bench(rep: dict, out: Path) -> list[str]:
         if f:
             files.append(f)
     return files
-
-
-def growth_markdown(rep: dict) -> list[str]:
-    g = rep.get("growth")
-    if not g or not g["classes"]:
-        return []
-    lines = ["## grown one class at a time (ovr)", "",
-             "From 2 classes to all, one `add-class` at a time; test accuracy on the classes so far.", "",
-             "| classes | joint | grown, ovr's answer | grown, plain argmax |", "|---:|---:|---:|---:|"]
-    for n, j, gu, am in zip(g["classes"], g["joint"], g["grown"], g["argmax"]):
-        lines.append(f"| {n} | {j:.3f} | {gu:.3f} | {am:.3f} |")
-    return lines + [""]
 
 
 def write_bench_report(rep: dict, out: str | Path) -> Path:
@@ -259,9 +271,15 @@ def write_bench_report(rep: dict, out: str | Path) -> Path:
           f"Backbone `{b.get('name')}` (dim {b.get('dim')}), {len(rep['classes'])} classes, "
           f"{rep['n']['train']}/{rep['n']['val']}/{rep['n']['test']} train/val/test images, seeds {rep['seeds']}, "
           f"device {rep['device']}. Every method sees the same cached embeddings and splits.", ""]
-    for scen in rep["scenarios"]:
-        md += [f"## {scen} ({rep['n']['train_per_scenario'][scen]} training images)", "", _md_table(rep, scen), ""]
-    md += growth_markdown(rep)
+    tabs = bench_tabs(rep)
+    for scen, tab in zip(rep["scenarios"], tabs):
+        md += [f"## {scen} ({rep['n']['train_per_scenario'][scen]} training images)", "", tab.markdown(), ""]
+    if len(tabs) > len(rep["scenarios"]):
+        g = rep["growth"]
+        every = g["classes"] == list(range(2, len(rep["classes"]) + 1))
+        md += ["## grown one class at a time (ovr)", "",
+               f"From 2 classes to all, one `add-class` at a time; test accuracy on the classes so far"
+               f"{'' if every else ' (at these sizes; a joint fit each)'}.", "", tabs[-1].markdown(), ""]
     md += ["## How to read it", "",
            "- *acc*, *macro-F1*, *bal acc*, *top-3*: test-split quality, mean ± std over seeds.",
            "- *NLL*, *ECE*: quality of the confidences. OvR confidences are per-head sigmoids normalised per row "

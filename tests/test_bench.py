@@ -52,6 +52,32 @@ def test_report_has_every_method_metric_and_file(report):
     assert few == 4 * rep["config"]["bench"]["few_shot_k"] < rep["n"]["train"]
 
 
+def test_tables_read_one_way(report):
+    """The growth table has a row for every size from 2 (it jumped from 5 to 7, with no 2), every cell of a
+    several-seed table carries its spread (0.967 sat beside 0.967 ±0.000), times are a median and range (a mean
+    of 6.00 ±6.92 s says nothing), and the terminal and Markdown tables come from one table model."""
+    import re
+
+    from ovr.report import bench_tabs
+
+    tmp, rep, out = report
+    assert rep["growth"]["classes"] == [2, 3, 4]
+    md = (tmp / "rep" / "report.md").read_text()
+    rows = [line for line in md.splitlines() if line.startswith("| ") and not line.startswith("| method")
+            and not line.startswith("| classes") and not re.match(r"\| [234] \|", line)]
+    assert rows
+    for line in rows:
+        cells = [c.strip() for c in line.strip("|").split("|")[1:]]
+        for c in cells:
+            if c in ("-", "") or "," in c:
+                continue
+            assert "±" in c or re.fullmatch(r"[\d.]+ \([\d.]+-[\d.]+\)", c), (line, c)
+    tabs = bench_tabs(rep)
+    assert tabs[0].markdown() in md and tabs[-1].markdown() in md
+    t = rep["results"]["plain"]["ovr"]["train_seconds"]
+    assert f"{t['median']:.2f} ({t['min']:.2f}-{t['max']:.2f})" in md
+
+
 def test_numbers_agree_with_sklearn_on_the_same_predictions(report):
     """Refit the deterministic scikit-learn reference on the same embeddings and recompute its metrics."""
     from sklearn.linear_model import LogisticRegression

@@ -210,9 +210,12 @@ def test_evaluate_says_what_it_did_not_score_and_its_report_shows_only_what_it_w
     data = make_folder(tmp_path / "d", n_classes=3, per_class=10)
     assert cli("train", data, "--out", tmp_path / "m", *TINY).exit_code == 0
     extra = make_folder(tmp_path / "e", n_classes=4, per_class=6)  # c3: a class the model does not know
+    (extra / "c1" / "empty.png").write_bytes(b"")
+    (extra / "c1" / "notes.txt").write_text("not an image")
     r = cli("evaluate", tmp_path / "m", extra, "--split", "all", "--device", "cpu", "--report", tmp_path / "rep")
     assert r.exit_code == 0, r.output
     out = " ".join(r.output.split())
+    assert "empty.png: empty file" in out and "non-image file" in out  # said as train says them
     assert "18 images of the model's classes" in out and "images of classes without a head (c3)" in out
     assert "answered unknown" in out
     md = (tmp_path / "rep" / "report.md").read_text()
