@@ -94,7 +94,7 @@ class BodyLimit:
         self.app, self.limit, self.limit_mb = app, limit, limit_mb
 
     def _too_large(self, size: float):
-        from starlette.exceptions import HTTPException
+        from fastapi import HTTPException  # FastAPI's own: its body parsing re-raises it (others become a 400)
 
         return HTTPException(413, f"request body of {size / 1e6:.1f} MB is over the {self.limit_mb:g} MB limit")
 

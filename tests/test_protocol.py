@@ -204,12 +204,15 @@ def test_mixed_uploads_answer_every_good_image_and_limits_count_chunked_bodies(s
         assert [x.get("class") for x in res] == ["c0", None, None, None, "c1"]
         assert res[2]["error"] == "empty file" and all(res[i]["error"] for i in (1, 3))
 
-        def chunks():  # 0.5 MB sent with Transfer-Encoding: chunked (no Content-Length)
+        def chunks(head=b""):  # 0.5 MB sent with Transfer-Encoding: chunked (no Content-Length)
+            yield head
             for _ in range(50):
                 yield b"x" * 10_000
 
         r = c.post("/v2/models/plain/infer", content=chunks())
         assert r.status_code == 413 and "limit" in r.json()["error"]
-        r = c.post("/predict", content=chunks(), headers={"content-type": "multipart/form-data; boundary=b"})
+        part = (b'--b\r\nContent-Disposition: form-data; name="files"; filename="big.png"\r\n'
+                b"Content-Type: image/png\r\n\r\n")  # a well-formed upload whose file never ends
+        r = c.post("/predict", content=chunks(part), headers={"content-type": "multipart/form-data; boundary=b"})
         assert r.status_code == 413
         assert c.post("/predict", files=files[:1]).json()["results"][0]["class"] == "c0"  # still serving
