@@ -62,8 +62,9 @@ def _json(obj, as_json: bool, json_out: Path | None) -> bool:
     """The one JSON convention: --json prints it to stdout (and nothing else), --json-out FILE writes it."""
     text = json.dumps(obj, indent=2, ensure_ascii=False)
     if json_out:
-        from .atomic import atomic_write_bytes
-        atomic_write_bytes(json_out, text.encode())
+        from .atomic import atomic_write_bytes, check_output_file
+
+        atomic_write_bytes(check_output_file(json_out, "cannot write --json-out"), text.encode())
     if as_json:
         print(text)
     return as_json
@@ -186,7 +187,7 @@ def _floats(text: str | None, flag: str) -> tuple[float, ...] | None:
 
 def _early(model: Path | None = None, data: Path | None = None, inputs: list[str] | None = None,
            cfg=None, out: Path | None = None, force: bool = False, new_class: str | None = None,
-           replace: bool = False):
+           replace: bool = False, json_out: Path | None = None):
     """The checks users trip over most, before torch is imported (2-3 s): the model's manifest, the data folder
     (scanned in full when cfg is given; the ImageFolder is returned for the library to use), the inputs, --out."""
     from .data import check_data_path, expand_inputs, scan_folder
@@ -198,6 +199,10 @@ def _early(model: Path | None = None, data: Path | None = None, inputs: list[str
             raise OvrError(f"class {new_class!r} already exists in {model}; pass --replace to retrain it")
     if out is not None:
         check_can_write(Path(out), force)
+    if json_out is not None:
+        from .atomic import check_output_file
+
+        check_output_file(json_out, "cannot write --json-out")
     if inputs is not None:
         expand_inputs(inputs)
     if data is not None:
@@ -268,7 +273,7 @@ def embed(
     with user_errors():
         cfg = _config(config, backbone=backbone, weights=weights, device=device, engine=engine, batch_size=batch_size,
                       workers=workers, cache_dir=cache_dir, strict=strict, dtype=dtype, decode=decode)
-        folder = _early(data=data, cfg=cfg)
+        folder = _early(data=data, cfg=cfg, json_out=json_out)
         import os
 
         from .cache import hash_files
@@ -470,9 +475,11 @@ def evaluate(
 
         check_split(split)
         options = AnswerOptions(reject_below=reject_below, thresholds=thresholds, calibrated=calibrated, tta=tta)
-        _early(model=model, data=data)
+        _early(model=model, data=data, json_out=json_out)
         if report is not None:
-            check_writable(report, "cannot write the report: folder")
+            from .atomic import check_output_folder
+
+            check_output_folder(report, "cannot write the report: folder")
         from .pipeline import evaluate_model
         from .report import metrics_tables
 
@@ -648,7 +655,9 @@ def bench(
     with user_errors():
         cfg = _config(config, backbone=backbone, weights=weights, device=device, engine=engine, batch_size=batch_size,
                       workers=workers, cache_dir=cache_dir, seeds=seeds, sklearn=sklearn, head=head, epochs=epochs)
-        check_writable(out, "cannot write the report: folder")  # before the long part
+        from .atomic import check_output_folder
+
+        check_output_folder(out, "cannot write the report: folder")  # before the long part
         folder = _early(data=data, cfg=cfg)
         if backbones_ is not None:
             names = [b.strip() for b in backbones_.split(",") if b.strip()]

@@ -70,12 +70,15 @@ def export_model(root: str | Path, out: str | Path, *, heads_only: bool = False,
         import onnxscript  # noqa: F401  (torch.onnx's dynamo exporter needs it)
     except ImportError:
         raise OvrError(INSTALL_HINT) from None
-    from .atomic import atomic_write_bytes, check_writable
+    from .atomic import atomic_write_bytes, check_output_file
     from .backbones import model_backbone
     from .cache import default_cache_dir
+    from .manifest import model_lock
     from .store import load_model
 
-    model = load_model(root)
+    out = check_output_file(out, "cannot write the ONNX file")  # before the export's work
+    with model_lock(root):  # a consistent model: no add-class half-way through while it is read
+        model = load_model(root)
     spec = model.backbone
     backbone = prep = None
     if not heads_only:
@@ -89,10 +92,6 @@ def export_model(root: str | Path, out: str | Path, *, heads_only: bool = False,
     else:
         example = torch.zeros(2, prep.size, prep.size, 3, dtype=torch.uint8)
         input_name, shape = "images", ["batch", prep.size, prep.size, 3]
-    out = Path(out)
-    if out.is_dir():
-        raise OvrError(f"{out} is a folder; give a file name such as model.onnx")
-    check_writable(out.parent, "cannot write the ONNX file: folder")
     batch = torch.export.Dim("batch", min=1)
     with torch.no_grad():
         prog = torch.onnx.export(graph, (example,), input_names=[input_name],

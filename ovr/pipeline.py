@@ -120,6 +120,8 @@ class Predictor:
 
     def __init__(self, root: str | Path, device: str = "auto", cache_dir: str | Path | None = None,
                  engine: str = "auto") -> None:
+        if not isinstance(root, (str, Path)) or not str(root).strip():
+            raise OvrError(f"load() takes the path of a model folder, got {root!r:.60}")
         self.root = Path(root)
         self.model = load_model(root)
         self.device = resolve_device(device)
@@ -148,21 +150,32 @@ class Predictor:
     @staticmethod
     def inputs(items) -> list:
         """What predict accepts, as a flat list of images and paths: a path, a folder, a glob, a PIL image, an
-        HxWx3 (or HxW) uint8 array, or a list of any of those (folders and globs expanded, in order)."""
+        HxWx3 (or HxW, HxWx1, HxWx4) uint8 array, or a list of any of those (folders and globs expanded, in
+        order). Anything else is an OvrError naming what was given."""
+        what = "give paths, folders, globs, PIL images or uint8 arrays, or a list of them"
         if isinstance(items, (str, Path, Image.Image, np.ndarray)):
             items = [items]
+        elif not isinstance(items, (list, tuple)):
+            raise OvrError(f"cannot predict on {type(items).__name__}: {what}")
         out: list = []
         for x in items:
             if isinstance(x, Image.Image):
+                if 0 in x.size:
+                    raise OvrError(f"an image of {x.size[0]} x {x.size[1]} pixels has nothing to classify")
                 out.append(x)
             elif isinstance(x, np.ndarray):
-                if x.ndim not in (2, 3) or x.dtype != np.uint8:
-                    raise OvrError(f"an image array must be HxW or HxWx3 uint8, got shape {x.shape} {x.dtype}")
-                out.append(Image.fromarray(x).convert("RGB"))
+                if x.dtype != np.uint8 or x.ndim not in (2, 3) or (x.ndim == 3 and x.shape[2] not in (1, 3, 4)):
+                    raise OvrError(f"an image array must be HxW, HxWx1, HxWx3 or HxWx4 uint8, got shape "
+                                   f"{list(x.shape)} {x.dtype}")
+                if 0 in x.shape[:2]:
+                    raise OvrError(f"an image array of shape {list(x.shape)} has nothing to classify")
+                out.append(Image.fromarray(x[..., 0] if x.ndim == 3 and x.shape[2] == 1 else x).convert("RGB"))
             elif isinstance(x, (str, Path)):
+                if not str(x).strip():
+                    raise OvrError(f"an empty path was given: {what}")
                 out.extend(expand_inputs([str(x)]))
             else:
-                raise OvrError(f"cannot predict on a {type(x).__name__}: give paths, folders, globs, PIL images or arrays")
+                raise OvrError(f"cannot predict on {type(x).__name__} {x!r:.40}: {what}")
         return out
 
     def embed(self, inputs: list, progress: Progress | None = None, tta: int = 0

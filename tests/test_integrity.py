@@ -368,3 +368,62 @@ def test_sigterm_unwinds_like_ctrl_c_finished_batches_kept_no_temp_files(tmp_pat
         signal.signal(signal.SIGTERM, old)
     assert e.value.code == 128 + signal.SIGTERM
     assert 8 <= _rows(tmp_path / "c") < 24 and not list((tmp_path / "c").rglob("*.tmp"))
+
+
+def test_outputs_are_regular_files_outside_model_folders(tmp_path, cache_dir):
+    """`export M /dev/null`, a FIFO, `--json-out M/manifest.json`, a report inside the model and a missing folder
+    were replaced, destroyed the model or created folders; now each is a one-line error before any work, and a
+    symlink is followed to the file it names."""
+    import os
+
+    data = make_folder(tmp_path / "d", n_classes=2, per_class=6)
+    assert cli("train", data, "--out", tmp_path / "m", *TINY).exit_code == 0
+    manifest = (tmp_path / "m" / "manifest.json").read_bytes()
+    os.mkfifo(tmp_path / "fifo")
+    cases = [
+        (["export", tmp_path / "m", tmp_path / "fifo", "--heads-only"], "FIFO"),
+        (["export", tmp_path / "m", tmp_path / "m" / "manifest.json", "--heads-only"], "inside the model folder"),
+        (["export", tmp_path / "m", tmp_path / "no" / "deep" / "x.onnx", "--heads-only"], "does not exist"),
+        (["evaluate", tmp_path / "m", data, "--json-out", tmp_path / "m" / "manifest.json", "--device", "cpu"],
+         "inside the model folder"),
+        (["evaluate", tmp_path / "m", data, "--report", tmp_path / "m" / "rep", "--device", "cpu"],
+         "inside the model folder"),
+        (["embed", data, *TINY, "--json-out", tmp_path / "fifo"], "FIFO"),
+    ]
+    if os.path.exists("/dev/null"):
+        cases.append((["export", tmp_path / "m", "/dev/null", "--heads-only"], "device"))
+    for args, message in cases:
+        r = cli(*args)
+        assert r.exit_code == 2 and message in r.output and "Traceback" not in r.output, (args, r.output)
+    assert (tmp_path / "m" / "manifest.json").read_bytes() == manifest and (tmp_path / "fifo").is_fifo()
+    assert not (tmp_path / "no").exists() and not (tmp_path / "m" / "rep").exists()
+    (tmp_path / "link.json").symlink_to(tmp_path / "real.json")
+    r = cli("embed", data, *TINY, "--json-out", tmp_path / "link.json")
+    assert r.exit_code == 0 and (tmp_path / "link.json").is_symlink() and (tmp_path / "real.json").is_file()
+
+
+def test_python_api_bad_inputs_are_one_line_ovr_errors(tmp_path, cache_dir):
+    """Nine raw exceptions (TypeError, ZeroDivisionError, PIL's "Cannot handle this data type") and a walk of the
+    current folder for predict("") are each an OvrError naming what was given."""
+    import numpy as np
+    from PIL import Image
+
+    import ovr
+
+    data = make_folder(tmp_path / "d", n_classes=2, per_class=6)
+    assert cli("train", data, "--out", tmp_path / "m", *TINY).exit_code == 0
+    for bad in (None, 123, ""):
+        with pytest.raises(ovr.OvrError, match="model folder"):
+            ovr.load(bad)
+    p = ovr.load(tmp_path / "m", device="cpu")
+    for bad, message in [(None, "NoneType"), (42, "int"), (b"\x89PNG", "bytes"), ("", "empty path"),
+                         (np.zeros((8, 8, 5), np.uint8), "HxWx4 uint8"), (np.zeros((8, 8), np.float32), "uint8"),
+                         (np.zeros((0, 0, 3), np.uint8), "nothing to classify"),
+                         (Image.new("RGB", (0, 3)), "nothing to classify")]:
+        with pytest.raises(ovr.OvrError, match=message):
+            p.predict(bad)
+    for kw in ({"tta": "3"}, {"reject_below": float("nan")}, {"reject_below": 2.0}):
+        with pytest.raises(ovr.OvrError):
+            p.predict([data / "c0" / "img000.png"], **kw)
+    gray = p.predict(np.full((8, 8, 1), 128, np.uint8))  # one channel is an image too
+    assert gray[0]["class"] in ("c0", "c1")
