@@ -217,7 +217,11 @@ def scan_manifest(path: str | Path, val_fraction: float = 0.15, test_fraction: f
         text = path.read_text(encoding="utf-8-sig")
     except (OSError, UnicodeDecodeError) as e:
         raise OvrError(f"cannot read manifest {path}: {describe_error(e)}") from None
-    rows = list(csv.reader(io.StringIO(text), delimiter="\t" if path.suffix.lower() == ".tsv" else ","))
+    csv.field_size_limit(max(csv.field_size_limit(), 1 << 24))  # long label lists; a runaway field is still caught
+    try:
+        rows = list(csv.reader(io.StringIO(text), delimiter="\t" if path.suffix.lower() == ".tsv" else ","))
+    except csv.Error as e:
+        raise OvrError(f"manifest {path} is not valid CSV: {e}") from None
     rows = [r for r in rows if any(c.strip() for c in r)]
     if not rows:
         raise OvrError(f"manifest {path} is empty")
@@ -225,26 +229,41 @@ def scan_manifest(path: str | Path, val_fraction: float = 0.15, test_fraction: f
     if "path" not in head or "labels" not in head:
         raise OvrError(f"manifest {path}: the first row must name the columns, with `path` and `labels` "
                        f"(and optionally `split`); got {rows[0][:4]}")
+    if len(rows) == 1:
+        raise OvrError(f"manifest {path} has a header and no rows")
     ip, il, isp = head.index("path"), head.index("labels"), head.index("split") if "split" in head else None
     bad: list[str] = []
     items: list[tuple[Path, list[str], str | None]] = []
-    seen: set[Path] = set()
+    seen: dict[Path, tuple[int, list[str], str | None]] = {}  # resolved path -> (row, labels, split)
+    conflicts: list[str] = []
     for n, r in enumerate(rows[1:], start=2):
         cell = lambda i: r[i].strip() if i is not None and i < len(r) else ""  # noqa: E731
         p = Path(cell(ip))
         p = p if p.is_absolute() else path.parent / p
         labels = sorted({x.strip() for x in re.split(f"[{re.escape(LABEL_SEPARATORS)}]", cell(il)) if x.strip()})
         split = cell(isp) or None
-        why = ("no path" if not cell(ip) else "file not found" if not p.is_file() else "no label" if not labels
+        real = p.resolve() if p.is_file() else None  # a/../a/x.png and a/x.png are one image
+        why = ("no path" if not cell(ip) else "file not found" if real is None else "no label" if not labels
                else f"unknown split {split!r}" if split is not None and split not in SPLITS
-               else "listed twice" if p in seen else None)
+               else "listed twice" if real in seen else None)
+        if why == "listed twice":
+            first, flabels, fsplit = seen[real]
+            if fsplit != split:  # the same image in two splits: a test score that has seen its answer
+                conflicts.append(f"rows {first} and {n} put {cell(ip)} in splits {fsplit or 'auto'} and {split or 'auto'}")
+            elif flabels != labels:
+                conflicts.append(f"rows {first} and {n} give {cell(ip)} the labels {';'.join(flabels)} and "
+                                 f"{';'.join(labels)} (one row per image; several labels go in one cell)")
         if why:
             bad.append(f"row {n} ({cell(ip) or '-'}): {why}")
             continue
-        seen.add(p)
+        seen[real] = (n, labels, split)
         items.append((p, labels, split))
+    if conflicts:
+        raise OvrError(f"manifest {path}: {conflicts[0]}" + (f" (and {len(conflicts) - 1} more)" if len(conflicts) > 1
+                                                              else ""))
     if not items:
-        raise OvrError(f"manifest {path} has no usable row ({len(bad)} bad: {'; '.join(bad[:3])})")
+        raise OvrError(f"manifest {path} has no usable row: {'; '.join(bad[:3])}"
+                       f"{' ...' if len(bad) > 3 else ''}")
     classes = sorted({c for _, labels, _ in items for c in labels})
     index = {c: i for i, c in enumerate(classes)}
     targets = np.zeros((len(items), len(classes)), dtype=bool)
@@ -354,7 +373,8 @@ def describe_error(e: BaseException) -> str:
     if msg.startswith("cannot identify image file"):
         return "not an image file (format not recognised)"
     if isinstance(e, Image.DecompressionBombError):
-        return "image too large to decode safely (" + msg.split("(", 1)[-1].split(")", 1)[0] + " pixels)"
+        size = msg.split("(", 1)[-1].split(")", 1)[0]  # PIL's "(N pixels)"
+        return f"image too large to decode safely ({size if 'pixel' in size else size + ' pixels'})"
     return re.sub(r"\s*<[\w.]+ object at 0x[0-9a-f]+>", "", msg)[:200]
 
 

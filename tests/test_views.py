@@ -103,8 +103,9 @@ def test_manifest_format_and_bad_rows(tmp_path):
     from ovr.errors import OvrError
 
     path = _manifest(tmp_path, n=12)
-    with open(path, "a") as f:
-        f.write("img/nope.png,k1\nimg/0.png,\nimg/1.png,k1,\n")
+    row1 = next(line for line in path.read_text().splitlines() if line.startswith("img/1.png,"))
+    with open(path, "a") as f:  # the same image again, by another path to it, with the same labels
+        f.write(f"img/nope.png,k1\nimg/0.png,\nimg/../img/1.png,{row1.split(',')[1]},\n")
     text = path.read_text().replace("path,labels\n", "path,labels,split\n")
     lines = text.splitlines()
     lines[3] += ",tset"  # unknown split
@@ -124,6 +125,35 @@ def test_manifest_format_and_bad_rows(tmp_path):
         scan_folder(tmp_path / "nohead.csv")
     r = cli("train", tmp_path / "bad.csv", "--out", tmp_path / "m", *TINY)
     assert r.exit_code == 2 and "no usable row" in r.output
+
+
+def test_manifest_aliases_conflicts_and_odd_files_are_caught(tmp_path):
+    """An image reached by two paths (img/../img/x.png and img/x.png) is one image: in two splits, or with two
+    labels, it is an error naming the rows (7 of 10 aliased images sat in two splits, silently); a header-only file,
+    a field over csv's 131,072-character limit and a decompression bomb's message read right."""
+    from ovr.data import describe_error, scan_folder
+    from ovr.errors import OvrError
+
+    path = _manifest(tmp_path, n=6)
+    base = path.read_text()
+    path.write_text(base.replace("path,labels\n", "path,labels,split\n").replace("img/0.png,", "img/0.png,") +
+                    "img/../img/0.png,k0,test\n")
+    lines = path.read_text().splitlines()
+    path.write_text("\n".join([lines[0], lines[1] + ",train", *lines[2:]]) + "\n")
+    with pytest.raises(OvrError, match=r"rows 2 and 8 put img/\.\./img/0.png in splits train and test"):
+        scan_folder(path)
+    path.write_text(base + "img/./1.png,k2;k1;k0\n")
+    with pytest.raises(OvrError, match="labels"):
+        scan_folder(path)
+    (tmp_path / "head.csv").write_text("path,labels\n")
+    with pytest.raises(OvrError, match="a header and no rows"):
+        scan_folder(tmp_path / "head.csv")
+    (tmp_path / "long.csv").write_text("path,labels\nimg/0.png," + ";".join(f"c{i}" for i in range(40000)) + "\n")
+    assert len(scan_folder(tmp_path / "long.csv").classes) == 40000
+    from PIL import Image
+
+    msg = describe_error(Image.DecompressionBombError("Image size (200000000 pixels) exceeds limit of 178956970 pixels"))
+    assert "pixels pixels" not in msg and "200000000 pixels" in msg
 
 
 def test_multilabel_heads_train_on_their_own_column_and_metrics_match_sklearn(tmp_path, cache_dir):
