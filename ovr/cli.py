@@ -738,6 +738,7 @@ def serve(
                                            "authentication: put a proxy in front to expose it).")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="TCP port.")] = 8000,
     name: Annotated[Optional[str], typer.Option(help="Model name under /v2/models/ (default: the folder's name).")] = None,
+    token: Annotated[Optional[str], typer.Option(help="Require `Authorization: Bearer TOKEN` on every request but the page and health checks. Also $OVR_TOKEN.", envvar="OVR_TOKEN")] = None,
     max_upload_mb: Annotated[float, typer.Option("--max-upload-mb", help="Largest request body accepted (413 beyond).")] = 20.0,
     max_batch: Annotated[int, typer.Option("--max-batch", min=1, help="Images per forward pass, gathered from the requests waiting for it (1: one request per pass).")] = MAX_BATCH,
     device: DeviceOpt = None, engine: EngineOpt = None, cache_dir: CacheOpt = None,
@@ -751,10 +752,10 @@ def serve(
         from .serve import create_app, run
 
         app_ = create_app(model, device=device or "auto", cache_dir=cache_dir, engine=engine or "auto", max_upload_mb=max_upload_mb,
-                          max_batch=max_batch, model_name=name)
-        if host not in ("127.0.0.1", "localhost", "::1"):
-            err.print(f"[yellow]warning:[/] serving on {escape(host)}: anyone who can reach it can call it "
-                      "(no authentication); put a proxy with authentication in front", highlight=False)
+                          max_batch=max_batch, model_name=name, token=token)
+        if host not in ("127.0.0.1", "localhost", "::1") and not token:
+            err.print(f"[yellow]warning:[/] serving on {escape(host)} without a token: anyone who can reach it can "
+                      "call it; set --token (or $OVR_TOKEN), and put TLS in front", highlight=False)
         err.print(f"serving {escape(str(model))} on http://{host}:{port}/ (API docs: /docs; Open Inference "
                   f"Protocol: /v2); Ctrl-C stops", highlight=False)
         run(app_, host, port)

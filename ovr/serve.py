@@ -119,11 +119,19 @@ class BodyLimit:
         await self.app(scope, counted, send)
 
 
+SIMPLE_TYPES = ("text/plain", "application/x-www-form-urlencoded", "multipart/form-data")  # CORS needs no preflight
+OPEN_PATHS = ("/", "/health", "/v2/health/live", "/v2/health/ready")  # answered without the token
+
+
 def create_app(model_root, *, device: str = "auto", cache_dir=None, engine: str = "auto", max_upload_mb: float = 20.0,
-               max_files: int = 64, max_batch: int = MAX_BATCH, model_name: str | None = None, warm: bool = True):
+               max_files: int = 64, max_batch: int = MAX_BATCH, model_name: str | None = None, warm: bool = True,
+               token: str | None = None):
     """The app. `model_name`: the name the Open Inference Protocol serves the model under (default: the model
     folder's name). The backbone is built and run once on a blank image in the background: /v2/health/ready (and
-    /health's "ready") say true once that is done, so the first request does not pay for it."""
+    /health's "ready") say true once that is done, so the first request does not pay for it. `token`: every
+    request but the page and the health checks must carry `Authorization: Bearer TOKEN` (compared in constant
+    time). POST /reload, the one request that changes state, is refused from another origin and with a content
+    type a cross-site form can send (CSRF)."""
     try:
         from fastapi import FastAPI, File, HTTPException, Query, Request, UploadFile
         from fastapi.responses import HTMLResponse, JSONResponse, Response
@@ -158,6 +166,26 @@ def create_app(model_root, *, device: str = "auto", cache_dir=None, engine: str 
     app = FastAPI(title="ovr", version=__version__,
                   description="One-vs-rest detectors on frozen pretrained features. POST images to /predict, or "
                               "use the Open Inference Protocol under /v2.")
+
+    @app.middleware("http")
+    async def guard(request: Request, call_next):
+        import hmac
+
+        path = request.url.path
+        if token and path not in OPEN_PATHS:
+            given = request.headers.get("authorization", "")
+            if not hmac.compare_digest(given.encode(), f"Bearer {token}".encode()):
+                body = {"error": "missing or wrong token"} if path.startswith("/v2") else {"detail": "missing or wrong token"}
+                return JSONResponse(body, status_code=401, headers={"WWW-Authenticate": "Bearer"})
+        if path == "/reload" and request.method == "POST":
+            origin = request.headers.get("origin")
+            ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
+            if origin is not None and origin.split("://", 1)[-1] != request.headers.get("host", ""):
+                return JSONResponse({"detail": f"cross-origin /reload from {origin} refused"}, status_code=403)
+            if ctype in SIMPLE_TYPES:
+                return JSONResponse({"detail": f"/reload takes no {ctype} body (a cross-site form could send it)"},
+                                    status_code=403)
+        return await call_next(request)
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     def page() -> str:

@@ -216,3 +216,27 @@ def test_mixed_uploads_answer_every_good_image_and_limits_count_chunked_bodies(s
         r = c.post("/predict", content=chunks(part), headers={"content-type": "multipart/form-data; boundary=b"})
         assert r.status_code == 413
         assert c.post("/predict", files=files[:1]).json()["results"][0]["class"] == "c0"  # still serving
+
+
+def test_token_and_cross_site_reload_are_refused(served):
+    """--token: every request but the page and health checks needs the bearer token (tritonclient passes it as a
+    header); POST /reload from another origin, or as a body a cross-site form can send, is refused (a cross-site
+    `POST /reload` with Origin: http://evil.example and text/plain returned 200)."""
+    import httpx
+
+    base, images = served
+    with Live(base / "plain", token="s3cret") as live, httpx.Client(base_url=f"http://{live.url}") as c:
+        assert c.get("/v2/health/live").status_code == 200 and c.get("/").status_code == 200
+        assert c.get("/classes").status_code == 401 and c.get("/v2/models/plain").status_code == 401
+        assert c.get("/classes", headers={"Authorization": "Bearer wrong"}).status_code == 401
+        ok = {"Authorization": "Bearer s3cret"}
+        assert c.get("/classes", headers=ok).status_code == 200
+        httpclient = pytest.importorskip("tritonclient.http")
+        client = httpclient.InferenceServerClient(live.url)
+        assert client.get_model_metadata("plain", headers=ok)["name"] == "plain"
+        evil = c.post("/reload", headers={**ok, "Origin": "http://evil.example", "Content-Type": "text/plain"},
+                      content=b"x")
+        assert evil.status_code == 403
+        assert c.post("/reload", headers={**ok, "Content-Type": "text/plain"}, content=b"x").status_code == 403
+        assert c.post("/reload", headers={**ok, "Origin": f"http://{live.url}"}).status_code == 200
+        assert c.post("/reload", headers=ok).status_code == 200  # a plain client (curl, scripts)
