@@ -12,7 +12,7 @@ from torch import nn
 
 from .data import describe_error
 from .errors import OvrError
-from .warm import LITE_WHEELS, cache_key, lite_file, recall, remember, spec, weights_identity
+from .warm import LITE_WHEELS, cache_key, framed, lite_file, recall, remember, spec, weights_identity
 
 
 @dataclass
@@ -27,6 +27,7 @@ class Backbone:
     decode: str = "pil"  # the decode path (ovr.pixels): "pil" | "tensor"; part of the cache key
     build: Callable[[], tuple[nn.Module, Callable]] = field(repr=False, default=None)
     _built: tuple[nn.Module, Callable] | None = field(repr=False, default=None)
+    frame: str = "crop"  # what of the image it sees: crop (its own resize + centre crop) | full (all of it)
     engine: str = "torch"  # what runs the forward pass (ovr.engine.attach): torch | onnxruntime
     engine_dir: Path | None = field(repr=False, default=None)
     _ort: Callable | None = field(repr=False, default=None)
@@ -70,7 +71,7 @@ class Backbone:
         return cache_key(self.name, self.fingerprint, self.preprocess, self.decode)
 
     def spec(self) -> dict:
-        return spec(self.name, self.weights, self.fingerprint, self.preprocess, self.decode, self.dim)
+        return spec(self.name, self.weights, self.fingerprint, self.preprocess, self.decode, self.dim, self.frame)
 
     def pixels(self, device: torch.device | str = "cpu", batch_decode: bool | None = None):
         """This backbone's decode path (ovr.pixels.Pixels) for inputs bound for `device`."""
@@ -372,23 +373,44 @@ def _seeded_build(info: "BackboneInfo", weights: str) -> tuple[nn.Module, Callab
         return info.build(weights)
 
 
+def full_frame(transform):
+    """The backbone's transform with its resize + centre crop replaced by a resize of the whole image to the
+    input size (S x S: the aspect ratio is not kept, nothing is cut)."""
+    import torchvision.transforms as T
+
+    from .pixels import split_transform
+
+    prep = split_transform(transform, "pil")
+    resize = next((t for t in prep.geometry if type(t).__name__ == "Resize"), None)
+    interp = resize.interpolation if resize is not None else T.InterpolationMode.BILINEAR
+    return T.Compose([T.Resize((prep.size, prep.size), interpolation=interp, antialias=True), T.ToTensor(),
+                      T.Normalize(prep.mean, prep.std)])
+
+
 def load_backbone(name: str, weights: str = "default", memo_dir: str | Path | None = None,
-                  decode: str = "tensor") -> Backbone:
+                  decode: str = "tensor", frame: str = "crop") -> Backbone:
     """The backbone's identity (dim, weights fingerprint, preprocessing), remembered under memo_dir so that
     later runs know it without building the network; the network itself is built lazily. decode: "pil" or
     "tensor" (ovr.pixels; the default, as `features.decode = "auto"` is)."""
     if decode not in ("pil", "tensor"):
         raise OvrError(f"decode must be pil or tensor, got {decode!r}")
+    if frame not in ("crop", "full"):
+        raise OvrError(f"frame must be crop or full, got {frame!r}")
     info = backbone_info(name)
-    build = lambda: _seeded_build(info, weights)  # noqa: E731
-    ident = weights_identity(name, weights, lambda: _default_file(name)) if memo_dir else None
+
+    def build():
+        model, transform = _seeded_build(info, weights)
+        return model, (full_frame(transform) if frame == "full" else transform)
+
+    ident = framed(weights_identity(name, weights, lambda: _default_file(name)), frame) if memo_dir else None
     m = recall(memo_dir, ident) if ident else None
     if m is not None:
-        return Backbone(name, m["dim"], weights, m["fingerprint"], m["preprocess"], decode, build)
+        return Backbone(name, m["dim"], weights, m["fingerprint"], m["preprocess"], decode, build, frame=frame)
     model, transform = build()
     model.eval().requires_grad_(False)
     bb = Backbone(name, info.dim or _measured_dim(model, transform), weights,
-                  fingerprint_state_dict(model.state_dict()), _describe(transform), decode, build, (model, transform))
+                  fingerprint_state_dict(model.state_dict()), _describe(transform), decode, build, (model, transform),
+                  frame=frame)
     if ident:
         remember(memo_dir, ident, {"dim": bb.dim, "fingerprint": bb.fingerprint, "preprocess": bb.preprocess})
     return bb
@@ -398,7 +420,7 @@ def load_backbone(name: str, weights: str = "default", memo_dir: str | Path | No
 def model_backbone(spec: dict, memo_dir: str | Path | None = None) -> Backbone:
     """The backbone a model was made with (its manifest's spec), checked: a model only makes sense on the
     embeddings it was trained on. Models from before the decode path was recorded used PIL."""
-    bb = load_backbone(spec["name"], spec["weights"], memo_dir, spec.get("decode", "pil"))
+    bb = load_backbone(spec["name"], spec["weights"], memo_dir, spec.get("decode", "pil"), spec.get("frame", "crop"))
     if spec["name"] != bb.name or spec["fingerprint"] != bb.fingerprint or spec["preprocess"] != bb.preprocess:
         raise OvrError(f"model was made with backbone {spec['name']} (weights {spec['weights']}, "
                        f"fingerprint {spec['fingerprint'][:12]}), not {bb.name} (weights {bb.weights}, "

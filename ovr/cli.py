@@ -47,6 +47,7 @@ DeviceOpt = Annotated[Optional[str], typer.Option(help=f"auto | cpu | cuda. {_d(
 BatchOpt = Annotated[Optional[int], typer.Option("--batch-size", help=f"Images per forward pass. {_d(FeatureConfig, 'batch_size')}")]
 WorkersOpt = Annotated[Optional[int], typer.Option(help=f"DataLoader decode workers (-1: on CUDA all cores but one, on CPU the cores the compute threads leave; at most 8). {_d(FeatureConfig, 'workers')}")]
 DtypeOpt = Annotated[Optional[str], typer.Option("--dtype", help=f"Storage of new embeddings in the cache: float32 | float16 (half the size) | auto (float16 on CUDA). {_d(FeatureConfig, 'dtype')}")]
+FrameOpt = Annotated[Optional[str], typer.Option("--frame", help="What the backbone sees of each image: crop (its own resize + centre crop) | full (the whole image resized to its input size) | auto (crop for single-label data, full for multi-label). Part of the cache key, recorded in the model. auto is the default")]
 DecodeOpt = Annotated[Optional[str], typer.Option("--decode", help=f"How images become pixels: pil (PIL decode and resize) | tensor (torchvision.io JPEG decode, nvJPEG on CUDA, resize on tensors; inputs within 2 gray levels of pil's, 3-7x faster to preprocess) | auto (= tensor). Recorded in the cache key and the model. {_d(FeatureConfig, 'decode')}")]
 DataArg = Annotated[Path, typer.Argument(help="Image folder: DATA/<class>/* or DATA/train|val|test/<class>/*; or a CSV/TSV manifest with path,labels[,split] columns (labels separated by ; or |: multi-label).")]
 TtaOpt = Annotated[int, typer.Option(help="Test-time augmentation: average each head's logits over the image and this many augmented views (0: off).")]
@@ -264,7 +265,7 @@ def embed(
     data: DataArg,
     backbone: BackboneOpt = None, weights: WeightsOpt = None, device: DeviceOpt = None, engine: EngineOpt = None, batch_size: BatchOpt = None,
     workers: WorkersOpt = None, cache_dir: CacheOpt = None, strict: StrictOpt = None, config: ConfigOpt = None,
-    dtype: DtypeOpt = None, decode: DecodeOpt = None, as_json: JsonOpt = False, json_out: JsonOutOpt = None,
+    dtype: DtypeOpt = None, decode: DecodeOpt = None, frame: FrameOpt = None, as_json: JsonOpt = False, json_out: JsonOutOpt = None,
 ) -> None:
     """Embed every image of DATA into the cache (a second run over the same images embeds nothing).
 
@@ -272,7 +273,7 @@ def embed(
     what is not cached yet; rank 0 reports)."""
     with user_errors():
         cfg = _config(config, backbone=backbone, weights=weights, device=device, engine=engine, batch_size=batch_size,
-                      workers=workers, cache_dir=cache_dir, strict=strict, dtype=dtype, decode=decode)
+                      workers=workers, cache_dir=cache_dir, strict=strict, dtype=dtype, decode=decode, frame=frame)
         folder = _early(data=data, cfg=cfg, json_out=json_out)
         import os
 
@@ -284,7 +285,7 @@ def embed(
                 hashed = hash_files(folder.paths, cb)
         else:
             hashed = hash_files(folder.paths)
-        warm = all_cached(folder.paths, cfg.features, hashed)  # all cached: answered without importing torch (~1.8 s)
+        warm = all_cached(folder.paths, cfg.features, hashed, cfg.features.frame_for(folder.multilabel))  # all cached: answered without importing torch (~1.8 s)
         if warm is not None:
             from .report import summary_of
 
@@ -363,7 +364,7 @@ def train(
     out: Annotated[Path, typer.Option("--out", "-o", help="Model folder to write.")],
     backbone: BackboneOpt = None, weights: WeightsOpt = None, device: DeviceOpt = None, engine: EngineOpt = None, batch_size: BatchOpt = None,
     workers: WorkersOpt = None, cache_dir: CacheOpt = None, strict: StrictOpt = None, dtype: DtypeOpt = None,
-    decode: DecodeOpt = None,
+    decode: DecodeOpt = None, frame: FrameOpt = None,
     head: Annotated[Optional[str], typer.Option(help=f"linear | mlp. {_d(TrainConfig, 'head')}")] = None,
     hidden: Annotated[Optional[int], typer.Option(help=f"Hidden units of an mlp head. {_d(TrainConfig, 'hidden')}")] = None,
     epochs: Annotated[Optional[int], typer.Option(help=f"Max epochs; each head stops early on its val loss. {_d(TrainConfig, 'epochs')}")] = None,
@@ -391,7 +392,7 @@ def train(
                       lr=lr, seed=seed, pos_weight=pos_weight, normalize=normalize, calibration=calibration,
                       l2_grid=_floats(l2_grid, "--l2-grid"), l2_search=l2_search, tol=tol, val_fraction=val_fraction,
                       test_fraction=test_fraction, split_seed=split_seed, views=views, dtype=dtype,
-                      decode=decode)
+                      decode=decode, frame=frame)
         folder = _early(data=data, cfg=cfg, out=out, force=force)
         from .pipeline import train_model
 

@@ -36,13 +36,22 @@ class FeatureConfig:
     decode: str = "auto"  # pil | tensor (torchvision.io + tensor resize; nvJPEG on CUDA) | auto (= tensor)
     strict: bool = False  # a bad image file is an error instead of a skipped file
     engine: str = "auto"  # the backbone's forward pass: torch | onnxruntime | auto (onnxruntime on CPU if installed)
+    # What the backbone sees of each image: crop (its own resize + centre crop) | full (the whole image resized to
+    # the input size) | auto (crop for single-label data, full for multi-label: objects sit at the borders there)
+    frame: str = "auto"
 
     def __post_init__(self) -> None:
         _check(self.engine in ENGINES, f"engine must be one of {', '.join(ENGINES)}, got {self.engine!r}")
+        _check(self.frame in ("auto", "crop", "full"), f"frame must be auto, crop or full, got {self.frame!r}")
         _check(self.batch_size >= 1, f"batch_size must be at least 1, got {self.batch_size}")
         _check(self.workers >= -1, f"workers must be -1 (one per core) or more, got {self.workers}")
         _check(self.dtype in ("auto", "float32", "float16"), f"dtype must be auto, float32 or float16, got {self.dtype!r}")
         _check(self.decode in ("auto", "pil", "tensor"), f"decode must be auto, pil or tensor, got {self.decode!r}")
+
+    def frame_for(self, multilabel: bool) -> str:
+        """'auto' resolved for the data: the whole image for multi-label data, the centre crop otherwise
+        (benchmarks/multilabel_frame.py measured both on both kinds of data)."""
+        return ("full" if multilabel else "crop") if self.frame == "auto" else self.frame
 
     @property
     def decode_path(self) -> str:

@@ -55,7 +55,8 @@ def embed_data(data: str | Path | ImageFolder, cfg: Config, progress: Progress |
     folder = scan_data(data, cfg)
     device = resolve_device(f.device)
     if backbone is None:
-        backbone = load_backbone(f.backbone, f.weights, f.cache_dir or default_cache_dir(), f.decode_path)
+        backbone = load_backbone(f.backbone, f.weights, f.cache_dir or default_cache_dir(), f.decode_path,
+                                 f.frame_for(folder.multilabel))
         attach(backbone, f.engine, device, f.cache_dir or default_cache_dir())
     emb = embed_folder(folder, backbone, open_cache(cfg, backbone), device, f.batch_size, f.workers, f.strict, progress,
                        **kw)

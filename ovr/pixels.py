@@ -131,8 +131,9 @@ def split_transform(transform, decode: str = "pil") -> Preprocess:
         name = type(t).__name__
         if name in ("Resize", "CenterCrop"):
             geometry.append(t)
-            if name == "CenterCrop":
-                s = t.size
+            s = t.size
+            square = isinstance(s, (tuple, list)) and len(s) == 2 and s[0] == s[1]
+            if name == "CenterCrop" or (square and size is None):  # a crop, or the whole image resized to S x S
                 size = s[0] if isinstance(s, (tuple, list)) else int(s)
         elif name == "Normalize":
             mean, std = [float(v) for v in t.mean], [float(v) for v in t.std]

@@ -86,26 +86,51 @@ class Batcher:
                 job["done"] = True
 
 
-class BodyLimit:
-    """ASGI wrapper: a request body over `limit` bytes is a 413, counted as it arrives (chunked or not), so an
-    oversized upload is refused before it is stored anywhere."""
+class Guard:
+    """The ASGI wrapper in front of the app (plain ASGI, so a refusal raised while the body streams in reaches the
+    app's handlers instead of a middleware's task group):
+    - a request body over `limit` bytes is a 413, counted as it arrives (chunked or not), never stored whole;
+    - with a token, every request but the page and the health checks needs `Authorization: Bearer TOKEN`
+      (compared in constant time), else 401;
+    - POST /reload, the one request that changes state, is refused (403) from another origin or with a content
+      type a cross-site form can send (CSRF)."""
 
-    def __init__(self, app, limit: int, limit_mb: float):
-        self.app, self.limit, self.limit_mb = app, limit, limit_mb
+    def __init__(self, app, limit: int, limit_mb: float, token: str | None = None):
+        self.app, self.limit, self.limit_mb, self.token = app, limit, limit_mb, token
 
     def _too_large(self, size: float):
         from fastapi import HTTPException  # FastAPI's own: its body parsing re-raises it (others become a 400)
 
         return HTTPException(413, f"request body of {size / 1e6:.1f} MB is over the {self.limit_mb:g} MB limit")
 
+    async def _refuse(self, scope, receive, send, status: int, message: str, **headers):
+        from starlette.responses import JSONResponse
+
+        key = "error" if scope["path"].startswith("/v2") else "detail"
+        await JSONResponse({key: message}, status, headers=headers or None)(scope, receive, send)
+
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        size = dict(scope.get("headers") or []).get(b"content-length", b"")
-        if size.isdigit() and int(size) > self.limit:
-            from starlette.responses import JSONResponse
+        import hmac
 
-            return await JSONResponse({"detail": str(self._too_large(int(size)).detail)}, 413)(scope, receive, send)
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers") or []}
+        path = scope["path"]
+        if self.token and path not in OPEN_PATHS and not hmac.compare_digest(
+                headers.get("authorization", "").encode(), f"Bearer {self.token}".encode()):
+            return await self._refuse(scope, receive, send, 401, "missing or wrong token",
+                                      **{"WWW-Authenticate": "Bearer"})
+        if path == "/reload" and scope["method"] == "POST":
+            origin = headers.get("origin")
+            ctype = headers.get("content-type", "").split(";")[0].strip().lower()
+            if origin is not None and origin.split("://", 1)[-1] != headers.get("host", ""):
+                return await self._refuse(scope, receive, send, 403, f"cross-origin /reload from {origin} refused")
+            if ctype in SIMPLE_TYPES:
+                return await self._refuse(scope, receive, send, 403,
+                                          f"/reload takes no {ctype} body (a cross-site form could send it)")
+        size = headers.get("content-length", "")
+        if size.isdigit() and int(size) > self.limit:
+            return await self._refuse(scope, receive, send, 413, str(self._too_large(int(size)).detail))
         seen = 0
 
         async def counted():
@@ -166,26 +191,6 @@ def create_app(model_root, *, device: str = "auto", cache_dir=None, engine: str 
     app = FastAPI(title="ovr", version=__version__,
                   description="One-vs-rest detectors on frozen pretrained features. POST images to /predict, or "
                               "use the Open Inference Protocol under /v2.")
-
-    @app.middleware("http")
-    async def guard(request: Request, call_next):
-        import hmac
-
-        path = request.url.path
-        if token and path not in OPEN_PATHS:
-            given = request.headers.get("authorization", "")
-            if not hmac.compare_digest(given.encode(), f"Bearer {token}".encode()):
-                body = {"error": "missing or wrong token"} if path.startswith("/v2") else {"detail": "missing or wrong token"}
-                return JSONResponse(body, status_code=401, headers={"WWW-Authenticate": "Bearer"})
-        if path == "/reload" and request.method == "POST":
-            origin = request.headers.get("origin")
-            ctype = request.headers.get("content-type", "").split(";")[0].strip().lower()
-            if origin is not None and origin.split("://", 1)[-1] != request.headers.get("host", ""):
-                return JSONResponse({"detail": f"cross-origin /reload from {origin} refused"}, status_code=403)
-            if ctype in SIMPLE_TYPES:
-                return JSONResponse({"detail": f"/reload takes no {ctype} body (a cross-site form could send it)"},
-                                    status_code=403)
-        return await call_next(request)
 
     @app.get("/", response_class=HTMLResponse, include_in_schema=False)
     def page() -> str:
@@ -364,7 +369,7 @@ def create_app(model_root, *, device: str = "auto", cache_dir=None, engine: str 
             return v2_error(str(e))
         return JSONResponse({"detail": str(e)}, status_code=400)
 
-    return BodyLimit(app, limit, max_upload_mb)
+    return Guard(app, limit, max_upload_mb, token)
 
 
 def run(app, host: str = "127.0.0.1", port: int = 8000) -> None:

@@ -95,10 +95,11 @@ def cache_key(name: str, fingerprint: str, preprocess: str, decode: str) -> str:
     return hashlib.sha256(f"{name}\n{fingerprint}\n{preprocess}{tail}".encode()).hexdigest()
 
 
-def spec(name: str, weights: str, fingerprint: str, preprocess: str, decode: str, dim: int) -> dict:
+def spec(name: str, weights: str, fingerprint: str, preprocess: str, decode: str, dim: int, frame: str = "crop"
+         ) -> dict:
     """A backbone as a model manifest and `ovr embed --json` record it."""
     return {"name": name, "weights": weights, "fingerprint": fingerprint, "preprocess": preprocess,
-            "decode": decode, "dim": dim}
+            "decode": decode, "dim": dim, "frame": frame}
 
 
 @dataclass
@@ -115,7 +116,13 @@ class AllCached:
         return len(self.keys)
 
 
-def all_cached(paths: list[Path], features, hashed: tuple[list, list] | None = None) -> AllCached | None:
+def framed(ident: str | None, frame: str) -> str | None:
+    """The identity memo's key for a framing other than the backbone's own crop (its preprocessing differs)."""
+    return ident if ident is None or frame == "crop" else f"{ident}|frame {frame}"
+
+
+def all_cached(paths: list[Path], features, hashed: tuple[list, list] | None = None, frame: str = "crop"
+               ) -> AllCached | None:
     """Every image cached for this backbone, weights and decode path, told without torch; None when there is
     work to do or only torch can tell (a remembered identity is missing; an explicit CUDA device, which may not be
     there; torchrun). The cache's namespace does not depend on the device, so 'auto' is answered here too.
@@ -128,7 +135,7 @@ def all_cached(paths: list[Path], features, hashed: tuple[list, list] | None = N
         return None  # whether that CUDA device exists is torch's to say (the full path fails in one line if not)
     decode = f.decode_path
     memo_dir = f.cache_dir or default_cache_dir()
-    ident = weights_identity(f.backbone, f.weights)
+    ident = framed(weights_identity(f.backbone, f.weights), frame)
     m = recall(memo_dir, ident) if ident else None
     if m is None:
         return None
@@ -138,5 +145,5 @@ def all_cached(paths: list[Path], features, hashed: tuple[list, list] | None = N
     cache = EmbeddingCache(memo_dir, cache_key(f.backbone, m["fingerprint"], m["preprocess"], decode))
     if not all(cache.contains(keys)):
         return None
-    return AllCached(keys, spec(f.backbone, f.weights, m["fingerprint"], m["preprocess"], decode, m["dim"]),
+    return AllCached(keys, spec(f.backbone, f.weights, m["fingerprint"], m["preprocess"], decode, m["dim"], frame),
                      time.perf_counter() - t0)

@@ -71,7 +71,7 @@ def test_python_api_takes_paths_folders_globs_images_and_arrays(bracket_model, t
     mixed = p.predict([Image.open(folder / "1.png"), folder / "1.png", arr])
     assert [r["class"] for r in mixed] == [mixed[1]["class"]] * 3
     assert mixed[0]["input"] == "<image>" and mixed[1]["input"].endswith("1.png")
-    with pytest.raises(ovr.OvrError, match="cannot predict on a int"):
+    with pytest.raises(ovr.OvrError, match="cannot predict on int"):
         p.predict([3])
 
 

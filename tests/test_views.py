@@ -272,3 +272,30 @@ def test_evaluate_says_what_it_did_not_score_and_its_report_shows_only_what_it_w
     assert [t.get_text() for t in ax.get_xticklabels()] == ["cat", "dog"]
     assert [t.get_text() for t in ax.get_yticklabels()] == ["cat", "dog"]
     plt.close(fig)
+
+
+def test_full_frame_sees_the_borders_and_auto_picks_it_for_multilabel_data(tmp_path, cache_dir):
+    """--frame full: the whole image resized to the input size (the centre crop cut away objects at the borders,
+    where multi-label images often have them); a different cache key; auto is full for multi-label data."""
+    import torch
+    from PIL import Image
+
+    from ovr.backbones import load_backbone
+    from ovr.features import embed_images
+
+    crop = load_backbone("tiny_cnn", "default", None, "tensor", "crop")
+    full = load_backbone("tiny_cnn", "default", None, "tensor", "full")
+    assert crop.key != full.key and "CenterCrop" in crop.preprocess and "CenterCrop" not in full.preprocess
+    blank = Image.new("RGB", (96, 32), (20, 20, 20))
+    edge = blank.copy()
+    edge.paste((250, 30, 30), (0, 0, 20, 32))  # an object at the left border only
+    dev = torch.device("cpu")
+    a, b = embed_images([blank, edge], crop, dev), embed_images([blank, edge], full, dev)
+    assert torch.allclose(a[0], a[1])  # the crop never sees it
+    assert not torch.allclose(b[0], b[1], atol=1e-3)
+    path = _manifest(tmp_path, n=24)
+    assert cli("train", path, "--out", tmp_path / "ml", *TINY).exit_code == 0
+    assert json.loads((tmp_path / "ml" / "manifest.json").read_text())["backbone"]["frame"] == "full"
+    data = make_folder(tmp_path / "d", n_classes=2, per_class=6)
+    assert cli("train", data, "--out", tmp_path / "sl", *TINY).exit_code == 0
+    assert json.loads((tmp_path / "sl" / "manifest.json").read_text())["backbone"]["frame"] == "crop"
