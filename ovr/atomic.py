@@ -16,6 +16,8 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as e:  # name the file the user knows (a full disk said nothing of where)
+        raise OSError(e.errno, e.strerror, str(path)) from e
     finally:
         if tmp.exists():
             tmp.unlink()

@@ -141,6 +141,14 @@ def user_errors():
     except KeyboardInterrupt:
         err.print("interrupted: finished cache shards and saved models are kept; run again to resume")
         raise typer.Exit(130) from None
+    except OSError as e:
+        import errno
+
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        where = f" writing {e.filename}" if e.filename else ""
+        _fail(OvrError(f"no space left on the device{where}; free some space and run again (finished cache "
+                       f"shards and saved models are kept, nothing half-written)"))
 
 
 def _rate(stage: str, done: int, elapsed: float) -> str:

@@ -28,8 +28,10 @@ def recover(out: Path) -> None:
         for p in olds + list(out.parent.glob(f".{out.name}.tmp-*")):
             if p.is_dir() and not p.is_symlink():
                 shutil.rmtree(p, ignore_errors=True)
-        for p in out.glob(f".{MANIFEST}.*.tmp"):
-            p.unlink(missing_ok=True)
+        for folder in (out, out / "heads"):  # atomic writes' temp files (.NAME.HEX.tmp) of a writer that died
+            for p in folder.glob(".*.tmp"):
+                if p.is_file() and not p.is_symlink():
+                    p.unlink(missing_ok=True)
 
 
 def _lock_path(root: Path) -> str:
@@ -64,6 +66,8 @@ def model_lock(root: str | Path, timeout: float | None = None, must_exist: bool 
     except OSError as e:
         raise OvrError(f"cannot lock {root}: {e.strerror or e} (the lock file {_lock_path(root)} goes beside it)") from None
     try:
+        if root.is_dir():
+            recover(root)  # the lock is ours: any temp file or folder left here is a dead writer's
         yield
     finally:
         lock.release()

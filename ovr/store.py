@@ -137,6 +137,7 @@ def save_model(model: Model, out: str | Path, force: bool = False, config_toml: 
         finally:
             if tmp.exists() and out.exists():
                 shutil.rmtree(tmp, ignore_errors=True)
+        recover(out)  # temp folders an earlier, killed train left beside OUT
     return manifest
 
 

@@ -427,3 +427,38 @@ def test_python_api_bad_inputs_are_one_line_ovr_errors(tmp_path, cache_dir):
             p.predict([data / "c0" / "img000.png"], **kw)
     gray = p.predict(np.full((8, 8, 1), 128, np.uint8))  # one channel is an image too
     assert gray[0]["class"] in ("c0", "c1")
+
+
+def test_full_disk_is_one_line_naming_the_file(tmp_path, capsys):
+    """A real ENOSPC (/dev/full) inside a command: one line, exit 2, instead of a traceback (ovr's own writes,
+    atomic_write_bytes, add the file's name to the error)."""
+    import typer
+
+    from ovr.cli import user_errors
+
+    if not os.path.exists("/dev/full"):
+        pytest.skip("no /dev/full")
+    with pytest.raises(typer.Exit) as e:
+        with user_errors():
+            with open("/dev/full", "wb") as f:
+                f.write(b"x" * 10)
+    assert e.value.exit_code == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert "no space left on the device" in err and "Traceback" not in err
+
+
+def test_next_writer_removes_what_killed_writers_left(tmp_path, cache_dir):
+    """Hidden temp files of killed writers (.manifest.json.HEX.tmp, heads/.NAME.HEX.tmp) and a train's temp folder
+    beside the model stayed for good; the next writer (add-class, train) removes them."""
+    data = make_folder(tmp_path / "d", n_classes=3, per_class=6)
+    m = tmp_path / "m"
+    (tmp_path / ".m.tmp-dead0001").mkdir()  # a train killed before its rename
+    ((tmp_path / ".m.tmp-dead0001") / "manifest.json").write_text("{}")
+    assert cli("train", data, "--out", m, *TINY).exit_code == 0
+    assert not (tmp_path / ".m.tmp-dead0001").exists()
+    junk = [m / ".manifest.json.0123abcd.tmp", m / ".gate-1.safetensors.99.tmp", m / "heads" / ".c0.safetensors.42.tmp"]
+    for j in junk:
+        j.write_bytes(b"half")
+    extra = make_folder(tmp_path / "e", n_classes=4, per_class=6)
+    assert cli("add-class", m, "c3", extra / "c3", "--device", "cpu").exit_code == 0
+    assert not any(j.exists() for j in junk)
