@@ -6,7 +6,8 @@ seeded resplits (mean and spread).
   one class each) pasted at random places, often at the borders; a CSV manifest (360/90/150 train/val/test rows
   per resplit). ovr (`train_model` + `evaluate_model`, default heads) with each frame: mAP on the test rows; the
   reference: `OneVsRestClassifier(LogisticRegression(C=0.1))` on standardised embeddings of the whole image.
-- single-label: the real-photo set of the other benchmarks (16 classes, 64 x 64 crops): test accuracy per frame.
+- single-label: the real-photo set of the other benchmarks (16 classes, 64 x 64 crops) and scikit-learn's digits:
+  test accuracy per frame.
 
     python benchmarks/multilabel_frame.py [--resplits 3] [--out benchmarks/results/multilabel_frame.json]
 """
@@ -89,10 +90,13 @@ def main() -> None:
 
     base = Path(tempfile.mkdtemp(prefix="ovr-frame-"))
     manifest = write_canvases(Path(cache_dir()) / "canvases")
-    photos = write_photos_folder(Path(cache_dir()) / "photos-images")
+    from ovr.data import write_digits_folder
+
+    single = {"photos": write_photos_folder(Path(cache_dir()) / "photos-images"),
+              "digits": write_digits_folder(Path(cache_dir()) / "digits-images")}
     res: dict = {"machine": f"{os.cpu_count()} cores", "backbone": "efficientnet_lite0", "resplits": a.resplits,
                  "multilabel": {"ovr crop": [], "ovr full": [], "sklearn OvR C=0.1, full": []},
-                 "single_label": {"ovr crop": [], "ovr full": []}}
+                 "single_label": {f"{d} ovr {f}": [] for d in single for f in ("crop", "full")}}
     for seed in range(a.resplits):
         common = {"cache_dir": cache_dir(), "device": a.device, "split_seed": seed, "val_fraction": 0.15,
                   "test_fraction": 0.25}
@@ -101,9 +105,10 @@ def main() -> None:
             train_model(manifest, base / f"ml-{frame}-{seed}", cfg, force=True)
             m = evaluate_model(base / f"ml-{frame}-{seed}", manifest, "test", device=a.device)
             res["multilabel"][f"ovr {frame}"].append(m["mAP"])
-            train_model(photos, base / f"sl-{frame}-{seed}", cfg, force=True)
-            s = evaluate_model(base / f"sl-{frame}-{seed}", photos, "test", device=a.device)
-            res["single_label"][f"ovr {frame}"].append(s["accuracy"])
+            for name, folder in single.items():
+                train_model(folder, base / f"sl-{name}-{frame}-{seed}", cfg, force=True)
+                s = evaluate_model(base / f"sl-{name}-{frame}-{seed}", folder, "test", device=a.device)
+                res["single_label"][f"{name} ovr {frame}"].append(s["accuracy"])
         emb = embed_data(manifest, load_config(None, {**common, "frame": "full"}))
         X, T = emb.result.embeddings.numpy(), emb.folder.targets[emb.result.input_index]
         tr, te = emb.splits == "train", emb.splits == "test"

@@ -90,8 +90,9 @@ class OvRClassifier(_Base):
 
     Parameters
     ----------
-    head : {"linear", "mlp"}
-        Linear heads use the exact solver; MLP heads (one hidden layer) use minibatch Adam with early stopping.
+    head : {"linear", "mlp", "ridge"}
+        Linear heads use the exact solver; MLP heads (one hidden layer) use minibatch Adam with early stopping;
+        ridge heads are solved in closed form from the model's statistics (exact under growth).
     hidden : int
         Hidden units of an MLP head.
     epochs, lr, batch_size, patience : int, float, int, int
@@ -159,7 +160,10 @@ class OvRClassifier(_Base):
         t0 = time.perf_counter()
         names = [str(c) for c in self.classes_]
         m = Model({"dim": X.shape[1]}, settings.normalize, settings.head, names, calibration=settings.calibration)
-        m.fit_heads(names, X, y, Xv, yv, settings, progress=progress)
+        if settings.head == "ridge":  # every head from the statistics, one solve (Model.fit keeps them)
+            m.fit(X, y, Xv, yv, settings, progress=progress)
+        else:
+            m.fit_heads(names, X, y, Xv, yv, settings, progress=progress)
         self.model_ = m
         self.n_iter_ = np.array([max(1, m.records[c].iterations) for c in names])
         self.fit_seconds_ = time.perf_counter() - t0
