@@ -194,7 +194,7 @@ def _floats(text: str | None, flag: str) -> tuple[float, ...] | None:
         raise OvrError(f"{flag} takes numbers separated by commas, got {text!r}") from None
 
 
-def _early(model: Path | None = None, data: Path | None = None, inputs: list[str] | None = None,
+def _early(model: Path | None = None, *, data: Path | None = None, inputs: list[str] | None = None,
            cfg=None, out: Path | None = None, force: bool = False, new_class: str | None = None,
            replace: bool = False, json_out: Path | None = None):
     """The checks users trip over most, before torch is imported (2-3 s): the model's manifest, the data folder
@@ -271,7 +271,7 @@ def backbones(
 @app.command()
 def embed(
     data: DataArg,
-    backbone: BackboneOpt = None, weights: WeightsOpt = None, device: DeviceOpt = None, engine: EngineOpt = None, batch_size: BatchOpt = None,
+    *, backbone: BackboneOpt = None, weights: WeightsOpt = None, device: DeviceOpt = None, engine: EngineOpt = None, batch_size: BatchOpt = None,
     workers: WorkersOpt = None, cache_dir: CacheOpt = None, strict: StrictOpt = None, config: ConfigOpt = None,
     dtype: DtypeOpt = None, decode: DecodeOpt = None, frame: FrameOpt = None, as_json: JsonOpt = False, json_out: JsonOutOpt = None,
 ) -> None:
@@ -369,7 +369,7 @@ def _train_table(model, title: str, names=None) -> Table:
 @app.command()
 def train(
     data: DataArg,
-    out: Annotated[Path, typer.Option("--out", "-o", help="Model folder to write.")],
+    *, out: Annotated[Path, typer.Option("--out", "-o", help="Model folder to write.")],
     backbone: BackboneOpt = None, weights: WeightsOpt = None, device: DeviceOpt = None, engine: EngineOpt = None, batch_size: BatchOpt = None,
     workers: WorkersOpt = None, cache_dir: CacheOpt = None, strict: StrictOpt = None, dtype: DtypeOpt = None,
     decode: DecodeOpt = None, frame: FrameOpt = None,
@@ -414,7 +414,7 @@ def train(
 @app.command()
 def predict(
     model: Annotated[Path, typer.Argument(help="Model folder.")],
-    paths: Annotated[list[str], typer.Argument(help="Image files, folders or glob patterns.")],
+    *, paths: Annotated[list[str], typer.Argument(help="Image files, folders or glob patterns.")],
     top_k: Annotated[int, typer.Option("--top-k", help="Classes to show per image.")] = 1,
     reject_below: Annotated[Optional[float], typer.Option("--reject-below", help="Answer 'unknown' when the best confidence is below T.")] = None,
     thresholds: Annotated[bool, typer.Option("--thresholds", help="Answer 'unknown' when the answer's head does not pass its stored threshold.")] = False,
@@ -469,7 +469,7 @@ def predict(
 def evaluate(
     model: Annotated[Path, typer.Argument(help="Model folder.")],
     data: Annotated[Path, typer.Argument(help="Image folder (or CSV/TSV manifest), split as at training time.")],
-    split: Annotated[str, typer.Option(help="train | val | test | all (every image of DATA).")] = "test",
+    *, split: Annotated[str, typer.Option(help="train | val | test | all (every image of DATA).")] = "test",
     reject_below: Annotated[Optional[float], typer.Option("--reject-below")] = None,
     thresholds: Annotated[bool, typer.Option("--thresholds", help="Unknown when the answer's head does not pass its stored threshold.")] = False,
     calibrated: Annotated[bool, typer.Option("--calibrated", help="Use the stored per-head calibration.")] = False,
@@ -526,7 +526,7 @@ def add_class_cmd(
     model: Annotated[Path, typer.Argument(help="Model folder.")],
     name: Annotated[str, typer.Argument(help="Name of the new class.")],
     images: Annotated[list[str], typer.Argument(help="Its images: folders, files or glob patterns.")],
-    negatives: Annotated[Optional[Path], typer.Option(help="Extra negatives: an image folder (its images are never this class).")] = None,
+    *, negatives: Annotated[Optional[Path], typer.Option(help="Extra negatives: an image folder (its images are never this class).")] = None,
     replace: Annotated[bool, typer.Option("--replace", help="Retrain the class if it already exists.")] = False,
     refresh_confused: Annotated[bool, typer.Option("--refresh", help="Then retrain the old heads that fire on the new images (as `ovr refresh` would); the rest stay byte-identical.")] = False,
     backbone: BackboneOpt = None, device: DeviceOpt = None, engine: EngineOpt = None, cache_dir: CacheOpt = None, strict: StrictOpt = None,
@@ -647,7 +647,7 @@ def info(
 @app.command()
 def bench(
     data: DataArg,
-    out: Annotated[Path, typer.Option("--out", "-o", help="Report folder: report.json, report.md, PNG plots.")],
+    *, out: Annotated[Path, typer.Option("--out", "-o", help="Report folder: report.json, report.md, PNG plots.")],
     backbone: BackboneOpt = None, weights: WeightsOpt = None, device: DeviceOpt = None, engine: EngineOpt = None, batch_size: BatchOpt = None,
     workers: WorkersOpt = None, cache_dir: CacheOpt = None,
     seeds: Annotated[Optional[int], typer.Option(help=f"Seeds per method and scenario. {_d(BenchConfig, 'seeds')}")] = None,
@@ -743,7 +743,7 @@ def export(
 @app.command()
 def serve(
     model: Annotated[Path, typer.Argument(help="Model folder.")],
-    host: Annotated[str, typer.Option(help="Address to bind; the default serves this machine only (there is no "
+    *, host: Annotated[str, typer.Option(help="Address to bind; the default serves this machine only (there is no "
                                            "authentication: put a proxy in front to expose it).")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="TCP port.")] = 8000,
     name: Annotated[Optional[str], typer.Option(help="Model name under /v2/models/ (default: the folder's name).")] = None,

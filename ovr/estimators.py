@@ -131,7 +131,7 @@ class OvRClassifier(_Base):
     fit_seconds_ : float
     """
 
-    def __init__(self, head: str = _T.head, hidden: int = _T.hidden, epochs: int = _T.epochs, lr: float = _T.lr,
+    def __init__(self, head: str = _T.head, *, hidden: int = _T.hidden, epochs: int = _T.epochs, lr: float = _T.lr,
                  batch_size: int = _T.head_batch_size, patience: int = _T.patience, l2_grid: tuple = _T.l2_grid,
                  pos_weight: bool = _T.pos_weight, normalize: str = _T.normalize, calibration: str = _T.calibration,
                  tol: float = _T.tol, max_iter: int = _T.max_iter, l2_search: str = _T.l2_search,
@@ -207,7 +207,7 @@ class SoftmaxClassifier(_Base):
     fit_seconds_ : float
     """
 
-    def __init__(self, head: str = _T.head, hidden: int = _T.hidden, epochs: int = _T.epochs, lr: float = _T.lr,
+    def __init__(self, head: str = _T.head, *, hidden: int = _T.hidden, epochs: int = _T.epochs, lr: float = _T.lr,
                  batch_size: int = _T.head_batch_size, patience: int = _T.patience,
                  l2_grid: tuple = (1e-4, 1e-3, 1e-2, 1e-1), normalize: str = _T.normalize,
                  val_fraction: float = _D.val_fraction, seed: int = _T.seed, device: str = "auto") -> None:
@@ -231,7 +231,7 @@ class SoftmaxClassifier(_Base):
         t0 = time.perf_counter()
         grad = ce_linear_grad if self.head == "linear" else autograd_grad(ce_columns)
         res = adam_columns(params, grad, ce_columns, self.normalizer_(X), y.to(dev),
-                           self.normalizer_(Xv) if has_val else None, yv.to(dev) if has_val else None, grid, None,
+                           self.normalizer_(Xv) if has_val else None, yv.to(dev) if has_val else None, l2=grid, extra=None,
                            logits_fn=stacked_logits, epochs=self.epochs, lr=self.lr, batch_size=self.batch_size,
                            patience=self.patience, seed=self.seed, progress=progress)
         g = int(res.best_val.argmin()) if has_val else 0

@@ -105,8 +105,8 @@ def keys_in(cache: EmbeddingCache, keys: list[str | None]) -> list[bool]:
 
 
 def embed_paths(paths: list[Path], backbone: Backbone, cache: EmbeddingCache, device: torch.device,
-                batch_size: int = 64, workers: int = -1, strict: bool = False, progress: Progress | None = None,
-                shard_size: int = SHARD_SIZE, flush_seconds: float | None = None, *, gather: bool = True,
+                *, batch_size: int = 64, workers: int = -1, strict: bool = False, progress: Progress | None = None,
+                shard_size: int = SHARD_SIZE, flush_seconds: float | None = None, gather: bool = True,
                 rank: int = 0, world: int = 1,
                 hashed: tuple[list[str | None], list[tuple[Path, str]]] | None = None) -> EmbedResult:
     """Embed what the cache lacks (a shard every shard_size images or flush_seconds), then gather all rows on
@@ -137,8 +137,8 @@ def embed_paths(paths: list[Path], backbone: Backbone, cache: EmbeddingCache, de
         distributed.barrier()
         mine = dict(sorted(todo.items())[rank::world])
         if mine:
-            _embed_missing(paths, keys, mine, backbone, cache, device, batch_size, workers, progress,
-                           shard_size, flush_seconds, failed)
+            _embed_missing(paths, keys, mine, backbone, cache, failed, device=device, batch_size=batch_size,
+                           workers=workers, progress=progress, shard_size=shard_size, flush_seconds=flush_seconds)
         distributed.barrier()
         cache.refresh()
         known = keys_in(cache, keys)
@@ -146,8 +146,8 @@ def embed_paths(paths: list[Path], backbone: Backbone, cache: EmbeddingCache, de
             if k is not None and not known[i] and i not in failed and k in todo:
                 failed[i] = "could not be embedded (by another rank; see its output)"
     elif todo:
-        n_todo = _embed_locked(paths, keys, backbone, cache, device, batch_size, workers, progress, shard_size,
-                               flush_seconds, failed)
+        n_todo = _embed_locked(paths, keys, backbone, cache, failed, device=device, batch_size=batch_size,
+                               workers=workers, progress=progress, shard_size=shard_size, flush_seconds=flush_seconds)
     for i, why in sorted(failed.items()):
         skipped.append((paths[i], why))
     if strict and skipped:
@@ -170,17 +170,16 @@ def embed_paths(paths: list[Path], backbone: Backbone, cache: EmbeddingCache, de
                        n_cached=len(good) - min(n_new, len(good)), n_new=n_new, seconds=time.perf_counter() - t0)
 
 
-def _embed_locked(paths, keys, backbone, cache, device, batch_size, workers, progress, shard_size, flush_seconds,
-                  failed: dict[int, str], **kw) -> int:
+def _embed_locked(paths, keys, backbone, cache, failed: dict[int, str], **kw) -> int:
     """Under the cache's embed lock, embed what is still missing (another process may have embedded some of it
     while this one waited); -> how many contents were missing."""
+    progress = kw.get("progress")
     with cache.embedding(waiting=lambda: progress and progress("wait for another ovr embed", 0, 1)):
         todo = _todo(keys, cache)
         if todo:
             before = set(failed)
             try:
-                _embed_missing(paths, keys, todo, backbone, cache, device, batch_size, workers, progress,
-                               shard_size, flush_seconds, failed, **kw)
+                _embed_missing(paths, keys, todo, backbone, cache, failed, **kw)
             finally:
                 cache.refuse({keys[i]: why for i, why in failed.items() if i not in before and keys[i] is not None})
     return len(todo)
@@ -201,8 +200,8 @@ def _test_die_after_shard() -> None:
 _SHARDS_WRITTEN = 0
 
 
-def _embed_missing(paths, keys, todo, backbone, cache, device, batch_size, workers, progress, shard_size,
-                   flush_seconds, failed: dict[int, str], aug_seeds: list[int | None] | None = None,
+def _embed_missing(paths, keys, todo, backbone, cache, failed: dict[int, str], *, device, batch_size, workers,
+                   progress, shard_size, flush_seconds, aug_seeds: list[int | None] | None = None,
                    stage: str = "embed") -> None:
     if backbone.engine == "torch":
         backbone.model.to(device).to(memory_format=torch.channels_last)
@@ -247,7 +246,7 @@ def _embed_missing(paths, keys, todo, backbone, cache, device, batch_size, worke
 
 
 def embed_views(paths: list[Path], keys: list[str], views: int, seed: int, backbone: Backbone,
-                cache: EmbeddingCache, device: torch.device, batch_size: int = 64, workers: int = -1,
+                cache: EmbeddingCache, device: torch.device, *, batch_size: int = 64, workers: int = -1,
                 progress: Progress | None = None) -> tuple[list[str], torch.Tensor]:
     """Augmented views 1..`views` of each (readable) image, through the cache: -> (view keys, embeddings
     [len(paths) * views, D] on device), image-major (the views of image 0, then of image 1, ...)."""
@@ -258,8 +257,9 @@ def embed_views(paths: list[Path], keys: list[str], views: int, seed: int, backb
     v_seeds = [view_seed(seed, k, v) for k in keys for v in range(1, views + 1)]
     failed: dict[int, str] = {}
     if _todo(v_keys, cache):
-        _embed_locked(v_paths, v_keys, backbone, cache, device, batch_size, workers, progress, SHARD_SIZE,
-                      FLUSH_SECONDS, failed, aug_seeds=v_seeds, stage="views")
+        _embed_locked(v_paths, v_keys, backbone, cache, failed, device=device, batch_size=batch_size,
+                      workers=workers, progress=progress, shard_size=SHARD_SIZE, flush_seconds=FLUSH_SECONDS,
+                      aug_seeds=v_seeds, stage="views")
     if failed:  # the plain view decoded, so this is rare (a file changed underneath); say which
         i = min(failed)
         raise OvrError(f"cannot make augmented views of {v_paths[i]}: {failed[i]}")
@@ -311,5 +311,6 @@ class EmbeddedFolder:
 def embed_folder(folder: ImageFolder, backbone: Backbone, cache: EmbeddingCache, device: torch.device,
                  batch_size: int = 64, workers: int = -1, strict: bool = False,
                  progress: Progress | None = None, **kw) -> EmbeddedFolder:
-    res = embed_paths(folder.paths, backbone, cache, device, batch_size, workers, strict, progress, **kw)
+    res = embed_paths(folder.paths, backbone, cache, device, batch_size=batch_size, workers=workers, strict=strict,
+                      progress=progress, **kw)
     return EmbeddedFolder(folder, res, folder.labels[res.input_index], folder.splits[res.input_index])

@@ -245,7 +245,7 @@ def fit_ovr_heads(X: torch.Tensor, T: torch.Tensor, Xv: torch.Tensor | None, Tv:
         p0 = init_mlp(col_seeds, X.shape[1], hidden)
         Tvc = Tv.repeat_interleave(G, 1) if has_val else None
         res = adam_columns(p0, autograd_grad(bce_columns), bce_columns, X, T.repeat_interleave(G, 1),
-                           Xv if has_val else None, Tvc, grid.float().repeat(N), pw.repeat_interleave(G),
+                           Xv if has_val else None, Tvc, l2=grid.float().repeat(N), extra=pw.repeat_interleave(G),
                            logits_fn=stacked_logits, epochs=epochs, lr=lr, batch_size=batch_size, patience=patience,
                            seed=seed, progress=progress)
         val = res.best_val.view(N, G) if has_val else torch.full((N, G), float("nan"))

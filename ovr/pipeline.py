@@ -103,7 +103,7 @@ def views_of(res: EmbedResult, rows, views: int, cfg: Config, backbone: Backbone
     and embeddings [len(rows), views, D] on the rows' device). Training (--views), TTA and `bench --views` alike."""
     f = cfg.features
     keys, V = embed_views([res.paths[i] for i in rows], [res.keys[i] for i in rows], views, cfg.train.seed, backbone,
-                          cache, res.embeddings.device, f.batch_size, f.workers, progress)
+                          cache, res.embeddings.device, batch_size=f.batch_size, workers=f.workers, progress=progress)
     return keys, V.view(len(rows), max(views, 0), backbone.dim)
 
 
@@ -318,7 +318,7 @@ def evaluate_model(root: str | Path, data: str | Path, split: str = "test", opti
         _, V = views_of(emb.result, rows, tta, cfg, pred.backbone, open_cache(cfg, pred.backbone), progress)
         views = [V[:, k] for k in range(tta)]
     if emb.folder.multilabel:
-        return _evaluate_multilabel(pred, emb, rows, X, views, options, root, data, split)
+        return _evaluate_multilabel(pred, emb, rows, X, views, options, root=root, data=data, split=split)
     # Classes the model does not know count as "should be unknown": their rejection rate is reported.
     remap = np.array([pred.classes.index(c) if c in pred.classes else -1 for c in emb.folder.classes])
     y = remap[y.numpy()]
@@ -346,7 +346,7 @@ def _skips(emb: EmbeddedFolder) -> dict:
 
 
 def _evaluate_multilabel(pred: "Predictor", emb: EmbeddedFolder, rows: np.ndarray, X: torch.Tensor, views: list,
-                         options: AnswerOptions, root, data, split: str) -> dict:
+                         options: AnswerOptions, *, root, data, split: str) -> dict:
     """Per-class AP, mAP, micro/macro F1 at the stored thresholds, subset accuracy, Hamming loss."""
     from .metrics import multilabel_metrics
 
@@ -437,8 +437,8 @@ def add_class(root: str | Path, name: str, inputs: list[str], cfg: Config, repla
         model, bb, cache, device = _open_for_update(root, cfg)
         if name in model.classes and not replace:
             raise OvrError(f"class {name!r} already exists in {root}; pass --replace to retrain it")
-        r = embed_paths(files, bb, cache, device, cfg.features.batch_size, cfg.features.workers, cfg.features.strict,
-                        progress)
+        r = embed_paths(files, bb, cache, device, batch_size=cfg.features.batch_size, workers=cfg.features.workers,
+                        strict=cfg.features.strict, progress=progress)
         if not r.keys:
             raise OvrError(f"none of the {len(files)} images for {name!r} could be read")
         # All its images train the new head: a validation part picks the strength, then the head is refit on all.

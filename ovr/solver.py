@@ -314,7 +314,7 @@ def _col(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 
 
 def adam_columns(params: Tensors, grad_fn: Callable, loss_fn: Callable, X: torch.Tensor, T: torch.Tensor,
-                 Xv: torch.Tensor | None, Tv: torch.Tensor | None, l2: torch.Tensor, extra: torch.Tensor | None, *,
+                 Xv: torch.Tensor | None, Tv: torch.Tensor | None, *, l2: torch.Tensor, extra: torch.Tensor | None,
                  logits_fn: Callable, epochs: int, lr: float, batch_size: int, patience: int, seed: int,
                  progress: Callable | None = None) -> AdamResult:
     """Minibatch Adam on C independent columns. Without validation data every column runs all epochs."""

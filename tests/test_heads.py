@@ -84,7 +84,7 @@ def test_early_stopping_is_per_head_and_keeps_best_weights():
     seen = []
     from ovr.heads import autograd_grad
     res = adam_columns(init_linear([0, 1, 2, 3], 8), autograd_grad(bce_columns), bce_columns, X, T, Xv, Tv,
-                       torch.zeros(4), torch.ones(4), logits_fn=stacked_logits, epochs=300, lr=0.003, batch_size=16,
+                       l2=torch.zeros(4), extra=torch.ones(4), logits_fn=stacked_logits, epochs=300, lr=0.003, batch_size=16,
                        patience=3, seed=0, progress=lambda s, d, t, **kw: seen.append(kw["training"]))
     assert res.epochs_run < 300  # all stopped before the limit
     assert len(set(res.best_epoch.tolist())) > 1  # stopped at different epochs
