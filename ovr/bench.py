@@ -243,7 +243,7 @@ def run_bench(emb, cfg: Config, progress: Progress | None = None, methods: tuple
     }
 
 
-def growth_curve(X, y, Xv, yv, Xt, yt, cfg: Config, points: int = 8) -> dict:
+def growth_curve(X, y, Xv, yv, Xt, yt, cfg: Config, points: int = 12) -> dict:
     """One model grown from 2 classes to all, one add-class at a time (class order seeded), through
     `model.grow_in_order` as `ovr add-class` does: test accuracy on the classes so far for the model's answer and
     plain argmax, beside a model trained jointly on the same classes (at up to `points` steps: a joint fit each)."""
