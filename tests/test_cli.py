@@ -195,3 +195,10 @@ def test_train_table_says_why_a_head_took_no_iterations(tmp_path):
     text = con.export_text()
     assert "already converged" in text and "0 (lbfgs)" not in text
     assert "none: no gain on held-out val rows" in text
+
+
+def test_bench_help_says_a_manifest_works():
+    """`bench --help` said "Image folder (as for train)" though a CSV manifest works."""
+    r = cli("bench", "--help")
+    text = " ".join(r.output.split())
+    assert "CSV/TSV manifest" in text and "as for train" not in text
