@@ -63,6 +63,15 @@ def hash_files(paths: list[Path], progress: Callable[[str, int, int], None] | No
     return keys, bad
 
 
+class DamagedCache(OvrError):
+    """A shard whose rows do not match what was written (checksum, shape or non-finite values), or an index that
+    points past a shard: set aside, so that its images are embedded again."""
+
+
+def _digest(rows) -> str:
+    return hashlib.sha256(rows.contiguous().view(-1).view(__import__("torch").uint8).numpy().tobytes()).hexdigest()
+
+
 class EmbeddingCache:
     """Embeddings of one backbone key: immutable safetensors shards (each holds its keys in its metadata), and a
     compact binary index of the shards it covers (`index.npz`: sorted hex keys, shard number and row per key).
@@ -98,6 +107,8 @@ class EmbeddingCache:
             return empty
         if keys.dtype != np.dtype("S64") or loc.shape != (len(keys), 2):
             return empty
+        if len(loc) and int(loc[:, 0].max()) >= len(shards):
+            return empty  # an index pointing at shards it does not name: only a lost shortcut
         if any(s not in present for s in shards):
             alive = np.array([s in present for s in shards] or [False])
             keep = alive[loc[:, 0]] if len(loc) else np.zeros(0, dtype=bool)
@@ -190,7 +201,11 @@ class EmbeddingCache:
     def _lock(self, name: str):
         from filelock import FileLock
 
-        self.dir.mkdir(parents=True, exist_ok=True)
+        try:
+            self.dir.mkdir(parents=True, exist_ok=True)
+        except (FileExistsError, NotADirectoryError):
+            raise OvrError(f"the embedding cache {self.dir} cannot be a folder: something in its path is a file; "
+                           f"pass --cache-dir (or set $OVR_CACHE_DIR) to a folder") from None
         return FileLock(str(self.dir / name))
 
     def refresh(self) -> None:
@@ -256,9 +271,16 @@ class EmbeddingCache:
         """A new immutable shard (its keys in its metadata); no index rewrite: the next opener finds it by listing."""
         if not keys:
             return
+        import torch
+
         name = f"shard-{time.time_ns():020d}-{uuid.uuid4().hex[:8]}.safetensors"
-        rows = emb.to(self.dtype) if self.dtype is not None else emb.float()
-        atomic_save_safetensors({"embeddings": rows}, self.dir / name, {"keys": json.dumps(keys)})
+        rows = (emb.to(self.dtype) if self.dtype is not None else emb.float()).cpu()
+        bad = ~torch.isfinite(rows).all(1)
+        if bad.any():  # never stored: a NaN row would be answered as "confidence: NaN" for good
+            raise OvrError(f"the backbone gave non-finite embeddings for {int(bad.sum())} of {len(keys)} images "
+                           f"(not cached); check the backbone's weights")
+        atomic_save_safetensors({"embeddings": rows}, self.dir / name, {"keys": json.dumps(keys),
+                                                                        "sha256": _digest(rows)})
         for row, k in enumerate(keys):
             self._extra.setdefault(k, (name, row))
 
@@ -275,12 +297,47 @@ class EmbeddingCache:
             by_shard.setdefault(s, []).append((i, row))
         out: torch.Tensor | None = None
         for s, pairs in by_shard.items():
-            with safe_open(str(self.dir / s), "pt") as f:
-                shard = f.get_tensor("embeddings").float()  # float16 shards are widened on read
-            if out is None:
-                out = torch.empty(len(keys), shard.shape[1])
+            shard = self._verified(s)
             dst = torch.tensor([p[0] for p in pairs])
             src = torch.tensor([p[1] for p in pairs])
-            out[dst] = shard[src]
+            if int(src.max()) >= len(shard):  # the index points past the shard: rebuild it from the shards
+                (self.dir / "index.npz").unlink(missing_ok=True)
+                self._load_index(compact=False)
+                raise DamagedCache(f"the embedding cache index in {self.dir} pointed past shard {s}; it was "
+                                   f"rebuilt from the shards: run the command again")
+            if out is None:
+                out = torch.empty(len(keys), shard.shape[1])
+            out[dst] = shard[src].float()  # float16 shards are widened on read
         return out if out is not None else torch.empty(0, 0)
+
+    def _verified(self, name: str) -> "torch.Tensor":
+        """A shard's rows, checked against the checksum written with them (shards from before checksums: their
+        values are checked to be finite); a damaged shard is set aside (renamed damaged-*) and DamagedCache
+        raised, so that the next embedding run embeds its images again."""
+        import torch
+
+        path = self.dir / name
+        why = None
+        try:
+            with safe_open(str(path), "pt") as f:
+                rows = f.get_tensor("embeddings")
+                meta = f.metadata() or {}
+            keys = json.loads(meta.get("keys", "[]"))
+            if rows.ndim != 2 or len(rows) != len(keys):
+                why = f"{len(keys)} keys for rows of shape {list(rows.shape)}"
+            elif "sha256" in meta and _digest(rows) != meta["sha256"]:
+                why = "its rows do not match their checksum"
+            elif not bool(torch.isfinite(rows).all()):
+                why = "it holds non-finite values"
+        except Exception as e:  # noqa: BLE001  (truncated or garbled file: the reason in words)
+            why = f"it cannot be read ({describe_error(e)})"
+        if why is None:
+            return rows
+        try:
+            os.replace(path, self.dir / f"damaged-{name}")
+        except OSError:
+            pass
+        self._load_index(compact=False)
+        raise DamagedCache(f"embedding cache shard {path} is damaged ({why}); it was set aside: run the command "
+                           f"again to embed its images anew")
 

@@ -104,7 +104,21 @@ def keys_in(cache: EmbeddingCache, keys: list[str | None]) -> list[bool]:
     return out
 
 
-def embed_paths(paths: list[Path], backbone: Backbone, cache: EmbeddingCache, device: torch.device,
+def embed_paths(paths: list[Path], backbone: Backbone, cache: EmbeddingCache, device: torch.device, **kw
+                ) -> EmbedResult:
+    """`_embed_paths` (below), once more if a cache shard turns out damaged when its rows are gathered: the
+    shard is set aside by the cache, so the second pass embeds its images again."""
+    from .cache import DamagedCache
+
+    try:
+        return _embed_paths(paths, backbone, cache, device, **kw)
+    except DamagedCache:
+        if kw.get("world", 1) > 1:
+            raise
+        return _embed_paths(paths, backbone, cache, device, **kw)
+
+
+def _embed_paths(paths: list[Path], backbone: Backbone, cache: EmbeddingCache, device: torch.device,
                 *, batch_size: int = 64, workers: int = -1, strict: bool = False, progress: Progress | None = None,
                 shard_size: int = SHARD_SIZE, flush_seconds: float | None = None, gather: bool = True,
                 rank: int = 0, world: int = 1,

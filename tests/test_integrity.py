@@ -462,3 +462,37 @@ def test_next_writer_removes_what_killed_writers_left(tmp_path, cache_dir):
     extra = make_folder(tmp_path / "e", n_classes=4, per_class=6)
     assert cli("add-class", m, "c3", extra / "c3", "--device", "cpu").exit_code == 0
     assert not any(j.exists() for j in junk)
+
+
+def test_damaged_cache_rows_are_caught_and_embedded_again(folder, cache_dir, tmp_path):
+    """Shard rows overwritten with random floats gave silently wrong answers; NaN rows printed "confidence: NaN";
+    an index pointing past a shard and a cache root that is a file were tracebacks. Now a damaged shard is set
+    aside and its images embedded again (same rows as before), and the rest are one-line errors."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from ovr.backbones import load_backbone
+    from ovr.cache import EmbeddingCache
+    from ovr.features import embed_paths
+
+    bb = load_backbone("tiny_cnn", "default", None, "tensor")
+    paths = sorted(folder.rglob("*.png"))
+    first = embed_paths(paths, bb, EmbeddingCache(cache_dir, bb.key), torch.device("cpu"), workers=0)
+    shard = next((cache_dir / bb.key[:24]).glob("shard-*.safetensors"))
+    t = load_file(str(shard))
+    from safetensors import safe_open
+
+    with safe_open(str(shard), "pt") as f:
+        meta = f.metadata()
+    t["embeddings"] = torch.randn_like(t["embeddings"])  # same shape, other values: only the checksum tells
+    save_file(t, str(shard), metadata=meta)
+    again = embed_paths(paths, bb, EmbeddingCache(cache_dir, bb.key), torch.device("cpu"), workers=0)
+    assert torch.allclose(again.embeddings, first.embeddings, atol=1e-5) and again.n_new == len(paths)
+    assert list((cache_dir / bb.key[:24]).glob("damaged-shard-*"))
+    cache = EmbeddingCache(cache_dir, bb.key)
+    with pytest.raises(OvrError, match="non-finite"):
+        cache.put(["k" * 64], torch.full((1, 64), float("nan")))
+    blocked = tmp_path / "cachefile"
+    blocked.write_text("not a folder")
+    r = cli("embed", folder, *TINY, "--cache-dir", blocked)
+    assert r.exit_code == 2 and "Traceback" not in r.output and "cache" in r.output
