@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 from contextlib import contextmanager
@@ -135,8 +136,20 @@ def manifest_problem(m: dict) -> str | None:
             return f"{key!r} is missing or not a {typ.__name__}"
     if m["head_type"] not in HEADS or m["normalize"] not in ("standardize", "l2"):
         return f"unknown head type {m['head_type']!r} or normalisation {m['normalize']!r}"
-    if not isinstance(m["backbone"].get("dim"), int) or not isinstance(m["backbone"].get("name"), str):
+    b = m["backbone"]
+    if not isinstance(b.get("dim"), int) or not isinstance(b.get("name"), str):
         return "the backbone has no name or dim"
+    for key in ("weights", "fingerprint", "preprocess"):
+        if not isinstance(b.get(key), str):
+            return f"the backbone's {key!r} is missing or not a string"
+    if b.get("decode", "pil") not in ("pil", "tensor") or b.get("frame", "crop") not in ("crop", "full"):
+        return f"the backbone's decode {b.get('decode')!r} or frame {b.get('frame')!r} is not one ovr knows"
+    try:
+        from datetime import datetime
+
+        datetime.fromisoformat(m["created"])
+    except ValueError:
+        return f"created {m['created']!r} is not a date and time"
     if not all(isinstance(c, str) for c in m["classes"]) or len(set(m["classes"])) != len(m["classes"]):
         return "class names must be distinct strings"
     for c in m["classes"]:
@@ -148,6 +161,19 @@ def manifest_problem(m: dict) -> str | None:
                 return f"head {c!r}: {key!r} is missing or not {'a number' if typ is _NUM else 'a ' + typ.__name__}"
         if not 0 <= h["threshold"] <= 1:
             return f"head {c!r}: threshold {h['threshold']} is outside [0, 1]"
+        cal = h["calibration"]
+        if not (cal.get("kind", "none") in ("platt", "temperature", "none")
+                and all(isinstance(cal.get(k, 0.0), _NUM) and not isinstance(cal.get(k, 0.0), bool)
+                        and math.isfinite(cal.get(k, 0.0)) for k in ("a", "b"))):
+            return f"head {c!r}: calibration {cal!r} is not a kind with finite numbers a and b"
+        created = h.get("created")
+        if created is not None:
+            try:
+                from datetime import datetime
+
+                datetime.fromisoformat(created)
+            except (TypeError, ValueError):
+                return f"head {c!r}: created {created!r} is not a date and time"
         unknown = set(h) - _RECORD_KEYS
         if unknown:
             return f"head {c!r}: unknown key {sorted(unknown)[0]!r}"
@@ -158,8 +184,9 @@ def manifest_problem(m: dict) -> str | None:
     if not isinstance(e.get("file"), str) or not isinstance(e.get("sha256"), str):
         return "the examples entry has no file or sha256"
     g = m.get("gate")
-    if g is not None and not (isinstance(g, dict) and isinstance(g.get("file"), str) and isinstance(g.get("classes"), list)):
-        return "the gate entry has no file or classes"
+    if g is not None and not (isinstance(g, dict) and isinstance(g.get("file"), str) and isinstance(g.get("sha256"), str)
+                              and isinstance(g.get("classes"), list)):
+        return "the gate entry has no file, sha256 or classes"
     if g is not None:
         strength = g.get("strength", g.get("shrinkage"))  # "shrinkage": gates written before the softmax gate
         if not (isinstance(strength, _NUM) and isinstance(g.get("temperature"), _NUM)

@@ -157,8 +157,16 @@ def _check_head_tensors(c: str, t: dict, head_type: str, dim: int) -> None:
     if set(t) != want:
         raise OvrError(f"head of class {c!r} holds tensors {sorted(t)}, expected {sorted(want)}")
     w = t["w1" if head_type == "mlp" else "weight"]
-    if w.shape[0] != dim:
-        raise OvrError(f"head of class {c!r} expects {w.shape[0]} features, the backbone gives {dim}")
+    if w.ndim != (2 if head_type == "mlp" else 1) or w.shape[0] != dim:
+        raise OvrError(f"head of class {c!r} has a weight of shape {list(w.shape)}; expected "
+                       f"{[dim, 'hidden'] if head_type == 'mlp' else [dim]}")
+    if head_type == "mlp":
+        shapes = {"b1": [w.shape[1]], "w2": [w.shape[1]], "b2": []}
+    else:
+        shapes = {"bias": []}
+    for k, want_shape in shapes.items():
+        if list(t[k].shape) not in (want_shape, want_shape or [1]):
+            raise OvrError(f"head of class {c!r} has {k} of shape {list(t[k].shape)}; expected {want_shape}")
     if not all(bool(torch.isfinite(v).all()) for v in t.values()):
         raise OvrError(f"head of class {c!r} has NaN or infinite weights")
 
@@ -223,9 +231,14 @@ def _load_files(root: Path, m: dict) -> Model:
     e = m["examples"]
     try:
         examples = json.loads(_read_verified(root, e["file"], e["sha256"], "training examples index"))
-        assert isinstance(examples, list) and all(isinstance(x, dict) and "key" in x for x in examples)
+        assert isinstance(examples, list) and all(
+            isinstance(x, dict) and isinstance(x.get("key"), str)
+            and (x.get("label") is None or isinstance(x["label"], str))  # None: an extra negative
+            and x.get("split") in ("train", "val", "test")
+            and all(isinstance(v, str) for v in x.get("labels", [])) for x in examples)
     except (json.JSONDecodeError, UnicodeDecodeError, AssertionError):
-        raise OvrError(f"the training examples index of {root} is corrupt") from None
+        raise OvrError(f"the training examples index of {root} is corrupt (each example needs a key, a label and a "
+                       f"split)") from None
     stats = gate = None
     if m.get("stats"):
         s = m["stats"]

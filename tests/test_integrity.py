@@ -496,3 +496,37 @@ def test_damaged_cache_rows_are_caught_and_embedded_again(folder, cache_dir, tmp
     blocked.write_text("not a folder")
     r = cli("embed", folder, *TINY, "--cache-dir", blocked)
     assert r.exit_code == 2 and "Traceback" not in r.output and "cache" in r.output
+
+
+@pytest.mark.parametrize("damage", [
+    lambda m: m["backbone"].pop("preprocess"),
+    lambda m: m["backbone"].update(weights=7),
+    lambda m: m["backbone"].pop("fingerprint"),
+    lambda m: m["heads"]["c0"].update(calibration={"a": "x"}),
+    lambda m: m["heads"]["c0"].update(created="yesterday"),
+    lambda m: m.update(created="yesterday"),
+], ids=["no preprocess", "weights an int", "no fingerprint", "calibration a string", "head created", "created"])
+def test_verify_means_every_command_can_use_the_model(tmp_path, cache_dir, damage):
+    """Manifest damages that `info --verify` passed and other commands then crashed on (KeyError, TypeError, a
+    numpy error in predict, a 500 on every /predict after /reload): now one line everywhere, and /reload refuses
+    the damaged model and keeps serving the old one."""
+    data = make_folder(tmp_path / "d", n_classes=2, per_class=6)
+    assert cli("train", data, "--out", tmp_path / "m", *TINY).exit_code == 0
+    good = (tmp_path / "m" / "manifest.json").read_text()
+    fastapi = pytest.importorskip("fastapi")  # noqa: F841
+    from fastapi.testclient import TestClient
+
+    from ovr.serve import create_app
+
+    client = TestClient(create_app(tmp_path / "m", device="cpu", warm=False))
+    m = json.loads(good)
+    damage(m)
+    (tmp_path / "m" / "manifest.json").write_text(json.dumps(m))
+    for args in (["info", tmp_path / "m", "--verify"], ["info", tmp_path / "m"],
+                 ["predict", tmp_path / "m", data / "c0" / "img000.png", "--device", "cpu"]):
+        r = cli(*args)
+        assert r.exit_code == 2 and "damaged" in r.output and "Traceback" not in r.output, (args, r.output)
+    assert client.post("/reload").status_code == 400
+    img = (data / "c1" / "img000.png").read_bytes()
+    r = client.post("/predict", files=[("files", ("a.png", img, "image/png"))])
+    assert r.status_code == 200 and r.json()["results"][0]["class"] == "c1"  # the old model still serves
