@@ -326,19 +326,31 @@ def expand_inputs(items: list[str], ignored: dict[str, int] | None = None) -> li
     return out
 
 
-def decode_image(data: bytes) -> Image.Image:
-    """Bytes -> RGB image: EXIF orientation applied, first frame of animations, 16-bit/palette/alpha flattened."""
+def image_size(data: bytes) -> tuple[int, int]:
+    """(width, height) from the file's header alone, nothing decoded (raises on bytes that are not an image)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        with Image.open(io.BytesIO(data)) as im:
+            return im.size
+
+
+def decode_image(data: bytes, max_pixels: int = MAX_PIXELS) -> Image.Image:
+    """Bytes -> RGB image: EXIF orientation applied, first frame of animations, 16-bit/palette/alpha flattened.
+    Over `max_pixels` (from the header, before decoding): a JPEG is decoded at a reduced scale, anything else
+    refused in words."""
+    if not data:
+        raise ValueError("empty file")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # the size is checked below, in words
         im = Image.open(io.BytesIO(data))
     with im:
         im.seek(0)
         w, h = im.size
-        if w * h > MAX_PIXELS:
+        if w * h > max_pixels:
             if im.format != "JPEG":
                 raise ValueError(f"image too large to decode safely ({w} x {h} = {w * h / 1e6:.0f} megapixels; "
-                                 f"limit {MAX_PIXELS / 1e6:.0f})")
-            scale = (w * h / MAX_PIXELS) ** 0.5
+                                 f"limit {max_pixels / 1e6:.0f})")
+            scale = (w * h / max_pixels) ** 0.5
             im.draft("RGB", (int(w / scale), int(h / scale)))  # libjpeg decodes at 1/2..1/8 scale
         im.load()  # raises on truncated data instead of failing later inside a worker
         im = ImageOps.exif_transpose(im)

@@ -240,3 +240,31 @@ def test_token_and_cross_site_reload_are_refused(served):
         assert c.post("/reload", headers={**ok, "Content-Type": "text/plain"}, content=b"x").status_code == 403
         assert c.post("/reload", headers={**ok, "Origin": f"http://{live.url}"}).status_code == 200
         assert c.post("/reload", headers=ok).status_code == 200  # a plain client (curl, scripts)
+
+
+def test_pixel_budgets_are_read_from_headers_before_decoding(served, monkeypatch):
+    """A 9000 x 9000 PNG of a few KB is refused from its header (a 121 KB 8000 x 7999 PNG took the server to
+    2.45 GB), and a request's images past its pixel budget get their own errors while the others are answered."""
+    import io
+
+    import httpx
+    from PIL import Image
+
+    import ovr.serve
+
+    def png(w, h):
+        buf = io.BytesIO()
+        Image.new("1", (w, h)).save(buf, "PNG")
+        return buf.getvalue()
+
+    base, images = served
+    monkeypatch.setattr(ovr.serve, "MAX_REQUEST_PIXELS", 20_000_000)
+    with Live(base / "plain") as live, httpx.Client(base_url=f"http://{live.url}", timeout=60) as c:
+        huge = png(9000, 9000)
+        assert len(huge) < 200_000
+        files = [("files", ("huge.png", huge, "image/png")), ("files", ("ok.png", images[0].read_bytes(), "image/png"))]
+        res = c.post("/predict", files=files).json()["results"]
+        assert "too large" in res[0]["error"] and res[1]["class"] == "c0"
+        big = png(3000, 3000)  # 9 megapixels each: the third is past a 20-megapixel request
+        res = c.post("/predict", files=[("files", (f"b{i}.png", big, "image/png")) for i in range(3)]).json()["results"]
+        assert [("error" in r) for r in res] == [False, False, True] and "budget" in res[2]["error"]
