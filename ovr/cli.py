@@ -778,47 +778,40 @@ def demo(
 ) -> None:
     """The main job, offline: scikit-learn's digits as images -> embed -> train 9 classes -> add the 10th -> predict -> bench."""
     with user_errors():
-        import shutil
-
-        from .bench import run_bench
-        from .data import write_digits_folder
-        from .pipeline import Predictor, add_class, embed_data, model_config, train_model
-        from .report import bench_tables, embed_line, embed_summary, write_bench_report
+        from . import demo as workflow
+        from .report import bench_tables, embed_line, embed_summary
 
         cfg = _config(None, device=device, engine=engine, cache_dir=cache_dir, seeds=seeds)
         check_writable(out, "cannot write the demo: folder")
-        digits = write_digits_folder(out / "digits")
-        nine = out / "digits-0-8"
-        if not nine.exists():  # the first nine classes; digit_9 comes later through add-class
-            shutil.copytree(digits, nine, ignore=lambda d, names: ["digit_9"] if Path(d) == digits else [])
-        _rule("1. train one-vs-rest heads on digits 0-8 (EfficientNet-Lite0 features, cached)")
-        with progress_bar() as cb:
-            model, emb = train_model(nine, out / "model", cfg, force=True, progress=cb)
-        console.print(embed_line(embed_summary(emb)), highlight=False)
-        console.print(_train_table(model, f"{len(model.classes)} heads -> {out / 'model'}"))
-        _rule("2. add digit_9 without retraining the others")
-        mcfg = model_config(out / "model", device=device, cache_dir=cache_dir, engine=engine)
-        with progress_bar() as cb:
-            r = add_class(out / "model", "digit_9", [str(digits / "digit_9")], mcfg, progress=cb)
-        console.print(f"added digit_9 from {r.images} images; its head and the gate took {r.train_seconds:.2f} s",
-                      highlight=False)
-        _print_confused(r.confused)
-        _rule("3. predict a few images")
-        samples = [sorted((digits / f"digit_{d}").glob("*.png"))[-1] for d in (0, 3, 9)]
-        rows = Predictor(out / "model", mcfg.features.device, mcfg.features.cache_dir or None,
-                         mcfg.features.engine).predict(samples, top_k=2)
-        t = Table()
-        for col in ["file", "class", "confidence", "runner-up"]:
-            t.add_column(col)
-        for row in rows:
-            t.add_row(escape(row["input"]), escape(row["class"]), f"{row['confidence']:.3f}",
-                      escape(f"{row['runner_up']['class']} {row['runner_up']['confidence']:.3f}"))
-        console.print(t)
-        _rule("4. benchmark one-vs-rest vs softmax on all ten digits")
-        with progress_bar() as cb:
-            emb = embed_data(digits, cfg, progress=cb)
-            rep = run_bench(emb, cfg, progress=cb)
-        write_bench_report(rep, out / "report")
-        for tb in bench_tables(rep):
-            console.print(tb)
-        console.print(f"[bold]report:[/] {out / 'report' / 'report.md'} (plots and report.json beside it)", highlight=False)
+        bar: dict = {}
+        steps = workflow.run(out, cfg, device=device, engine=engine, cache_dir=cache_dir,
+                             progress=lambda *a, **k: bar["cb"](*a, **k))
+        while True:
+            with progress_bar() as bar["cb"]:  # each step's work under its own bars
+                try:
+                    kind, result = next(steps)
+                except StopIteration:
+                    break
+            if kind == "step":
+                _rule(result)
+            elif kind == "trained":
+                model, emb = result
+                console.print(embed_line(embed_summary(emb)), highlight=False)
+                console.print(_train_table(model, f"{len(model.classes)} heads -> {out / 'model'}"))
+            elif kind == "added":
+                console.print(f"added digit_9 from {result.images} images; its head and the gate took "
+                              f"{result.train_seconds:.2f} s", highlight=False)
+                _print_confused(result.confused)
+            elif kind == "predicted":
+                t = Table()
+                for col in ["file", "class", "confidence", "runner-up"]:
+                    t.add_column(col)
+                for row in result:
+                    t.add_row(escape(row["input"]), escape(row["class"]), f"{row['confidence']:.3f}",
+                              escape(f"{row['runner_up']['class']} {row['runner_up']['confidence']:.3f}"))
+                console.print(t)
+            elif kind == "bench":
+                for tb in bench_tables(result):
+                    console.print(tb)
+                console.print(f"[bold]report:[/] {out / 'report' / 'report.md'} (plots and report.json beside it)",
+                              highlight=False)
