@@ -300,23 +300,12 @@ def embed(
             _embed_report(summary_of(folder, warm, folder.labels, folder.splits, warm.spec, warm.spec["dim"]),
                           as_json, json_out, folder.notes)
             return
+        from contextlib import nullcontext
+
         from . import distributed
 
-        rank, world, dev = distributed.setup(cfg.features.device)
-        if world > 1:
-            from dataclasses import replace
-
-            cfg = replace(cfg, features=replace(cfg.features, device=dev))
-        from .pipeline import embed_data
-
-        try:
-            if rank == 0:
-                with progress_bar() as cb:
-                    emb = embed_data(folder, cfg, progress=cb, gather=False, rank=rank, world=world, hashed=hashed)
-            else:
-                emb = embed_data(folder, cfg, gather=False, rank=rank, world=world, hashed=hashed)
-        finally:
-            distributed.teardown()
+        with progress_bar() if os.environ.get("RANK", "0") == "0" else nullcontext() as cb:
+            rank, emb = distributed.embed_ranked(folder, cfg, hashed, cb)
         if rank != 0:
             return
         from .report import embed_summary
