@@ -293,7 +293,7 @@ def embed(
                 hashed = hash_files(folder.paths, cb)
         else:
             hashed = hash_files(folder.paths)
-        warm = all_cached(folder.paths, cfg.features, hashed, cfg.features.frame_for(folder.multilabel))  # all cached: answered without importing torch (~1.8 s)
+        warm = all_cached(folder.paths, cfg.features, hashed, cfg.features.frame_for(folder.multilabel))  # all cached: answered without importing torch
         if warm is not None:
             from .report import summary_of
 

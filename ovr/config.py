@@ -55,10 +55,9 @@ class FeatureConfig:
 
     @property
     def decode_path(self) -> str:
-        """'auto' is the tensor path on every device (ovr.pixels). On CUDA, CPU decoding was the whole limit (524
-        img/s fed to a model that runs 6,584 on an H100); on 2 CPU cores with the forward pass on both, decoding
-        runs in the main process and the PIL path reached 0.77 of the raw forward pass against the tensor path's
-        0.87 (benchmarks/results/embed_throughput.json). Not tied to the device, so a cache's namespace is too."""
+        """'auto' is the tensor path on every device (ovr.pixels): on CUDA, CPU decoding is what limits the GPU,
+        and on a CPU the tensor path's resize is the cheaper one (benchmarks/embed_throughput.py). Not tied to the
+        device, so a cache's namespace is not either."""
         return "tensor" if self.decode == "auto" else self.decode
 
 

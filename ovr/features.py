@@ -58,8 +58,7 @@ class EmbedResult:
 
 def default_workers(workers: int, device: torch.device | str = "cpu") -> int:
     """Decode workers: `workers` if >= 0. Otherwise, on CUDA, all cores but the one feeding the GPU (up to 8):
-    decoding is what limits a GPU (on a 16-core H100 machine 4 workers fed 320 img/s and 12 fed 524 img/s of
-    640x480 JPEGs, against 6,500 img/s of raw forward; benchmarks/results/gpu_check_h100.log). On CPU the
+    decoding is what limits a GPU (benchmarks/gpu_check.sh measures it). On CPU the
     forward pass needs the cores too: workers + torch's compute threads never exceed the cores (on 2 cores with
     2 compute threads, decoding runs in the main process), so the two pools do not fight over them."""
     if workers >= 0:

@@ -1,5 +1,5 @@
-"""The model folder's manifest without torch: locate, recover, lock, read and check it. `ovr info` needs only this
-(2.1 s -> 0.3 s for `ovr info`, most of it was importing torch through the store)."""
+"""The model folder's manifest without torch: locate, recover, lock, read and check it. `ovr info` needs only this,
+so it never pays for importing torch."""
 from __future__ import annotations
 
 import json

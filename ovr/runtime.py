@@ -21,9 +21,8 @@ _THREADS_SET = False
 
 def compute_threads(requested: int = 0) -> int:
     """Threads for the compute pools (torch's, onnxruntime's): `requested` if > 0, else the cores not already busy
-    (cores minus what other processes use right now, at least 1). Measured on this project's 2-core machine with
-    two busy-loop processes beside it: a warm `ovr demo` took 436 s with torch's default (2 threads fighting 2 busy
-    processes) and 114 s with 1 thread."""
+    (cores minus what other processes use right now, at least 1): threads beyond the free cores fight the other
+    processes for them, and everything slows down several times."""
     import os
 
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)

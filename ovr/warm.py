@@ -1,4 +1,4 @@
-"""What a run knows without torch: importing it is ~1.8 s of a ~2.1 s warm `ovr embed` on this 2-core machine.
+"""What a run knows without torch, whose import is most of a warm `ovr embed`.
 
 Each backbone's identity (dim, weights fingerprint, preprocessing) is remembered in <cache>/backbones.json the first
 time its network is built, keyed by what the weights are (file path, size, mtime; the torch version for seeded
