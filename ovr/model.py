@@ -114,7 +114,7 @@ class Model:
         """Train (or retrain) the heads of `names` on rows X (train) and Xv (validation), labels indexing
         `classes`. Features are standardised with the statistics of all these rows, and that standardisation is
         folded into the stored heads; calibration and thresholds are fitted on held-out validation logits."""
-        from .metrics import binary_head_metrics  # here: scikit-learn takes 0.6 s to import; predict never needs it
+        from .metrics import binary_head_metrics  # here: importing scikit-learn is slow, and predict never needs it
 
         run = run or new_run_id()
         for name, A in (("training", X), ("validation", Xv)):

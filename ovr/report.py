@@ -55,7 +55,7 @@ def embed_line(s: dict) -> str:
 def multilabel_tables(m: dict) -> list[Table]:
     s = Table(title=f"{m.get('split', '')} split: {m['n']} images, multi-label")
     s.add_column("metric"), s.add_column("value", justify="right")
-    from .metrics import MULTILABEL_SCALARS  # here: metrics imports scikit-learn (0.6 s), embed's output needs none
+    from .metrics import MULTILABEL_SCALARS  # here: metrics imports scikit-learn (slow); embed's output needs none
 
     for k in MULTILABEL_SCALARS:
         s.add_row(k, f"{m[k]:.4f}")
