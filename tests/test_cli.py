@@ -12,7 +12,7 @@ import ovr
 from ovr.config import TrainConfig
 from ovr.model import Model
 
-from conftest import TINY, cli, make_image
+from conftest import TINY, cli, make_folder, make_image
 
 run = cli
 
@@ -160,10 +160,7 @@ def test_add_class_of_an_existing_class_says_so_before_any_work(tmp_path):
     import subprocess
     import sys
 
-    data = tmp_path / "data"
-    for c in range(2):
-        for i in range(6):
-            make_image(data / f"c{c}" / f"img{i}.png", c, i)
+    data = make_folder(tmp_path / "data", n_classes=2, per_class=6)
     assert cli("train", data, "--out", tmp_path / "m", *TINY).exit_code == 0
     code = ("import sys\nfrom ovr.cli import main\n"
             f"sys.argv = ['ovr', 'add-class', {str(tmp_path / 'm')!r}, 'c0', {str(data / 'c1')!r}]\n"
@@ -180,10 +177,7 @@ def test_train_table_says_why_a_head_took_no_iterations(tmp_path):
     from ovr.cli import _train_table
     from ovr.store import load_model
 
-    data = tmp_path / "data"
-    for c in range(2):
-        for i in range(6):
-            make_image(data / f"c{c}" / f"img{i}.png", c, i)
+    data = make_folder(tmp_path / "data", n_classes=2, per_class=6)
     assert cli("train", data, "--out", tmp_path / "m", *TINY).exit_code == 0
     model = load_model(tmp_path / "m")
     model.records["c0"].iterations = 0
