@@ -334,12 +334,13 @@ def image_size(data: bytes) -> tuple[int, int]:
             return im.size
 
 
-def decode_image(data: bytes, max_pixels: int = MAX_PIXELS) -> Image.Image:
+def decode_image(data: bytes, max_pixels: int | None = None) -> Image.Image:
     """Bytes -> RGB image: EXIF orientation applied, first frame of animations, 16-bit/palette/alpha flattened.
     Over `max_pixels` (from the header, before decoding): a JPEG is decoded at a reduced scale, anything else
     refused in words."""
     if not data:
         raise ValueError("empty file")
+    max_pixels = MAX_PIXELS if max_pixels is None else max_pixels
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # the size is checked below, in words
         im = Image.open(io.BytesIO(data))
