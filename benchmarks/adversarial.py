@@ -1,5 +1,7 @@
-"""The adversarial trial of issue 11, re-runnable: bad inputs, damaged model folders, kill -9 at random moments,
-concurrent writers. Counts tracebacks, files outside the model folders touched, and models lost.
+"""The adversarial trials (issues 11 and 28), re-runnable: bad inputs, damaged model folders and caches, kill -9 at
+random moments, concurrent writers, output paths, manifests, the Python API, and the server's budgets (chunked
+bodies, pixel bombs, memory after near-cap requests). Counts tracebacks, files outside the model and cache folders
+touched, models lost, and silently wrong answers (an answer that changed after damage to the cache).
 
     python benchmarks/adversarial.py --out benchmarks/results/adversarial.json [--kills 12 --seed 0]
 
@@ -39,6 +41,40 @@ def tree_hash(folder: Path) -> dict[str, str]:
             for p in sorted(folder.rglob("*")) if p.is_file() and not p.is_symlink()}
 
 
+def _retensor(path: Path, **shapes) -> None:
+    """Replace tensors of a head file with zeros of other shapes, and put the new sha256 in the manifest (so only
+    the shape check can catch it)."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    t = load_file(str(path))
+    for k, shape in shapes.items():
+        t[k] = torch.zeros(shape)
+    save_file(t, str(path))
+    _rehash(path)
+
+
+def _examples(d: Path, change) -> None:
+    path = next(d.glob("examples-*.json"))
+    ex = json.loads(path.read_text())
+    for e in ex:
+        change(e)
+    path.write_text(json.dumps(ex))
+    _rehash(path)
+
+
+def _rehash(path: Path) -> None:
+    """The manifest's sha256 for a file rewritten in place (its name stays: the damage is inside)."""
+    d = path.parent if path.parent.name != "heads" else path.parent.parent
+    m = json.loads((d / "manifest.json").read_text())
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    rel = str(path.relative_to(d))
+    for entry in [*m["heads"].values(), m["examples"]]:
+        if entry.get("file") == rel:
+            entry["sha256"] = digest
+    (d / "manifest.json").write_text(json.dumps(m))
+
+
 def verify(model: Path, env) -> bool:
     return ovr("info", model, "--verify", env=env).returncode == 0
 
@@ -48,17 +84,23 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/adversarial.json"))
     ap.add_argument("--kills", type=int, default=12)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--only-server", action="store_true", help="only (9): the server's budgets and memory")
     a = ap.parse_args()
     rng = random.Random(a.seed)
     base = Path(tempfile.mkdtemp(prefix="ovr-adv-"))
     env = {**os.environ, "OVR_CACHE_DIR": str(base / "cache"), "OVR_LOCK_TIMEOUT": "120"}
     data = make_folder(base / "data", n_classes=4, per_class=10)
+    if a.only_server:
+        assert ovr("train", data, "--out", base / "model", *TINY, env=env).returncode == 0
+        print(json.dumps(server(base / "model", env, base), indent=1))
+        return
     extra = make_folder(base / "extra", n_classes=6, per_class=8, prefix="x")
     sentinel = base / "sentinel"
     make_folder(sentinel, n_classes=2, per_class=3, prefix="keep")
     (sentinel / "notes.txt").write_text("must never change")
     before = tree_hash(sentinel)
-    counts = {"runs": 0, "tracebacks": 0, "nonzero_without_message": 0, "models_lost": 0, "kills": 0}
+    counts = {"runs": 0, "tracebacks": 0, "nonzero_without_message": 0, "models_lost": 0, "kills": 0,
+              "silently_wrong_answers": 0}
     cases: list[dict] = []
 
     def record(kind: str, name: str, r: subprocess.CompletedProcess | None, extra_fields=None) -> None:
@@ -147,6 +189,16 @@ def main() -> None:
         "manifest missing": lambda d: (d / "manifest.json").unlink(),
         "corrupt examples": lambda d: [p.write_text("{") for p in d.glob("examples-*.json")],
         "heads is a symlink out": lambda d: (shutil.rmtree(d / "heads"), (d / "heads").symlink_to(sentinel)),
+        # issue 28's: damages that `info --verify` passed and other commands crashed on
+        "backbone preprocess missing": edit(lambda m: (m["backbone"].pop("preprocess"), m)[1]),
+        "backbone weights an int": edit(lambda m: (m["backbone"].update(weights=7), m)[1]),
+        "backbone fingerprint missing": edit(lambda m: (m["backbone"].pop("fingerprint"), m)[1]),
+        "calibration a string": edit(lambda m: (m["heads"]["c0"].update(calibration={"a": "x"}), m)[1]),
+        "head created yesterday": edit(lambda m: (m["heads"]["c0"].update(created="yesterday"), m)[1]),
+        "head weight [64, 2]": lambda d: _retensor(head_file(d), weight=(64, 2)),
+        "head bias [3]": lambda d: _retensor(head_file(d), bias=(3,)),
+        "examples without split": lambda d: _examples(d, lambda e: e.pop("split", None)),
+        "examples integer label": lambda d: _examples(d, lambda e: e.update(label=3)),
     }
     commands = {
         "info --verify": lambda d: ["info", d, "--verify"],
@@ -194,6 +246,93 @@ def main() -> None:
         counts["models_lost"] += not ok
         cases.append({"kind": "concurrent", "case": f"round {k} model", "model_ok_after": ok})
 
+    # 5. the embedding cache, damaged under a model: answers must not change silently
+    fresh = base / "fresh"
+    assert ovr("train", data, "--out", fresh, *TINY, env=env).returncode == 0
+    probe = [data / f"c{k}" / "img009.png" for k in range(4)]
+    answer = lambda: ovr("predict", fresh, *probe, "--json", "--device", "cpu", env=env)  # noqa: E731
+    want = answer().stdout
+    shard_dir = next(p for p in (base / "cache").iterdir() if p.is_dir() and list(p.glob("shard-*")))
+
+    def shards():
+        return sorted(shard_dir.glob("shard-*.safetensors"))
+
+    def rows_random(p: Path) -> None:
+        import torch
+        from safetensors import safe_open
+        from safetensors.torch import load_file, save_file
+
+        with safe_open(str(p), "pt") as f:
+            meta = f.metadata()
+        t = load_file(str(p))
+        t["embeddings"] = torch.randn_like(t["embeddings"])
+        save_file(t, str(p), metadata=meta)
+
+    cache_damages = {
+        "shard rows random": lambda: [rows_random(p) for p in shards()],
+        "shard truncated": lambda: [p.write_bytes(p.read_bytes()[:100]) for p in shards()],
+        "index out of range": lambda: _bad_index(shard_dir),
+    }
+    for name, fn in cache_damages.items():
+        fn()
+        r = answer()
+        record("damaged cache", name, r)
+        wrong = r.returncode == 0 and r.stdout != want
+        counts["silently_wrong_answers"] += wrong
+        cases[-1]["same_answers"] = r.stdout == want
+    (base / "cachefile").write_text("x")
+    record("damaged cache", "cache root is a file",
+           ovr("embed", data, *TINY, "--cache-dir", base / "cachefile", env=env))
+
+    # 6. output paths: never replaced if not a regular file, never inside a model folder, no folders created
+    os.mkfifo(base / "fifo")
+    outs = {
+        "export to a FIFO": ["export", model, base / "fifo", "--heads-only"],
+        "export into the model": ["export", model, model / "manifest.json", "--heads-only"],
+        "export to a missing folder": ["export", model, base / "no" / "deep" / "x.onnx", "--heads-only"],
+        "json-out into the model": ["evaluate", model, data, "--json-out", model / "manifest.json", "--device", "cpu"],
+        "report into the model": ["evaluate", model, data, "--report", model / "rep", "--device", "cpu"],
+    }
+    for name, args in outs.items():
+        r = ovr(*args, env=env)
+        record("output path", name, r, {"refused": r.returncode == 2})
+    counts["outputs_replaced_or_created"] = int(not (base / "fifo").is_fifo()) + int((base / "no").exists()) + \
+        int((model / "rep").exists()) + int(not verify(model, env))
+
+    # 7. manifests: aliases, conflicts, odd files
+    (base / "img").mkdir()
+    for i in range(4):
+        shutil.copy(data / "c0" / f"img00{i}.png", base / "img" / f"{i}.png")
+    manifests = {
+        "alias in two splits": "path,labels,split\nimg/0.png,a,train\nimg/../img/0.png,a,test\nimg/1.png,b,train\n",
+        "two label sets": "path,labels\nimg/0.png,a\nimg/./0.png,b\nimg/1.png,b\n",
+        "header only": "path,labels\n",
+        "a huge field": "path,labels\nimg/0.png," + "x" * 200_000 + "\nimg/1.png,b\n",
+    }
+    for name, text in manifests.items():
+        (base / "m.csv").write_text(text)
+        record("manifest", name, ovr("embed", base / "m.csv", *TINY, env=env))
+
+    # 8. the Python API: every bad input an OvrError
+    code = (
+        "import numpy as np, ovr, sys\nfrom PIL import Image\n"
+        "bad = [lambda: ovr.load(None), lambda: ovr.load(123)]\n"
+        f"p = ovr.load({str(model)!r}, device='cpu')\n"
+        "bad += [lambda x=x: p.predict(x) for x in (None, 42, b'..', '', np.zeros((8, 8, 5), np.uint8),"
+        " np.zeros((0, 0, 3), np.uint8), Image.new('RGB', (0, 3)))]\n"
+        f"bad += [lambda: p.predict([{str(data / 'c0' / 'img000.png')!r}], tta='3'),"
+        f" lambda: p.predict([{str(data / 'c0' / 'img000.png')!r}], reject_below=2.0)]\n"
+        "raw = 0\nfor f in bad:\n    try:\n        f()\n    except ovr.OvrError:\n        pass\n"
+        "    except Exception as e:\n        raw += 1\n        print(type(e).__name__, e, file=sys.stderr)\n"
+        "print(raw, len(bad))\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    raw, total = map(int, r.stdout.split()[-2:])
+    counts["python_api_raw_exceptions"] = raw
+    record("python api", f"{total} bad inputs", r)
+
+    # 9. the server: a chunked body over the limit, a pixel bomb, memory after near-cap requests
+    counts.update(server(model, env, base))
+
     counts["files_outside_changed"] = sum(1 for k in set(before) | set(tree_hash(sentinel))
                                           if before.get(k) != tree_hash(sentinel).get(k))
     counts["damaged_refused_with_one_line"] = sum(1 for c in cases if c.get("refused"))
@@ -202,6 +341,113 @@ def main() -> None:
     a.out.write_text(json.dumps({"counts": counts, "cases": cases, "machine": f"{os.cpu_count()} cores"}, indent=1))
     print(json.dumps(counts, indent=1))
     shutil.rmtree(base, ignore_errors=True)
+
+
+def _bad_index(shard_dir: Path) -> None:
+    """An index whose rows point past their shard."""
+    import io
+
+    import numpy as np
+
+    p = shard_dir / "index.npz"
+    if not p.exists():
+        from ovr.cache import EmbeddingCache
+
+        EmbeddingCache(shard_dir.parent, shard_dir.name)._compact()
+    with np.load(p) as z:
+        keys, loc, names = z["keys"], z["loc"].copy(), z["shards"]
+    loc[:, 1] += 10_000
+    buf = io.BytesIO()
+    np.savez(buf, keys=keys, loc=loc, shards=names)
+    p.write_bytes(buf.getvalue())
+
+
+def chunked(port: int, limit_mb: float = 5.0) -> dict:
+    """A well-formed multipart upload whose file never ends, sent with Transfer-Encoding: chunked over a raw socket,
+    1 MB at a time, until the server answers: how much was sent by then (the server read at most that) and the
+    status it gave. Up to 2 GB."""
+    import select
+    import socket
+
+    part = (b'--b\r\nContent-Disposition: form-data; name="files"; filename="big.png"\r\n'
+            b"Content-Type: image/png\r\n\r\n")
+    sock = socket.create_connection(("127.0.0.1", port))
+    sock.sendall(b"POST /predict HTTP/1.1\r\nHost: 127.0.0.1\r\nTransfer-Encoding: chunked\r\n"
+                 b"Content-Type: multipart/form-data; boundary=b\r\n\r\n")
+    sent, status = 0, None
+    chunk = b"%x\r\n" % (1 << 20) + b"x" * (1 << 20) + b"\r\n"
+    sock.sendall(b"%x\r\n" % len(part) + part + b"\r\n")
+    try:
+        while sent < 2000 * (1 << 20):
+            if select.select([sock], [], [], 0)[0]:
+                break
+            sock.sendall(chunk)
+            sent += 1 << 20
+        reply = sock.recv(200).decode(errors="replace")
+        status = reply.split(" ")[1] if reply.startswith("HTTP/") else reply[:40]
+    except OSError as e:  # the server closed the connection after answering
+        status = f"closed ({type(e).__name__})"
+    finally:
+        sock.close()
+    return {"chunked_status": status, "chunked_mb_sent_before_refusal": sent / (1 << 20),
+            "chunked_limit_mb": limit_mb}
+
+
+def _rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def server(model: Path, env, base: Path) -> dict:
+    """`ovr serve` in a subprocess: bytes sent of a chunked 2 GB body before its 413 (--max-upload-mb 5), a 9000 x
+    9000 PNG of a few KB, and RSS before, at peak and after 20 requests of 8 near-cap images (15.2 megapixels
+    each: the request's pixel budget takes four of them, the others get their own error)."""
+    import io
+    import socket
+
+    import httpx
+    import numpy as np
+    from PIL import Image
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "ovr", "serve", str(model), "--port", str(port), "--device", "cpu",
+                             "--max-upload-mb", "5"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    url = f"http://127.0.0.1:{port}"
+    out: dict = {}
+    try:
+        for _ in range(300):
+            try:
+                if httpx.get(url + "/v2/health/ready", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.2)
+        out.update(chunked(port))
+        buf = io.BytesIO()
+        Image.new("1", (9000, 9000)).save(buf, "PNG")
+        r = httpx.post(url + "/predict", files=[("files", ("bomb.png", buf.getvalue(), "image/png"))], timeout=60)
+        out["pixel_bomb"] = r.json()["results"][0].get("error", "answered")[:80]
+        out["pixel_bomb_kb"] = len(buf.getvalue()) / 1e3
+        near = io.BytesIO()  # just under the per-image budget: 3,900 x 3,900 (15.2 megapixels), a smooth PNG
+        ramp = np.linspace(0, 255, 3900, dtype=np.float32)
+        Image.fromarray(np.stack([np.add.outer(ramp, ramp) / 2] * 3, -1).astype(np.uint8)).save(near, "PNG")
+        files = [("files", (f"n{i}.png", near.getvalue(), "image/png")) for i in range(8)]
+        base_rss = _rss_mb(proc.pid)
+        peak = base_rss
+        for _ in range(20):
+            httpx.post(url + "/predict", files=files, timeout=120)
+            peak = max(peak, _rss_mb(proc.pid))
+        time.sleep(1)
+        out.update(rss_baseline_mb=base_rss, rss_peak_mb=peak, rss_after_mb=_rss_mb(proc.pid),
+                   near_cap_request_mb=8 * len(near.getvalue()) / 1e6)
+    finally:
+        proc.terminate()
+        errs = proc.communicate(timeout=30)[1].decode(errors="replace")
+        out["server_tracebacks"] = errs.count("Traceback")
+    return out
 
 
 if __name__ == "__main__":
