@@ -48,13 +48,17 @@ def hash_files(paths: list[Path], progress: Callable[[str, int, int], None] | No
     bad: list[tuple[Path, str]] = []
     for i, p in enumerate(paths):
         try:
-            data = Path(p).read_bytes()
+            h, size = hashlib.sha256(), 0
+            with open(p, "rb") as f:  # streamed: a huge file never sits in memory to be hashed
+                while block := f.read(1 << 20):
+                    h.update(block)
+                    size += len(block)
         except OSError as e:
             keys.append(None)
             bad.append((Path(p), describe_error(e)))
         else:
-            if data:
-                keys.append(content_key(data))
+            if size:
+                keys.append(h.hexdigest())
             else:  # nothing to decode: said here, never handed to a decoder (whose error would not say it)
                 keys.append(None)
                 bad.append((Path(p), "empty file"))

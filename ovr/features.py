@@ -12,7 +12,7 @@ import torch
 
 from .backbones import Backbone
 from .cache import EmbeddingCache, hash_files
-from .data import ImageFolder, describe_error
+from .data import ImageFolder, describe_error, read_image_file
 from .errors import OvrError
 from .pixels import Pixels
 from .views import augment, view_key, view_seed
@@ -34,7 +34,7 @@ class _Decode(torch.utils.data.Dataset):
         try:
             seed = self.aug_seeds[i] if self.aug_seeds is not None else None
             aug = (lambda im: augment(im, seed)) if seed is not None else None
-            return self.pixels.item(Path(self.paths[i]).read_bytes(), aug), i, ""
+            return self.pixels.item(read_image_file(self.paths[i]), aug), i, ""
         except Exception as e:
             return None, i, describe_error(e)
 

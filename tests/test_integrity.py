@@ -530,3 +530,32 @@ def test_verify_means_every_command_can_use_the_model(tmp_path, cache_dir, damag
     img = (data / "c1" / "img000.png").read_bytes()
     r = client.post("/predict", files=[("files", ("a.png", img, "image/png"))])
     assert r.status_code == 200 and r.json()["results"][0]["class"] == "c1"  # the old model still serves
+
+
+def test_a_huge_non_jpeg_is_refused_from_its_header_without_reading_it_whole(tmp_path, monkeypatch):
+    """A file is hashed in blocks and read for decoding only after its header's size passed the pixel limit."""
+    import ovr.data as data_mod
+    from ovr.cache import content_key, hash_files
+    from ovr.data import read_image_file
+
+    big = tmp_path / "big.png"
+    Image.new("1", (3000, 3000)).save(big)
+    with open(big, "ab") as f:  # trailing bytes past the image: a file much larger than its header says
+        f.write(b"\0" * (3 << 20))
+    monkeypatch.setattr(data_mod, "MAX_PIXELS", 1000 * 1000)
+    reads = []
+    real_open = open
+
+    def spy(path, mode="r", *a, **k):
+        f = real_open(path, mode, *a, **k)
+        if str(path) == str(big) and "b" in mode:
+            orig = f.read
+            f.read = lambda n=-1: (reads.append(n), orig(n))[1]
+        return f
+
+    monkeypatch.setattr("builtins.open", spy)
+    with pytest.raises(ValueError, match="too large to decode safely"):
+        read_image_file(big)
+    assert reads == [data_mod.HEADER_BYTES]  # the header only, never the rest
+    keys, bad = hash_files([big])
+    assert keys == [content_key(big.read_bytes())] and not bad and all(0 < n <= 1 << 20 for n in reads[1:])
