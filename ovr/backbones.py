@@ -12,7 +12,7 @@ from torch import nn
 
 from .data import describe_error
 from .errors import OvrError
-from .warm import LITE_WHEELS, cache_key, framed, lite_file, recall, remember, spec, weights_identity
+from .identity import LITE_WHEELS, cache_key, framed, lite_file, recall, remember, spec, weights_identity
 
 
 @dataclass

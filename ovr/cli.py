@@ -286,7 +286,7 @@ def embed(
         import os
 
         from .cache import hash_files
-        from .warm import all_cached
+        from .identity import all_cached
 
         if os.environ.get("RANK", "0") == "0":  # each file read and hashed once: for the check below and the embedding
             with progress_bar() as cb:

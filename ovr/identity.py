@@ -1,4 +1,5 @@
-"""What a run knows without torch, whose import is most of a warm `ovr embed`.
+"""A backbone's identity (weights, fingerprint, preprocessing, cache key) and what a run knows without torch, whose
+import is most of a warm `ovr embed`.
 
 Each backbone's identity (dim, weights fingerprint, preprocessing) is remembered in <cache>/backbones.json the first
 time its network is built, keyed by what the weights are (file path, size, mtime; the torch version for seeded

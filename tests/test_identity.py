@@ -55,7 +55,7 @@ def test_all_cached_steps_aside_when_unsure(tmp_path, monkeypatch):
     from ovr.config import FeatureConfig
     from ovr.data import scan_folder
     from ovr.features import embed_paths
-    from ovr.warm import all_cached
+    from ovr.identity import all_cached
 
     data = make_folder(tmp_path / "d", n_classes=2, per_class=3)
     paths = scan_folder(data).paths
