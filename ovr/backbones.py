@@ -419,8 +419,19 @@ def load_backbone(name: str, weights: str = "default", memo_dir: str | Path | No
 
 def model_backbone(spec: dict, memo_dir: str | Path | None = None) -> Backbone:
     """The backbone a model was made with (its manifest's spec), checked: a model only makes sense on the
-    embeddings it was trained on. Models from before the decode path was recorded used PIL."""
-    bb = load_backbone(spec["name"], spec["weights"], memo_dir, spec.get("decode", "pil"), spec.get("frame", "crop"))
+    embeddings it was trained on. Models from before the decode path was recorded used PIL.
+
+    Weights from a file are opened only if this cache has loaded that very file before (by `--weights FILE` on a
+    command line: `ovr train`, `ovr embed`): a model folder can name a path, but it cannot make ovr open one."""
+    weights = spec["weights"]
+    if weights not in ("default", "none"):
+        ident = weights_identity(spec["name"], weights) if memo_dir else None
+        known = recall(memo_dir, framed(ident, spec.get("frame", "crop"))) if ident else None
+        if known is None or known.get("fingerprint") != spec["fingerprint"]:
+            raise OvrError(f"this model's backbone weights come from the file {weights}, which ovr has not loaded "
+                           f"with this cache; to trust it, run `ovr embed DATA --backbone {spec['name']} --weights "
+                           f"{weights}` once (or train the model again)")
+    bb = load_backbone(spec["name"], weights, memo_dir, spec.get("decode", "pil"), spec.get("frame", "crop"))
     if spec["name"] != bb.name or spec["fingerprint"] != bb.fingerprint or spec["preprocess"] != bb.preprocess:
         raise OvrError(f"model was made with backbone {spec['name']} (weights {spec['weights']}, "
                        f"fingerprint {spec['fingerprint'][:12]}), not {bb.name} (weights {bb.weights}, "

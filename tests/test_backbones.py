@@ -117,3 +117,27 @@ def test_bench_backbones_compares_and_recommends(files, tmp_path):
     r = cli("bench", data, "--out", tmp_path / "rep2", "--backbones", "tiny_cnn", "--weights", "none",
             "--device", "cpu", "--seeds", "2", "--min-img-s", "1e12")
     assert r.exit_code == 0 and "none reaches" in r.output
+
+
+def test_a_manifest_cannot_make_ovr_open_a_file(files, tmp_path, monkeypatch):
+    """A model's manifest naming backbone weights at another path (weights=/etc/passwd was opened) is refused in
+    one line until that file has been loaded with --weights on a command line; then the model works."""
+    base, data = files
+    monkeypatch.setenv("OVR_CACHE_DIR", str(tmp_path / "cache"))
+    wfile = str(base / "test_resnet.safetensors")
+    flags = ["--backbone", "timm:test_resnet", "--device", "cpu", "--workers", "0"]
+    assert cli("train", data, "--out", tmp_path / "m", *flags, "--weights", wfile).exit_code == 0
+    image = data / "c0" / "img009.png"
+    assert cli("predict", tmp_path / "m", image, "--device", "cpu").exit_code == 0  # this cache loaded it
+    m = json.loads((tmp_path / "m" / "manifest.json").read_text())
+    m["backbone"]["weights"] = "/etc/hostname"
+    (tmp_path / "m" / "manifest.json").write_text(json.dumps(m))
+    r = cli("predict", tmp_path / "m", image, "--device", "cpu")
+    assert r.exit_code == 2 and "has not loaded" in r.output and "Traceback" not in r.output
+    m["backbone"]["weights"] = wfile
+    (tmp_path / "m" / "manifest.json").write_text(json.dumps(m))
+    monkeypatch.setenv("OVR_CACHE_DIR", str(tmp_path / "other-cache"))  # another machine's cache: not trusted yet
+    r = cli("predict", tmp_path / "m", image, "--device", "cpu")
+    assert r.exit_code == 2 and "ovr embed" in r.output
+    assert cli("embed", data, *flags, "--weights", wfile).exit_code == 0
+    assert cli("predict", tmp_path / "m", image, "--device", "cpu").exit_code == 0
