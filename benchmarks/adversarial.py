@@ -364,7 +364,7 @@ def _bad_index(shard_dir: Path) -> None:
 
 def chunked(port: int, limit_mb: float = 5.0) -> dict:
     """A well-formed multipart upload whose file never ends, sent with Transfer-Encoding: chunked over a raw socket,
-    1 MB at a time, until the server answers: how much was sent by then (the server read at most that) and the
+    256 KB at a time, until the server answers: how much was sent by then (the server read at most that) and the
     status it gave. Up to 2 GB."""
     import select
     import socket
@@ -375,14 +375,14 @@ def chunked(port: int, limit_mb: float = 5.0) -> dict:
     sock.sendall(b"POST /predict HTTP/1.1\r\nHost: 127.0.0.1\r\nTransfer-Encoding: chunked\r\n"
                  b"Content-Type: multipart/form-data; boundary=b\r\n\r\n")
     sent, status = 0, None
-    chunk = b"%x\r\n" % (1 << 20) + b"x" * (1 << 20) + b"\r\n"
+    chunk = b"%x\r\n" % (1 << 18) + b"x" * (1 << 18) + b"\r\n"
     sock.sendall(b"%x\r\n" % len(part) + part + b"\r\n")
     try:
         while sent < 2000 * (1 << 20):
             if select.select([sock], [], [], 0)[0]:
                 break
             sock.sendall(chunk)
-            sent += 1 << 20
+            sent += 1 << 18
         reply = sock.recv(200).decode(errors="replace")
         status = reply.split(" ")[1] if reply.startswith("HTTP/") else reply[:40]
     except OSError as e:  # the server closed the connection after answering
