@@ -603,7 +603,7 @@ def info(
         b = m["backbone"]
         console.print(f"[bold]{escape(str(model))}[/]: {len(m['classes'])} {m['head_type']} heads on [bold]{b['name']}[/] "
                       f"(weights {b['weights']}, dim {b['dim']}, fingerprint {b['fingerprint'][:12]}, "
-                      f"decode {b.get('decode', 'pil')}), "
+                      f"decode {b.get('decode', 'pil')}, frame {b.get('frame', 'crop')}), "
                       f"{m['examples']['count']} remembered examples, ovr {m['ovr_version']}", highlight=False)
         if any(h.get("trained_with") is None for h in m["heads"].values()):
             console.print("this model was written before ovr recorded which classes each head saw: they are inferred "
