@@ -376,15 +376,13 @@ def _seeded_build(info: "BackboneInfo", weights: str) -> tuple[nn.Module, Callab
 def full_frame(transform):
     """The backbone's transform with its resize + centre crop replaced by a resize of the whole image to the
     input size (S x S: the aspect ratio is not kept, nothing is cut)."""
-    import torchvision.transforms as T
-
-    from .pixels import split_transform
+    from .pixels import compose, split_transform
 
     prep = split_transform(transform, "pil")
-    resize = next((t for t in prep.geometry if type(t).__name__ == "Resize"), None)
-    interp = resize.interpolation if resize is not None else T.InterpolationMode.BILINEAR
-    return T.Compose([T.Resize((prep.size, prep.size), interpolation=interp, antialias=True), T.ToTensor(),
-                      T.Normalize(prep.mean, prep.std)])
+    rec = prep.record()
+    interp = next((g["interpolation"] for g in rec["geometry"] if g["op"] == "resize"), "bilinear")
+    return compose({**rec, "geometry": [{"op": "resize", "size": (prep.size, prep.size), "interpolation": interp,
+                                         "max_size": None, "antialias": True}]})
 
 
 def load_backbone(name: str, weights: str = "default", memo_dir: str | Path | None = None,

@@ -39,7 +39,7 @@ def fit_temperature(z: np.ndarray, y: np.ndarray) -> float:
     return aggregate.softmax_temperature(torch.as_tensor(z, dtype=torch.float64), torch.as_tensor(y).long(), t_max=20.0)[0]
 
 
-RESAMPLE = 0.9  # each seed trains on its own stratified 90% of the training rows: the spread is real
+RESAMPLE = 0.9  # the share of each class's training rows a seed draws: seeds differ in data, so the spread is real
 
 
 def _scenario_train(y: np.ndarray, scenario: str, seed: int, cfg: Config) -> np.ndarray:

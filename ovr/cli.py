@@ -152,8 +152,8 @@ def user_errors():
 
 
 def _rate(stage: str, done: int, elapsed: float) -> str:
-    """Images per second for the stages that count images, once a second has passed (one batch in 0.4 ms read
-    "166,600 img/s"); other stages (solves, benchmark runs) show no rate: theirs means nothing."""
+    """Images per second for the stages that count images, once a second has passed (a rate over the first
+    batch alone is noise); other stages (solves, benchmark runs) show no rate: theirs means nothing."""
     if elapsed < 1.0 or not done or stage not in ("embed", "hash", "views"):
         return ""
     return f"{done / elapsed:,.0f} img/s"
@@ -323,16 +323,10 @@ def _embed_report(s: dict, as_json: bool, json_out: Path | None, notes: list[str
     console.print(embed_line(s), highlight=False)
 
 
-def _calibration_cell(model, r) -> str:
-    """A head's calibration; "none" where one was asked for says why (it did not help on held-out rows)."""
-    if r.calibration.kind != "none" or model.calibration == "none" or r.solver == "ridge":
-        return r.calibration.kind
-    return "none: no gain on held-out val rows"
-
-
-def _calibration_info(m: dict, h: dict) -> str:
-    kind = (h.get("calibration") or {}).get("kind", "none")
-    if kind != "none" or m.get("calibration", "platt") == "none" or m.get("head_type") == "ridge":
+def _calibration_label(kind: str, asked: str, ridge: bool) -> str:
+    """A head's calibration for the train table and `info`; "none" where one was asked for says why (it did
+    not help on held-out rows; ridge heads are never calibrated)."""
+    if kind != "none" or asked == "none" or ridge:
         return kind
     return "none: no gain on held-out val rows"
 
@@ -351,7 +345,7 @@ def _train_table(model, title: str, names=None) -> Table:
         its = (f"0 ({r.solver}: the warm start was already converged)" if r.iterations == 0 and r.solver == "lbfgs"
                else f"{r.iterations} ({r.solver})")
         t.add_row(escape(c), str(r.positives), str(r.negatives), f"{r.l2:g}", its,
-                  f(r.val_loss), _calibration_cell(model, r), f(r.threshold), f(v.get("precision")), f(v.get("recall")), f(v.get("f1")))
+                  f(r.val_loss), _calibration_label(r.calibration.kind, model.calibration, r.solver == "ridge"), f(r.threshold), f(v.get("precision")), f(v.get("recall")), f(v.get("f1")))
     return t
 
 
@@ -619,7 +613,8 @@ def info(
             tw = h.get("trained_with")
             saw = "?" if tw is None else f"{len(set(tw) & set(m['classes']))}/{len(m['classes'])}"
             t.add_row(escape(c), str(h["positives"]), str(h["negatives"]), f"{h['l2']:g}",
-                      "-" if f1 is None else f"{f1:.3f}", _calibration_info(m, h), f"{h['threshold']:.3f}", saw,
+                      "-" if f1 is None else f"{f1:.3f}", _calibration_label((h.get("calibration") or {}).get("kind", "none"), m.get("calibration", "platt"),
+                                        m.get("head_type") == "ridge"), f"{h['threshold']:.3f}", saw,
                       h["created"][:19],
                       h["sha256"][:12])
         console.print(t)

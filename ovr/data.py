@@ -326,12 +326,21 @@ def expand_inputs(items: list[str], ignored: dict[str, int] | None = None) -> li
     return out
 
 
-def image_size(data: bytes) -> tuple[int, int]:
-    """(width, height) from the file's header alone, nothing decoded (raises on bytes that are not an image)."""
+def image_header(data: bytes) -> tuple[int, int, str | None]:
+    """(width, height, format) from the file's header alone, nothing decoded (raises on bytes that are not an
+    image)."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
         with Image.open(io.BytesIO(data)) as im:
-            return im.size
+            return (*im.size, im.format)
+
+
+def check_pixels(w: int, h: int, fmt: str | None, max_pixels: int) -> None:
+    """The one size rule: over `max_pixels`, a JPEG is still decoded (at a reduced scale, libjpeg's draft mode);
+    anything else is refused in words, before it is decoded."""
+    if w * h > max_pixels and fmt != "JPEG":
+        raise ValueError(f"image too large to decode safely ({w} x {h} = {w * h / 1e6:.0f} megapixels; "
+                         f"limit {max_pixels / 1e6:.0f})")
 
 
 def decode_image(data: bytes, max_pixels: int | None = None) -> Image.Image:
@@ -347,10 +356,8 @@ def decode_image(data: bytes, max_pixels: int | None = None) -> Image.Image:
     with im:
         im.seek(0)
         w, h = im.size
+        check_pixels(w, h, im.format, max_pixels)
         if w * h > max_pixels:
-            if im.format != "JPEG":
-                raise ValueError(f"image too large to decode safely ({w} x {h} = {w * h / 1e6:.0f} megapixels; "
-                                 f"limit {max_pixels / 1e6:.0f})")
             scale = (w * h / max_pixels) ** 0.5
             im.draft("RGB", (int(w / scale), int(h / scale)))  # libjpeg decodes at 1/2..1/8 scale
         im.load()  # raises on truncated data instead of failing later inside a worker
@@ -375,21 +382,17 @@ HEADER_BYTES = 1 << 16  # enough for any format's size fields
 
 
 def read_image_file(path: str | Path) -> bytes:
-    """A file's bytes for decoding, its size checked from the header first: a non-JPEG over MAX_PIXELS is refused
-    before the rest is read (a 1.5 GB sparse PNG took `embed` to 3.8 GB), and an empty file is said."""
+    """A file's bytes for decoding, its size checked from the header first (`check_pixels`): an image refused for
+    its size is never read whole (a small sparse file can be huge), and an empty file is said."""
     with open(path, "rb") as f:
         head = f.read(HEADER_BYTES)
         if not head:
             raise ValueError("empty file")
         try:
-            w, h = image_size(head)
-            fmt = Image.open(io.BytesIO(head)).format
+            w, h, fmt = image_header(head)
         except Exception:  # noqa: BLE001  (a header PIL cannot read from the first bytes: the full decode says why)
-            w = h = 0
-            fmt = None
-        if w * h > MAX_PIXELS and fmt != "JPEG":
-            raise ValueError(f"image too large to decode safely ({w} x {h} = {w * h / 1e6:.0f} megapixels; "
-                             f"limit {MAX_PIXELS / 1e6:.0f})")
+            w, h, fmt = 0, 0, None
+        check_pixels(w, h, fmt, MAX_PIXELS)
         return head + f.read()
 
 

@@ -80,8 +80,10 @@ def export_backbone(backbone: "Backbone", path: Path) -> None:
                                      opset_version=max(OPSET, 18), dynamo=True, external_data=False, verbose=False)
             data = prog.model_proto.SerializeToString()
     path.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        record = transform_record(backbone.transform, backbone.decode)
+    from .pixels import split_transform
+
+    try:  # the preprocessing as data, so that a later process embeds without building the network
+        record = split_transform(backbone.transform, backbone.decode).record()
     except OvrError:
         record = None  # a transform ovr cannot describe: the onnxruntime engine builds the network for it
     if record is not None:
@@ -89,42 +91,13 @@ def export_backbone(backbone: "Backbone", path: Path) -> None:
     atomic_write_bytes(path, data)
 
 
-def transform_record(transform, decode: str) -> dict:
-    """The backbone's preprocessing as data (resize, crop, mean, std), so that the onnxruntime engine can rebuild
-    it without building the network (which is most of a one-image predict's time)."""
-    from .pixels import split_transform
-
-    prep = split_transform(transform, decode)
-    steps = []
-    for t in prep.geometry:
-        if type(t).__name__ == "Resize":
-            size = t.size if isinstance(t.size, int) else list(t.size)
-            steps.append({"op": "resize", "size": size, "interpolation": t.interpolation.value,
-                          "max_size": t.max_size, "antialias": t.antialias})
-        else:
-            steps.append({"op": "center_crop", "size": list(t.size)})
-    return {"geometry": steps, "mean": prep.mean, "std": prep.std}
-
-
-def transform_from_record(record: dict):
-    """transform_record's inverse: a torchvision Compose that gives the same pixels."""
-    import torchvision.transforms as T
-
-    steps = []
-    for g in record["geometry"]:
-        if g["op"] == "resize":
-            steps.append(T.Resize(g["size"], interpolation=T.InterpolationMode(g["interpolation"]),
-                                  max_size=g["max_size"], antialias=g["antialias"]))
-        else:
-            steps.append(T.CenterCrop(g["size"]))
-    return T.Compose([*steps, T.ToTensor(), T.Normalize(record["mean"], record["std"])])
-
-
 def saved_transform(backbone: "Backbone"):
     """The preprocessing saved beside the backbone's graph, or None (not exported yet)."""
+    from .pixels import compose
+
     path = graph_path(backbone.engine_dir, backbone).with_suffix(".json")
     try:
-        return transform_from_record(json.loads(path.read_text()))
+        return compose(json.loads(path.read_text()))
     except (OSError, ValueError, KeyError, TypeError):
         return None
 
@@ -169,12 +142,11 @@ def attach(backbone: "Backbone", engine: str, device: "torch.device", cache_dir:
 
 
 def session(backbone: "Backbone") -> OrtForward:
-    """The backbone's onnxruntime forward, its graph exported on first use."""
-    import os
-
+    """The backbone's onnxruntime forward, its graph exported on first use; as many threads as torch's pool (the
+    free cores, or --threads / $OVR_THREADS, worked out once per process)."""
     from filelock import FileLock
 
-    from .runtime import compute_threads
+    from .runtime import configure_threads
 
     path = graph_path(backbone.engine_dir, backbone)
     if not path.exists():
@@ -182,4 +154,4 @@ def session(backbone: "Backbone") -> OrtForward:
         with FileLock(str(path.parent / ".export.lock")):
             if not path.exists():
                 export_backbone(backbone, path)
-    return OrtForward(path, compute_threads(int(os.environ.get("OVR_THREADS", "0"))))
+    return OrtForward(path, configure_threads())

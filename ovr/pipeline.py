@@ -224,10 +224,8 @@ class Predictor:
         if crops.dtype != np.uint8 or crops.ndim != 4 or crops.shape[1:] != (S, S, 3):
             raise OvrError(f"crops must be uint8 [B, {S}, {S}, 3] for this backbone, got {crops.dtype} "
                            f"{list(crops.shape)}")
-        mean = torch.tensor(prep.mean).view(1, 3, 1, 1)
-        std = torch.tensor(prep.std).view(1, 3, 1, 1)
-        out = [forward(self.backbone, (torch.from_numpy(crops[i:i + 64]).permute(0, 3, 1, 2).float() / 255 - mean)
-                       / std, self.device) for i in range(0, len(crops), 64)]
+        out = [forward(self.backbone, prep.normalized(torch.from_numpy(crops[i:i + 64]).permute(0, 3, 1, 2)),
+                       self.device) for i in range(0, len(crops), 64)]
         return torch.cat(out) if out else torch.empty(0, self.backbone.dim, device=self.device)
 
     def predict(self, inputs: list, options: AnswerOptions | None = None, progress: Progress | None = None,

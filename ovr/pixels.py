@@ -102,6 +102,25 @@ class Preprocess:
                 out["interpolation"] = t.interpolation.value
         return out
 
+    def normalized(self, x: torch.Tensor) -> torch.Tensor:
+        """uint8 [B, 3, S, S] crops -> the backbone's float input: scaled to [0, 1], then mean/std (the step the
+        exported graph holds too)."""
+        mean = torch.tensor(self.mean, device=x.device).view(1, 3, 1, 1)
+        std = torch.tensor(self.std, device=x.device).view(1, 3, 1, 1)
+        return x.float().div_(255).sub_(mean).div_(std)
+
+    def record(self) -> dict:
+        """The preprocessing as data (resize, crop, mean, std): `compose` rebuilds it without the network."""
+        steps = []
+        for t in self.geometry:
+            if type(t).__name__ == "Resize":
+                size = t.size if isinstance(t.size, int) else list(t.size)
+                steps.append({"op": "resize", "size": size, "interpolation": t.interpolation.value,
+                              "max_size": t.max_size, "antialias": t.antialias})
+            else:
+                steps.append({"op": "center_crop", "size": list(t.size)})
+        return {"geometry": steps, "mean": self.mean, "std": self.std}
+
     @cached_property
     def _tensor_steps(self) -> list:
         """The same resize and crop as transforms.v2 steps on uint8 [C, H, W] tensors (any device)."""
@@ -114,6 +133,20 @@ class Preprocess:
             else:
                 out.append(v2.CenterCrop(t.size))
         return out
+
+
+def compose(record: dict):
+    """`Preprocess.record`'s inverse: a torchvision Compose (PIL image -> normalised tensor) with the same pixels."""
+    import torchvision.transforms as T
+
+    steps = []
+    for g in record["geometry"]:
+        if g["op"] == "resize":
+            steps.append(T.Resize(g["size"], interpolation=T.InterpolationMode(g["interpolation"]),
+                                  max_size=g.get("max_size"), antialias=g.get("antialias", True)))
+        else:
+            steps.append(T.CenterCrop(g["size"]))
+    return T.Compose([*steps, T.ToTensor(), T.Normalize(record["mean"], record["std"])])
 
 
 def split_transform(transform, decode: str = "pil") -> Preprocess:
@@ -241,10 +274,7 @@ class Pixels:
         good = [x for x in out if not isinstance(x, str)]
         if not good:
             return torch.empty(0, 3, self.prep.size, self.prep.size, device=self.device), bad
-        x = torch.stack(good).float().div_(255)
-        mean = torch.tensor(self.prep.mean, device=self.device).view(1, 3, 1, 1)
-        std = torch.tensor(self.prep.std, device=self.device).view(1, 3, 1, 1)
-        return x.sub_(mean).div_(std), bad
+        return self.prep.normalized(torch.stack(good)), bad
 
     def _one(self, blob: torch.Tensor) -> torch.Tensor | str:
         """One JPEG the batch decoder refused, whole (uncropped): on the device alone, else PIL, else why not."""

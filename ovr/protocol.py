@@ -61,7 +61,8 @@ def _bytes_elements(raw: bytes, name: str) -> list[bytes]:
     return out
 
 
-def _objects(items: list) -> np.ndarray:
+def bytes_array(items: list) -> np.ndarray:
+    """A 1-D object array of these bytes (a BYTES tensor's data; numpy would otherwise make fixed-width strings)."""
     out = np.empty(len(items), dtype=object)
     out[:] = items
     return out
@@ -115,7 +116,7 @@ def parse_request(body: bytes, header_length: str | None) -> Request:
                 raise ProtocolError(f"input '{name}': binary_data_size {size!r} runs past the body")
             raw, offset = rest[offset:offset + size], offset + size
             if dtype == "BYTES":
-                data = _objects(_bytes_elements(raw, name))
+                data = bytes_array(_bytes_elements(raw, name))
             elif dtype in DTYPES:
                 itemsize = np.dtype(DTYPES[dtype]).itemsize
                 if len(raw) % itemsize:
@@ -128,7 +129,7 @@ def parse_request(body: bytes, header_length: str | None) -> Request:
                 raise ProtocolError(f"input '{name}' has no 'data' and no binary_data_size")
             flat = _flat(t["data"])
             if dtype == "BYTES":
-                data = _objects([s.encode() if isinstance(s, str) else s for s in flat])
+                data = bytes_array([s.encode() if isinstance(s, str) else s for s in flat])
                 if not all(isinstance(s, bytes) for s in data):
                     raise ProtocolError(f"input '{name}': BYTES data must be strings")
             elif dtype in DTYPES:
@@ -153,7 +154,7 @@ def classification(scores: np.ndarray, k: int, labels: list[str]) -> np.ndarray:
     """The classification extension: [B, k] "score:index:label" strings, highest score first."""
     k = max(1, min(int(k), scores.shape[1]))
     order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
-    return _objects([f"{scores[r, j]:.6f}:{j}:{labels[j]}".encode()
+    return bytes_array([f"{scores[r, j]:.6f}:{j}:{labels[j]}".encode()
                      for r, row in enumerate(order) for j in row]).reshape(len(scores), k)
 
 

@@ -33,8 +33,8 @@ def compute_threads(requested: int = 0) -> int:
 
 def busy_cores(cores: int, window: float = 0.05) -> float:
     """How many cores other processes keep busy: from /proc/stat over `window` seconds (this process is idle
-    meanwhile), else the 1-minute load average. Not the load average first: in a VM it can read 1.0 on an idle
-    machine (this project's CI machine does: load 1.0, /proc/stat 99.8% idle), which halved every pool."""
+    meanwhile), else the 1-minute load average. Not the load average first: in a VM it can count a busy core
+    on an idle machine (this project's CI machine does), which halved every pool on two cores."""
     import os
     import time
 

@@ -18,9 +18,9 @@ from .config import AnswerOptions
 from .errors import OvrError
 
 MAX_BATCH = 64  # images per forward pass, gathered across the requests waiting for it
-# Pixel budgets, read from each file's header before anything is decoded: a 121 KB 16-bit 8000 x 7999 PNG took the
-# server from 0.8 to 2.45 GB. Per image (larger JPEGs are decoded at a reduced scale, other formats refused) and
-# per request (the images past it are refused, each with its own error).
+# Pixel budgets, read from each file's header before anything is decoded (a small file can hold an image that
+# takes gigabytes decoded). Per image (larger JPEGs are decoded at a reduced scale, other formats refused) and per
+# request (the images past it are refused, each with its own error).
 MAX_IMAGE_PIXELS = 16_000_000
 MAX_REQUEST_PIXELS = 64_000_000
 INSTALL_HINT = 'serving needs the serve extra: pip install "ovr[serve]" (fastapi, uvicorn, python-multipart)'
@@ -189,15 +189,24 @@ def create_app(model_root, *, device: str = "auto", cache_dir=None, engine: str 
 
     limit = int(max_upload_mb * 1e6)
 
-    def decode_budgeted(data: bytes, budget: int):
-        """An upload decoded within the per-image and the request's remaining pixel budget (header first)."""
-        from .data import image_size
+    def decode_uploads(blobs) -> list:
+        """Each upload decoded, or why not (a string): within the per-image pixel budget and what is left of the
+        request's, both read from the headers before anything is decoded. The one decode of /predict and v2."""
+        from .data import image_header
 
-        w, h = image_size(data)
-        if min(w * h, MAX_IMAGE_PIXELS) > budget:  # a larger JPEG is decoded at a reduced scale; others refused
-            raise ValueError(f"{w} x {h} pixels is over what is left of this request's {MAX_REQUEST_PIXELS / 1e6:.0f}"
-                             f" megapixel budget; send it in its own request")
-        return decode_image(data, MAX_IMAGE_PIXELS)
+        out: list = []
+        budget = MAX_REQUEST_PIXELS
+        for data in blobs:
+            try:
+                w, h, _ = image_header(data)
+                if min(w * h, MAX_IMAGE_PIXELS) > budget:  # a larger JPEG is decoded reduced; others are refused
+                    raise ValueError(f"{w} x {h} pixels is over what is left of this request's "
+                                     f"{MAX_REQUEST_PIXELS / 1e6:.0f} megapixel budget; send it in its own request")
+                out.append(decode_image(data, MAX_IMAGE_PIXELS))
+                budget -= out[-1].width * out[-1].height
+            except Exception as e:  # PIL raises many types for bad bytes; the client gets one line
+                out.append(f"cannot read image: {describe_error(e)}" if data else "empty file")
+        return out
     state = {"pred": Predictor(model_root, device, cache_dir, engine)}
     name = model_name or Path(model_root).resolve().name
     ready = threading.Event()
@@ -246,18 +255,15 @@ def create_app(model_root, *, device: str = "auto", cache_dir=None, engine: str 
         image (the other files are still answered)."""
         if len(files) > max_files:
             raise HTTPException(413, f"{len(files)} files in one request; at most {max_files}")
-        images, names, errors = [], [], {}
-        budget = MAX_REQUEST_PIXELS
+        names, blobs = [], []
         for i, f in enumerate(files):
             names.append(f.filename or f"image {i}")
-            data = f.file.read(limit + 1)
-            if len(data) > limit:
+            blobs.append(f.file.read(limit + 1))
+            if len(blobs[-1]) > limit:
                 raise HTTPException(413, f"{f.filename}: over the {max_upload_mb:g} MB limit")
-            try:
-                images.append(decode_budgeted(data, budget))
-                budget -= images[-1].width * images[-1].height
-            except Exception as e:  # PIL raises many types for bad bytes; the client gets one line
-                errors[i] = f"cannot read image: {describe_error(e)}" if data else "empty file"
+        decoded = decode_uploads(blobs)
+        errors = {i: d for i, d in enumerate(decoded) if isinstance(d, str)}
+        images = [d for d in decoded if not isinstance(d, str)]
         pred = state["pred"]
         options = AnswerOptions(top_k=top_k, reject_below=reject_below, thresholds=thresholds, multilabel=True,
                                 calibrated=calibrated)
@@ -270,7 +276,7 @@ def create_app(model_root, *, device: str = "auto", cache_dir=None, engine: str 
                 continue
             r = next(rows)
             out.append({**r, "input": n, "unknown": r.get("class") == "unknown", "labels": r.get("labels", [])})
-        del images, X
+        del images, decoded, X
         release_memory()
         return {"model": str(model_root), "classes": len(pred.classes), "results": out}
 
@@ -349,15 +355,10 @@ def create_app(model_root, *, device: str = "auto", cache_dir=None, engine: str 
                                              f"got {t.shape}")
             if len(t.data) > max_files:
                 raise protocol.ProtocolError(f"{len(t.data)} images in one request; at most {max_files}", 413)
-            images = []
-            budget = MAX_REQUEST_PIXELS
-            for i, b in enumerate(t.data):
-                try:
-                    images.append(decode_budgeted(b, budget))
-                    budget -= images[-1].width * images[-1].height
-                except Exception as e:
-                    why = describe_error(e) if b else "empty"
-                    raise protocol.ProtocolError(f"input '{t.name}' element {i}: not a readable image ({why})") from None
+            images = decode_uploads(t.data)
+            bad = next((i for i, d in enumerate(images) if isinstance(d, str)), None)
+            if bad is not None:  # the protocol answers a batch or an error: the first bad image, named
+                raise protocol.ProtocolError(f"input '{t.name}' element {bad}: not a readable image ({images[bad]})")
             X = batcher.embed(pred, images) if images else None
         elif t.datatype == "UINT8":
             try:
@@ -373,7 +374,7 @@ def create_app(model_root, *, device: str = "auto", cache_dir=None, engine: str 
         idx = ans.index.astype(np.int64)
         outputs = {"logits": ans.logits.astype(np.float32), "confidences": ans.confidences.astype(np.float32),
                    "calibrated": ans.calibrated.astype(np.float32), "class_index": idx,
-                   "class_name": protocol._objects([(pred.classes[i] if i >= 0 else "unknown").encode()
+                   "class_name": protocol.bytes_array([(pred.classes[i] if i >= 0 else "unknown").encode()
                                                     for i in idx])}
         body, header = protocol.build_response(name, "1", req, outputs, pred.classes,
                                                {"logits", "confidences", "calibrated"})

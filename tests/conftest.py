@@ -1,4 +1,7 @@
 import os
+import socket
+import threading
+import time
 
 os.environ["HF_HUB_OFFLINE"] = "1"  # any accidental hub access fails at once
 os.environ.setdefault("OMP_NUM_THREADS", "2")
@@ -93,6 +96,16 @@ def cli(*args):
     return CliRunner().invoke(app, [str(a) for a in args])
 
 
+def served_model(base: Path, out: str = "m") -> tuple[Path, Path]:
+    """A tiny model of 3 classes at BASE/OUT (its cache in BASE/cache) and a folder of 5 more classes to grow it
+    with: the model the export and serve tests start from. -> (data, extra)."""
+    os.environ["OVR_CACHE_DIR"] = str(base / "cache")
+    data = make_folder(base / "data", n_classes=3, per_class=10)
+    extra = make_folder(base / "extra", n_classes=5, per_class=10)
+    assert cli("train", data, "--out", base / out, *TINY).exit_code == 0
+    return data, extra
+
+
 def cache_rows(cache_dir: Path) -> int:
     """Embeddings stored under a cache folder (rows over all its shards)."""
     from safetensors import safe_open
@@ -102,3 +115,36 @@ def cache_rows(cache_dir: Path) -> int:
         with safe_open(str(s), "pt") as f:
             n += f.get_slice("embeddings").get_shape()[0]
     return n
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class LiveServer:
+    """`create_app` under uvicorn on 127.0.0.1 in a thread."""
+
+    def __init__(self, model, **kw):  # kw: create_app's (token, model_name, max_upload_mb, ...)
+        import uvicorn
+
+        from ovr.serve import create_app
+
+        self.port = free_port()
+        self.url = f"127.0.0.1:{self.port}"
+        self.server = uvicorn.Server(uvicorn.Config(create_app(model, device="cpu", **kw), host="127.0.0.1",
+                                                    port=self.port, log_level="warning"))
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    def __enter__(self):
+        self.thread.start()
+        for _ in range(300):
+            if self.server.started:
+                return self
+            time.sleep(0.05)
+        raise RuntimeError("server did not start")
+
+    def __exit__(self, *exc):
+        self.server.should_exit = True
+        self.thread.join(timeout=10)

@@ -2,7 +2,6 @@
 import io
 import json
 import shutil
-import socket
 import subprocess
 import sys
 import threading
@@ -12,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from conftest import TINY, cli, make_folder
+from conftest import LiveServer, cli, served_model
 
 pytest.importorskip("onnxruntime", reason='the export extra is not installed (pip install "ovr[export]")')
 
@@ -20,12 +19,7 @@ pytest.importorskip("onnxruntime", reason='the export extra is not installed (pi
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     base = tmp_path_factory.mktemp("deploy")
-    import os
-
-    os.environ["OVR_CACHE_DIR"] = str(base / "cache")
-    data = make_folder(base / "data", n_classes=3, per_class=10)
-    extra = make_folder(base / "extra", n_classes=5, per_class=10)
-    assert cli("train", data, "--out", base / "m", *TINY).exit_code == 0
+    data, extra = served_model(base)
     return base, data, extra
 
 
@@ -187,12 +181,6 @@ def test_concurrent_requests_share_a_forward_pass(trained):
     assert b.passes == 3
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_page_in_a_real_browser(trained, tmp_path):
     """Headless Chromium opens the page, chooses an image, and reads the answer the page shows."""
     pytest.importorskip("fastapi", reason='the serve extra is not installed (pip install "ovr[serve]")')
@@ -201,19 +189,11 @@ def test_page_in_a_real_browser(trained, tmp_path):
     driver_bin = shutil.which("chromedriver")
     if not (browser and driver_bin):
         pytest.skip("no Chromium + chromedriver on this machine (apt-get install chromium chromium-driver)")
-    import uvicorn
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support import expected_conditions as EC
     from selenium.webdriver.support.ui import WebDriverWait
 
-    from ovr.serve import create_app
-
     base, data, _ = trained
-    port = _free_port()
-    server = uvicorn.Server(uvicorn.Config(create_app(base / "m", device="cpu"), host="127.0.0.1", port=port,
-                                           log_level="warning"))
-    t = threading.Thread(target=server.run, daemon=True)
-    t.start()
     opts = webdriver.ChromeOptions()
     opts.binary_location = browser
     for a in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu"):
@@ -221,40 +201,35 @@ def test_page_in_a_real_browser(trained, tmp_path):
     from selenium.webdriver.chrome.service import Service
 
     drv = None
-    try:
-        for _ in range(100):
-            if server.started:
-                break
-            time.sleep(0.1)
-        drv = webdriver.Chrome(service=Service(driver_bin), options=opts)
-        drv.get(f"http://127.0.0.1:{port}/")
-        WebDriverWait(drv, 30).until(EC.text_to_be_present_in_element((By.ID, "meta"), "3 classes"))
-        drv.find_element(By.ID, "files").send_keys(str(data / "c1" / "img009.png"))
-        ans = WebDriverWait(drv, 60).until(EC.presence_of_element_located((By.CSS_SELECTOR, ".answer")))
-        assert ans.get_attribute("data-class") == "c1" and ans.text.startswith("c1 (")
-        assert len(drv.find_elements(By.CSS_SELECTOR, ".bar")) == 3  # a bar per class
-        # a mixed upload (good, corrupt, empty, not an image): every good image answered, each bad one its error,
-        # and nothing left over from the previous request
-        bad = tmp_path / "bad"
-        bad.mkdir()
-        (bad / "corrupt.png").write_bytes((data / "c0" / "img009.png").read_bytes()[:60])
-        (bad / "empty.png").write_bytes(b"")
-        (bad / "notes.txt").write_text("not an image")
-        picks = [data / "c2" / "img009.png", bad / "corrupt.png", bad / "empty.png", bad / "notes.txt",
-                 data / "c0" / "img009.png"]
-        chooser = drv.find_element(By.ID, "files")
-        drv.execute_script("arguments[0].value = ''", chooser)  # chromedriver adds to a multiple input's files
-        chooser.send_keys("\n".join(str(p) for p in picks))
-        WebDriverWait(drv, 60).until(lambda d: len(d.find_elements(By.CSS_SELECTOR, ".result")) == 5
-                                     and d.find_elements(By.CSS_SELECTOR, ".answer")[0].text.startswith("c2"))
-        answers = [a.text for a in drv.find_elements(By.CSS_SELECTOR, ".answer")]
-        assert answers[0].startswith("c2 (") and answers[4].startswith("c0 (")
-        assert answers[2] == "error: empty file" and all(a.startswith("error: ") for a in answers[1:4])
-    finally:
-        if drv is not None:
-            drv.quit()
-        server.should_exit = True
-        t.join(timeout=10)
+    with LiveServer(base / "m") as live:
+        try:
+            drv = webdriver.Chrome(service=Service(driver_bin), options=opts)
+            drv.get(f"http://{live.url}/")
+            WebDriverWait(drv, 30).until(EC.text_to_be_present_in_element((By.ID, "meta"), "3 classes"))
+            drv.find_element(By.ID, "files").send_keys(str(data / "c1" / "img009.png"))
+            ans = WebDriverWait(drv, 60).until(EC.presence_of_element_located((By.CSS_SELECTOR, ".answer")))
+            assert ans.get_attribute("data-class") == "c1" and ans.text.startswith("c1 (")
+            assert len(drv.find_elements(By.CSS_SELECTOR, ".bar")) == 3  # a bar per class
+            # a mixed upload (good, corrupt, empty, not an image): every good image answered, each bad one its error,
+            # and nothing left over from the previous request
+            bad = tmp_path / "bad"
+            bad.mkdir()
+            (bad / "corrupt.png").write_bytes((data / "c0" / "img009.png").read_bytes()[:60])
+            (bad / "empty.png").write_bytes(b"")
+            (bad / "notes.txt").write_text("not an image")
+            picks = [data / "c2" / "img009.png", bad / "corrupt.png", bad / "empty.png", bad / "notes.txt",
+                     data / "c0" / "img009.png"]
+            chooser = drv.find_element(By.ID, "files")
+            drv.execute_script("arguments[0].value = ''", chooser)  # chromedriver adds to a multiple input's files
+            chooser.send_keys("\n".join(str(p) for p in picks))
+            WebDriverWait(drv, 60).until(lambda d: len(d.find_elements(By.CSS_SELECTOR, ".result")) == 5
+                                         and d.find_elements(By.CSS_SELECTOR, ".answer")[0].text.startswith("c2"))
+            answers = [a.text for a in drv.find_elements(By.CSS_SELECTOR, ".answer")]
+            assert answers[0].startswith("c2 (") and answers[4].startswith("c0 (")
+            assert answers[2] == "error: empty file" and all(a.startswith("error: ") for a in answers[1:4])
+        finally:
+            if drv is not None:
+                drv.quit()
 
 
 @pytest.mark.slow

@@ -3,15 +3,13 @@ tritonclient's HTTP client (a client nobody here wrote) in binary and JSON modes
 mixed uploads on /predict; bodies over the limit, chunked or not."""
 import json
 import shutil
-import socket
 import struct
-import threading
 import time
 
 import numpy as np
 import pytest
 
-from conftest import TINY, cli, make_folder
+from conftest import LiveServer, cli, served_model
 
 pytest.importorskip("fastapi", reason='the serve extra is not installed (pip install "ovr[serve]")')
 
@@ -69,48 +67,10 @@ def test_classification_extension_orders_scores():
 
 # --- a live server -----------------------------------------------------------------------------------------------
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Live:
-    """`create_app` under uvicorn on 127.0.0.1 in a thread."""
-
-    def __init__(self, model, **kw):
-        import uvicorn
-
-        from ovr.serve import create_app
-
-        self.port = _free_port()
-        self.url = f"127.0.0.1:{self.port}"
-        self.server = uvicorn.Server(uvicorn.Config(create_app(model, device="cpu", **kw), host="127.0.0.1",
-                                                    port=self.port, log_level="warning"))
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-
-    def __enter__(self):
-        self.thread.start()
-        for _ in range(300):
-            if self.server.started:
-                return self
-            time.sleep(0.05)
-        raise RuntimeError("server did not start")
-
-    def __exit__(self, *exc):
-        self.server.should_exit = True
-        self.thread.join(timeout=10)
-
-
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
-    import os
-
     base = tmp_path_factory.mktemp("oip")
-    os.environ["OVR_CACHE_DIR"] = str(base / "cache")
-    data = make_folder(base / "data", n_classes=3, per_class=10)
-    extra = make_folder(base / "extra", n_classes=5, per_class=10)
-    assert cli("train", data, "--out", base / "plain", *TINY).exit_code == 0
+    data, extra = served_model(base, "plain")
     shutil.copytree(base / "plain", base / "grown")
     assert cli("add-class", base / "grown", "c3", extra / "c3", "--device", "cpu").exit_code == 0
     images = [data / f"c{k}" / f"img00{i}.png" for k in range(3) for i in (7, 8)] + [extra / "c3" / "img008.png"]
@@ -138,7 +98,7 @@ def test_tritonclient_gets_the_answers_of_ovr_predict(served, which, binary):
     base, images = served
     model = base / which
     expected = _predict_cli(model, images)
-    with Live(model, model_name="shapes") as live:
+    with LiveServer(model, model_name="shapes") as live:
         client = httpclient.InferenceServerClient(live.url)
         assert client.is_server_live()
         _wait_ready(client)
@@ -191,7 +151,7 @@ def test_mixed_uploads_answer_every_good_image_and_limits_count_chunked_bodies(s
     import httpx
 
     base, images = served
-    with Live(base / "plain", max_upload_mb=0.2) as live, httpx.Client(base_url=f"http://{live.url}") as c:
+    with LiveServer(base / "plain", max_upload_mb=0.2) as live, httpx.Client(base_url=f"http://{live.url}") as c:
         files = [("files", ("good0.png", images[0].read_bytes(), "image/png")),
                  ("files", ("corrupt.png", images[0].read_bytes()[:60], "image/png")),
                  ("files", ("empty.png", b"", "image/png")),
@@ -225,7 +185,7 @@ def test_token_and_cross_site_reload_are_refused(served):
     import httpx
 
     base, images = served
-    with Live(base / "plain", token="s3cret") as live, httpx.Client(base_url=f"http://{live.url}") as c:
+    with LiveServer(base / "plain", token="s3cret") as live, httpx.Client(base_url=f"http://{live.url}") as c:
         assert c.get("/v2/health/live").status_code == 200 and c.get("/").status_code == 200
         assert c.get("/classes").status_code == 401 and c.get("/v2/models/plain").status_code == 401
         assert c.get("/classes", headers={"Authorization": "Bearer wrong"}).status_code == 401
@@ -259,7 +219,7 @@ def test_pixel_budgets_are_read_from_headers_before_decoding(served, monkeypatch
 
     base, images = served
     monkeypatch.setattr(ovr.serve, "MAX_REQUEST_PIXELS", 20_000_000)
-    with Live(base / "plain") as live, httpx.Client(base_url=f"http://{live.url}", timeout=60) as c:
+    with LiveServer(base / "plain") as live, httpx.Client(base_url=f"http://{live.url}", timeout=60) as c:
         huge = png(9000, 9000)
         assert len(huge) < 200_000
         files = [("files", ("huge.png", huge, "image/png")), ("files", ("ok.png", images[0].read_bytes(), "image/png"))]

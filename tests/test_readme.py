@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import TINY, cli, make_folder
+from conftest import TINY, LiveServer, cli, make_folder
 
 README = Path(__file__).parent.parent / "README.md"
 
@@ -64,12 +64,10 @@ def test_onnxruntime_example(model, tmp_path):
 def test_tritonclient_example(model, tmp_path):
     pytest.importorskip("tritonclient.http", reason="tritonclient[http] is not installed")
     pytest.importorskip("fastapi", reason='the serve extra is not installed (pip install "ovr[serve]")')
-    from test_protocol import Live
-
     base, data = model
     shutil.copy(data / "cat" / "img009.png", tmp_path / "cat.jpg")
     (code,) = blocks("tritonclient")
-    with Live(base / "m", model_name="shapes") as live:
+    with LiveServer(base / "m", model_name="shapes") as live:
         import time
 
         import tritonclient.http as http
