@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from .engine import ENGINES
-from .errors import OvrError
+from .errors import OvrError, read_parsed
 
 HEADS = ("linear", "mlp", "ridge")
 GATES = ("ridge", "softmax")
@@ -201,12 +201,8 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
             values[section].update({k: _coerce(_CLASSES[section], k, v) for k, v in table.items() if k in known})
     if path is not None:
         p = Path(path)
-        if not p.is_file():
-            raise OvrError(f"config file not found: {p}")
-        try:
-            raw = tomllib.loads(p.read_text(encoding="utf-8"))
-        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
-            raise OvrError(f"config file {p} is not valid TOML: {e}") from None
+        raw = read_parsed(p, tomllib.loads, (tomllib.TOMLDecodeError,), missing=f"config file not found: {p}",
+                          invalid=f"config file {p} is not valid TOML")
         for section, table in raw.items():
             if section not in _CLASSES or not isinstance(table, dict):
                 raise OvrError(f"config file {p}: unknown section [{section}] (expected {', '.join(_CLASSES)})")

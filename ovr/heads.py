@@ -119,11 +119,6 @@ def stacked_logits(p: Tensors, X: torch.Tensor) -> torch.Tensor:
 
 # --- losses: per column, mean over the batch -------------------------------------------------------------
 
-def bce_columns(z: torch.Tensor, t: torch.Tensor, pos_weight: torch.Tensor) -> torch.Tensor:
-    """Pos-weighted BCEWithLogitsLoss of each column [B, C] -> [C]."""
-    return F.binary_cross_entropy_with_logits(z, t, pos_weight=pos_weight, reduction="none").mean(0)
-
-
 def ce_columns(z: torch.Tensor, y: torch.Tensor, _unused=None) -> torch.Tensor:
     """Cross-entropy of each softmax column: z [B, C, K], y [B] -> [C]."""
     B, C, K = z.shape
@@ -244,7 +239,7 @@ def fit_ovr_heads(X: torch.Tensor, T: torch.Tensor, Xv: torch.Tensor | None, Tv:
         col_seeds = [s for s in seeds for _ in range(G)]
         p0 = init_mlp(col_seeds, X.shape[1], hidden)
         Tvc = Tv.repeat_interleave(G, 1) if has_val else None
-        res = adam_columns(p0, autograd_grad(bce_columns), bce_columns, X, T.repeat_interleave(G, 1),
+        res = adam_columns(p0, autograd_grad(weighted_bce), weighted_bce, X, T.repeat_interleave(G, 1),
                            Xv if has_val else None, Tvc, l2=grid.float().repeat(N), extra=pw.repeat_interleave(G),
                            logits_fn=stacked_logits, epochs=epochs, lr=lr, batch_size=batch_size, patience=patience,
                            seed=seed, progress=progress)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from .atomic import check_writable
 from .config import HEADS
-from .errors import OvrError
+from .errors import OvrError, read_parsed
 from .records import HeadRecord
 
 SCHEMA_VERSION = 1
@@ -102,12 +102,8 @@ def read_manifest(root: str | Path) -> dict:
     if not root.is_dir():
         raise OvrError(f"model folder not found: {root}")
     check_confined(root)
-    if not p.is_file():
-        raise OvrError(f"not an ovr model (no {MANIFEST}): {root}")
-    try:
-        m = json.loads(p.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise OvrError(f"{p} is corrupt: {e}") from None
+    m = read_parsed(p, json.loads, (json.JSONDecodeError,), missing=f"not an ovr model (no {MANIFEST}): {root}",
+                    invalid=f"{p} is corrupt")
     if not isinstance(m, dict) or not isinstance(m.get("schema_version"), int):
         raise OvrError(f"{p} has no schema_version; not an ovr model")
     v = m["schema_version"]

@@ -2,11 +2,11 @@
 sizes, curvature pairs, line-search state, convergence flags) is a vector over columns, never a reduction across
 them, so a column's answer does not depend on which other columns were solved beside it. No OvR knowledge here.
 
-- `logistic_lbfgs`: the exact solver of linear heads. L2-regularised, sample-weighted logistic regression per
-  column, solved to a gradient tolerance by a per-column L-BFGS. All columns share two GEMMs per iteration
-  (logits of the search directions X @ P, and the gradient X^T R); the line search needs no matmul at all, since
-  the logits move linearly along the step (z + a * X p): a few 1-D Newton steps per column find the exact step.
-- `softmax_lbfgs`: one multinomial logistic regression (a grown model's gate), by the same L-BFGS and line search.
+- `_lbfgs`: the one L-BFGS core (two-loop recursion, exact line search, per-column convergence and working set).
+  A loss plugs in as a small problem object (logits, objective, line derivatives, penalty); the line search needs no
+  matmul at all, since the logits move linearly along the step (z + a * X p).
+- `logistic_lbfgs`: the exact solver of linear heads, L2-regularised sample-weighted logistic regression per column.
+- `softmax_lbfgs`: one multinomial logistic regression (the softmax gate and baseline), the whole theta one column.
 - `adam_columns`: minibatch Adam with per-column early stopping, for MLP heads and the softmax baseline's MLP.
 """
 from __future__ import annotations
@@ -21,17 +21,7 @@ import torch.nn.functional as F
 Tensors = dict[str, torch.Tensor]
 
 
-# --- exact: per-column L-BFGS for weighted logistic regression ---------------------------------------------
-
-@dataclass
-class LogisticSolution:
-    weight: torch.Tensor  # [C, D]
-    bias: torch.Tensor  # [C]
-    iterations: torch.Tensor  # [C] long
-    grad_norm: torch.Tensor  # [C] max-abs gradient at the answer
-    loss: torch.Tensor  # [C] objective at the answer
-    seconds: float
-
+# --- exact: one per-column L-BFGS core with an exact line search; the losses plug into it ----------------------
 
 # The step along each direction need not be exact for L-BFGS, only close: a relative tolerance of 1e-3 halves the
 # line search's passes with the same iterations. Up to 20 steps: a column whose first guess is far off (saturated
@@ -44,61 +34,105 @@ def _dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch.linalg.vecdot(a, b)  # fused: no [C, D] temporary, unlike (a * b).sum(-1)
 
 
-def logistic_lbfgs(X: torch.Tensor, T: torch.Tensor, pos_weight: torch.Tensor, l2: torch.Tensor, *,
-                   init: tuple[torch.Tensor, torch.Tensor] | None = None, tol: float = 1e-4, max_iter: int = 500,
-                   memory: int = 10, dtype: torch.dtype = torch.float64, matmul_dtype: torch.dtype = torch.float32,
-                   progress: Callable | None = None, stage: str = "solve") -> LogisticSolution:
-    """Minimise, for every column c independently,
+class _Logistic:
+    """C independent problems: mean_i s_ic * BCE(x_i . w_c + b_c, t_ic) + l2_c / 2 * |w_c|^2. theta [C, D + 1]."""
 
-        f_c(w, b) = mean_i s_ic * BCE(x_i . w + b, t_ic) + l2_c / 2 * |w|^2,   s_ic = pos_weight_c if t_ic else 1
+    def __init__(self, X, T, pos_weight, l2, dtype, wd):
+        n, self.D = X.shape
+        self.dtype, self.wd, self.Xm = dtype, wd, X.to(wd)
+        dev = X.device
+        self.T = T.to(dev, wd)
+        self.S = torch.where(self.T > 0, pos_weight.to(dev, wd), torch.ones((), dtype=wd, device=dev)) / n
+        self.ST = self.S * self.T
+        self.l2 = l2.to(dev, dtype)
 
-    (exactly `BCEWithLogitsLoss(pos_weight=...)` with mean reduction, plus L2 on the weights, not the bias), until
-    max |grad f_c| <= tol. This is scikit-learn's `LogisticRegression(C=1 / (l2 * n))` with the pos-weights as
-    sample_weight, and tol has the same meaning as its tol (1e-4 is its default). X [n, D], T [n, C] in {0, 1},
-    pos_weight [C], l2 [C]. Columns that converge leave the working set, so the work shrinks as the solve goes on.
+    def keep(self, mask: torch.Tensor) -> None:
+        self.T, self.S, self.ST, self.l2 = self.T[:, mask], self.S[:, mask], self.ST[:, mask], self.l2[mask]
 
-    Precision: the iterate, gradients, curvature pairs and per-column scalars are float64 (`dtype`): in float32 the
-    gradient of weakly regularised heads stalls from rounding. The [n, C] arrays (logits, their change along the
-    step, weights, residuals) and the two GEMMs per iteration are `matmul_dtype`, float32 by default: they are the
-    whole cost (on 20,000 x 512 x 110 columns the elementwise passes over [n, C] were 70% of the time in float64),
-    and their rounding (~1e-7 relative) is far below the default tol. matmul_dtype=torch.float64 solves to 1e-10
-    (the scikit-learn equivalence tests use it).
-    """
-    t0 = time.perf_counter()
-    dev = X.device
-    wd = matmul_dtype
-    Xm = X.to(wd)
-    n, D = X.shape
-    C = T.shape[1]
-    Tw = T.to(dev, wd)
-    Sw = torch.where(Tw > 0, pos_weight.to(dev, wd), torch.ones((), dtype=wd, device=dev)) / n  # mean folded in
-    STw = Sw * Tw
-    lw = l2.to(dev, dtype)
-    theta = torch.zeros(C, D + 1, dtype=dtype, device=dev)
-    if init is not None:
-        theta[:, :D], theta[:, D] = init[0].to(dev, dtype), init[1].to(dev, dtype)
+    def logits(self, th: torch.Tensor) -> torch.Tensor:  # linear in th: also the logits' change along a step
+        return torch.addmm(th[:, self.D].to(self.wd), self.Xm, th[:, :self.D].T.to(self.wd))
+
+    def penalty(self, u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:  # l2 <u, v> over the weights, not the bias
+        return self.l2 * _dot(u[:, :self.D], v[:, :self.D])
+
+    def objective(self, th: torch.Tensor, z: torch.Tensor):
+        """f = sum S softplus(z) - sum S T z + l2/2 |w|^2 and its gradient: products in the work dtype, sums in
+        float64 (a float32 sum cannot resolve the last decreases of f)."""
+        dt, D = self.dtype, self.D
+        f = (self.S * F.softplus(z)).sum(0, dtype=dt) - (self.ST * z).sum(0, dtype=dt) + 0.5 * self.penalty(th, th)
+        r = torch.addcmul(-self.ST, self.S, torch.sigmoid(z))  # S * (sigmoid(z) - t)
+        g = torch.cat([(r.T @ self.Xm).to(dt) + self.l2[:, None] * th[:, :D], r.sum(0, dtype=dt)[:, None]], 1)
+        return f, g
+
+    def line(self, z: torch.Tensor, zp: torch.Tensor) -> Callable:
+        """phi'(a) and phi''(a) of the data term along logits z + a zp: elementwise work and column sums, no matmul."""
+        szp = self.S * zp
+        szp2, tszp, dt = szp * zp, torch.linalg.vecdot(self.ST, zp, dim=0).to(self.dtype), self.dtype
+
+        def derivatives(a: torch.Tensor):
+            s = torch.sigmoid(torch.addcmul(z, a.to(self.wd), zp))
+            return (torch.linalg.vecdot(s, szp, dim=0).to(dt) - tszp,
+                    torch.linalg.vecdot(s - s * s, szp2, dim=0).to(dt))
+        return derivatives
+
+
+class _Softmax:
+    """One problem: sum_i w_i CE(x_i W^T + b, y_i) + l2 / 2 (|W|^2 + |b|^2). theta [1, K * (D + 1)]."""
+
+    def __init__(self, X, y, weights, K, l2, dtype, wd):
+        self.K, self.D = K, X.shape[1]
+        self.dtype, self.wd, self.Xm, self.l2 = dtype, wd, X.to(wd), l2
+        self.Y = F.one_hot(y.to(X.device), K).to(wd)
+        self.w = weights.to(X.device, wd)
+        self.wY = self.w[:, None] * self.Y
+
+    def keep(self, mask: torch.Tensor) -> None:  # one column: the solve ends when it is done
+        pass
+
+    def logits(self, th: torch.Tensor) -> torch.Tensor:
+        th = th.view(self.K, self.D + 1)
+        return torch.addmm(th[:, self.D].to(self.wd), self.Xm, th[:, :self.D].T.to(self.wd))
+
+    def penalty(self, u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        return self.l2 * _dot(u, v)
+
+    def objective(self, th: torch.Tensor, z: torch.Tensor):
+        dt = self.dtype
+        f = (self.w * (torch.logsumexp(z, 1) - (z * self.Y).sum(1))).sum(dtype=dt) + 0.5 * self.penalty(th, th)
+        r = (torch.softmax(z, 1) - self.Y) * self.w[:, None]
+        g = torch.cat([(r.T @ self.Xm).to(dt), r.sum(0, dtype=dt)[:, None]], 1).view(1, -1) + self.l2 * th
+        return f.view(1), g
+
+    def line(self, z: torch.Tensor, zp: torch.Tensor) -> Callable:
+        dt = self.dtype
+        wzpy, wzp2 = (self.wY * zp).sum(dtype=dt), self.w[:, None] * zp * zp
+
+        def derivatives(a: torch.Tensor):
+            P = torch.softmax(z + a.to(self.wd) * zp, 1)
+            pz = (P * zp).sum(1)
+            d1 = (self.w * pz).sum(dtype=dt) - wzpy
+            return d1.view(1), ((P * wzp2).sum(dtype=dt) - (pz * pz * self.w).sum(dtype=dt)).view(1)
+        return derivatives
+
+
+def _lbfgs(problem, theta: torch.Tensor, *, tol: float, max_iter: int, memory: int, progress: Callable | None,
+           stage: str):
+    """Minimise every column of `problem` (a convex objective over theta [C, P]) until max |grad| <= tol. Every
+    scalar kept (curvature pairs, step, bracket, convergence) is per column; columns that converge leave the working
+    set, so the work shrinks as the solve goes on. The line search is exact on phi(a) = f(theta + a p): the logits
+    move linearly along p, so each 1-D Newton step is the problem's elementwise `line` work, no matmul.
+    Returns (theta, iterations, max |grad|, f), each per column."""
+    dev, dtype = theta.device, theta.dtype
+    C = theta.shape[0]
     out_theta = theta.clone()
     out_iter = torch.zeros(C, dtype=torch.long, device=dev)
     out_g = torch.zeros(C, dtype=dtype, device=dev)
     out_f = torch.zeros(C, dtype=dtype, device=dev)
     cols = torch.arange(C, device=dev)  # the working set: original column of each working column
-
-    def objective(th: torch.Tensor, z: torch.Tensor):
-        """f and its gradient at logits z: f = sum S softplus(z) - sum S T z + l2/2 |w|^2 (reductions in float64)."""
-        w = th[:, :D]
-        # products in the work dtype, sums in float64: a float32 sum cannot resolve the last decreases of f
-        f = ((Sw * F.softplus(z)).sum(0, dtype=dtype) - (STw * z).sum(0, dtype=dtype) + 0.5 * lw * _dot(w, w))
-        r = torch.addcmul(-STw, Sw, torch.sigmoid(z))  # S * (sigmoid(z) - t)
-        g = torch.cat([(r.T @ Xm).to(dtype) + lw[:, None] * w, r.sum(0, dtype=dtype)[:, None]], 1)
-        return f, g
-
-    def logits(th: torch.Tensor) -> torch.Tensor:
-        return torch.addmm(th[:, D].to(wd), Xm, th[:, :D].T.to(wd))
-
-    z = logits(theta)
-    f, g = objective(theta, z)
+    z = problem.logits(theta)
+    f, g = problem.objective(theta, z)
     m = memory
-    Sh = torch.zeros(m, C, D + 1, dtype=dtype, device=dev)  # s_k = step, y_k = gradient change, per column
+    Sh = torch.zeros(m, *theta.shape, dtype=dtype, device=dev)  # s_k = step, y_k = gradient change, per column
     Yh = torch.zeros_like(Sh)
     rho = torch.zeros(m, C, dtype=dtype, device=dev)  # 0 marks an empty or skipped pair (contributes nothing)
     gamma = torch.ones(C, dtype=dtype, device=dev)
@@ -106,7 +140,7 @@ def logistic_lbfgs(X: torch.Tensor, T: torch.Tensor, pos_weight: torch.Tensor, l
     # Also stop a column that is already near tol and whose objective has not moved for 3 iterations in a row
     # (scipy's ftol test, made robust to one slow step): float32 work cannot push every gradient below ~1e-5, and
     # without this such a column would run to max_iter.
-    ftol = 4 * torch.finfo(wd).eps
+    ftol = 4 * torch.finfo(problem.wd).eps
     flat = torch.zeros(C, dtype=torch.long, device=dev)
     k = 0
     for step in range(max_iter + 1):
@@ -120,10 +154,9 @@ def logistic_lbfgs(X: torch.Tensor, T: torch.Tensor, pos_weight: torch.Tensor, l
             if done.sum() * 4 >= len(cols) or step == max_iter:
                 keep = ~done
                 cols, theta, z, f, g, it, gamma = cols[keep], theta[keep], z[:, keep], f[keep], g[keep], it[keep], gamma[keep]
-                flat = flat[keep]
-                Tw, Sw, STw, lw = Tw[:, keep], Sw[:, keep], STw[:, keep], lw[keep]
+                flat, done = flat[keep], done[keep]
                 Sh, Yh, rho = Sh[:, keep], Yh[:, keep], rho[:, keep]
-                done = done[keep]
+                problem.keep(keep)
         active = ~done
         if progress:  # the bar counts converged columns: it ends where the solve ends
             progress(stage, int(C - active.sum()), C, iteration=step)
@@ -144,24 +177,17 @@ def logistic_lbfgs(X: torch.Tensor, T: torch.Tensor, pos_weight: torch.Tensor, l
         bad = gp >= 0  # not a descent direction (rounding): restart that column from steepest descent
         if bad.any():
             p[bad] = -g[bad]
-            gp = torch.where(bad, _dot(g, p), gp)
             rho[:, bad] = 0
             gamma[bad] = 1
         p = p * active[:, None]
-        # exact line search on the convex 1-D function phi(a) = f(theta + a p): logits are z + a * zp, so each
-        # Newton step is elementwise work and two column sums, no matmul
-        zp = logits(p)
-        w, pw_ = theta[:, :D], p[:, :D]
-        wp, pp = _dot(w, pw_), _dot(pw_, pw_)
-        szp = Sw * zp
-        szp2 = szp * zp
-        tszp = torch.linalg.vecdot(STw, zp, dim=0).to(dtype)
+        zp = problem.logits(p)
+        derivatives = problem.line(z, zp)
+        tp, pp = problem.penalty(theta, p), problem.penalty(p, p)
         a = torch.ones_like(f)
         lo, hi = torch.zeros_like(f), torch.full_like(f, float("inf"))
-        for _ in range(LINE_SEARCH_STEPS):
-            s = torch.sigmoid(torch.addcmul(z, a.to(wd), zp))
-            d1 = torch.linalg.vecdot(s, szp, dim=0).to(dtype) - tszp + lw * (wp + a * pp)
-            d2 = torch.linalg.vecdot(s - s * s, szp2, dim=0).to(dtype) + lw * pp
+        for _ in range(LINE_SEARCH_STEPS):  # phi is convex: Newton in a, kept inside the bracket [lo, hi]
+            d1, d2 = derivatives(a)
+            d1, d2 = d1 + tp + a * pp, d2 + pp
             lo = torch.where(d1 < 0, a, lo)
             hi = torch.where(d1 >= 0, a, hi)
             nxt = torch.where(d2 > 0, a - d1 / d2.clamp_min(1e-300), a)
@@ -175,16 +201,17 @@ def logistic_lbfgs(X: torch.Tensor, T: torch.Tensor, pos_weight: torch.Tensor, l
                 break
         a = torch.where(active, a, torch.zeros_like(a))
         new_theta = theta + a[:, None] * p
-        new_z = torch.addcmul(z, a.to(wd), zp)
-        new_f, new_g = objective(new_theta, new_z)
+        new_z = torch.addcmul(z, a.to(zp.dtype), zp)
+        new_f, new_g = problem.objective(new_theta, new_z)
         # The step minimises a convex function along p, so f cannot rise beyond rounding; where it does (a bracket
-        # that failed to close), keep the old point and restart that column's memory.
+        # that failed to close), retry at lo, the longest step known to descend (phi'(lo) < 0), and failing that
+        # keep the old point and restart that column's memory.
         worse = active & (new_f > f + 1e-6 * f.abs() + 1e-12)
-        if worse.any():  # retry those columns at lo, the longest step known to descend (phi'(lo) < 0)
+        if worse.any():
             a = torch.where(worse, lo, a)
             new_theta = theta + a[:, None] * p
-            new_z = torch.addcmul(z, a.to(wd), zp)
-            new_f, new_g = objective(new_theta, new_z)
+            new_z = torch.addcmul(z, a.to(zp.dtype), zp)
+            new_f, new_g = problem.objective(new_theta, new_z)
             worse = active & (new_f > f + 1e-6 * f.abs() + 1e-12)
         if worse.any():
             new_theta, new_f = torch.where(worse[:, None], theta, new_theta), torch.where(worse, f, new_f)
@@ -203,7 +230,47 @@ def logistic_lbfgs(X: torch.Tensor, T: torch.Tensor, pos_weight: torch.Tensor, l
         it = it + active.long()
     if progress:
         progress(stage, C, C, iteration=int(out_iter.max()) if C else 0)
-    return LogisticSolution(out_theta[:, :D], out_theta[:, D], out_iter, out_g, out_f, time.perf_counter() - t0)
+    return out_theta, out_iter, out_g, out_f
+
+
+@dataclass
+class LogisticSolution:
+    weight: torch.Tensor  # [C, D]
+    bias: torch.Tensor  # [C]
+    iterations: torch.Tensor  # [C] long
+    grad_norm: torch.Tensor  # [C] max-abs gradient at the answer
+    loss: torch.Tensor  # [C] objective at the answer
+    seconds: float
+
+
+def logistic_lbfgs(X: torch.Tensor, T: torch.Tensor, pos_weight: torch.Tensor, l2: torch.Tensor, *,
+                   init: tuple[torch.Tensor, torch.Tensor] | None = None, tol: float = 1e-4, max_iter: int = 500,
+                   memory: int = 10, dtype: torch.dtype = torch.float64, matmul_dtype: torch.dtype = torch.float32,
+                   progress: Callable | None = None, stage: str = "solve") -> LogisticSolution:
+    """Minimise, for every column c independently,
+
+        f_c(w, b) = mean_i s_ic * BCE(x_i . w + b, t_ic) + l2_c / 2 * |w|^2,   s_ic = pos_weight_c if t_ic else 1
+
+    (exactly `BCEWithLogitsLoss(pos_weight=...)` with mean reduction, plus L2 on the weights, not the bias), until
+    max |grad f_c| <= tol. This is scikit-learn's `LogisticRegression(C=1 / (l2 * n))` with the pos-weights as
+    sample_weight, and tol has the same meaning as its tol (1e-4 is its default). X [n, D], T [n, C] in {0, 1},
+    pos_weight [C], l2 [C]. All columns share two GEMMs per iteration (the logits of the directions X @ P and the
+    gradient X^T R).
+
+    Precision: the iterate, gradients, curvature pairs and per-column scalars are float64 (`dtype`): in float32 the
+    gradient of weakly regularised heads stalls from rounding. The [n, C] arrays (logits, their change along the
+    step, weights, residuals) and the two GEMMs per iteration are `matmul_dtype`, float32 by default: they are most
+    of the cost, and their rounding (~1e-7 relative) is far below the default tol. matmul_dtype=torch.float64
+    solves to 1e-10 (the scikit-learn equivalence tests use it).
+    """
+    t0 = time.perf_counter()
+    D, C = X.shape[1], T.shape[1]
+    theta = torch.zeros(C, D + 1, dtype=dtype, device=X.device)
+    if init is not None:
+        theta[:, :D], theta[:, D] = init[0].to(X.device, dtype), init[1].to(X.device, dtype)
+    problem = _Logistic(X, T, pos_weight, l2, dtype, matmul_dtype)
+    th, it, g, f = _lbfgs(problem, theta, tol=tol, max_iter=max_iter, memory=memory, progress=progress, stage=stage)
+    return LogisticSolution(th[:, :D], th[:, D], it, g, f, time.perf_counter() - t0)
 
 
 def softmax_lbfgs(X: torch.Tensor, y: torch.Tensor, weights: torch.Tensor, K: int, l2: float, *,
@@ -211,83 +278,17 @@ def softmax_lbfgs(X: torch.Tensor, y: torch.Tensor, weights: torch.Tensor, K: in
                   dtype: torch.dtype = torch.float64, matmul_dtype: torch.dtype = torch.float32
                   ) -> tuple[torch.Tensor, int, float]:
     """Minimise f(theta) = sum_i weights_i * CE(x_i W^T + b, y_i) + l2 / 2 * (|W|^2 + |b|^2), theta = [W | b]
-    [K, D + 1]: one multinomial logistic regression (the grown model's gate). The bias is penalised too, so a class
-    without rows keeps a finite bias and the problem stays strictly convex: one optimum, whatever `init`. L-BFGS with
-    logistic_lbfgs's exact line search (the logits move linearly along a step: 1-D Newton steps are elementwise work,
-    two GEMMs per iteration) and its precision split (iterate and sums in `dtype`, [n, K] work in `matmul_dtype`).
-    Returns (theta, iterations, max |gradient|). Not torch.optim.LBFGS: constructing any torch.optim optimizer
-    imports torch._dynamo, which takes longer than the whole fit."""
-    dev, wd = X.device, matmul_dtype
-    Xm = X.to(wd)
-    n, D = X.shape
-    Y = F.one_hot(y.to(dev), K).to(wd)
-    w = weights.to(dev, wd)
-    theta = torch.zeros(K, D + 1, dtype=dtype, device=dev) if init is None else init.to(dev, dtype).clone()
-
-    def logits(th: torch.Tensor) -> torch.Tensor:
-        return torch.addmm(th[:, D].to(wd), Xm, th[:, :D].T.to(wd))
-
-    def objective(th: torch.Tensor, z: torch.Tensor) -> tuple[float, torch.Tensor]:
-        f = (w * (torch.logsumexp(z, 1) - (z * Y).sum(1))).sum(dtype=dtype) + 0.5 * l2 * _dot(th.flatten(), th.flatten())
-        r = (torch.softmax(z, 1) - Y) * w[:, None]
-        return float(f), torch.cat([(r.T @ Xm).to(dtype), r.sum(0, dtype=dtype)[:, None]], 1) + l2 * th
-
-    z = logits(theta)
-    f, g = objective(theta, z)
-    pairs: list[tuple[torch.Tensor, torch.Tensor, float]] = []  # (s, y, 1 / s.y), oldest first
-    ftol, flat, it = 4 * torch.finfo(wd).eps, 0, 0
-    wy = w[:, None] * Y
-    for it in range(max_iter):
-        gnorm = float(g.abs().max())
-        if gnorm <= tol or (flat >= 3 and gnorm <= 10 * tol):  # the float32 floor, as in logistic_lbfgs
-            break
-        q, alphas = g.clone(), []
-        for s_, y_, rho in reversed(pairs):
-            a = rho * float(_dot(s_.flatten(), q.flatten()))
-            q -= a * y_
-            alphas.append(a)
-        if pairs:
-            s_, y_, _ = pairs[-1]
-            q *= float(_dot(s_.flatten(), y_.flatten()) / _dot(y_.flatten(), y_.flatten()))
-        for (s_, y_, rho), a in zip(pairs, reversed(alphas)):
-            q += (a - rho * float(_dot(y_.flatten(), q.flatten()))) * s_
-        p = -q
-        if float(_dot(g.flatten(), p.flatten())) >= 0:  # not a descent direction (rounding): steepest descent
-            p, pairs = -g, []
-        zp = logits(p)
-        tp, pp = float(_dot(theta.flatten(), p.flatten())), float(_dot(p.flatten(), p.flatten()))
-        wzpy = float((wy * zp).sum(dtype=dtype))
-        wzp2 = w[:, None] * zp * zp
-        a, lo, hi = 1.0, 0.0, float("inf")
-        for _ in range(LINE_SEARCH_STEPS):  # phi(a) = f(theta + a p) is convex: Newton in a, kept in [lo, hi]
-            P = torch.softmax(torch.add(z, zp, alpha=a), 1)
-            pz = (P * zp).sum(1)
-            d1 = float((w * pz).sum(dtype=dtype)) - wzpy + l2 * (tp + a * pp)
-            d2 = float((P * wzp2).sum(dtype=dtype) - (pz * pz * w).sum(dtype=dtype)) + l2 * pp
-            lo, hi = (a, hi) if d1 < 0 else (lo, a)
-            nxt = a - d1 / d2 if d2 > 0 else a
-            if not lo <= nxt <= hi:
-                nxt = (lo + hi) / 2 if hi < float("inf") else 2 * a
-            settled = abs(nxt - a) <= LINE_SEARCH_RTOL * max(abs(a), 1.0)
-            a = nxt
-            if settled:
-                break
-        for step in (a, lo):  # lo: the longest step known to descend, if the bracket failed to close
-            new_theta = theta + step * p
-            new_z = torch.add(z, zp, alpha=step)
-            new_f, new_g = objective(new_theta, new_z)
-            if new_f <= f + 1e-6 * abs(f) + 1e-12:
-                break
-        else:  # no progress along p: forget the curvature pairs and try steepest descent next
-            pairs = []
-            continue
-        s_, y_ = new_theta - theta, new_g - g
-        sy = float(_dot(s_.flatten(), y_.flatten()))
-        if sy > 1e-10 * float(_dot(y_.flatten(), y_.flatten())):
-            pairs = (pairs + [(s_, y_, 1.0 / sy)])[-memory:]
-        flat = flat + 1 if f - new_f <= ftol * max(abs(f), abs(new_f)) else 0
-        theta, f, g, z = new_theta, new_f, new_g, new_z
-    return theta, it, float(g.abs().max())
+    [K, D + 1]: one multinomial logistic regression (the softmax gate and baseline), by the same L-BFGS core as
+    `logistic_lbfgs` with the whole theta as one column. The bias is penalised too, so a class without rows keeps a
+    finite bias and the problem stays strictly convex: one optimum, whatever `init`. Returns (theta, iterations,
+    max |gradient|). Not torch.optim.LBFGS: constructing any torch.optim optimizer imports torch._dynamo, which
+    takes longer than the whole fit."""
+    D = X.shape[1]
+    theta = torch.zeros(K, D + 1, dtype=dtype, device=X.device) if init is None else init.to(X.device, dtype)
+    problem = _Softmax(X, y, weights, K, l2, dtype, matmul_dtype)
+    th, it, g, _ = _lbfgs(problem, theta.reshape(1, -1).clone(), tol=tol, max_iter=max_iter, memory=memory,
+                          progress=None, stage="")
+    return th.view(K, D + 1), int(it[0]), float(g[0])
 
 
 def weighted_bce(z: torch.Tensor, T: torch.Tensor, pos_weight: torch.Tensor) -> torch.Tensor:

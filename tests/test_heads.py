@@ -4,8 +4,8 @@ import torch
 
 from ovr import aggregate
 from ovr.estimators import OvRClassifier, SoftmaxClassifier
-from ovr.heads import bce_columns, fit_ovr_heads, init_linear, stacked_logits
-from ovr.solver import adam_columns
+from ovr.heads import fit_ovr_heads, init_linear, stacked_logits
+from ovr.solver import adam_columns, weighted_bce
 
 
 def blobs(n_classes=5, n=40, d=16, seed=0):
@@ -83,14 +83,14 @@ def test_early_stopping_is_per_head_and_keeps_best_weights():
     Tv = (yv[:, None] == torch.arange(4)).float()
     seen = []
     from ovr.heads import autograd_grad
-    res = adam_columns(init_linear([0, 1, 2, 3], 8), autograd_grad(bce_columns), bce_columns, X, T, Xv, Tv,
+    res = adam_columns(init_linear([0, 1, 2, 3], 8), autograd_grad(weighted_bce), weighted_bce, X, T, Xv, Tv,
                        l2=torch.zeros(4), extra=torch.ones(4), logits_fn=stacked_logits, epochs=300, lr=0.003, batch_size=16,
                        patience=3, seed=0, progress=lambda s, d, t, **kw: seen.append(kw["training"]))
     assert res.epochs_run < 300  # all stopped before the limit
     assert len(set(res.best_epoch.tolist())) > 1  # stopped at different epochs
     assert seen == sorted(seen, reverse=True) and seen[-1] == 0
     with torch.no_grad():
-        best = bce_columns(Xv @ res.params["weight"].T + res.params["bias"], Tv, torch.ones(4))
+        best = weighted_bce(Xv @ res.params["weight"].T + res.params["bias"], Tv, torch.ones(4))
     assert torch.allclose(best, res.best_val, atol=1e-5)
 
 
