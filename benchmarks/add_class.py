@@ -28,9 +28,9 @@ import numpy as np
 import torch
 
 import datasets
-from ovr import aggregate
+from ovr.learn import aggregate
 from ovr.config import TrainConfig
-from ovr.model import Model, grow_in_order
+from ovr.learn.model import Model, grow_in_order
 from ovr.runtime import resolve_device
 
 SETTINGS = TrainConfig()

@@ -351,7 +351,7 @@ def _bad_index(shard_dir: Path) -> None:
 
     p = shard_dir / "index.npz"
     if not p.exists():
-        from ovr.cache import EmbeddingCache
+        from ovr.embedding.cache import EmbeddingCache
 
         EmbeddingCache(shard_dir.parent, shard_dir.name)._compact()
     with np.load(p) as z:

@@ -60,7 +60,7 @@ def write_photos_folder(root: Path, per_class: int = 60, size: int = 64) -> Path
 
 def _embedded(root: Path, device: str):
     from ovr.config import load_config
-    from ovr.pipeline import embed_data
+    from ovr.apps.pipeline import embed_data
 
     cfg = load_config(None, {"cache_dir": cache_dir(), "device": device})
     emb = embed_data(root, cfg)
@@ -69,7 +69,7 @@ def _embedded(root: Path, device: str):
 
 
 def digits(device: str = "cpu"):
-    from ovr.data import write_digits_folder
+    from ovr.embedding.data import write_digits_folder
 
     root = Path(cache_dir()) / "digits-images"
     write_digits_folder(root)

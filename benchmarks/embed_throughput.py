@@ -1,4 +1,4 @@
-"""Embedding throughput, both decode paths (ovr.pixels: pil, tensor) in one run, same images:
+"""Embedding throughput, both decode paths (ovr.embedding.pixels: pil, tensor) in one run, same images:
 (a) stage by stage in one process: decode, preprocessing (resize, crop, normalise), model forward;
 (b) the file pipeline (read + hash + decode + preprocess in workers + forward + cache write) against the raw forward
     pass on pre-decoded tensors;
@@ -50,8 +50,8 @@ def stages(blobs: list[bytes], bb, dev) -> dict:
     """Decode and preprocessing, one process, img/s, for each path; TorchCodec's CPU decode too when installed."""
     import warnings
 
-    from ovr.data import decode_image
-    from ovr.pixels import _decode_jpegs
+    from ovr.embedding.data import decode_image
+    from ovr.embedding.pixels import _decode_jpegs
 
     t = [torch.frombuffer(bytearray(b), dtype=torch.uint8) for b in blobs]
     out: dict[str, float] = {}
@@ -103,21 +103,21 @@ def stages(blobs: list[bytes], bb, dev) -> dict:
 
 
 def load_tensor_twin(bb):
-    from ovr.backbones import load_backbone
+    from ovr.embedding.backbones import load_backbone
 
     return load_backbone(bb.name, bb.weights, decode="tensor")
 
 
 def engines(paths: list, a, dev, tmp: Path, repeats: int = 5) -> dict:
-    """(e) torch eager against onnxruntime (ovr.engine), same weights, same pre-decoded batches, interleaved, best of
+    """(e) torch eager against onnxruntime (ovr.embedding.engine), same weights, same pre-decoded batches, interleaved, best of
     `repeats`; then the file pipeline (`embed_paths`, what `ovr embed` runs) with each engine on a cold cache; and how
     far the engines' embeddings are apart."""
-    from ovr.backbones import load_backbone
-    from ovr.cache import EmbeddingCache
+    from ovr.embedding.backbones import load_backbone
+    from ovr.embedding.cache import EmbeddingCache
     from ovr.config import FeatureConfig
-    from ovr.data import load_image
-    from ovr.engine import attach
-    from ovr.features import embed_paths, forward
+    from ovr.embedding.data import load_image
+    from ovr.embedding.engine import attach
+    from ovr.embedding.features import embed_paths, forward
 
     decode = FeatureConfig().decode_path
     bbs = {}
@@ -172,10 +172,10 @@ def main() -> None:
     ap.add_argument("--only-engines", action="store_true", help="only (e): torch vs onnxruntime")
     a = ap.parse_args()
 
-    from ovr.data import load_image, scan_folder
-    from ovr.backbones import load_backbone
-    from ovr.cache import EmbeddingCache
-    from ovr.features import default_workers, embed_paths, forward
+    from ovr.embedding.data import load_image, scan_folder
+    from ovr.embedding.backbones import load_backbone
+    from ovr.embedding.cache import EmbeddingCache
+    from ovr.embedding.features import default_workers, embed_paths, forward
     from ovr.runtime import resolve_device
 
     dev = resolve_device(a.device)

@@ -22,7 +22,7 @@ def main() -> None:
     ap.add_argument("--resplits", type=int, default=5)
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/fp16.json"))
     a = ap.parse_args()
-    from ovr.estimators import OvRClassifier
+    from ovr.learn.estimators import OvRClassifier
 
     out = {"machine": f"{os.cpu_count()} cores", "resplits": a.resplits}
     for name, load in (("digits", digits), ("photos", photos)):

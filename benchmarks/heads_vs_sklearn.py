@@ -31,10 +31,10 @@ from sklearn.preprocessing import StandardScaler
 
 import datasets
 from ovr.config import TrainConfig
-from ovr.estimators import OvRClassifier
-from ovr.model import Model
+from ovr.learn.estimators import OvRClassifier
+from ovr.learn.model import Model
 from ovr.runtime import resolve_device
-from ovr.solver import weighted_bce
+from ovr.learn.solver import weighted_bce
 
 GRID = TrainConfig().l2_grid
 

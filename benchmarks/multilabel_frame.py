@@ -86,11 +86,11 @@ def main() -> None:
     from sklearn.preprocessing import StandardScaler
 
     from ovr.config import load_config
-    from ovr.pipeline import embed_data, evaluate_model, train_model
+    from ovr.apps.pipeline import embed_data, evaluate_model, train_model
 
     base = Path(tempfile.mkdtemp(prefix="ovr-frame-"))
     manifest = write_canvases(Path(cache_dir()) / "canvases")
-    from ovr.data import write_digits_folder
+    from ovr.embedding.data import write_digits_folder
 
     single = {"photos": write_photos_folder(Path(cache_dir()) / "photos-images"),
               "digits": write_digits_folder(Path(cache_dir()) / "digits-images")}

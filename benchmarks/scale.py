@@ -31,9 +31,9 @@ def rss_mb() -> float:
 def one(n: int, C: int, dim: int, root: Path, settings: str = "default") -> dict:
     import torch
 
-    from ovr.cache import EmbeddingCache
+    from ovr.embedding.cache import EmbeddingCache
     from ovr.config import TrainConfig
-    from ovr.model import Model
+    from ovr.learn.model import Model
 
     torch.set_num_threads(len(os.sched_getaffinity(0)))
     key = f"{n:08d}x{dim:05d}x{C:06d}".ljust(64, "0")  # the rows depend on the classes' centres
@@ -83,7 +83,7 @@ def index_only(N: int, root: Path) -> dict:
 
     import torch
 
-    from ovr.cache import EmbeddingCache
+    from ovr.embedding.cache import EmbeddingCache
 
     key = f"index{N:010d}".ljust(64, "0")
     c = EmbeddingCache(root, key)

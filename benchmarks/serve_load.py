@@ -40,7 +40,7 @@ def load(url: str, files: list[Path], batch: int, clients: int, seconds: float, 
     images as one BYTES tensor in binary data, as tritonclient sends them; class_name asked as binary data)."""
     import httpx
 
-    from ovr.protocol import HEADER, serialize_bytes
+    from ovr.apps.protocol import HEADER, serialize_bytes
 
     def send(c, part):
         if api == "predict":

@@ -29,12 +29,12 @@ TTA = 5
 
 
 def run(name: str, root: Path, resplits: int, out: dict) -> None:
-    from ovr.bench import with_views
-    from ovr.cache import EmbeddingCache
+    from ovr.apps.bench import with_views
+    from ovr.embedding.cache import EmbeddingCache
     from ovr.config import load_config
-    from ovr.estimators import OvRClassifier, SoftmaxClassifier
-    from ovr.features import embed_views
-    from ovr.pipeline import embed_data
+    from ovr.learn.estimators import OvRClassifier, SoftmaxClassifier
+    from ovr.embedding.features import embed_views
+    from ovr.apps.pipeline import embed_data
 
     res: dict = {"resplits": resplits, "runs": []}
     for s in range(resplits):
@@ -87,7 +87,7 @@ def main() -> None:
     ap.add_argument("--datasets", default="digits,photos")
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/views.json"))
     a = ap.parse_args()
-    from ovr.data import write_digits_folder
+    from ovr.embedding.data import write_digits_folder
 
     out: dict = {"machine": f"{os.cpu_count()} cores, {platform.processor() or platform.machine()}",
                  "torch_threads": torch.get_num_threads(), "K": KS, "tta_views": TTA}

@@ -17,10 +17,10 @@ __all__ = ["OvrError", "__version__", "embed", "load", "OvRClassifier", "Softmax
 def __getattr__(name: str):
     # Lazy so `import ovr` and `ovr --help` do not pay for importing torch.
     if name in ("load", "embed"):
-        from . import pipeline
+        from .apps import pipeline
         return getattr(pipeline, name)
     if name in ("OvRClassifier", "SoftmaxClassifier"):
-        from . import estimators
+        from .learn import estimators
         return getattr(estimators, name)
     raise AttributeError(f"module 'ovr' has no attribute {name!r}")
 

@@ -16,7 +16,7 @@ from rich.table import Table
 from .atomic import check_writable
 from .config import AnswerOptions, BenchConfig, DataConfig, FeatureConfig, TrainConfig
 from .errors import OvrError
-from .serve import MAX_BATCH  # torch-free, FastAPI-free: the module imports its extra inside create_app
+from .apps.serve import MAX_BATCH  # torch-free, FastAPI-free: the module imports its extra inside create_app
 
 app = typer.Typer(no_args_is_help=True, rich_markup_mode="rich",
                   help="One-vs-rest image classification on frozen pretrained features.\n\n"
@@ -97,7 +97,7 @@ def _root(ctx: typer.Context,
     """One-vs-rest image classification on frozen pretrained features."""
     import os
 
-    from .engine import INSTALL_HINT, available
+    from .embedding.engine import INSTALL_HINT, available
 
     if ctx.invoked_subcommand in EMBEDDING_COMMANDS and "--engine" not in sys.argv and not available():
         err.print(f"note: the backbone runs on torch; {INSTALL_HINT} for the faster CPU engine", highlight=False)
@@ -199,8 +199,8 @@ def _early(model: Path | None = None, *, data: Path | None = None, inputs: list[
            replace: bool = False, json_out: Path | None = None):
     """The checks users trip over most, before torch is imported (2-3 s): the model's manifest, the data folder
     (scanned in full when cfg is given; the ImageFolder is returned for the library to use), the inputs, --out."""
-    from .data import check_data_path, expand_inputs, scan_folder
-    from .manifest import check_can_write, read_manifest
+    from .embedding.data import check_data_path, expand_inputs, scan_folder
+    from .learn.manifest import check_can_write, read_manifest
 
     if model is not None:
         manifest = read_manifest(model)
@@ -237,15 +237,15 @@ def backbones(
     """List the built-in backbones: embedding size, whether their weights are usable offline right now, and with
     --measure their size and speed here. Any timm model is `timm:NAME`, any torchvision one `torchvision:NAME`."""
     with user_errors():
-        from .backbones import REGISTRY
+        from .embedding.backbones import REGISTRY
 
         t = Table(title="Backbones (also timm:NAME and torchvision:NAME)")
         for col in ("name", "dim", "weights available", *(("parameters", "images/s") if measure else ()), "source"):
             t.add_column(col, justify="right" if col in ("dim", "parameters", "images/s") else "left")
         if measure:
-            from .backbones import load_backbone, measure as measure_backbone
-            from .cache import default_cache_dir
-            from .engine import attach
+            from .embedding.backbones import load_backbone, measure as measure_backbone
+            from .embedding.cache import default_cache_dir
+            from .embedding.engine import attach
             from .runtime import resolve_device
 
             dev = resolve_device(device or "auto")
@@ -285,8 +285,8 @@ def embed(
         folder = _early(data=data, cfg=cfg, json_out=json_out)
         import os
 
-        from .cache import hash_files
-        from .identity import all_cached
+        from .embedding.cache import hash_files
+        from .embedding.identity import all_cached
 
         if os.environ.get("RANK", "0") == "0":  # each file read and hashed once: for the check below and the embedding
             with progress_bar() as cb:
@@ -295,27 +295,27 @@ def embed(
             hashed = hash_files(folder.paths)
         warm = all_cached(folder.paths, cfg.features, hashed, cfg.features.frame_for(folder.multilabel))  # all cached: answered without importing torch
         if warm is not None:
-            from .report import summary_of
+            from .apps.report import summary_of
 
             _embed_report(summary_of(folder, warm, folder.labels, folder.splits, warm.spec, warm.spec["dim"]),
                           as_json, json_out, folder.notes)
             return
         from contextlib import nullcontext
 
-        from . import distributed
+        from .apps.pipeline import embed_ranked
 
         with progress_bar() if os.environ.get("RANK", "0") == "0" else nullcontext() as cb:
-            rank, emb = distributed.embed_ranked(folder, cfg, hashed, cb)
+            rank, emb = embed_ranked(folder, cfg, hashed, cb)
         if rank != 0:
             return
-        from .report import embed_summary
+        from .apps.report import embed_summary
 
         _embed_report(embed_summary(emb), as_json, json_out, emb.folder.notes, emb.result.skipped)
 
 
 def _embed_report(s: dict, as_json: bool, json_out: Path | None, notes: list[str], skipped=()) -> None:
     _warn_skipped(list(skipped), notes)
-    from .report import embed_line, embed_table
+    from .apps.report import embed_line, embed_table
 
     if _json(s, as_json, json_out):
         return
@@ -376,7 +376,7 @@ def train(
 ) -> None:
     """Embed DATA (through the cache) and train one binary head per class, all in parallel."""
     with user_errors():
-        from .report import embed_line, embed_summary
+        from .apps.report import embed_line, embed_summary
 
         cfg = _config(config, backbone=backbone, weights=weights, device=device, engine=engine, batch_size=batch_size,
                       workers=workers, cache_dir=cache_dir, strict=strict, head=head, hidden=hidden, epochs=epochs,
@@ -385,7 +385,7 @@ def train(
                       test_fraction=test_fraction, split_seed=split_seed, views=views, dtype=dtype,
                       decode=decode, frame=frame)
         folder = _early(data=data, cfg=cfg, out=out, force=force)
-        from .pipeline import train_model
+        from .apps.pipeline import train_model
 
         with progress_bar() as cb:
             model, emb = train_model(folder, out, cfg, force=force, progress=cb)
@@ -409,20 +409,26 @@ def predict(
 ) -> None:
     """Classify images with a trained model (a corrupt image gets an error row; the rest are still predicted)."""
     with user_errors():
-        from .data import expand_inputs
+        from .embedding.data import expand_inputs
 
         options = AnswerOptions(top_k=top_k, reject_below=reject_below, thresholds=thresholds,
                                  multilabel=multilabel, calibrated=calibrated, tta=tta)
         ignored: dict[str, int] = {}
         files = expand_inputs(paths, ignored)
         _early(model=model)
-        from .pipeline import Predictor
-
         if ignored:
-            from .data import describe_ignored
+            from .embedding.data import describe_ignored
             _warn_skipped([], [describe_ignored(ignored) + " in the folders given"])
-        pred = Predictor(model, device or "auto", cache_dir, engine or "auto")
-        rows = pred.predict(files, options)
+        from .apps import quick
+
+        rows = quick.predict(model, files, options, cache_dir=cache_dir, engine=engine or "auto",
+                             device=device or "auto")
+        if rows is None:  # the torch path; it leaves what the torch-free path needs next time
+            from .apps.pipeline import Predictor
+
+            pred = Predictor(model, device or "auto", cache_dir, engine or "auto")
+            rows = pred.predict(files, options)
+            quick.prepare(pred, options)
         failed = all("error" in r for r in rows)
         if as_json:
             for r in rows:
@@ -463,7 +469,7 @@ def evaluate(
 ) -> None:
     """Accuracy, macro-F1, balanced accuracy, per-class metrics, confusion matrix and ECE on one split."""
     with user_errors():
-        from .data import check_split
+        from .embedding.data import check_split
 
         check_split(split)
         options = AnswerOptions(reject_below=reject_below, thresholds=thresholds, calibrated=calibrated, tta=tta)
@@ -472,15 +478,15 @@ def evaluate(
             from .atomic import check_output_folder
 
             check_output_folder(report, "cannot write the report: folder")
-        from .pipeline import evaluate_model
-        from .report import metrics_tables
+        from .apps.pipeline import evaluate_model
+        from .apps.report import metrics_tables
 
         with progress_bar() as cb:
             m = evaluate_model(model, data, split, options, device=device, cache_dir=cache_dir, engine=engine, progress=cb)
         _warn_skipped(m.get("skipped_files", []), m.get("notes", []))  # as train says them
         if report is not None:
-            from .manifest import read_manifest
-            from .report import write_model_report
+            from .learn.manifest import read_manifest
+            from .apps.report import write_model_report
 
             write_model_report(m, read_manifest(model), report)
             err.print(f"report: {escape(str(report / 'report.md'))}", highlight=False)
@@ -491,7 +497,7 @@ def evaluate(
 
 
 def _grow_config(model: Path, config, **flags):
-    from .pipeline import model_config
+    from .apps.pipeline import model_config
     return model_config(model, config, **flags)
 
 
@@ -518,7 +524,7 @@ def add_class_cmd(
     """Train one new head (negatives: the model's cached training embeddings); every other head file stays byte-identical."""
     with user_errors():
         _early(model=model, inputs=images, new_class=name, replace=replace)  # an existing class: before any work
-        from .pipeline import add_class, load_model, refresh as do_refresh
+        from .apps.pipeline import add_class, load_model, refresh as do_refresh
 
         cfg = _grow_config(model, config, backbone=backbone, device=device, engine=engine, cache_dir=cache_dir, strict=strict)
         with progress_bar() as cb:
@@ -549,7 +555,7 @@ def refresh(
     """Retrain chosen old heads with all current negatives; the other heads stay byte-identical."""
     with user_errors():
         _early(model=model)
-        from .pipeline import load_model, refresh as do_refresh
+        from .apps.pipeline import load_model, refresh as do_refresh
 
         cfg = _grow_config(model, config, device=device, engine=engine, cache_dir=cache_dir)
         with progress_bar() as cb:
@@ -570,7 +576,7 @@ def remove_class_cmd(
     """Remove one head; the rest stay byte-identical."""
     with user_errors():
         _early(model=model)
-        from .pipeline import remove_class
+        from .apps.pipeline import remove_class
 
         remove_class(model, name)
         console.print(f"removed {escape(name)} from {escape(str(model))}", highlight=False)
@@ -584,11 +590,11 @@ def info(
 ) -> None:
     """The model's backbone and a table of its heads (from the manifest; --verify checks the files too)."""
     with user_errors():
-        from .manifest import GATE_METHODS, read_manifest
+        from .learn.manifest import GATE_METHODS, read_manifest
 
         m = read_manifest(model)
         if verify:
-            from .store import load_model
+            from .learn.store import load_model
 
             load_model(model)  # every check a prediction relies on; the first problem is an OvrError
         if as_json:
@@ -656,8 +662,8 @@ def bench(
             names = [b.strip() for b in backbones_.split(",") if b.strip()]
             if not names:
                 raise OvrError("--backbones takes backbone names separated by commas")
-            from .bench import compare_backbones
-            from .report import backbones_tab, write_backbones_report
+            from .apps.bench import compare_backbones
+            from .apps.report import backbones_tab, write_backbones_report
 
             with progress_bar() as cb:
                 rep = compare_backbones(folder, names, cfg, min_img_s, progress=cb)
@@ -667,16 +673,16 @@ def bench(
                           f"none reaches {min_img_s:g} images/s here", highlight=False)
             err.print(f"report: {escape(str(out / 'report.md'))}", highlight=False)
             return
-        from .bench import run_bench
+        from .apps.bench import run_bench
         from .config import config_to_toml
-        from .pipeline import bench_views, embed_data
-        from .report import bench_tables, write_bench_report
+        from .apps.pipeline import bench_views, embed_data
+        from .apps.report import bench_tables, write_bench_report
 
         if views < 0:
             raise OvrError(f"--views must be 0 (off) or more, got {views}")
         if folder.multilabel:
-            from .bench import MULTILABEL_NOTE, run_bench_multilabel
-            from .report import multilabel_bench_table, write_multilabel_bench_report
+            from .apps.bench import MULTILABEL_NOTE, run_bench_multilabel
+            from .apps.report import multilabel_bench_table, write_multilabel_bench_report
 
             err.print(f"[yellow]note:[/] {MULTILABEL_NOTE}", highlight=False, soft_wrap=True)
         with progress_bar() as cb:
@@ -710,7 +716,7 @@ def export(
     (`ovr.*` keys). Needs the export extra: pip install "ovr[export]"."""
     with user_errors():
         _early(model=model)
-        from .export import export_model
+        from .apps.export import export_model
 
         with err.status("exporting (torch.export + ONNX) ..."):
             info = export_model(model, out, heads_only=heads_only, opset=opset, cache_dir=cache_dir)
@@ -742,7 +748,7 @@ def serve(
     Needs the serve extra: pip install "ovr[serve]"."""
     with user_errors():
         _early(model=model)
-        from .serve import create_app, run
+        from .apps.serve import create_app, run
 
         app_ = create_app(model, device=device or "auto", cache_dir=cache_dir, engine=engine or "auto", max_upload_mb=max_upload_mb,
                           max_batch=max_batch, model_name=name, token=token)
@@ -762,8 +768,8 @@ def demo(
 ) -> None:
     """The main job, offline: scikit-learn's digits as images -> embed -> train 9 classes -> add the 10th -> predict -> bench."""
     with user_errors():
-        from . import demo as workflow
-        from .report import bench_tables, embed_line, embed_summary
+        from .apps import demo as workflow
+        from .apps.report import bench_tables, embed_line, embed_summary
 
         cfg = _config(None, device=device, engine=engine, cache_dir=cache_dir, seeds=seeds)
         check_writable(out, "cannot write the demo: folder")

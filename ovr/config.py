@@ -9,10 +9,10 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
-from .engine import ENGINES
 from .errors import OvrError, read_parsed
 
 HEADS = ("linear", "mlp", "ridge")
+ENGINES = ("auto", "torch", "onnxruntime")  # what runs the backbone (ovr/embedding/engine.py)
 GATES = ("ridge", "softmax")
 L2_SEARCH = ("path", "sweep")
 NORMALIZE = ("standardize", "l2")

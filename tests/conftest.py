@@ -129,7 +129,7 @@ class LiveServer:
     def __init__(self, model, **kw):  # kw: create_app's (token, model_name, max_upload_mb, ...)
         import uvicorn
 
-        from ovr.serve import create_app
+        from ovr.apps.serve import create_app
 
         self.port = free_port()
         self.url = f"127.0.0.1:{self.port}"

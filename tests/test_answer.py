@@ -2,7 +2,7 @@
 shrunk model are in test_deploy.py)."""
 import torch
 
-from ovr.answer import AnswerTensors, answer
+from ovr.learn.answer import AnswerTensors, answer
 from ovr.config import AnswerOptions
 from ovr.errors import OvrError
 

@@ -46,9 +46,9 @@ def test_timm_model_trains_predicts_exports_and_serves_offline(files, tmp_path):
     classes = [json.loads(line)["class"] for line in r.stdout.splitlines()]
     assert classes == ["c0", "c1", "c2"]
     pytest.importorskip("onnxscript", reason='the export extra is not installed (pip install "ovr[export]")')
-    from ovr.data import load_image
-    from ovr.export import onnx_session
-    from ovr.pipeline import Predictor
+    from ovr.embedding.data import load_image
+    from ovr.apps.export import onnx_session
+    from ovr.apps.pipeline import Predictor
 
     assert cli("export", tmp_path / "m", tmp_path / "m.onnx").exit_code == 0
     sess, meta = onnx_session(tmp_path / "m.onnx")
@@ -58,7 +58,7 @@ def test_timm_model_trains_predicts_exports_and_serves_offline(files, tmp_path):
     pytest.importorskip("fastapi", reason='the serve extra is not installed (pip install "ovr[serve]")')
     from fastapi.testclient import TestClient
 
-    from ovr.serve import create_app
+    from ovr.apps.serve import create_app
 
     client = TestClient(create_app(tmp_path / "m", device="cpu"))
     res = client.post("/predict", files=[("files", (p.name, p.read_bytes(), "image/png")) for p in images]).json()
@@ -74,7 +74,7 @@ def test_torchvision_model_by_name_with_a_local_file(files, tmp_path):
 
 
 def test_cache_key_follows_weights_and_preprocessing(files):
-    from ovr.backbones import load_backbone
+    from ovr.embedding.backbones import load_backbone
 
     base, _ = files
     a = load_backbone("timm:test_resnet", str(base / "test_resnet.safetensors"), None, "tensor")

@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from ovr.bench import METHODS, SCALARS, SCENARIOS
+from ovr.apps.bench import METHODS, SCALARS, SCENARIOS
 from ovr.cli import app
-from ovr.metrics import expected_calibration_error
+from ovr.learn.metrics import expected_calibration_error
 
 from conftest import make_folder
 
@@ -58,7 +58,7 @@ def test_tables_read_one_way(report):
     of 6.00 ±6.92 s says nothing), and the terminal and Markdown tables come from one table model."""
     import re
 
-    from ovr.report import bench_tabs
+    from ovr.apps.report import bench_tabs
 
     tmp, rep, out = report
     assert rep["growth"]["classes"] == [2, 3, 4]
@@ -86,7 +86,7 @@ def test_numbers_agree_with_sklearn_on_the_same_predictions(report):
     from sklearn.preprocessing import StandardScaler
 
     from ovr.config import load_config
-    from ovr.pipeline import embed_data
+    from ovr.apps.pipeline import embed_data
 
     tmp, rep, _ = report
     cfg = load_config(None, {"backbone": "tiny_cnn", "device": "cpu", "workers": 0, "cache_dir": str(tmp / "cache")})
@@ -94,7 +94,7 @@ def test_numbers_agree_with_sklearn_on_the_same_predictions(report):
     assert emb.result.n_new == 0  # the bench embedded these already
     X, y, _ = emb.split("train")
     Xt, yt, _ = emb.split("test")
-    from ovr.bench import _scenario_train
+    from ovr.apps.bench import _scenario_train
 
     keep = _scenario_train(y.numpy(), "plain", rep["seeds"][0], cfg)  # the first seed's training rows
     m = make_pipeline(StandardScaler(), LogisticRegression(max_iter=1000)).fit(X.numpy()[keep], y.numpy()[keep])

@@ -10,7 +10,7 @@ from PIL import Image
 
 import ovr
 from ovr.config import TrainConfig
-from ovr.model import Model
+from ovr.learn.model import Model
 
 from conftest import TINY, cli, make_folder, make_image
 
@@ -90,7 +90,7 @@ def test_model_refuses_nan_and_the_wrong_number_of_features():
 
 def test_train_flags_for_what_users_tune(tmp_path, cache_dir):
     from conftest import make_folder
-    from ovr.store import load_model
+    from ovr.learn.store import load_model
 
     data = make_folder(tmp_path / "data", n_classes=3, per_class=10)
     r = run("train", data, "--out", tmp_path / "m", *TINY, "--l2-grid", "0.5", "--val-fraction", "0.3",
@@ -175,13 +175,13 @@ def test_train_table_says_why_a_head_took_no_iterations(tmp_path):
     from rich.console import Console
 
     from ovr.cli import _train_table
-    from ovr.store import load_model
+    from ovr.learn.store import load_model
 
     data = make_folder(tmp_path / "data", n_classes=2, per_class=6)
     assert cli("train", data, "--out", tmp_path / "m", *TINY).exit_code == 0
     model = load_model(tmp_path / "m")
     model.records["c0"].iterations = 0
-    from ovr.records import Calibration
+    from ovr.learn.records import Calibration
 
     model.records["c1"].calibration = Calibration("none")  # platt asked for, identity kept: say why
     con = Console(record=True, width=300)

@@ -6,7 +6,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from ovr.cli import app
-from ovr.data import decode_image, expand_inputs, scan_folder
+from ovr.embedding.data import decode_image, expand_inputs, scan_folder
 from ovr.errors import OvrError
 
 from conftest import make_folder, make_image

@@ -24,9 +24,9 @@ def trained(tmp_path_factory):
 
 
 def _parity(model: Path, onnx_path: Path, paths: list[Path]):
-    from ovr.data import load_image
-    from ovr.export import onnx_session, split_transform
-    from ovr.pipeline import Predictor
+    from ovr.embedding.data import load_image
+    from ovr.apps.export import onnx_session, split_transform
+    from ovr.apps.pipeline import Predictor
 
     pred = Predictor(model, "cpu")
     X, idx, _ = pred.embed(paths)
@@ -63,8 +63,8 @@ def test_export_matches_predict_and_a_grown_model_reexports(trained, tmp_path):
 
 def test_heads_only_export_on_embeddings(trained, tmp_path):
     base, data, _ = trained
-    from ovr.export import onnx_session
-    from ovr.pipeline import Predictor
+    from ovr.apps.export import onnx_session
+    from ovr.apps.pipeline import Predictor
 
     r = cli("export", base / "m", tmp_path / "h.onnx", "--heads-only", "--json")
     assert r.exit_code == 0 and json.loads(r.output)["input"]["name"] == "embeddings"
@@ -98,7 +98,7 @@ def test_serve_api(trained, tmp_path):
     pytest.importorskip("fastapi", reason='the serve extra is not installed (pip install "ovr[serve]")')
     from fastapi.testclient import TestClient
 
-    from ovr.serve import create_app
+    from ovr.apps.serve import create_app
 
     base, data, extra = trained
     model = tmp_path / "m"
@@ -140,9 +140,9 @@ def test_concurrent_requests_share_a_forward_pass(trained):
     """Three requests queued while the backbone is busy go through it in one pass, each gets its own rows (the
     same as embedding its images alone), and a request held by an older Predictor (before a /reload) is kept
     apart. max_batch=1 gives one pass per request."""
-    from ovr.data import load_image
-    from ovr.pipeline import Predictor
-    from ovr.serve import Batcher
+    from ovr.embedding.data import load_image
+    from ovr.apps.pipeline import Predictor
+    from ovr.apps.serve import Batcher
 
     base, data, _ = trained
     pred, older = Predictor(base / "m", "cpu"), Predictor(base / "m", "cpu")
@@ -280,7 +280,7 @@ def test_answers_follow_the_confidences_on_a_grown_and_shrunk_model_everywhere(t
     assert r.exit_code == 0, r.output
     rows = [json.loads(line) for line in r.output.splitlines() if line.startswith("{")]
     from ovr.config import AnswerOptions
-    from ovr.pipeline import Predictor
+    from ovr.apps.pipeline import Predictor
 
     pred = Predictor(model, "cpu")
     opts = AnswerOptions(top_k=4, calibrated="--calibrated" in flags, thresholds="--thresholds" in flags)
@@ -293,7 +293,7 @@ def test_answers_follow_the_confidences_on_a_grown_and_shrunk_model_everywhere(t
         assert cli_row["class"] == api_row["class"] and abs(cli_row["confidence"] - api_row["confidence"]) < 1e-9
     from fastapi.testclient import TestClient
 
-    from ovr.serve import create_app
+    from ovr.apps.serve import create_app
 
     client = TestClient(create_app(model, device="cpu"))
     files = [("files", (p.name, p.read_bytes(), "image/png")) for p in paths[:12]]

@@ -18,9 +18,9 @@ def _torchrun(data, cache, extra_env=None, timeout=240):
 
 def _all(data, cache):
     """Every image's embedding from this cache (in file order), embedding nothing new."""
-    from ovr.backbones import load_backbone
-    from ovr.cache import EmbeddingCache
-    from ovr.features import embed_paths
+    from ovr.embedding.backbones import load_backbone
+    from ovr.embedding.cache import EmbeddingCache
+    from ovr.embedding.features import embed_paths
 
     bb = load_backbone("tiny_cnn")
     r = embed_paths(sorted(data.rglob("*.png")), bb, EmbeddingCache(cache, bb.key), torch.device("cpu"), workers=0)

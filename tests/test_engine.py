@@ -1,4 +1,4 @@
-"""The backbone's engines (ovr.engine): torch and onnxruntime give the same embeddings and answers, share the
+"""The backbone's engines (ovr.embedding.engine): torch and onnxruntime give the same embeddings and answers, share the
 cache, export the graph once per backbone identity, and say in one line what is wrong."""
 import json
 
@@ -18,8 +18,8 @@ def _cfg(cache, engine):
 
 
 def test_engines_agree_and_share_the_cache(tmp_path):
-    from ovr.engine import TOLERANCE, graph_path
-    from ovr.pipeline import embed_data
+    from ovr.embedding.engine import TOLERANCE, graph_path
+    from ovr.apps.pipeline import embed_data
 
     data = make_folder(tmp_path / "data", n_classes=3, per_class=6)
     apart = {}
@@ -59,7 +59,7 @@ def test_both_engines_answer_alike_through_the_cli_and_the_engine_is_recorded(tm
 
 
 def test_engine_mistakes_are_one_line_errors(tmp_path):
-    from ovr.engine import resolve_engine
+    from ovr.embedding.engine import resolve_engine
     from ovr.errors import OvrError
 
     with pytest.raises(OvrError, match="engine must be one of"):
@@ -75,10 +75,10 @@ def test_engine_mistakes_are_one_line_errors(tmp_path):
 def test_onnxruntime_engine_never_builds_the_network_once_its_graph_exists(tmp_path):
     """The preprocessing is saved beside the graph: a later process embeds new images without building the torch
     network (most of a one-image predict's time), with the same embeddings."""
-    from ovr.backbones import load_backbone
-    from ovr.cache import EmbeddingCache
-    from ovr.engine import attach
-    from ovr.features import embed_paths
+    from ovr.embedding.backbones import load_backbone
+    from ovr.embedding.cache import EmbeddingCache
+    from ovr.embedding.engine import attach
+    from ovr.embedding.features import embed_paths
 
     data = make_folder(tmp_path / "data", n_classes=2, per_class=3)
     paths = sorted(data.rglob("*.png"))
@@ -93,3 +93,46 @@ def test_onnxruntime_engine_never_builds_the_network_once_its_graph_exists(tmp_p
     r = embed_paths(paths, later, EmbeddingCache(tmp_path / "c2", later.key), torch.device("cpu"), workers=0)
     assert later._built is None and r.n_new == len(paths)
     assert (r.embeddings - ref.embeddings).abs().max() < 1e-4 * ref.embeddings.abs().max()
+
+
+def _predict_in_a_fresh_process(*args, env):
+    """`ovr predict ... --json` in a new interpreter: (rows, whether torch was imported)."""
+    import subprocess
+    import sys
+
+    r = subprocess.run([sys.executable, "-X", "importtime", "-m", "ovr", "predict", *map(str, args), "--json"],
+                       env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    imported = {line.rsplit("|", 1)[-1].strip() for line in r.stderr.splitlines() if line.startswith("import time")}
+    return [json.loads(line) for line in r.stdout.splitlines()], "torch" in imported
+
+
+def test_predict_without_torch_gives_the_torch_paths_answers_and_never_a_stale_model(tmp_path):
+    """Once the backbone's graph and the model's answer graph (per options) are in the cache, a fresh `ovr predict`
+    imports no torch and answers as the torch path did; after add-class the old answer graph is not used."""
+    import os
+
+    data = make_folder(tmp_path / "data", n_classes=3, per_class=10)
+    env = {**os.environ, "OVR_CACHE_DIR": str(tmp_path / "cache")}
+    os.environ["OVR_CACHE_DIR"] = env["OVR_CACHE_DIR"]
+    try:
+        assert cli("train", data, "--out", tmp_path / "m", *TINY).exit_code == 0
+        images = [data / f"c{k}" / "img009.png" for k in range(3)] + [tmp_path / "bad.png"]
+        (tmp_path / "bad.png").write_bytes(b"not an image")
+        for flags in ([], ["--top-k", "3", "--thresholds", "--calibrated", "--multilabel"]):
+            slow, torch_used = _predict_in_a_fresh_process(tmp_path / "m", *images, *flags, env=env)
+            assert torch_used  # the first time: the torch path, which leaves the answer graph behind
+            fast, torch_used = _predict_in_a_fresh_process(tmp_path / "m", *images, *flags, env=env)
+            assert not torch_used
+            assert [r.get("class") for r in fast] == [r.get("class") for r in slow] == ["c0", "c1", "c2", None]
+            assert fast[3]["error"] == slow[3]["error"]
+            for a, b in zip(slow[:3], fast[:3]):
+                assert a.keys() == b.keys() and [t["class"] for t in a["top"]] == [t["class"] for t in b["top"]]
+                assert abs(a["confidence"] - b["confidence"]) < 1e-4 and a.get("labels") == b.get("labels")
+        new = make_folder(tmp_path / "new", n_classes=4, per_class=10)
+        assert cli("add-class", tmp_path / "m", "c3", new / "c3", "--device", "cpu").exit_code == 0
+        rows, torch_used = _predict_in_a_fresh_process(tmp_path / "m", new / "c3" / "img009.png", "--top-k", "4",
+                                                       env=env)
+        assert torch_used and "c3" in [t["class"] for t in rows[0]["top"]]
+    finally:
+        os.environ.pop("OVR_CACHE_DIR", None)

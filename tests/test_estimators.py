@@ -10,7 +10,7 @@ from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 from sklearn.utils.estimator_checks import parametrize_with_checks
 
-from ovr.estimators import OvRClassifier, SoftmaxClassifier
+from ovr.learn.estimators import OvRClassifier, SoftmaxClassifier
 
 FAST_SOFTMAX = dict(epochs=20, lr=0.02, device="cpu")
 

@@ -7,10 +7,10 @@ from typer.testing import CliRunner
 
 from ovr.cli import app
 from ovr.errors import OvrError
-from ovr.backbones import load_backbone
-from ovr.cache import EmbeddingCache
-from ovr.features import embed_paths
-from ovr.pipeline import embed_data, open_cache
+from ovr.embedding.backbones import load_backbone
+from ovr.embedding.cache import EmbeddingCache
+from ovr.embedding.features import embed_paths
+from ovr.apps.pipeline import embed_data, open_cache
 
 from conftest import make_image
 
@@ -26,7 +26,7 @@ def test_second_run_embeds_nothing_and_matches(folder, tiny_cfg):
     assert torch.equal(a.result.embeddings, b.result.embeddings)
     # the cache holds exactly what a fresh forward gives
     bb = load_backbone("tiny_cnn")
-    x = torch.stack([bb.transform(__import__("ovr.data", fromlist=["x"]).load_image(p)) for p in a.result.paths[:3]])
+    x = torch.stack([bb.transform(__import__("ovr.embedding.data", fromlist=["x"]).load_image(p)) for p in a.result.paths[:3]])
     with torch.inference_mode():
         assert torch.allclose(bb.model(x), a.result.embeddings[:3], atol=1e-5)
 
@@ -121,7 +121,7 @@ def test_empty_files_are_said_and_refused_contents_are_not_decoded_again(folder,
     """A zero-byte image is "empty file" everywhere (it was torch.frombuffer's "both buffer length (0) and count
     (-1) must not be 0"), and a file that could not be decoded is remembered by content: a warm run skips it
     with the same reason without decoding it again (it was retried on every run)."""
-    import ovr.pixels
+    import ovr.embedding.pixels
 
     (folder / "c0" / "empty.png").write_bytes(b"")
     good = (folder / "c1" / "img000.png").read_bytes()
@@ -130,10 +130,10 @@ def test_empty_files_are_said_and_refused_contents_are_not_decoded_again(folder,
     assert r.exit_code == 0, r.output
     out = " ".join(r.output.split())
     assert "empty.png: empty file" in out and "buffer length" not in out and "cut.png" in out and "2 skipped" in out
-    from ovr.data import decode_image
+    from ovr.embedding.data import decode_image
 
     calls = []
-    monkeypatch.setattr(ovr.pixels, "decode_image", lambda data: calls.append(len(data)) or decode_image(data))
+    monkeypatch.setattr(ovr.embedding.pixels, "decode_image", lambda data: calls.append(len(data)) or decode_image(data))
     r2 = runner.invoke(app, ["embed", str(folder), *TINY, "--decode", "tensor"])
     assert r2.exit_code == 0 and "2 skipped" in r2.output and "24 from cache, 0 newly embedded" in r2.output
     assert calls == []  # nothing decoded: the cut file's refusal was remembered
@@ -187,7 +187,7 @@ def test_bad_settings_are_one_line_errors_before_any_work(flags, message, folder
 def test_torchvision_backbones_random_init(arch, dim, tmp_path):
     bb = load_backbone(arch, "none")
     make_image(tmp_path / "a.png", 0, 0)
-    from ovr.data import load_image
+    from ovr.embedding.data import load_image
     with torch.inference_mode():
         out = bb.model(bb.transform(load_image(tmp_path / "a.png"))[None])
     assert out.shape == (1, dim)

@@ -10,8 +10,8 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
 
 def test_cuda_embeddings_and_heads_match_cpu(tmp_path, cache_dir):
     from ovr.config import load_config
-    from ovr.estimators import OvRClassifier
-    from ovr.pipeline import embed_data
+    from ovr.learn.estimators import OvRClassifier
+    from ovr.apps.pipeline import embed_data
 
     data = make_folder(tmp_path / "d", n_classes=3, per_class=10)
     cpu = embed_data(data, load_config(None, {"backbone": "tiny_cnn", "device": "cpu", "workers": 0,
@@ -34,7 +34,7 @@ def test_cuda_train_add_class_refresh_predict(tmp_path):
     """The model path on CUDA (standardisation statistics on the GPU, heads folded and saved from it) answers as
     well as the CPU path (not bit for bit: CUDA embeds in fp16)."""
     from ovr.config import load_config
-    from ovr.pipeline import Predictor, add_class, model_config, refresh, train_model
+    from ovr.apps.pipeline import Predictor, add_class, model_config, refresh, train_model
 
     data = make_folder(tmp_path / "d", n_classes=3, per_class=10)
     new = make_folder(tmp_path / "n", n_classes=4, per_class=10) / "c3"
@@ -63,7 +63,7 @@ def test_cuda_tensor_decode_matches_the_cpu_paths(tmp_path):
 
     from PIL import Image
 
-    from ovr.backbones import load_backbone
+    from ovr.embedding.backbones import load_backbone
 
     bb = load_backbone("tiny_cnn", decode="tensor")
     gpu, cpu = bb.pixels("cuda"), bb.pixels("cpu")

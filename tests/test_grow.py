@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 import torch
 
-from ovr import aggregate
+from ovr.learn import aggregate
 from ovr.config import TrainConfig
-from ovr.model import Model
-from ovr.store import load_model, read_manifest
+from ovr.learn.model import Model
+from ovr.learn.store import load_model, read_manifest
 
 from conftest import SHAPES, TINY, cli, make_folder, make_shape
 
@@ -122,6 +122,29 @@ def test_ridge_heads_grown_equal_joint():
     assert (zj.argmax(1) == yt.numpy()).mean() > 0.9
 
 
+def test_ridge_with_fewer_rows_than_features_survives_add_and_remove():
+    """Fewer rows than random features: the ridge interpolates its rows. GCV computed as tss - fit was rounding
+    there, so an add-and-remove (exact up to 1e-16) flipped the chosen strength (df 11 -> 29 of 30 rows) and the
+    heads' logits went from 2e4 to 6e8. Now the same strength, the same weights, logits of sane size."""
+    from ovr.learn.stats import SEPARATION_MAX, FeatureMap, Stats, ridge_heads
+
+    X, y = blobs(3, 10, 64, seed=2, spread=1.0)
+    extra, ye = blobs(4, 10, 64, seed=9, spread=1.0)
+    names = ["a", "b", "c"]
+    s = Stats.empty(256, FeatureMap.random(64, 256))
+    s.update(X, y, names)
+    r0 = s.ridge(names)
+    s.update(extra[ye == 3], torch.zeros(10, dtype=torch.long), ["d"])
+    s.update(extra[ye == 3], torch.zeros(10, dtype=torch.long), ["d"], sign=-1.0)
+    s.drop("d")
+    r1 = s.ridge(names)
+    assert r1.lam == pytest.approx(r0.lam, rel=1e-6) and r0.df < 29
+    assert torch.allclose(r1.weight, r0.weight, rtol=1e-5, atol=1e-8)
+    w, b = ridge_heads(r0)
+    z = s.features(X).double() @ w.T + b
+    assert float(z.abs().max()) <= SEPARATION_MAX and (z.argmax(1) == y).all()
+
+
 @pytest.fixture
 def tiny_model(tmp_path, cache_dir):
     data = make_folder(tmp_path / "data", n_classes=4, per_class=12)
@@ -209,7 +232,7 @@ def test_shapes_plus_ring_through_the_cli(tmp_path, cache_dir):
     assert ev["accuracy"] > 0.97, ev["accuracy"]
     # the same heads answered by plain argmax: the old circle head wins on rings
     import ovr
-    from ovr.data import scan_folder
+    from ovr.embedding.data import scan_folder
 
     p = ovr.load(tmp_path / "m", device="cpu")
     test = scan_folder(tmp_path / "test")
@@ -312,7 +335,7 @@ def test_ridge_model_through_add_and_remove_by_the_cli(tmp_path, cache_dir):
     data = make_folder(tmp_path / "data", n_classes=3, per_class=12)
     new = make_folder(tmp_path / "new", n_classes=4, per_class=12)
     assert run("train", data, "--out", tmp_path / "m", *TINY, "--head", "ridge").exit_code == 0
-    from ovr.pipeline import Predictor
+    from ovr.apps.pipeline import Predictor
 
     before = Predictor(tmp_path / "m", "cpu")
     X, _, _ = before.embed(sorted(data.rglob("*.png")))

@@ -2,10 +2,10 @@ import numpy as np
 import pytest
 import torch
 
-from ovr import aggregate
-from ovr.estimators import OvRClassifier, SoftmaxClassifier
-from ovr.heads import fit_ovr_heads, init_linear, stacked_logits
-from ovr.solver import adam_columns, weighted_bce
+from ovr.learn import aggregate
+from ovr.learn.estimators import OvRClassifier, SoftmaxClassifier
+from ovr.learn.heads import fit_ovr_heads, init_linear, stacked_logits
+from ovr.learn.solver import adam_columns, weighted_bce
 
 
 def blobs(n_classes=5, n=40, d=16, seed=0):
@@ -82,7 +82,7 @@ def test_early_stopping_is_per_head_and_keeps_best_weights():
     T = (noisy[:, None] == torch.arange(4)).float()  # label noise: heads start to overfit at different epochs
     Tv = (yv[:, None] == torch.arange(4)).float()
     seen = []
-    from ovr.heads import autograd_grad
+    from ovr.learn.heads import autograd_grad
     res = adam_columns(init_linear([0, 1, 2, 3], 8), autograd_grad(weighted_bce), weighted_bce, X, T, Xv, Tv,
                        l2=torch.zeros(4), extra=torch.ones(4), logits_fn=stacked_logits, epochs=300, lr=0.003, batch_size=16,
                        patience=3, seed=0, progress=lambda s, d, t, **kw: seen.append(kw["training"]))
@@ -134,7 +134,7 @@ def test_platt_calibration_reduces_nll_and_thresholds_maximise_f1():
 
 
 def test_standardize_floor_keeps_dimensions_dead_in_training_bounded():
-    from ovr.heads import STD_FLOOR, Normalizer
+    from ovr.learn.heads import STD_FLOOR, Normalizer
 
     g = torch.Generator().manual_seed(0)
     X = torch.randn(200, 16, generator=g) * 2 + 1
@@ -163,7 +163,7 @@ def test_estimators_reject_unknown_options():
 
 
 def test_fold_puts_the_standardisation_into_the_head():
-    from ovr.heads import Normalizer, head_inputs, init_mlp, stack_heads, stacked_logits
+    from ovr.learn.heads import Normalizer, head_inputs, init_mlp, stack_heads, stacked_logits
 
     g = torch.Generator().manual_seed(0)
     X = torch.randn(50, 8, generator=g) * 3 + 2
@@ -186,7 +186,7 @@ def test_chunked_solves_give_the_same_heads():
     from dataclasses import replace
 
     from ovr.config import TrainConfig
-    from ovr.model import Model, heads_per_chunk
+    from ovr.learn.model import Model, heads_per_chunk
 
     X, y = blobs(12, 8, 10, seed=3)
     Xv, yv = blobs(12, 3, 10, seed=4)

@@ -50,12 +50,12 @@ def test_warm_embed_imports_no_torch_and_reports_what_the_full_path_does(tmp_pat
 def test_all_cached_steps_aside_when_unsure(tmp_path, monkeypatch):
     import torch
 
-    from ovr.backbones import load_backbone
-    from ovr.cache import EmbeddingCache
+    from ovr.embedding.backbones import load_backbone
+    from ovr.embedding.cache import EmbeddingCache
     from ovr.config import FeatureConfig
-    from ovr.data import scan_folder
-    from ovr.features import embed_paths
-    from ovr.identity import all_cached
+    from ovr.embedding.data import scan_folder
+    from ovr.embedding.features import embed_paths
+    from ovr.embedding.identity import all_cached
 
     data = make_folder(tmp_path / "d", n_classes=2, per_class=3)
     paths = scan_folder(data).paths
@@ -80,7 +80,7 @@ def test_all_cached_steps_aside_when_unsure(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("broken", ["not json", "[1, 2]", '{"x": {"dim": 1}}'])
 def test_a_damaged_identity_memo_is_only_a_lost_shortcut(tmp_path, broken):
-    from ovr.backbones import load_backbone
+    from ovr.embedding.backbones import load_backbone
 
     (tmp_path / "backbones.json").write_text(broken)
     bb = load_backbone("tiny_cnn", memo_dir=tmp_path)

@@ -13,12 +13,12 @@ import pytest
 import torch
 from PIL import Image
 
-from ovr import data as data_mod
-from ovr.backbones import load_backbone
-from ovr.cache import EmbeddingCache
-from ovr.data import decode_image, scan_folder
+from ovr.embedding import data as data_mod
+from ovr.embedding.backbones import load_backbone
+from ovr.embedding.cache import EmbeddingCache
+from ovr.embedding.data import decode_image, scan_folder
 from ovr.errors import OvrError
-from ovr.features import default_workers, embed_paths
+from ovr.embedding.features import default_workers, embed_paths
 
 from conftest import cache_rows as _rows, TINY, cli, make_folder, make_image
 
@@ -151,8 +151,8 @@ def test_second_embedder_waits_then_embeds_only_what_is_left(folder, cache_dir):
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
         paths = sorted(folder.rglob("*.png"))
-        from ovr.cache import content_key
-        from ovr.data import load_image
+        from ovr.embedding.cache import content_key
+        from ovr.embedding.data import load_image
 
         x = torch.stack([bb.transform(load_image(p)) for p in paths])
         with torch.inference_mode():
@@ -232,7 +232,7 @@ def test_unreadable_class_folder_says_permission_denied():
         for p in [base / "d", *(base / "d").rglob("*")]:
             p.chmod(0o755 if p.is_dir() else 0o644)
         (base / "d" / "c1").chmod(0o000)
-        code = f"from ovr.data import scan_folder\nscan_folder({str(base / 'd')!r})"
+        code = f"from ovr.embedding.data import scan_folder\nscan_folder({str(base / 'd')!r})"
         kw = {}
         if os.geteuid() == 0:
             kw["preexec_fn"] = lambda: (os.setgid(65534), os.setuid(65534))
@@ -288,7 +288,7 @@ def test_huge_images_are_reduced_or_refused_in_words(tmp_path, monkeypatch):
     assert im.size[0] * im.size[1] <= 4 * 100 * 100 and im.size[0] < 400  # decoded at a reduced scale
     with pytest.raises(ValueError, match="too large to decode safely"):
         decode_image((tmp_path / "big.png").read_bytes())
-    from ovr.data import describe_error
+    from ovr.embedding.data import describe_error
 
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)  # PIL's own bomb error, past 2x its limit
     with pytest.raises(Image.DecompressionBombError) as e:
@@ -471,9 +471,9 @@ def test_damaged_cache_rows_are_caught_and_embedded_again(folder, cache_dir, tmp
     import torch
     from safetensors.torch import load_file, save_file
 
-    from ovr.backbones import load_backbone
-    from ovr.cache import EmbeddingCache
-    from ovr.features import embed_paths
+    from ovr.embedding.backbones import load_backbone
+    from ovr.embedding.cache import EmbeddingCache
+    from ovr.embedding.features import embed_paths
 
     bb = load_backbone("tiny_cnn", "default", None, "tensor")
     paths = sorted(folder.rglob("*.png"))
@@ -516,7 +516,7 @@ def test_verify_means_every_command_can_use_the_model(tmp_path, cache_dir, damag
     fastapi = pytest.importorskip("fastapi")  # noqa: F841
     from fastapi.testclient import TestClient
 
-    from ovr.serve import create_app
+    from ovr.apps.serve import create_app
 
     client = TestClient(create_app(tmp_path / "m", device="cpu", warm=False))
     m = json.loads(good)
@@ -534,9 +534,9 @@ def test_verify_means_every_command_can_use_the_model(tmp_path, cache_dir, damag
 
 def test_a_huge_non_jpeg_is_refused_from_its_header_without_reading_it_whole(tmp_path, monkeypatch):
     """A file is hashed in blocks and read for decoding only after its header's size passed the pixel limit."""
-    import ovr.data as data_mod
-    from ovr.cache import content_key, hash_files
-    from ovr.data import read_image_file
+    import ovr.embedding.data as data_mod
+    from ovr.embedding.cache import content_key, hash_files
+    from ovr.embedding.data import read_image_file
 
     big = tmp_path / "big.png"
     Image.new("1", (3000, 3000)).save(big)

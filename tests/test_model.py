@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 
 import ovr
 from ovr.cli import app
-from ovr.store import load_model, read_manifest
+from ovr.learn.store import load_model, read_manifest
 
 from conftest import make_folder, make_image
 
@@ -189,7 +189,7 @@ def test_add_class_needs_the_training_embeddings_in_this_cache(model, data4, tmp
 
 
 def test_crash_during_save_leaves_old_model(model):
-    from ovr.store import save_model
+    from ovr.learn.store import save_model
 
     before = head_hashes(model)
     m = load_model(model)
@@ -242,8 +242,8 @@ def test_add_class_keeps_other_heads_byte_identical(model, tmp_path, cache_dir):
 
 
 def test_add_class_embeds_only_new_images(model, tmp_path, cache_dir):
-    from ovr.backbones import load_backbone
-    from ovr.cache import EmbeddingCache
+    from ovr.embedding.backbones import load_backbone
+    from ovr.embedding.cache import EmbeddingCache
 
     new = make_folder(tmp_path / "new", n_classes=5, per_class=6)
     n0 = len(EmbeddingCache(cache_dir, load_backbone("tiny_cnn").key))

@@ -1,4 +1,4 @@
-"""The decode paths (ovr.pixels): the tensor path matches PIL's within measured gray levels on every kind of file,
+"""The decode paths (ovr.embedding.pixels): the tensor path matches PIL's within measured gray levels on every kind of file,
 the batched-decode branch a CUDA run takes (exercised here on CPU) agrees with per-file decoding, and the path is
 part of the cache key and the model."""
 import hashlib
@@ -50,7 +50,7 @@ def _files() -> dict[str, bytes]:
 
 @pytest.mark.parametrize("name", ["tiny_cnn", "efficientnet_lite0"])  # bilinear and bicubic resizes
 def test_tensor_path_matches_pil_within_two_gray_levels(name):
-    from ovr.backbones import REGISTRY, load_backbone
+    from ovr.embedding.backbones import REGISTRY, load_backbone
 
     if not REGISTRY[name].available():
         pytest.skip(f"{name} weights not installed")
@@ -68,7 +68,7 @@ def test_tensor_path_matches_pil_within_two_gray_levels(name):
 def test_batched_decode_branch_agrees_with_per_file_decoding():
     """The branch a CUDA run takes (workers pass plain JPEGs on as bytes, `batch` decodes them together), run on
     CPU: same inputs as decoding each file in the worker; files a batch decoder cannot take stay on the CPU."""
-    from ovr.backbones import load_backbone
+    from ovr.embedding.backbones import load_backbone
 
     bb = load_backbone("tiny_cnn", decode="tensor")
     per_file, batched = bb.pixels(batch_decode=False), bb.pixels(batch_decode=True)
@@ -82,7 +82,7 @@ def test_batched_decode_branch_agrees_with_per_file_decoding():
 
 
 def test_a_jpeg_the_batch_decoder_refuses_is_reported_and_the_rest_kept():
-    from ovr.backbones import load_backbone
+    from ovr.embedding.backbones import load_backbone
 
     px = load_backbone("tiny_cnn", decode="tensor").pixels(batch_decode=True)
     good = _save(_photo(), "JPEG")
@@ -147,7 +147,7 @@ def test_bad_decode_value_is_one_line(tmp_path):
 
 
 def test_models_from_before_the_decode_path_load_as_pil():
-    from ovr.backbones import load_backbone, model_backbone
+    from ovr.embedding.backbones import load_backbone, model_backbone
 
     spec = load_backbone("tiny_cnn", decode="pil").spec()
     del spec["decode"]
@@ -160,7 +160,7 @@ def test_a_file_only_pil_can_read_in_a_device_batch_is_cropped_once():
     """The per-file fallback of the batched branch: bytes that reach the batch decoder but are not a JPEG it can
     take (here a PNG) are decoded by PIL and resized and cropped once, like any other file (Lite0's resize + crop
     applied twice would move the pixels)."""
-    from ovr.backbones import REGISTRY, load_backbone
+    from ovr.embedding.backbones import REGISTRY, load_backbone
 
     if not REGISTRY["efficientnet_lite0"].available():
         pytest.skip("efficientnet_lite0 weights not installed")
@@ -178,9 +178,9 @@ def test_embedding_loop_on_the_batched_branch_skips_a_refused_file_and_keeps_the
     per-file tensor path's embeddings."""
     import dataclasses
 
-    from ovr.backbones import Backbone, load_backbone
-    from ovr.cache import EmbeddingCache
-    from ovr.features import embed_paths
+    from ovr.embedding.backbones import Backbone, load_backbone
+    from ovr.embedding.cache import EmbeddingCache
+    from ovr.embedding.features import embed_paths
 
     class Batched(Backbone):
         def pixels(self, device="cpu", batch_decode=None):
@@ -206,7 +206,7 @@ STRIP_RSS = """
 import io, resource, sys
 import numpy as np
 from PIL import Image
-from ovr.backbones import load_backbone
+from ovr.embedding.backbones import load_backbone
 im = Image.fromarray(np.random.default_rng(0).integers(0, 255, (1, 100_000, 3), dtype=np.uint8))
 b = io.BytesIO(); im.save(b, "PNG")
 px = load_backbone("tiny_cnn", decode=sys.argv[1]).pixels()
@@ -230,7 +230,7 @@ def test_a_long_strip_is_cut_before_the_resize_not_blown_up(decode):
 
 
 def test_the_cut_leaves_ordinary_images_alone_and_export_cuts_alike():
-    from ovr.backbones import load_backbone
+    from ovr.embedding.backbones import load_backbone
 
     bb = load_backbone("tiny_cnn", decode="pil")
     px = bb.pixels()
@@ -241,6 +241,31 @@ def test_the_cut_leaves_ordinary_images_alone_and_export_cuts_alike():
     assert torch.equal(px.image(strip), bb.transform(strip.crop((120, 0, 280, 40))))
     ten = load_backbone("tiny_cnn", decode="tensor")
     crop = ten.pixels().image(strip).permute(1, 2, 0).numpy()
-    from ovr.pixels import split_transform
+    from ovr.embedding.pixels import split_transform
 
     assert np.array_equal(split_transform(ten.transform, "tensor")(strip), crop)  # what export's users run
+
+
+@pytest.mark.parametrize("geometry", [
+    [{"op": "resize", "size": 256, "interpolation": "bicubic", "max_size": None, "antialias": True},
+     {"op": "center_crop", "size": [224, 224]}],
+    [{"op": "resize", "size": [40], "interpolation": "bilinear", "max_size": None, "antialias": True},
+     {"op": "center_crop", "size": [32, 32]}],
+    [{"op": "resize", "size": [48, 48], "interpolation": "bicubic", "max_size": None, "antialias": True}],  # full frame
+])
+def test_torch_free_crop_gives_the_pixels_of_torchvisions_pil_path(geometry):
+    """ovr.embedding.geometry (the torch-free predict's resize + crop) against torchvision's Resize + CenterCrop on
+    the same PIL images: identical uint8 crops, including upscaled, portrait, square and very elongated (cut) ones."""
+    from ovr.embedding.geometry import crop_pil, normalized
+    from ovr.embedding.pixels import compose, split_transform
+
+    record = {"geometry": geometry, "mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}
+    prep = split_transform(compose(record), "pil")
+    rng = np.random.default_rng(0)
+    for w, h in [(24, 24), (300, 200), (200, 301), (1000, 30), (33, 500), (256, 256), (640, 427)]:
+        im = Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).filter(
+            __import__("PIL.ImageFilter", fromlist=["x"]).GaussianBlur(2))
+        ours = crop_pil(record, im)
+        assert ours is not None and np.array_equal(ours, prep(im)), (w, h)
+        ref = compose(record)(prep.cut_pil(im)).numpy()  # ToTensor + Normalize in torch
+        assert np.array_equal(normalized(ours[None], record)[0], ref)

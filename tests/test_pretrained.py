@@ -3,7 +3,7 @@ import pytest
 import torch
 from PIL import Image
 
-from ovr.backbones import load_backbone
+from ovr.embedding.backbones import load_backbone
 
 
 @pytest.fixture(scope="module")
@@ -13,8 +13,8 @@ def lite0():
 
 def _logits(bb, img):
     import timm
-    from ovr.backbones import lite0_from_wheel_state_dict
-    from ovr.identity import lite0_file as _lite0_file
+    from ovr.embedding.backbones import lite0_from_wheel_state_dict
+    from ovr.embedding.identity import lite0_file as _lite0_file
 
     full = timm.create_model("tf_efficientnet_lite0", pretrained=False)
     full.load_state_dict(lite0_from_wheel_state_dict(torch.load(_lite0_file(), weights_only=True), full))
@@ -36,7 +36,7 @@ def test_coffee_is_espresso(lite0):
 
 def test_logits_match_the_original_architecture(lite0):
     efl = pytest.importorskip("efficientnet_lite_pytorch")
-    from ovr.identity import lite0_file as _lite0_file
+    from ovr.embedding.identity import lite0_file as _lite0_file
 
     orig = efl.EfficientNet.from_name("efficientnet-lite0")
     orig.load_state_dict(torch.load(_lite0_file(), weights_only=True))

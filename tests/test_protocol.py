@@ -17,7 +17,7 @@ pytest.importorskip("fastapi", reason='the serve extra is not installed (pip ins
 # --- the codec -------------------------------------------------------------------------------------------------
 
 def test_binary_and_json_requests_parse_to_the_same_tensors():
-    from ovr.protocol import HEADER, parse_request, serialize_bytes  # noqa: F401
+    from ovr.apps.protocol import HEADER, parse_request, serialize_bytes  # noqa: F401
 
     blobs = [b"\x89PNG\x00\xff", b"", b"jpeg bytes"]
     raw = serialize_bytes(blobs)
@@ -49,7 +49,7 @@ _HEAD = b'{"inputs": [{"name": "x", "datatype": "BYTES", "shape": [1], "paramete
     (b"{}", "99", "does not fit"),
 ])
 def test_malformed_requests_are_one_line_400s(body, header, message):
-    from ovr.protocol import ProtocolError, parse_request
+    from ovr.apps.protocol import ProtocolError, parse_request
 
     with pytest.raises(ProtocolError, match=message) as e:
         parse_request(body, header)
@@ -57,7 +57,7 @@ def test_malformed_requests_are_one_line_400s(body, header, message):
 
 
 def test_classification_extension_orders_scores():
-    from ovr.protocol import classification
+    from ovr.apps.protocol import classification
 
     out = classification(np.array([[0.1, 0.7, 0.2], [0.5, 0.1, 0.4]]), 2, ["a", "b", "c"])
     assert out.shape == (2, 2)
@@ -112,8 +112,8 @@ def test_tritonclient_gets_the_answers_of_ovr_predict(served, which, binary):
             inp = httpclient.InferInput("images", [len(images)], "BYTES")
             inp.set_data_from_numpy(np.array([p.read_bytes() for p in images], dtype=object), binary_data=True)
         else:  # the exported graph's input: uint8 crops, as JSON
-            from ovr.data import load_image
-            from ovr.pipeline import Predictor
+            from ovr.embedding.data import load_image
+            from ovr.apps.pipeline import Predictor
 
             prep = Predictor(model, "cpu").crop
             crops = np.stack([prep(load_image(p)) for p in images])
@@ -210,7 +210,7 @@ def test_pixel_budgets_are_read_from_headers_before_decoding(served, monkeypatch
     import httpx
     from PIL import Image
 
-    import ovr.serve
+    import ovr.apps.serve
 
     def png(w, h):
         buf = io.BytesIO()
@@ -218,7 +218,7 @@ def test_pixel_budgets_are_read_from_headers_before_decoding(served, monkeypatch
         return buf.getvalue()
 
     base, images = served
-    monkeypatch.setattr(ovr.serve, "MAX_REQUEST_PIXELS", 20_000_000)
+    monkeypatch.setattr(ovr.apps.serve, "MAX_REQUEST_PIXELS", 20_000_000)
     with LiveServer(base / "plain") as live, httpx.Client(base_url=f"http://{live.url}", timeout=60) as c:
         huge = png(9000, 9000)
         assert len(huge) < 200_000

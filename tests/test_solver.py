@@ -1,4 +1,4 @@
-"""The solvers (ovr/solver.py) against scikit-learn on the same problems: the exact per-column L-BFGS for
+"""The solvers (ovr/learn/solver.py) against scikit-learn on the same problems: the exact per-column L-BFGS for
 logistic heads and the multinomial one, per-column convergence, float32 work reaching the float64 optimum."""
 import numpy as np
 import pytest
@@ -6,7 +6,7 @@ import torch
 from sklearn.linear_model import LogisticRegression
 from sklearn.preprocessing import StandardScaler
 
-from ovr.solver import logistic_lbfgs, softmax_lbfgs
+from ovr.learn.solver import logistic_lbfgs, softmax_lbfgs
 
 from test_estimators import blobs  # noqa: F401  (the same data helper)
 

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from ovr.errors import OvrError
-from ovr.backbones import load_backbone
-from ovr.store import load_model
+from ovr.embedding.backbones import load_backbone
+from ovr.learn.store import load_model
 
 from conftest import TINY, cli, make_folder
 
@@ -90,7 +90,7 @@ def test_a_crash_between_the_two_renames_of_train_force_loses_no_model(model, tm
     monkeypatch.setenv("OVR_TEST_CRASH_BETWEEN_RENAMES", "1")
     with pytest.raises(SystemExit):
         from ovr.config import load_config
-        from ovr.pipeline import train_model
+        from ovr.apps.pipeline import train_model
         train_model(data, model, load_config(None, {"backbone": "tiny_cnn", "device": "cpu", "workers": 0}), force=True)
     monkeypatch.delenv("OVR_TEST_CRASH_BETWEEN_RENAMES")
     assert not model.exists() and list(tmp_path.glob(".m.old-*"))  # the state a kill there leaves
@@ -162,7 +162,7 @@ def test_info_verify_on_a_sound_model(model):
 
 
 def test_a_reader_that_raced_an_update_sees_the_new_model_not_an_error(model, tmp_path):
-    from ovr.store import read_manifest
+    from ovr.learn.store import read_manifest
 
     stale = read_manifest(model)  # a reader has read the manifest...
     new = make_folder(tmp_path / "new", n_classes=3, per_class=9, prefix="x")

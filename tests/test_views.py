@@ -14,7 +14,7 @@ from conftest import cache_rows as _rows, TINY, cli, make_folder, make_image
 
 
 def test_a_view_is_a_function_of_seed_content_and_index(tmp_path):
-    from ovr.views import augment, view_key, view_seed
+    from ovr.embedding.views import augment, view_key, view_seed
 
     make_image(tmp_path / "a.png", 1, 0, size=40)
     im = Image.open(tmp_path / "a.png").convert("RGB")
@@ -28,7 +28,7 @@ def test_a_view_is_a_function_of_seed_content_and_index(tmp_path):
 def test_views_train_on_train_images_only_and_a_second_run_embeds_nothing(folder, tmp_path, cache_dir):
     r = cli("train", folder, "--out", tmp_path / "m", *TINY, "--views", "2")
     assert r.exit_code == 0, r.output
-    from ovr.store import load_model
+    from ovr.learn.store import load_model
 
     m = load_model(tmp_path / "m")
     plain = [e for e in m.examples if "view" not in e]
@@ -48,7 +48,7 @@ def test_views_train_on_train_images_only_and_a_second_run_embeds_nothing(folder
 
 def test_tta_averages_logits_and_is_cached(folder, tmp_path, cache_dir):
     assert cli("train", folder, "--out", tmp_path / "m", *TINY).exit_code == 0
-    from ovr.pipeline import Predictor
+    from ovr.apps.pipeline import Predictor
 
     p = Predictor(tmp_path / "m", "cpu")
     files = sorted((folder / "c0").glob("*.png"))[:4]
@@ -99,7 +99,7 @@ def _manifest(tmp_path: Path, n: int = 36, sep: str = ";", tsv: bool = False) ->
 
 
 def test_manifest_format_and_bad_rows(tmp_path):
-    from ovr.data import scan_folder
+    from ovr.embedding.data import scan_folder
     from ovr.errors import OvrError
 
     path = _manifest(tmp_path, n=12)
@@ -131,7 +131,7 @@ def test_manifest_aliases_conflicts_and_odd_files_are_caught(tmp_path):
     """An image reached by two paths (img/../img/x.png and img/x.png) is one image: in two splits, or with two
     labels, it is an error naming the rows (7 of 10 aliased images sat in two splits, silently); a header-only file,
     a field over csv's 131,072-character limit and a decompression bomb's message read right."""
-    from ovr.data import describe_error, scan_folder
+    from ovr.embedding.data import describe_error, scan_folder
     from ovr.errors import OvrError
 
     path = _manifest(tmp_path, n=6)
@@ -159,9 +159,9 @@ def test_manifest_aliases_conflicts_and_odd_files_are_caught(tmp_path):
 def test_multilabel_heads_train_on_their_own_column_and_metrics_match_sklearn(tmp_path, cache_dir):
     from sklearn.metrics import average_precision_score, f1_score, hamming_loss
 
-    from ovr.data import scan_folder
-    from ovr.pipeline import Predictor, evaluate_model
-    from ovr.store import load_model
+    from ovr.embedding.data import scan_folder
+    from ovr.apps.pipeline import Predictor, evaluate_model
+    from ovr.learn.store import load_model
 
     path = _manifest(tmp_path, n=48)
     folder = scan_folder(path)
@@ -208,7 +208,7 @@ def test_evaluate_report_has_curves_and_an_error_gallery(tmp_path, cache_dir):
     assert confs == sorted(confs, reverse=True)  # most confident first
     im = Image.open(rep / "curves.png")
     assert im.size[0] > 300 and len(set(np.asarray(im.convert("L")).flatten().tolist())) > 10  # not blank
-    from ovr.store import load_model
+    from ovr.learn.store import load_model
 
     rec = load_model(tmp_path / "m").records["c0"]
     assert 2 <= len(rec.l2_path) <= 11 and rec.l2 in [s for s, _ in rec.l2_path]  # the path stops past the best
@@ -217,7 +217,7 @@ def test_evaluate_report_has_curves_and_an_error_gallery(tmp_path, cache_dir):
 
 def test_mlp_heads_record_training_curves(folder, tmp_path, cache_dir):
     assert cli("train", folder, "--out", tmp_path / "m", *TINY, "--head", "mlp", "--hidden", "8", "--epochs", "5").exit_code == 0
-    from ovr.store import load_model
+    from ovr.learn.store import load_model
 
     rec = load_model(tmp_path / "m").records["c1"]
     assert 1 <= len(rec.curve) <= 5 and all(len(p) == 3 and p[1] > 0 for p in rec.curve)
@@ -251,8 +251,8 @@ def test_evaluate_says_what_it_did_not_score_and_its_report_shows_only_what_it_w
     md = (tmp_path / "rep" / "report.md").read_text()
     m = json.loads((tmp_path / "rep" / "report.json").read_text())
     assert ("errors.png" in md) == bool(m["errors"]) and (tmp_path / "rep" / "errors.png").exists() == bool(m["errors"])
-    from ovr.manifest import read_manifest
-    from ovr.report import write_model_report
+    from ovr.learn.manifest import read_manifest
+    from ovr.apps.report import write_model_report
 
     write_model_report({**m, "errors": []}, read_manifest(tmp_path / "m"), tmp_path / "rep2")  # no errors at all
     assert "errors.png" not in (tmp_path / "rep2" / "report.md").read_text()
@@ -265,7 +265,7 @@ def test_evaluate_says_what_it_did_not_score_and_its_report_shows_only_what_it_w
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from ovr.report import _draw_confusion
+    from ovr.apps.report import _draw_confusion
 
     fig, ax = plt.subplots()
     _draw_confusion(ax, np.array([[3, 1], [0, 4]]), "cm", ["cat", "dog"])
@@ -280,8 +280,8 @@ def test_full_frame_sees_the_borders_and_auto_picks_it_for_multilabel_data(tmp_p
     import torch
     from PIL import Image
 
-    from ovr.backbones import load_backbone
-    from ovr.features import embed_images
+    from ovr.embedding.backbones import load_backbone
+    from ovr.embedding.features import embed_images
 
     crop = load_backbone("tiny_cnn", "default", None, "tensor", "crop")
     full = load_backbone("tiny_cnn", "default", None, "tensor", "full")

@@ -13,9 +13,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .version import __version__
-from .config import AnswerOptions
-from .errors import OvrError
+from ..version import __version__
+from ..config import AnswerOptions
+from ..errors import OvrError
 
 MAX_BATCH = 64  # images per forward pass, gathered across the requests waiting for it
 # Pixel budgets, read from each file's header before anything is decoded (a small file can hold an image that
@@ -184,7 +184,7 @@ def create_app(model_root, *, device: str = "auto", cache_dir=None, engine: str 
     from PIL import Image
 
     from . import protocol
-    from .data import decode_image, describe_error
+    from ..embedding.data import decode_image, describe_error
     from .pipeline import Predictor
 
     limit = int(max_upload_mb * 1e6)
@@ -192,7 +192,7 @@ def create_app(model_root, *, device: str = "auto", cache_dir=None, engine: str 
     def decode_uploads(blobs) -> list:
         """Each upload decoded, or why not (a string): within the per-image pixel budget and what is left of the
         request's, both read from the headers before anything is decoded. The one decode of /predict and v2."""
-        from .data import image_header
+        from ..embedding.data import image_header
 
         out: list = []
         budget = MAX_REQUEST_PIXELS

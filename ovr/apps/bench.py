@@ -13,13 +13,13 @@ import time
 import numpy as np
 import torch
 
-from . import aggregate
-from .version import __version__
-from .config import Config, config_to_dict
-from .features import Progress
-from .estimators import OvRClassifier, SoftmaxClassifier
-from .data import split_assignments
-from .metrics import (MULTILABEL_SCALARS, classification_metrics, expected_calibration_error, reliability,
+from ..learn import aggregate
+from ..version import __version__
+from ..config import Config, config_to_dict
+from ..embedding.features import Progress
+from ..learn.estimators import OvRClassifier, SoftmaxClassifier
+from ..embedding.data import split_assignments
+from ..learn.metrics import (MULTILABEL_SCALARS, classification_metrics, expected_calibration_error, reliability,
                       worst_errors)
 
 METHODS = ("ovr", "ovr-ridge", "softmax", "sklearn-ovr", "sklearn-multinomial")
@@ -170,7 +170,7 @@ def run_bench(emb, cfg: Config, progress: Progress | None = None, methods: tuple
     Xv, yv, _ = emb.split("val")
     Xt, yt, _ = emb.split("test")
     if len(Xt) == 0 or len(Xv) == 0 or K < 3:
-        from .errors import OvrError
+        from ..errors import OvrError
         raise OvrError("bench needs at least 3 classes and images in the val and test splits")
     y, yv, yt = y.cpu(), yv.cpu(), yt.cpu()
     methods = methods or tuple(m for m in METHODS if cfg.bench.sklearn and len(X) <= cfg.bench.sklearn_max_samples
@@ -247,7 +247,7 @@ def growth_curve(X, y, Xv, yv, Xt, yt, cfg: Config, points: int = 12) -> dict:
     """One model grown from 2 classes to all, one add-class at a time (class order seeded), through
     `model.grow_in_order` as `ovr add-class` does: test accuracy on the classes so far for the model's answer and
     plain argmax, beside a model trained jointly on the same classes (at up to `points` steps: a joint fit each)."""
-    from .model import Model, grow_in_order
+    from ..learn.model import Model, grow_in_order
 
     K = int(y.max()) + 1
     order = np.random.default_rng(cfg.train.seed).permutation(K).tolist()
@@ -300,9 +300,9 @@ MULTILABEL_NOTE = ("softmax baseline skipped: this data is multi-label, and a so
 def run_bench_multilabel(emb, cfg: Config, progress: Progress | None = None) -> dict:
     """Multi-label data: ovr heads over seeded resplits of the embedded rows (no re-embedding), scored with
     scikit-learn's multi-label metrics on each resplit's test rows; mean and spread over resplits."""
-    from .data import split_assignments
-    from .metrics import multilabel_metrics
-    from .model import Model
+    from ..embedding.data import split_assignments
+    from ..learn.metrics import multilabel_metrics
+    from ..learn.model import Model
 
     classes = list(emb.folder.classes)
     T = emb.folder.targets[emb.result.input_index]
@@ -349,9 +349,9 @@ def compare_backbones(data, names: list[str], cfg: Config, min_images_per_s: flo
 
     from sklearn.metrics import f1_score
 
-    from .backbones import measure
+    from ..embedding.backbones import measure
     from .pipeline import embed_data
-    from .runtime import resolve_device
+    from ..runtime import resolve_device
 
     rows = []
     for name in names:

@@ -20,7 +20,7 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 
-from .config import AnswerOptions
+from ..config import AnswerOptions
 
 UNKNOWN = -1
 

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from .data import describe_error
-from .errors import OvrError
+from ..errors import OvrError
 from .identity import LITE_WHEELS, cache_key, framed, lite_file, recall, remember, spec, weights_identity
 
 

@@ -14,8 +14,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .config import HEADS, NORMALIZE
-from .runtime import head_seed
+from ..config import HEADS, NORMALIZE
+from ..runtime import head_seed
 from .solver import adam_columns, logistic_lbfgs, weighted_bce
 
 Tensors = dict[str, torch.Tensor]

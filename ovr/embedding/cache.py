@@ -14,9 +14,9 @@ from typing import TYPE_CHECKING, Callable
 import numpy as np
 from safetensors import safe_open
 
-from .atomic import atomic_write_bytes, check_writable
+from ..atomic import atomic_write_bytes, check_writable
 from .data import describe_error
-from .errors import OvrError
+from ..errors import OvrError
 
 if TYPE_CHECKING:  # torch is imported where rows are read or written: a warm `ovr embed` only looks keys up
     import torch
@@ -260,7 +260,7 @@ class EmbeddingCache:
         """Remember refused contents (call under the embed lock; the file is replaced atomically)."""
         if not reasons:
             return
-        from .atomic import atomic_write_bytes
+        from ..atomic import atomic_write_bytes
 
         merged = {**self.refused(), **reasons}
         self.dir.mkdir(parents=True, exist_ok=True)

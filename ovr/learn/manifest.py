@@ -9,9 +9,9 @@ import shutil
 from contextlib import contextmanager
 from pathlib import Path
 
-from .atomic import check_writable
-from .config import HEADS
-from .errors import OvrError, read_parsed
+from ..atomic import check_writable
+from ..config import HEADS
+from ..errors import OvrError, read_parsed
 from .records import HeadRecord
 
 SCHEMA_VERSION = 1

@@ -13,14 +13,14 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .errors import OvrError
+from ..config import ENGINES
+from ..errors import OvrError
 
 if TYPE_CHECKING:
     import torch
 
     from .backbones import Backbone
 
-ENGINES = ("auto", "torch", "onnxruntime")
 OPSET = 17
 INSTALL_HINT = "the onnxruntime engine needs onnxruntime and onnx (default dependencies): pip install onnxruntime onnx"
 # How far the engines' embeddings may be apart (max |difference| / max |embedding|, float32; the measured figures
@@ -46,10 +46,14 @@ def resolve_engine(engine: str, device: "torch.device") -> str:
     return "onnxruntime"
 
 
+def graph_file(cache_dir: str | Path, key: str) -> Path:
+    """Where a backbone's graph lives: one file per backbone identity (name, weights fingerprint, preprocessing,
+    decode path: the cache key `key`) and opset; its preprocessing record beside it (.json)."""
+    return Path(cache_dir) / "engines" / f"{key}-opset{OPSET}.onnx"
+
+
 def graph_path(cache_dir: str | Path, backbone: "Backbone") -> Path:
-    """Where the backbone's graph lives: one file per backbone identity (name, weights fingerprint,
-    preprocessing, decode path: the cache key) and opset."""
-    return Path(cache_dir) / "engines" / f"{backbone.key}-opset{OPSET}.onnx"
+    return graph_file(cache_dir, backbone.key)
 
 
 def export_backbone(backbone: "Backbone", path: Path) -> None:
@@ -61,7 +65,7 @@ def export_backbone(backbone: "Backbone", path: Path) -> None:
 
     import torch
 
-    from .atomic import atomic_write_bytes
+    from ..atomic import atomic_write_bytes
 
     model = backbone.model.float().eval()
     S = _input_size(backbone)
@@ -146,7 +150,7 @@ def session(backbone: "Backbone") -> OrtForward:
     free cores, or --threads / $OVR_THREADS, worked out once per process)."""
     from filelock import FileLock
 
-    from .runtime import configure_threads
+    from ..runtime import configure_threads
 
     path = graph_path(backbone.engine_dir, backbone)
     if not path.exists():

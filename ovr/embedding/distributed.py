@@ -46,22 +46,3 @@ def teardown() -> None:
 
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
-
-
-def embed_ranked(folder, cfg, hashed, progress=None):
-    """This process's share of embedding DATA (all of it outside torchrun): the process group set up, each rank on
-    its own device, no rows gathered (`ovr embed` only counts), the group torn down. -> (rank, EmbeddedFolder);
-    only rank 0 reports progress."""
-    from dataclasses import replace
-
-    from .pipeline import embed_data
-
-    rank, world, dev = setup(cfg.features.device)
-    if world > 1:
-        cfg = replace(cfg, features=replace(cfg.features, device=dev))
-    try:
-        emb = embed_data(folder, cfg, progress if rank == 0 else None, gather=False, rank=rank, world=world,
-                         hashed=hashed)
-    finally:
-        teardown()
-    return rank, emb

@@ -26,9 +26,9 @@ import torch
 from PIL import Image
 
 from .data import MAX_PIXELS, decode_image, describe_error
-from .errors import OvrError
+from .geometry import cut_box
+from ..errors import OvrError
 
-MAX_ASPECT = 4  # see Preprocess.cut_box
 
 
 @dataclass
@@ -42,21 +42,9 @@ class Preprocess:
     decode: str = "pil"
 
     def cut_box(self, w: int, h: int) -> tuple[int, int, int, int] | None:
-        """(left, top, right, bottom) to cut a very elongated image to before the resize, or None. A 2 x 20,000
-        strip (a 158 KB PNG) resized to a short side of 256 becomes 256 x 2,560,000: 5 s and 3.4 GB in PIL. The
-        centre crop only ever sees the middle S/resize of the short side's length, so a long side over
-        MAX_ASPECT x the short one is cut to that first: the crop sees the same content (the resize grid shifts by
-        under an output pixel), and ordinary images are untouched."""
+        """The cut of a very elongated image before the resize (geometry.cut_box), or None."""
         t = self.geometry[0] if self.geometry else None
-        size = getattr(t, "size", None) if type(t).__name__ == "Resize" else None
-        if not (isinstance(size, int) or (isinstance(size, (list, tuple)) and len(size) == 1)):
-            return None  # a fixed (h, w) resize squashes to a fixed size: nothing blows up
-        if max(w, h) <= MAX_ASPECT * min(w, h):
-            return None
-        keep = MAX_ASPECT * min(w, h)
-        if w > h:
-            return ((w - keep) // 2, 0, (w - keep) // 2 + keep, h)
-        return (0, (h - keep) // 2, w, (h - keep) // 2 + keep)
+        return cut_box(t.size if type(t).__name__ == "Resize" else None, w, h)
 
     def cut_pil(self, im: Image.Image) -> Image.Image:
         box = self.cut_box(*im.size)

@@ -11,7 +11,7 @@ import numpy as np
 from rich.markup import escape
 from rich.table import Table
 
-from .data import SPLITS
+from ..embedding.data import SPLITS
 
 
 def embed_summary(emb) -> dict[str, Any]:
@@ -55,7 +55,7 @@ def embed_line(s: dict) -> str:
 def multilabel_tables(m: dict) -> list[Table]:
     s = Table(title=f"{m.get('split', '')} split: {m['n']} images, multi-label")
     s.add_column("metric"), s.add_column("value", justify="right")
-    from .metrics import MULTILABEL_SCALARS  # here: metrics imports scikit-learn (slow); embed's output needs none
+    from ..learn.metrics import MULTILABEL_SCALARS  # here: metrics imports scikit-learn (slow); embed's output needs none
 
     for k in MULTILABEL_SCALARS:
         s.add_row(k, f"{m[k]:.4f}")
@@ -347,7 +347,7 @@ def plot_gallery(errors: list[dict], out: Path, per_row: int = 4) -> str | None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from .data import load_image
+    from ..embedding.data import load_image
 
     by_class: dict[str, list[dict]] = {}
     for e in errors:
@@ -414,7 +414,7 @@ def write_model_report(m: dict, manifest: dict, out: str | Path) -> Path:
           f"{m['n']} images, {len(manifest.get('classes', []))} heads on `{b.get('name')}`"
           f"{', TTA ' + str(m['tta']) + ' views' if m.get('tta') else ''}.", "",
           "| metric | value |", "|---|---:|"]
-    from .metrics import MULTILABEL_SCALARS
+    from ..learn.metrics import MULTILABEL_SCALARS
 
     keys = (MULTILABEL_SCALARS if m.get("multilabel") else
             ["accuracy", "macro_f1", "balanced_accuracy", "top2_accuracy", "nll", "ece", "ece_calibrated"])

@@ -21,10 +21,10 @@ import torch
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
-from .version import __version__
+from ..version import __version__
 from .aggregate import Gate
-from .errors import OvrError
-from .atomic import atomic_write_bytes
+from ..errors import OvrError
+from ..atomic import atomic_write_bytes
 from .heads import Tensors
 from .manifest import MANIFEST, SCHEMA_VERSION, check_can_write, model_lock, read_manifest, recover  # noqa: F401 (re-exported)
 from .model import HeadRecord, Model, now

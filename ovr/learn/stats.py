@@ -19,10 +19,14 @@ from dataclasses import dataclass
 
 import torch
 
-from .errors import OvrError
+from ..errors import OvrError
 
 LAMBDAS = tuple(10.0 ** (k / 4) for k in range(-20, 9))  # ridge strengths relative to mean(eigenvalue of G_c)
 BETAS = tuple(2.0 ** (k / 2) for k in range(0, 21))  # gate sharpness: softmax(beta * score), 1 .. 1024
+# The largest squared separation (m1 - m0)^2 / var a ridge head may claim: where the solve interpolates its training
+# rows (fewer rows than features) the within-class variance of the scores is ~0, and the logits would be set by
+# rounding (1e4-1e8, different after an add-and-remove). 40 puts a class mean at logit 20.
+SEPARATION_MAX = 40.0
 MC_PER_CLASS = 256  # samples per class of the Gaussian score model that picks the gate's sharpness
 
 
@@ -121,17 +125,23 @@ class Stats:
         counts = self.counts[cols]
         Qc = self.sums[cols].T - torch.outer(mu, counts)  # sum over rows of (phi - mu) y_k
         e, V = torch.linalg.eigh(Gc)
-        e = e.clamp_min(0)
-        P = V.T @ Qc
-        P2 = P * P
+        # directions G does not span (rounding-level eigenvalues) carry no signal: their projections are noise
+        span = e > 1e-10 * float(e.max().clamp_min(1e-300))
+        e = torch.where(span, e, torch.zeros_like(e))
+        P = (V.T @ Qc) * span[:, None]
+        signal = (P * P).sum(1) / torch.where(span, e, torch.ones_like(e))  # per direction, what lam = 0 fits
         tss = float((counts * (1 - counts / n)).sum())
+        # the residual at lam = 0: none where G spans every centred row (rows <= features + 1), else what is left
+        rss0 = 0.0 if int(span.sum()) >= n - 1 else max(tss - float(signal.sum()), 0.0)
         scale = float(e.mean()) or 1.0
         best = None
         for rel in LAMBDAS:
-            d = 1.0 / (e + rel * scale)
-            rss = tss - float((P2 * (2 * d - e * d * d)[:, None]).sum())
-            df = float((e * d).sum())
-            gcv = n * max(rss, 0.0) / max(n - 1 - df, 1e-9) ** 2
+            lam = rel * scale
+            # rss(lam) = rss(0) + sum_j signal_j (lam / (e_j + lam))^2: no cancellation, so GCV stays defined where
+            # the solve interpolates (both rss and n - 1 - df go to 0 with lam; tss - fit would be rounding)
+            rss = rss0 + float((signal * (lam / (e + lam)) ** 2).sum())
+            df = float((e / (e + lam)).sum())
+            gcv = n * rss / max(n - 1 - df, 1e-9) ** 2
             if best is None or gcv < best[0]:
                 best = (gcv, rel * scale, df)
         _, lam, df = best
@@ -180,7 +190,8 @@ def ridge_heads(ridge: Ridge) -> tuple[torch.Tensor, torch.Tensor]:
     ss = ((s.gram @ w) * w).sum(0)  # sum of (w_k . phi)^2 over every row
     # pooled within-group variance of the score (without the bias: it cancels)
     var = (ss - sp ** 2 / pos - (st - sp) ** 2 / neg) / max(n - 2, 1.0)
-    var = var.clamp_min(1e-12) * (n / max(n - ridge.df, 1.0)) ** 2
+    var = var.clamp_min(0) * (n / max(n - ridge.df, 1.0)) ** 2
+    var = torch.maximum(var, (m1 - m0) ** 2 / SEPARATION_MAX).clamp_min(1e-12)
     a = (m1 - m0) / var
     return (a[:, None] * w.T), a * (b - (m1 + m0) / 2)
 
@@ -194,7 +205,12 @@ def ridge_gate(ridge: Ridge, samples: int = MC_PER_CLASS) -> tuple[torch.Tensor,
     order = sorted(range(K), key=lambda k: ridge.classes[k])  # samples by class name: the same in any class order
     means, cov = means[order][:, order], cov[order][:, order]
     g = torch.Generator().manual_seed(0)
-    L = torch.linalg.cholesky(cov + 1e-9 * torch.eye(K, dtype=cov.dtype) * float(cov.diagonal().mean().clamp_min(1e-12)))
+    cov = (cov + cov.T) / 2
+    scale = float(cov.diagonal().mean().clamp_min(1e-12))
+    for jitter in (1e-9, 1e-6, 1e-3, 1e-1):  # the statistics' subtraction can leave cov a hair from semi-definite
+        L, info = torch.linalg.cholesky_ex(cov + jitter * scale * torch.eye(K, dtype=cov.dtype))
+        if int(info) == 0:
+            break
     Z = torch.randn(K, samples, K, generator=g, dtype=torch.float64)
     S = means[:, None, :] + Z @ L.T  # [K, samples, K]
     y = torch.arange(K)[:, None].expand(K, samples)

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps
 
-from .errors import OvrError
+from ..errors import OvrError
 
 SPLITS = ("train", "val", "test")
 
@@ -285,7 +285,7 @@ def split_assignments(n: int, val_fraction: float, test_fraction: float, seed: i
     """Per-class seeded split (so it is stratified); at least one training image, then val, then test."""
     if not (0 <= val_fraction < 1 and 0 <= test_fraction < 1 and val_fraction + test_fraction < 1):
         raise OvrError("split fractions must be in [0, 1) and sum to less than 1")
-    from .runtime import head_seed  # the same (seed, name) mixing keeps splits independent of class order
+    from ..runtime import head_seed  # the same (seed, name) mixing keeps splits independent of class order
 
     order = np.random.default_rng(head_seed(seed, "split:" + class_name)).permutation(n)
     n_val = int(round(n * val_fraction)) if n >= 3 else 0

@@ -15,7 +15,7 @@ import torch
 
 from . import aggregate
 from .answer import AnswerOptions, AnswerTensors, answer, head_logits
-from .config import TrainConfig
+from ..config import TrainConfig
 from .heads import Normalizer, Tensors, fit_ovr_heads, stack_heads
 from .stats import FeatureMap, Stats, ridge_gate, ridge_heads
 from .records import Calibration, HeadRecord, new_run_id, now  # noqa: F401  (re-exported: ovr.model is the API)

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .config import CALIBRATION
+from ..config import CALIBRATION
 from .solver import softmax_lbfgs
 
 UNKNOWN = -1

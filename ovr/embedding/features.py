@@ -13,7 +13,7 @@ import torch
 from .backbones import Backbone
 from .cache import EmbeddingCache, hash_files
 from .data import ImageFolder, describe_error, read_image_file
-from .errors import OvrError
+from ..errors import OvrError
 from .pixels import Pixels
 from .views import augment, view_key, view_seed
 

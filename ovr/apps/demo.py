@@ -7,8 +7,8 @@ import shutil
 from pathlib import Path
 from typing import Iterator
 
-from .config import Config
-from .features import Progress
+from ..config import Config
+from ..embedding.features import Progress
 
 
 def run(out: Path, cfg: Config, *, device: str | None = None, engine: str | None = None,
@@ -16,7 +16,7 @@ def run(out: Path, cfg: Config, *, device: str | None = None, engine: str | None
     """Yields ("step", title) before each step's work, then its result: ("trained", (model, embedded folder)),
     ("added", GrowResult), ("predicted", rows), ("bench", report dict, written under OUT/report)."""
     from .bench import run_bench
-    from .data import write_digits_folder
+    from ..embedding.data import write_digits_folder
     from .pipeline import Predictor, add_class, embed_data, model_config, train_model
     from .report import write_bench_report
 

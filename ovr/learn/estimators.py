@@ -16,11 +16,11 @@ from sklearn.model_selection import train_test_split
 from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import check_is_fitted, validate_data
 
-from .config import DataConfig, TrainConfig
+from ..config import DataConfig, TrainConfig
 from .heads import (Normalizer, autograd_grad, ce_columns, ce_linear_grad, check_head, init_linear, init_mlp,
                     stacked_logits)
 from .model import Model
-from .runtime import head_seed, resolve_device
+from ..runtime import head_seed, resolve_device
 from .solver import adam_columns
 
 _T, _D = TrainConfig(), DataConfig()
@@ -217,7 +217,7 @@ class SoftmaxClassifier(_Base):
 
     def fit(self, X, y, *, eval_set: tuple | None = None, progress: Callable | None = None) -> "SoftmaxClassifier":
         check_head(self.head)
-        from .config import NORMALIZE
+        from ..config import NORMALIZE
         if self.normalize not in NORMALIZE:
             raise ValueError(f"normalize must be standardize or l2, not {self.normalize!r}")
         X, y, Xv, yv = self._prepare(X, y, eval_set)

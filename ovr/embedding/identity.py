@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from .atomic import atomic_write_bytes
+from ..atomic import atomic_write_bytes
 from .cache import EmbeddingCache, default_cache_dir, hash_files
 
 MEMO = "backbones.json"

@@ -3,27 +3,28 @@ progress goes through a (stage, done, total) callback that the CLI renders."""
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace as replaced
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
 
-from . import aggregate
-from .config import Config, config_to_dict, config_to_toml, load_config
-from .data import ImageFolder, check_split, expand_inputs, scan_folder, split_assignments
-from .engine import attach, resolve_engine
-from .errors import OvrError
-from .atomic import check_writable
-from .backbones import Backbone, load_backbone, model_backbone
-from .cache import EmbeddingCache, default_cache_dir
-from .features import (EmbeddedFolder, EmbedResult, Progress, augmented_images, embed_folder, embed_images, embed_paths,
+from ..learn import aggregate
+from ..config import Config, config_to_dict, config_to_toml, load_config
+from ..embedding.data import ImageFolder, check_split, expand_inputs, scan_folder, split_assignments
+from ..embedding.engine import attach, resolve_engine
+from ..errors import OvrError
+from ..atomic import check_writable
+from ..embedding.backbones import Backbone, load_backbone, model_backbone
+from ..embedding.cache import EmbeddingCache, default_cache_dir
+from ..embedding.features import (EmbeddedFolder, EmbedResult, Progress, augmented_images, embed_folder, embed_images, embed_paths,
                        embed_views)
-from .answer import AnswerOptions
-from .model import Model
-from .runtime import resolve_device
-from .store import check_can_write, load_model, model_lock, save_model, update_model
+from ..learn.answer import AnswerOptions
+from .quick import answer_rows
+from ..learn.model import Model
+from ..runtime import resolve_device
+from ..learn.store import check_can_write, load_model, model_lock, save_model, update_model
 
 
 def open_cache(cfg: Config, backbone: Backbone) -> EmbeddingCache:
@@ -144,7 +145,7 @@ class Predictor:
     @property
     def crop(self):
         """The backbone's preprocessing split at the crop (ovr.pixels.Preprocess: size, mean, std)."""
-        from .pixels import split_transform
+        from ..embedding.pixels import split_transform
 
         return split_transform(self.backbone.transform, self.backbone.decode)
 
@@ -217,7 +218,7 @@ class Predictor:
     def embed_crops(self, crops: np.ndarray) -> torch.Tensor:
         """Embeddings of the backbone's crops, uint8 [B, S, S, 3] (RGB, resized and cropped already: the exported
         graph's input), in batches of 64."""
-        from .features import forward
+        from ..embedding.features import forward
 
         prep = self.crop
         S = prep.size
@@ -245,25 +246,8 @@ class Predictor:
         if not len(idx):
             X, views = torch.empty(0, self.model.backbone["dim"]), []
         ans = self.model.answer(X, options, views=views)
-        rows: list[dict] = [{}] * len(inputs)
-        name = lambda x: "<image>" if isinstance(x, Image.Image) else str(x)  # noqa: E731
-        k = options.top_k
-        for r, i in enumerate(idx):
-            ti, tc = ans.top_index[r], ans.top_confidence[r]
-            p = int(ans.index[r])
-            row = {"input": name(inputs[i]), "class": self.classes[p] if p >= 0 else "unknown",
-                   "confidence": float(tc[0]),
-                   "top": [{"class": self.classes[j], "confidence": float(c)} for j, c in zip(ti[:k], tc[:k])]}
-            if len(self.classes) > 1:
-                row["runner_up"] = {"class": self.classes[ti[1]], "confidence": float(tc[1])}
-            if options.multilabel:
-                row["labels"] = [c for c, f in zip(self.classes, ans.labels[r]) if f]
-            rows[i] = row
-        bad = {str(p): why for p, why in skipped}
-        for i, x in enumerate(inputs):
-            if not rows[i]:
-                rows[i] = {"input": str(x), "error": bad.get(str(x), "unreadable")}
-        return rows
+        return answer_rows(inputs, idx, skipped, self.classes, options, ans.index, ans.top_index,
+                           ans.top_confidence, ans.labels)
 
 
 def load(root: str | Path, device: str = "auto", cache_dir: str | Path | None = None, engine: str = "auto"
@@ -289,7 +273,7 @@ def embed(data: str | Path, backbone: str = "efficientnet_lite0", *, weights: st
 def model_config(root: str | Path, config: str | Path | None = None, **overrides) -> Config:
     """The config a model was trained with (so evaluate splits DATA the same way and add-class trains like the
     others): defaults < stored model config < --config file < flags."""
-    from .manifest import read_manifest
+    from ..learn.manifest import read_manifest
 
     stored = {k: dict(v) for k, v in read_manifest(root).get("config", {}).items() if isinstance(v, dict)}
     for machine in ("cache_dir", "engine"):  # where to write and what runs here: from the user, never a model file
@@ -300,7 +284,7 @@ def model_config(root: str | Path, config: str | Path | None = None, **overrides
 def evaluate_model(root: str | Path, data: str | Path, split: str = "test", options: AnswerOptions = AnswerOptions(),
                    *, device: str | None = None, cache_dir: str | None = None, engine: str | None = None,
                    progress: Progress | None = None) -> dict:
-    from .metrics import classification_metrics, expected_calibration_error, worst_errors
+    from ..learn.metrics import classification_metrics, expected_calibration_error, worst_errors
 
     check_split(split)
     tta = options.tta
@@ -346,7 +330,7 @@ def _skips(emb: EmbeddedFolder) -> dict:
 def _evaluate_multilabel(pred: "Predictor", emb: EmbeddedFolder, rows: np.ndarray, X: torch.Tensor, views: list,
                          options: AnswerOptions, *, root, data, split: str) -> dict:
     """Per-class AP, mAP, micro/macro F1 at the stored thresholds, subset accuracy, Hamming loss."""
-    from .metrics import multilabel_metrics
+    from ..learn.metrics import multilabel_metrics
 
     folder = emb.folder
     unknown = [c for c in folder.classes if c not in pred.classes]
@@ -529,3 +513,20 @@ def remove_class(root: str | Path, name: str, cfg: Config | None = None) -> Grow
         model.remove_class(name, rows_of(model, cache, device, name), lambda: remembered(model, cache, device))
         update_model(model, root, model.rewritten(set()))
     return GrowResult([name])
+
+
+def embed_ranked(folder, cfg, hashed, progress=None):
+    """This process's share of embedding DATA (all of it outside torchrun): the process group set up, each rank on
+    its own device, no rows gathered (`ovr embed` only counts), the group torn down. -> (rank, EmbeddedFolder);
+    only rank 0 reports progress."""
+    from ..embedding import distributed
+
+    rank, world, dev = distributed.setup(cfg.features.device)
+    if world > 1:
+        cfg = replaced(cfg, features=replaced(cfg.features, device=dev))
+    try:
+        emb = embed_data(folder, cfg, progress if rank == 0 else None, gather=False, rank=rank, world=world,
+                         hashed=hashed)
+    finally:
+        distributed.teardown()
+    return rank, emb

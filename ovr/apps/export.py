@@ -16,14 +16,16 @@ import numpy as np
 import torch
 from torch import nn
 
-from .errors import OvrError
+from ..errors import OvrError
 from dataclasses import fields
 
-from .answer import AnswerTensors, answer
-from .config import AnswerOptions
-from .model import Model
-from .pixels import Preprocess, split_transform  # noqa: F401 (Preprocess: the public type)
+from ..learn.answer import AnswerTensors, answer
+from ..config import AnswerOptions
+from ..learn.model import Model
+from ..embedding.pixels import Preprocess, split_transform  # noqa: F401 (Preprocess: the public type)
 
+OUTPUTS = ("logits", "confidences", "calibrated", "class_index")  # what `ovr export` writes
+ROW_OUTPUTS = ("class_index", "top_index", "top_confidence", "labels")  # what a predict row reads
 INSTALL_HINT = 'ONNX export needs the export extra: pip install "ovr[export]" (onnx, onnxscript, onnxruntime)'
 
 
@@ -32,10 +34,10 @@ class OvrGraph(nn.Module):
     class_index: `answer.answer` itself, traced, on the model's tensors held as buffers."""
 
     def __init__(self, model: Model, backbone: nn.Module | None, prep: Preprocess | None,
-                 options: AnswerOptions = AnswerOptions()) -> None:
+                 options: AnswerOptions = AnswerOptions(), outputs: tuple[str, ...] = OUTPUTS) -> None:
         super().__init__()
         self.backbone = backbone
-        self.options = options
+        self.options, self.outputs = options, outputs
         t = model.tensors()
         self.normalize = t.normalize
         self.head_keys = sorted(t.heads)
@@ -59,7 +61,29 @@ class OvrGraph(nn.Module):
         t = AnswerTensors(heads={k: getattr(self, f"h_{k}") for k in self.head_keys}, normalize=self.normalize,
                           **{name: getattr(self, name) for name in self.tensor_names})
         r = answer(t, X, (), self.options)
-        return r.logits, r.raw, r.calibrated, r.index
+        named = {"logits": r.logits, "confidences": r.raw, "calibrated": r.calibrated, "class_index": r.index,
+                 "top_index": r.top_index, "top_confidence": r.top_confidence, "labels": r.labels}
+        return tuple(named[k] for k in self.outputs)
+
+
+def export_answer(model: Model, options: AnswerOptions, path: Path) -> None:
+    """The answer alone (embeddings [B, D] -> ROW_OUTPUTS) with these options, for the torch-free predict
+    (ovr/apps/quick.py), written atomically. The TorchScript-based exporter: a fraction of a second, and it needs
+    neither onnxscript nor the export extra."""
+    import io
+    import warnings
+
+    from ..atomic import atomic_write_bytes
+
+    graph = OvrGraph(model, None, None, options, ROW_OUTPUTS).eval()
+    buf = io.BytesIO()
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(graph, (torch.zeros(2, model.backbone["dim"]),), buf, input_names=["embeddings"],
+                          output_names=list(ROW_OUTPUTS), opset_version=17, dynamo=False,
+                          dynamic_axes={k: {0: "batch"} for k in ("embeddings", *ROW_OUTPUTS)})
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(path, buf.getvalue())
 
 
 def export_model(root: str | Path, out: str | Path, *, heads_only: bool = False, opset: int = 18,
@@ -70,11 +94,11 @@ def export_model(root: str | Path, out: str | Path, *, heads_only: bool = False,
         import onnxscript  # noqa: F401  (torch.onnx's dynamo exporter needs it)
     except ImportError:
         raise OvrError(INSTALL_HINT) from None
-    from .atomic import atomic_write_bytes, check_output_file
-    from .backbones import model_backbone
-    from .cache import default_cache_dir
-    from .manifest import model_lock
-    from .store import load_model
+    from ..atomic import atomic_write_bytes, check_output_file
+    from ..embedding.backbones import model_backbone
+    from ..embedding.cache import default_cache_dir
+    from ..learn.manifest import model_lock
+    from ..learn.store import load_model
 
     out = check_output_file(out, "cannot write the ONNX file")  # before the export's work
     with model_lock(root):  # a consistent model: no add-class half-way through while it is read
@@ -95,7 +119,7 @@ def export_model(root: str | Path, out: str | Path, *, heads_only: bool = False,
     batch = torch.export.Dim("batch", min=1)
     with torch.no_grad():
         prog = torch.onnx.export(graph, (example,), input_names=[input_name],
-                                 output_names=["logits", "confidences", "calibrated", "class_index"],
+                                 output_names=list(OUTPUTS),
                                  dynamic_shapes=({0: batch},), opset_version=opset, dynamo=True,
                                  external_data=False, verbose=False)
     meta = {

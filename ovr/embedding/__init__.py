@@ -1,0 +1,1 @@
+"""Images -> embeddings: folders and decoding, backbones and their identity, engines, the cache, the loop."""

@@ -1,0 +1,1 @@
+"""Embeddings -> heads, statistics, gate -> answers: the solver, `Model`, and its folder format."""
