@@ -3,6 +3,10 @@ image is not in the cache) and cached, median and range over --repeats runs, pha
 EfficientNet-Lite0 on 5 classes of the real-photo set; the backbone's ONNX graph is made once before timing
 (first use of the onnxruntime engine), so "cold" means a new image, not a new machine.
 
+With the onnxruntime engine, predict is torch-free once the model's answer graph for those options is cached
+(ovr/apps/quick.py); "onnxruntime new options" is the first predict with options not used before (the torch path,
+then the answer graph traced into the cache), on a new image.
+
     python benchmarks/predict_latency.py [--repeats 5] [--out benchmarks/results/predict_latency.json]
 """
 from __future__ import annotations
@@ -49,10 +53,15 @@ def main() -> None:
         for engine in ("torch", "onnxruntime"):
             img = base / f"new-{engine}-{r}.png"  # a new image each time: cold
             Image.open(probe).rotate(float(rng.uniform(1, 359))).save(img)
-            for phase, path in (("cold", img), ("cached", img)):  # the second run finds it in the cache
+            phases = [("cold", img, []), ("cached", img, [])]  # the second run finds it in the cache
+            if engine == "onnxruntime":
+                fresh = base / f"new-options-{r}.png"
+                Image.open(probe).rotate(float(rng.uniform(1, 359))).save(fresh)
+                phases.append(("new options", fresh, ["--top-k", str(3 + r)]))
+            for phase, path, flags in phases:
                 t0 = time.perf_counter()
-                out = subprocess.run([*ovr, "predict", str(base / "m"), str(path), "--engine", engine, "--json"],
-                                     env=env, check=True, capture_output=True, text=True).stdout
+                out = subprocess.run([*ovr, "predict", str(base / "m"), str(path), "--engine", engine, "--json",
+                                      *flags], env=env, check=True, capture_output=True, text=True).stdout
                 times.setdefault(f"{engine} {phase}", []).append(time.perf_counter() - t0)
                 answers.setdefault(f"{engine} {phase}", []).append(json.loads(out.splitlines()[0])["class"])
     res = {"machine": f"{os.cpu_count()} cores", "backbone": "efficientnet_lite0", "repeats": a.repeats,
