@@ -86,3 +86,15 @@ def test_softmax_solver_matches_scikit_learn(l2):
     # the default float32 work reaches the same answers from far off
     far, _, g32 = softmax_lbfgs(torch.tensor(X), torch.tensor(y), torch.tensor(w), 4, l2, init=30 * theta.flip(0))
     assert g32 <= 1e-4 and np.array_equal((X1 @ far.numpy().T).argmax(1), sk.predict(X1))
+
+
+def test_fast_softplus_is_softplus():
+    from ovr.learn.solver import softplus
+
+    z = torch.cat([torch.linspace(-120, 120, 100001), torch.tensor([0.0, -0.0, 1e-30, -1e-30])])
+    for dtype in (torch.float32, torch.float64):
+        z64 = z.to(torch.float64)
+        ref = z64.clamp_min(0) + torch.log1p(torch.exp(-z64.abs()))  # exact (F.softplus returns z above 20)
+        ours = softplus(z.to(dtype)).to(torch.float64)
+        assert torch.isfinite(ours).all()
+        assert ((ours - ref).abs() <= 2e-7 * (1 + ref)).all() if dtype == torch.float32 else torch.allclose(ours, ref, atol=1e-15, rtol=1e-14)

@@ -34,6 +34,13 @@ def _dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch.linalg.vecdot(a, b)  # fused: no [C, D] temporary, unlike (a * b).sum(-1)
 
 
+def softplus(z: torch.Tensor) -> torch.Tensor:
+    """log(1 + e^z) as relu(z) - log(sigmoid(|z|)): within 1e-7 of F.softplus in float32 (an absolute error of at
+    most e^-|z| where sigmoid(|z|) rounds to 1), and several times faster on the CPU, where F.softplus's log1p is
+    not vectorised: it was the largest elementwise cost of an iteration."""
+    return torch.relu(z) - torch.log(torch.sigmoid(z.abs()))
+
+
 class _Logistic:
     """C independent problems: mean_i s_ic * BCE(x_i . w_c + b_c, t_ic) + l2_c / 2 * |w_c|^2. theta [C, D + 1]."""
 
@@ -59,7 +66,7 @@ class _Logistic:
         """f = sum S softplus(z) - sum S T z + l2/2 |w|^2 and its gradient: products in the work dtype, sums in
         float64 (a float32 sum cannot resolve the last decreases of f)."""
         dt, D = self.dtype, self.D
-        f = (self.S * F.softplus(z)).sum(0, dtype=dt) - (self.ST * z).sum(0, dtype=dt) + 0.5 * self.penalty(th, th)
+        f = (self.S * softplus(z)).sum(0, dtype=dt) - (self.ST * z).sum(0, dtype=dt) + 0.5 * self.penalty(th, th)
         r = torch.addcmul(-self.ST, self.S, torch.sigmoid(z))  # S * (sigmoid(z) - t)
         g = torch.cat([(r.T @ self.Xm).to(dt) + self.l2[:, None] * th[:, :D], r.sum(0, dtype=dt)[:, None]], 1)
         return f, g
