@@ -8,8 +8,8 @@ folder already, predict runs two graphs there and nothing else:
   ovr's version, so a model changed by add-class or a new ovr never reuses an old graph.
 The resize and crop are the record's steps on PIL images (`geometry.crop_pil`): the same pixels as the torch PIL
 path; on a model whose decode path is "tensor", the crops differ from transforms.v2's in under 0.1% of values by
-one level, and the answers agree (tests/test_engine.py). Anything else (TTA, a CUDA machine, an engine or device
-asked for, torchrun, an image this cannot crop) takes the torch path. Embeddings made here are not written to the
+one level, and the answers agree (tests/test_engine.py). Anything else (more than QUICK_MAX files, TTA, a CUDA machine,
+`--engine torch` or `--device cuda`, torchrun, an image this cannot crop) takes the torch path. Embeddings made here are not written to the
 cache (that needs torch); nothing else changes.
 """
 from __future__ import annotations
@@ -30,6 +30,9 @@ from ..learn.manifest import MANIFEST, read_manifest
 from ..version import __version__
 
 BATCH = 32
+# Up to this many files per call: a few images are what the torch import dominates; more take the torch path,
+# whose embeddings go into the cache and whose progress bar shows (and there torch's import is a small part).
+QUICK_MAX = 64
 
 
 def answer_graph_path(cache_dir: str | Path, root: str | Path, options: AnswerOptions) -> Path:
@@ -69,22 +72,13 @@ def predict(root: str | Path, files: list, options: AnswerOptions, *, cache_dir:
     from ..embedding.geometry import crop_pil, normalized
     from ..runtime import compute_threads
 
+    if not 0 < len(files) <= QUICK_MAX:
+        return None
     root, cache_dir = Path(root), Path(cache_dir) if cache_dir else default_cache_dir()
     found = _graphs(root, options, cache_dir, engine, device)
     if found is None:
         return None
     graph, record, answer_graph, manifest = found
-    crops, idx, skipped = [], [], []
-    for i, f in enumerate(files):
-        try:
-            arr = crop_pil(record, decode_image(read_image_file(f)))
-        except Exception as e:  # noqa: BLE001  (PIL raises many types for bad files; the row says why)
-            skipped.append((f, describe_error(e)))
-            continue
-        if arr is None:
-            return None
-        crops.append(arr)
-        idx.append(i)
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
@@ -92,14 +86,28 @@ def predict(root: str | Path, files: list, options: AnswerOptions, *, cache_dir:
     opts.inter_op_num_threads, opts.log_severity_level = 1, 3
     backbone = ort.InferenceSession(str(graph), opts, providers=["CPUExecutionProvider"])
     heads = ort.InferenceSession(str(answer_graph), opts, providers=["CPUExecutionProvider"])
-    dim = manifest["backbone"]["dim"]
-    X = np.concatenate([backbone.run(None, {"pixels": normalized(np.stack(crops[s:s + BATCH]), record)})[0]
-                        for s in range(0, len(crops), BATCH)]) if crops else np.zeros((0, dim), np.float32)
-    out = dict(zip([o.name for o in heads.get_outputs()], heads.run(None, {"embeddings": X}))) if len(X) else None
-    if out is None:
+    idx, skipped, parts = [], [], {}
+    for s in range(0, len(files), BATCH):  # decoded a batch at a time: a folder of any size fits in memory
+        crops = []
+        for i in range(s, min(s + BATCH, len(files))):
+            try:
+                arr = crop_pil(record, decode_image(read_image_file(files[i])))
+            except Exception as e:  # noqa: BLE001  (PIL raises many types for bad files; the row says why)
+                skipped.append((files[i], describe_error(e)))
+                continue
+            if arr is None:
+                return None
+            crops.append(arr)
+            idx.append(i)
+        if crops:
+            X = backbone.run(None, {"pixels": normalized(np.stack(crops), record)})[0]
+            for name, v in zip([o.name for o in heads.get_outputs()], heads.run(None, {"embeddings": X})):
+                parts.setdefault(name, []).append(v)
+    if not parts:
         n = len(manifest["classes"])
-        out = {"class_index": np.zeros(0, np.int64), "top_index": np.zeros((0, n), np.int64),
-               "top_confidence": np.zeros((0, n), np.float32), "labels": np.zeros((0, n), bool)}
+        parts = {"class_index": [np.zeros(0, np.int64)], "top_index": [np.zeros((0, n), np.int64)],
+                 "top_confidence": [np.zeros((0, n), np.float32)], "labels": [np.zeros((0, n), bool)]}
+    out = {k: np.concatenate(v) for k, v in parts.items()}
     return answer_rows(files, idx, skipped, manifest["classes"], options, out["class_index"], out["top_index"],
                        out["top_confidence"], out["labels"])
 
