@@ -136,3 +136,16 @@ def test_predict_without_torch_gives_the_torch_paths_answers_and_never_a_stale_m
         assert torch_used and "c3" in [t["class"] for t in rows[0]["top"]]
     finally:
         os.environ.pop("OVR_CACHE_DIR", None)
+
+
+def test_answer_graphs_are_pruned_to_the_newest(tmp_path):
+    import os
+
+    from ovr.apps.quick import prune_answer_graphs
+
+    for i in range(7):
+        (tmp_path / f"{i}.onnx").write_bytes(b"x")
+        os.utime(tmp_path / f"{i}.onnx", (1000 + i, 1000 + i))
+    (tmp_path / "other.json").write_text("{}")
+    prune_answer_graphs(tmp_path, keep=3)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["4.onnx", "5.onnx", "6.onnx", "other.json"]

@@ -33,6 +33,7 @@ BATCH = 32
 # Up to this many files per call: a few images are what the torch import dominates; more take the torch path,
 # whose embeddings go into the cache and whose progress bar shows (and there torch's import is a small part).
 QUICK_MAX = 64
+ANSWER_GRAPHS_KEPT = 32  # answer graphs kept in the cache folder, newest first (each is the size of the heads)
 
 
 def answer_graph_path(cache_dir: str | Path, root: str | Path, options: AnswerOptions) -> Path:
@@ -84,8 +85,11 @@ def predict(root: str | Path, files: list, options: AnswerOptions, *, cache_dir:
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = compute_threads(int(os.environ.get("OVR_THREADS", "0") or 0))
     opts.inter_op_num_threads, opts.log_severity_level = 1, 3
-    backbone = ort.InferenceSession(str(graph), opts, providers=["CPUExecutionProvider"])
-    heads = ort.InferenceSession(str(answer_graph), opts, providers=["CPUExecutionProvider"])
+    try:
+        backbone = ort.InferenceSession(str(graph), opts, providers=["CPUExecutionProvider"])
+        heads = ort.InferenceSession(str(answer_graph), opts, providers=["CPUExecutionProvider"])
+    except Exception:  # noqa: BLE001  (a graph pruned or damaged since it was found: the torch path answers)
+        return None
     idx, skipped, parts = [], [], {}
     for s in range(0, len(files), BATCH):  # decoded a batch at a time: a folder of any size fits in memory
         crops = []
@@ -151,4 +155,17 @@ def prepare(predictor, options: AnswerOptions) -> None:
     try:
         export_answer(predictor.model, options, path)
     except Exception:  # noqa: BLE001  (the shortcut only: the answer already printed is the torch path's)
-        pass
+        return
+    prune_answer_graphs(path.parent)
+
+
+def prune_answer_graphs(folder: Path, keep: int = ANSWER_GRAPHS_KEPT) -> None:
+    """Every model change and option set makes an answer graph: keep the `keep` newest."""
+    def mtime(q: Path) -> float:
+        try:
+            return q.stat().st_mtime
+        except OSError:  # pruned by another process meanwhile
+            return 0.0
+
+    for old in sorted(folder.glob("*.onnx"), key=mtime, reverse=True)[keep:]:
+        old.unlink(missing_ok=True)
