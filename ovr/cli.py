@@ -364,6 +364,7 @@ def train(
     pos_weight: Annotated[Optional[bool], typer.Option("--pos-weight/--no-pos-weight", help=f"Weight positives by negatives/positives per head. {_d(TrainConfig, 'pos_weight')}")] = None,
     l2_grid: Annotated[Optional[str], typer.Option("--l2-grid", help=f"L2 strengths each head chooses from on the val split, comma-separated (one value: no search). {_d(TrainConfig, 'l2_grid')}")] = None,
     l2_search: Annotated[Optional[str], typer.Option("--l2-search", help=f"How linear heads search the L2 strengths: path (strong to weak, warm-started, each head stops once its validation loss stops improving) | sweep (every strength). {_d(TrainConfig, 'l2_search')}")] = None,
+    search_rows: Annotated[Optional[int], typer.Option("--search-rows", help=f"The L2 path runs on at most this many training rows (seeded subset; 0: all), then each head is solved on all rows at its strength. {_d(TrainConfig, 'search_rows')}")] = None,
     tol: Annotated[Optional[float], typer.Option(help=f"Linear heads: stop at this max |gradient| (scikit-learn's tol). {_d(TrainConfig, 'tol')}")] = None,
     val_fraction: Annotated[Optional[float], typer.Option("--val-fraction", help=f"Share of each class held out to choose strengths and calibrate. {_d(DataConfig, 'val_fraction')}")] = None,
     test_fraction: Annotated[Optional[float], typer.Option("--test-fraction", help=f"Share of each class kept for `ovr evaluate`. {_d(DataConfig, 'test_fraction')}")] = None,
@@ -381,8 +382,8 @@ def train(
         cfg = _config(config, backbone=backbone, weights=weights, device=device, engine=engine, batch_size=batch_size,
                       workers=workers, cache_dir=cache_dir, strict=strict, head=head, hidden=hidden, epochs=epochs,
                       lr=lr, seed=seed, pos_weight=pos_weight, normalize=normalize, calibration=calibration,
-                      l2_grid=_floats(l2_grid, "--l2-grid"), l2_search=l2_search, tol=tol, val_fraction=val_fraction,
-                      test_fraction=test_fraction, split_seed=split_seed, views=views, dtype=dtype,
+                      l2_grid=_floats(l2_grid, "--l2-grid"), l2_search=l2_search, search_rows=search_rows, tol=tol,
+                      val_fraction=val_fraction, test_fraction=test_fraction, split_seed=split_seed, views=views, dtype=dtype,
                       decode=decode, frame=frame)
         folder = _early(data=data, cfg=cfg, out=out, force=force)
         from .apps.pipeline import train_model

@@ -88,6 +88,9 @@ class TrainConfig:
     # How linear heads search l2_grid: path (strong to weak, warm-started; a head stops after two strengths without
     # a better validation loss) | sweep (every strength solved for every head)
     l2_search: str = "path"
+    # The path runs on at most this many training rows (a seeded random subset; 0: all), and each head is then solved
+    # on all rows at the strength it chose, moved to the row count (heads.search_path)
+    search_rows: int = 20000
     tol: float = 1e-4  # linear heads: stop when max |gradient| of a head's objective is below this (scikit-learn's default tol, same scale)
     max_iter: int = 500  # linear heads: L-BFGS iterations at most
     pos_weight: bool = True
@@ -107,6 +110,7 @@ class TrainConfig:
         _check(self.l2_search in L2_SEARCH, f"l2_search must be one of {', '.join(L2_SEARCH)}, got {self.l2_search!r}")
         _check(self.gate in GATES, f"gate must be one of {', '.join(GATES)}, got {self.gate!r}")
         _check(self.chunk_heads >= 0, f"chunk_heads must be 0 (automatic) or more, got {self.chunk_heads}")
+        _check(self.search_rows >= 0, f"search_rows must be 0 (all rows) or more, got {self.search_rows}")
         for name, allowed in (("head", HEADS), ("normalize", NORMALIZE), ("calibration", CALIBRATION)):
             _check(getattr(self, name) in allowed, f"{name} must be one of {', '.join(allowed)}, got {getattr(self, name)!r}")
         for name in ("hidden", "epochs", "head_batch_size", "patience"):
@@ -121,7 +125,7 @@ class TrainConfig:
         """The keyword arguments of heads.fit_ovr_heads."""
         return dict(head=self.head, hidden=self.hidden, epochs=self.epochs, lr=self.lr, batch_size=self.head_batch_size,
                     patience=self.patience, l2_grid=self.l2_grid, pos_weight=self.pos_weight, seed=self.seed,
-                    tol=self.tol, max_iter=self.max_iter, l2_search=self.l2_search)
+                    tol=self.tol, max_iter=self.max_iter, l2_search=self.l2_search, search_rows=self.search_rows)
 
 
 @dataclass(frozen=True)

@@ -260,3 +260,36 @@ def test_calibration_is_kept_only_where_it_helps_on_held_out_rows():
     tt = (rng.random(zt.shape) < 1 / (1 + np.exp(-zt))).astype(float)
     a, b = aggregate.fit_calibration(4 * zt, tt)
     assert np.allclose(a, 0.25, atol=0.03) and np.allclose(b, 0, atol=0.1)
+
+
+def test_path_on_a_subset_of_rows_keeps_heads_independent_and_moves_the_strength_to_all_rows():
+    """search_rows: the path runs on a seeded subset of the training rows, the strength moves to l2 * m / n on the
+    grid, each head is then solved on all rows; a head with few positives in the subset searches on all rows. A
+    head is the same alone or in the stack, in either order."""
+    from ovr.learn.heads import SEARCH_TOL, _pos_weights, l2_path
+
+    X, y = blobs(6, 80, 12, seed=3)
+    X, y = X[:-70], y[:-70]  # class 5 keeps 10 rows: few positives among a subset of 150
+    Xv, yv = blobs(6, 15, 12, seed=4)
+    names = [f"k{i}" for i in range(6)]
+    grid = (1e-4, 1e-3, 1e-2, 1e-1, 1.0)
+    kw = dict(l2_grid=grid, search_rows=150, refit=False, tol=1e-6)
+    stack = fit(X, y, Xv, yv, list(range(6)), names, **kw)
+    for k in (0, 5):
+        alone = fit(X, y, Xv, yv, [k], [names[k]], **kw)[0]
+        assert alone.l2 == stack[k].l2 and torch.allclose(alone.params["weight"], stack[k].params["weight"], atol=1e-4)
+    rev = fit(X, y, Xv, yv, list(range(5, -1, -1)), names[::-1], **kw)
+    assert [h.l2 for h in rev[::-1]] == [h.l2 for h in stack]
+    # head 0: its strength is the subset path's choice moved by m / n; head 5: the path over all rows
+    T, Tv = onehot(y, 6), onehot(yv, 6)
+    sub = torch.randperm(len(X), generator=torch.Generator().manual_seed(FAST["seed"]))[:150]
+    g = torch.tensor(grid, dtype=torch.float64)
+    on_sub = l2_path(X[sub], T[sub][:, :1], Xv, Tv[:, :1], _pos_weights(T[sub][:, :1], True)[2], g,
+                     tol=1e-6 * SEARCH_TOL, max_iter=500)[3]
+    moved = float(g[int(on_sub[0])]) * 150 / len(X)
+    assert stack[0].l2 == min(grid, key=lambda v: abs(np.log(v) - np.log(moved)))
+    on_all = l2_path(X, T[:, 5:], Xv, Tv[:, 5:], _pos_weights(T[:, 5:], True)[2], g, tol=1e-6 * SEARCH_TOL,
+                     max_iter=500)[3]
+    assert stack[5].l2 == grid[int(on_all[0])]
+    # the heads are solved on all rows at their strengths: the gradient over all training rows is ~0
+    assert all(h.grad_norm <= 1e-5 for h in stack)

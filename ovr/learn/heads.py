@@ -174,16 +174,15 @@ def _pos_weights(T: torch.Tensor, on: bool) -> tuple[torch.Tensor, torch.Tensor,
 def fit_ovr_heads(X: torch.Tensor, T: torch.Tensor, Xv: torch.Tensor | None, Tv: torch.Tensor | None,
                   names: list[str], *, head: str, hidden: int, epochs: int, lr: float, batch_size: int,
                   patience: int, l2_grid: tuple[float, ...], pos_weight: bool, seed: int, tol: float = DEFAULT_TOL,
-                  max_iter: int = 500, refit: bool = True, l2_search: str = "path",
+                  max_iter: int = 500, refit: bool = True, l2_search: str = "path", search_rows: int = 0,
                   progress: Callable | None = None) -> list[HeadFit]:
     """One binary head per column of T (targets in {0, 1}, [n, N]) on normalised features.
 
     Linear heads: the exact solver. Each head keeps the strength of `l2_grid` with the lowest validation loss
     (pos-weighted BCE), searched by `l2_search`: "path" (`l2_path`: strong to weak, warm-started, a head stops once
     its loss has not improved for two strengths) or "sweep" (every head x strength one column of a single L-BFGS
-    solve); then it is refit on train + validation at that strength (more data; the linear-probe protocol),
-    warm-started. The
-    validation logits of the head before its refit are kept, so calibration and thresholds are fitted on rows the
+    solve; the path on at most `search_rows` training rows, `search_path`); then it is refit on train + validation
+    at that strength (more data; the linear-probe protocol), warm-started. The validation logits of the head before its refit are kept, so calibration and thresholds are fitted on rows the
     head has not seen. MLP heads: minibatch Adam with per-column early stopping (no refit).
     Without validation data every head uses the middle strength of the grid.
     """
@@ -198,8 +197,9 @@ def fit_ovr_heads(X: torch.Tensor, T: torch.Tensor, Xv: torch.Tensor | None, Tv:
     G = len(grid)
     Tv = Tv.to(dev, torch.float32) if has_val else None
     if head == "linear" and has_val and l2_search == "path":
-        W, b, val, choice, iters, gn = l2_path(X, T, Xv, Tv, pw, grid, tol=tol * SEARCH_TOL, max_iter=max_iter,
-                                               progress=progress)
+        W, b, val, choice, iters, gn = search_path(X, T, Xv, Tv, pw, grid, rows=search_rows, seed=seed,
+                                                   pos_weight=pos_weight, tol=tol, max_iter=max_iter,
+                                                   progress=progress)
         val_logits = (Xv.to(W.dtype) @ W.T + b).cpu().numpy()
         # the final solve, to tol itself: on train + validation (refit), or polishing the path's answer on train
         Xa, Ta = (torch.cat([X, Xv.to(X.dtype)]), torch.cat([T, Tv])) if refit else (X, T)
@@ -259,6 +259,56 @@ def fit_ovr_heads(X: torch.Tensor, T: torch.Tensor, Xv: torch.Tensor | None, Tv:
     return [HeadFit(params[j], seeds[j], int(pos[j]), int(neg[j]), float(pw[j]), float(grid[int(choice[j])]),
                     float(val[j, choice[j]]), solver, stats[j][0], stats[j][1],
                     val_logits[:, j] if val_logits is not None else None, paths[j], curves[j]) for j in range(N)]
+
+
+SEARCH_MIN_POSITIVES = 10  # a head with fewer positives among the search rows searches on all of them
+
+
+def search_path(X: torch.Tensor, T: torch.Tensor, Xv: torch.Tensor, Tv: torch.Tensor, pw: torch.Tensor,
+                grid: torch.Tensor, *, rows: int, seed: int, pos_weight: bool, tol: float, max_iter: int,
+                progress: Callable | None = None):
+    """`l2_path` on at most `rows` training rows, as l2_path returns it. With more rows than that (and rows > 0),
+    the path runs on a seeded random subset of them (the same rows for every head: it depends on the seed and the
+    row count only, so a head's answer does not depend on the heads beside it; a head with fewer than
+    SEARCH_MIN_POSITIVES positives among them searches on all rows). The strength a head chose on m of n rows is
+    then moved to the grid value nearest to it x m / n (the same total penalty l2 * rows: the per-row strength that
+    minimises the validation loss falls as the rows grow), and the head is solved at it on all training rows,
+    warm-started; its validation loss there replaces the subset's at that strength, and its validation logits are
+    the ones calibration sees. The path over all rows costs ~9 strengths x all rows; this, ~9 x `rows` plus one."""
+    n = len(X)
+    if not rows or n <= rows:
+        return l2_path(X, T, Xv, Tv, pw, grid, tol=tol * SEARCH_TOL, max_iter=max_iter, progress=progress)
+    dev = X.device
+    sub = torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:rows].to(dev)
+    Ts = T[sub]
+    on_all = Ts.sum(0) < torch.clamp(T.sum(0), max=SEARCH_MIN_POSITIVES)
+    parts = []
+    for heads, Xh, Th in ((~on_all, X[sub], Ts), (on_all, X, T)):
+        idx = torch.nonzero(heads).flatten()
+        if len(idx):
+            pwh = _pos_weights(Th[:, idx], pos_weight)[2]
+            parts.append((idx, l2_path(Xh, Th[:, idx], Xv, Tv[:, idx], pwh, grid, tol=tol * SEARCH_TOL,
+                                       max_iter=max_iter, progress=progress)))
+    N, D = T.shape[1], X.shape[1]
+    W = torch.zeros(N, D, dtype=torch.float64, device=dev)
+    b = torch.zeros(N, dtype=torch.float64, device=dev)
+    val = torch.full((N, len(grid)), float("nan"), dtype=torch.float64, device=dev)
+    choice = torch.zeros(N, dtype=torch.long, device=dev)
+    iters = torch.zeros(N, dtype=torch.long, device=dev)
+    gn = torch.zeros(N, dtype=torch.float64, device=dev)
+    for idx, out in parts:
+        W[idx], b[idx], val[idx], choice[idx], iters[idx], gn[idx] = out
+    moved = torch.nonzero(~on_all).flatten()
+    if len(moved):
+        logs = torch.log(grid.clamp_min(1e-300)).to(dev)
+        target = logs[choice[moved]] + math.log(rows / n)
+        choice[moved] = (logs[None, :] - target[:, None]).abs().argmin(1)
+        sol = logistic_lbfgs(X, T[:, moved], pw[moved], grid[choice[moved].cpu()], init=(W[moved], b[moved]),
+                             tol=tol * SEARCH_TOL, max_iter=max_iter, progress=progress, stage="all rows")
+        W[moved], b[moved], iters[moved], gn[moved] = sol.weight, sol.bias, sol.iterations, sol.grad_norm
+        v = weighted_bce(Xv.to(dev, torch.float64) @ sol.weight.T + sol.bias, Tv[:, moved], pw[moved])
+        val[moved, choice[moved]] = v.to(torch.float64)
+    return W, b, val, choice, iters, gn
 
 
 PATH_PATIENCE = 2  # strengths in a row without a better validation loss before a head's path stops
