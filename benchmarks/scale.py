@@ -58,8 +58,10 @@ def one(n: int, C: int, dim: int, root: Path, settings: str = "default") -> dict
     nv = n // 10
     m = Model({"name": "synthetic", "dim": dim}, "standardize", "linear", [str(c) for c in range(C)])
     t = time.perf_counter()
-    # "default": TrainConfig() as a user gets it (11 strengths searched by the L2 path); "one": a single strength
-    cfg = TrainConfig() if settings == "default" else TrainConfig(l2_grid=(1e-3,))
+    # "default": TrainConfig() as a user gets it (11 strengths searched by the L2 path on at most search_rows
+    # rows, then each head solved on all rows); "all-rows": the path on every row; "one": a single strength
+    cfg = {"default": TrainConfig(), "all-rows": TrainConfig(search_rows=0),
+           "one": TrainConfig(l2_grid=(1e-3,))}[settings]
     hold = nv // 2  # rows 0..hold-1 never train: the held-out accuracy
     m.fit_heads(m.classes, X[nv:], yt[nv:], X[hold:nv], yt[hold:nv], cfg)
     out["settings"] = settings
@@ -116,13 +118,15 @@ def main() -> None:
     ap.add_argument("--index-sizes", default="10000,100000,1000000")
     ap.add_argument("--root", type=Path, default=Path(tempfile.gettempdir()) / "ovr-scale")
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/scale.json"))
-    ap.add_argument("--settings", default="default", choices=("default", "one"),
-                    help="default: the default L2 search over 11 strengths; one: a single strength (1e-3)")
+    ap.add_argument("--settings", default="default", nargs="+", choices=("default", "all-rows", "one"),
+                    help="default: the default L2 search over 11 strengths (the path on at most search_rows rows); "
+                         "all-rows: the path on every row; one: a single strength (1e-3). Several: each point "
+                         "runs each, in turn")
     ap.add_argument("--one", nargs=2, type=int, help=argparse.SUPPRESS)
     ap.add_argument("--index-one", type=int, help=argparse.SUPPRESS)
     a = ap.parse_args()
     if a.one:
-        print(json.dumps(one(a.one[0], a.one[1], a.dim, a.root, a.settings)))
+        print(json.dumps(one(a.one[0], a.one[1], a.dim, a.root, a.settings[0])))
         return
     if a.index_one:
         print(json.dumps(index_only(a.index_one, a.root)))
@@ -135,15 +139,16 @@ def main() -> None:
         print("index", res["index"][-1], flush=True)
     for n in map(int, a.images.split(",")):
         for C in map(int, a.classes.split(",")):
-            r = subprocess.run([sys.executable, __file__, "--one", str(n), str(C), "--dim", str(a.dim), "--root",
-                                str(a.root), "--settings", a.settings], capture_output=True, text=True)
-            if r.returncode:
-                print(r.stderr[-2000:])
-                continue
-            res["points"].append(json.loads(r.stdout))
-            print(res["points"][-1], flush=True)
-            a.out.parent.mkdir(parents=True, exist_ok=True)
-            a.out.write_text(json.dumps(res, indent=1))
+            for settings in a.settings:
+                r = subprocess.run([sys.executable, __file__, "--one", str(n), str(C), "--dim", str(a.dim), "--root",
+                                    str(a.root), "--settings", settings], capture_output=True, text=True)
+                if r.returncode:
+                    print(r.stderr[-2000:])
+                    continue
+                res["points"].append(json.loads(r.stdout))
+                print(res["points"][-1], flush=True)
+                a.out.parent.mkdir(parents=True, exist_ok=True)
+                a.out.write_text(json.dumps(res, indent=1))
     plot(res, a.out.with_suffix(".png"))
 
 
@@ -155,15 +160,18 @@ def plot(res: dict, path: Path) -> None:
 
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
     pts = res["points"]
-    for C in sorted({p["classes"] for p in pts}):
-        row = sorted((p for p in pts if p["classes"] == C), key=lambda p: p["images"])
+    for C, settings in sorted({(p["classes"], p.get("settings", "default")) for p in pts}):
+        row = sorted((p for p in pts if p["classes"] == C and p.get("settings", "default") == settings),
+                     key=lambda p: p["images"])
         for stage, style in (("train_s", "o-"), ("predict_s", "s--"), ("gather_s", "^:")):
             axes[0].loglog([p["images"] for p in row], [p[stage] for p in row], style,
-                           label=f"{stage[:-2]}, {C} classes")
+                           label=f"{stage[:-2]}, {C} classes, {settings}")
     axes[0].set_xlabel("images"), axes[0].set_ylabel("seconds"), axes[0].legend(fontsize=6)
     axes[0].set_title("time vs images (log-log)")
     n_max = max(p["images"] for p in pts)
-    row = sorted((p for p in pts if p["images"] == n_max), key=lambda p: p["classes"])
+    first = pts[0].get("settings", "default")
+    row = sorted((p for p in pts if p["images"] == n_max and p.get("settings", "default") == first),
+                 key=lambda p: p["classes"])
     axes[1].loglog([p["classes"] for p in row], [p["train_s"] for p in row], "o-", label="train")
     axes[1].loglog([p["classes"] for p in row], [p["predict_s"] for p in row], "s--", label="predict")
     axes[1].set_xlabel("classes"), axes[1].set_ylabel("seconds"), axes[1].legend(fontsize=7)

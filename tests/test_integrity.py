@@ -559,3 +559,24 @@ def test_a_huge_non_jpeg_is_refused_from_its_header_without_reading_it_whole(tmp
     assert reads == [data_mod.HEADER_BYTES]  # the header only, never the rest
     keys, bad = hash_files([big])
     assert keys == [content_key(big.read_bytes())] and not bad and all(0 < n <= 1 << 20 for n in reads[1:])
+
+
+def test_the_package_shows_its_flow_and_no_function_takes_more_than_eight_positional_parameters():
+    """ovr/embedding imports nothing from ovr/learn or ovr/apps, ovr/learn nothing from ovr/apps, and the shared
+    top-level modules (config, errors, atomic, runtime) none of the three; long parameter lists are keyword-only."""
+    import ast
+    from pathlib import Path
+
+    root = Path(__file__).parents[1] / "ovr"
+    later = {"embedding": ("learn", "apps"), "learn": ("apps",), "": ("embedding", "learn", "apps")}
+    for f in root.rglob("*.py"):
+        package = f.parent.name if f.parent != root else ""
+        tree = ast.parse(f.read_text())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and node.level:
+                target = (node.module or "").split(".")[0]
+                if package == "" and f.name in ("cli.py", "__init__.py", "__main__.py"):
+                    continue  # the CLI and the package root sit on top
+                assert target not in later.get(package, ()), f"{f.relative_to(root)} imports {node.module}"
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                assert len(node.args.posonlyargs) + len(node.args.args) <= 8, f"{f.name}: {node.name}"

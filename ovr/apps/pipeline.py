@@ -246,8 +246,8 @@ class Predictor:
         if not len(idx):
             X, views = torch.empty(0, self.model.backbone["dim"]), []
         ans = self.model.answer(X, options, views=views)
-        return answer_rows(inputs, idx, skipped, self.classes, options, ans.index, ans.top_index,
-                           ans.top_confidence, ans.labels)
+        return answer_rows(inputs, idx, skipped, self.classes, options, index=ans.index, top_index=ans.top_index,
+                           top_confidence=ans.top_confidence, labels=ans.labels)
 
 
 def load(root: str | Path, device: str = "auto", cache_dir: str | Path | None = None, engine: str = "auto"

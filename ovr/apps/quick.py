@@ -112,11 +112,11 @@ def predict(root: str | Path, files: list, options: AnswerOptions, *, cache_dir:
         parts = {"class_index": [np.zeros(0, np.int64)], "top_index": [np.zeros((0, n), np.int64)],
                  "top_confidence": [np.zeros((0, n), np.float32)], "labels": [np.zeros((0, n), bool)]}
     out = {k: np.concatenate(v) for k, v in parts.items()}
-    return answer_rows(files, idx, skipped, manifest["classes"], options, out["class_index"], out["top_index"],
-                       out["top_confidence"], out["labels"])
+    return answer_rows(files, idx, skipped, manifest["classes"], options, index=out["class_index"],
+                       top_index=out["top_index"], top_confidence=out["top_confidence"], labels=out["labels"])
 
 
-def answer_rows(inputs: list, idx: list[int], skipped: list[tuple], classes: list[str], options: AnswerOptions,
+def answer_rows(inputs: list, idx: list[int], skipped: list[tuple], classes: list[str], options: AnswerOptions, *,
                 index, top_index, top_confidence, labels) -> list[dict]:
     """predict's rows from the answer's arrays over the usable inputs (`idx`: their positions in `inputs`): class
     (or 'unknown'), confidence, top-k, runner-up, labels (multi-label); an error row for each skipped input."""
