@@ -408,7 +408,10 @@ def predict(
     as_json: Annotated[bool, typer.Option("--json", help="One JSON object per image on stdout.")] = False,
     device: DeviceOpt = None, engine: EngineOpt = None, cache_dir: CacheOpt = None,
 ) -> None:
-    """Classify images with a trained model (a corrupt image gets an error row; the rest are still predicted)."""
+    """Classify images with a trained model (a corrupt image gets an error row; the rest are still predicted).
+
+    With the onnxruntime engine (the default on a CPU), a few images are answered without importing torch once the
+    backbone's graph and this model's answer for these options are in the cache (the first such predict makes them)."""
     with user_errors():
         from .embedding.data import expand_inputs
 
