@@ -276,7 +276,7 @@ def search_path(X: torch.Tensor, T: torch.Tensor, Xv: torch.Tensor, Tv: torch.Te
     warm-started; its validation loss there replaces the subset's at that strength, and its validation logits are
     the ones calibration sees. The path over all rows costs ~9 strengths x all rows; this, ~9 x `rows` plus one."""
     n = len(X)
-    if not rows or n <= rows:
+    if not rows or n <= rows or len(grid) == 1:  # one strength: nothing to choose, nothing to save
         return l2_path(X, T, Xv, Tv, pw, grid, tol=tol * SEARCH_TOL, max_iter=max_iter, progress=progress)
     dev = X.device
     sub = torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:rows].to(dev)
