@@ -7,10 +7,10 @@ folder already, predict runs two graphs there and nothing else:
   predict that took the torch path, keyed by the model's manifest (content-addressed files), the options and
   ovr's version, so a model changed by add-class or a new ovr never reuses an old graph.
 The resize and crop are the record's steps on PIL images (`geometry.crop_pil`): the same pixels as the torch PIL
-path; on a model whose decode path is "tensor", the crops differ from transforms.v2's in under 0.1% of values by
-one level, and the answers agree (tests/test_engine.py). Anything else (more than QUICK_MAX files, TTA, a CUDA machine,
-`--engine torch` or `--device cuda`, torchrun, an image this cannot crop) takes the torch path. Embeddings made here are not written to the
-cache (that needs torch); nothing else changes.
+path; on a model whose decode path is "tensor", the crops differ from transforms.v2's by one level in a few values,
+and the answers agree (tests/test_engine.py). Anything else (more than QUICK_MAX files, TTA, a CUDA machine,
+`--engine torch` or `--device cuda`, torchrun, an image this cannot crop) takes the torch path. Embeddings made here
+are not written to the cache (that needs torch); nothing else changes.
 """
 from __future__ import annotations
 
@@ -91,7 +91,7 @@ def predict(root: str | Path, files: list, options: AnswerOptions, *, cache_dir:
     except Exception:  # noqa: BLE001  (a graph pruned or damaged since it was found: the torch path answers)
         return None
     idx, skipped, parts = [], [], {}
-    for s in range(0, len(files), BATCH):  # decoded a batch at a time: a folder of any size fits in memory
+    for s in range(0, len(files), BATCH):  # decoded and embedded a batch at a time
         crops = []
         for i in range(s, min(s + BATCH, len(files))):
             try:

@@ -23,7 +23,7 @@ def shorter_side(size) -> int | None:
 
 def cut_box(first_resize_size, w: int, h: int) -> tuple[int, int, int, int] | None:
     """(left, top, right, bottom) to cut a very elongated image to before the resize, or None. A 2 x 20,000 strip
-    (a 158 KB PNG) resized to a short side of 256 becomes 256 x 2,560,000: 5 s and 3.4 GB in PIL. The centre crop
+    resized to a short side of 256 would become 256 x 2,560,000 pixels, seconds and gigabytes in PIL. The centre crop
     only ever sees the middle S/resize of the short side's length, so a long side over MAX_ASPECT x the short one is
     cut to that first: the crop sees the same content (the resize grid shifts by under an output pixel), and
     ordinary images are untouched. first_resize_size: the size of the first geometry step if it is a resize."""

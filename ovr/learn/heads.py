@@ -274,7 +274,8 @@ def search_path(X: torch.Tensor, T: torch.Tensor, Xv: torch.Tensor, Tv: torch.Te
     then moved to the grid value nearest to it x m / n (the same total penalty l2 * rows: the per-row strength that
     minimises the validation loss falls as the rows grow), and the head is solved at it on all training rows,
     warm-started; its validation loss there replaces the subset's at that strength, and its validation logits are
-    the ones calibration sees. The path over all rows costs ~9 strengths x all rows; this, ~9 x `rows` plus one."""
+    the ones calibration sees. The path over all rows solves several strengths on every row; this solves them on
+    `rows` rows and one strength on all."""
     n = len(X)
     if not rows or n <= rows or len(grid) == 1:  # one strength: nothing to choose, nothing to save
         return l2_path(X, T, Xv, Tv, pw, grid, tol=tol * SEARCH_TOL, max_iter=max_iter, progress=progress)

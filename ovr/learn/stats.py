@@ -25,7 +25,7 @@ LAMBDAS = tuple(10.0 ** (k / 4) for k in range(-20, 9))  # ridge strengths relat
 BETAS = tuple(2.0 ** (k / 2) for k in range(0, 21))  # gate sharpness: softmax(beta * score), 1 .. 1024
 # The largest squared separation (m1 - m0)^2 / var a ridge head may claim: where the solve interpolates its training
 # rows (fewer rows than features) the within-class variance of the scores is ~0, and the logits would be set by
-# rounding (1e4-1e8, different after an add-and-remove). 40 puts a class mean at logit 20.
+# rounding (huge, and different after an add-and-remove). 40 puts a class mean at logit 20.
 SEPARATION_MAX = 40.0
 MC_PER_CLASS = 256  # samples per class of the Gaussian score model that picks the gate's sharpness
 
