@@ -427,35 +427,42 @@ def predict(
 
         rows = quick.predict(model, files, options, cache_dir=cache_dir, engine=engine or "auto",
                              device=device or "auto")
-        if rows is None:  # the torch path; it leaves what the torch-free path needs next time
+        pred = None
+        if rows is None:  # the torch path
             from .apps.pipeline import Predictor
 
             pred = Predictor(model, device or "auto", cache_dir, engine or "auto")
             rows = pred.predict(files, options)
+        failed = _print_predictions(rows, f"Predictions of {model}", top_k, multilabel, as_json)
+        if pred is not None:  # after the answers are out: what the torch-free path needs next time
             quick.prepare(pred, options)
-        failed = all("error" in r for r in rows)
-        if as_json:
-            for r in rows:
-                print(json.dumps(r, ensure_ascii=False))
-            if failed:
-                raise typer.Exit(1)
-            return
-        t = Table(title=f"Predictions of {model}")
-        for col in ["file", "class", "confidence", "runner-up"] + (["top-k"] if top_k > 1 else []) + (["labels"] if multilabel else []):
-            t.add_column(col, justify="right" if col == "confidence" else "left")
-        for r in rows:
-            if "error" in r:
-                t.add_row(escape(r["input"]), "[red]error: " + escape(r["error"]), "", "")
-                continue
-            ru = r.get("runner_up")
-            extra = [", ".join(f"{x['class']} {x['confidence']:.2f}" for x in r["top"])] if top_k > 1 else []
-            extra += [", ".join(r["labels"])] if multilabel else []
-            t.add_row(escape(r["input"]), escape(r["class"]), f"{r['confidence']:.3f}",
-                      escape(f"{ru['class']} {ru['confidence']:.3f}") if ru else "", *map(escape, extra))
-        console.print(t)
         if failed:
-            err.print(f"[bold red]error:[/] none of the {len(rows)} images could be read", highlight=False)
             raise typer.Exit(1)
+
+
+def _print_predictions(rows: list[dict], title: str, top_k: int, multilabel: bool, as_json: bool) -> bool:
+    """predict's rows as JSON lines or a Rich table; True when none of the images could be read."""
+    failed = all("error" in r for r in rows)
+    if as_json:
+        for r in rows:
+            print(json.dumps(r, ensure_ascii=False))
+        return failed
+    t = Table(title=title)
+    for col in ["file", "class", "confidence", "runner-up"] + (["top-k"] if top_k > 1 else []) + (["labels"] if multilabel else []):
+        t.add_column(col, justify="right" if col == "confidence" else "left")
+    for r in rows:
+        if "error" in r:
+            t.add_row(escape(r["input"]), "[red]error: " + escape(r["error"]), "", "")
+            continue
+        ru = r.get("runner_up")
+        extra = [", ".join(f"{x['class']} {x['confidence']:.2f}" for x in r["top"])] if top_k > 1 else []
+        extra += [", ".join(r["labels"])] if multilabel else []
+        t.add_row(escape(r["input"]), escape(r["class"]), f"{r['confidence']:.3f}",
+                  escape(f"{ru['class']} {ru['confidence']:.3f}") if ru else "", *map(escape, extra))
+    console.print(t)
+    if failed:
+        err.print(f"[bold red]error:[/] none of the {len(rows)} images could be read", highlight=False)
+    return failed
 
 
 @app.command()

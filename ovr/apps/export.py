@@ -74,13 +74,14 @@ def export_answer(model: Model, options: AnswerOptions, path: Path) -> None:
     import warnings
 
     from ..atomic import atomic_write_bytes
+    from ..embedding.engine import OPSET  # the opset the backbone's graph uses, so one onnxruntime reads both
 
     graph = OvrGraph(model, None, None, options, ROW_OUTPUTS).eval()
     buf = io.BytesIO()
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch.onnx.export(graph, (torch.zeros(2, model.backbone["dim"]),), buf, input_names=["embeddings"],
-                          output_names=list(ROW_OUTPUTS), opset_version=17, dynamo=False,
+                          output_names=list(ROW_OUTPUTS), opset_version=OPSET, dynamo=False,
                           dynamic_axes={k: {0: "batch"} for k in ("embeddings", *ROW_OUTPUTS)})
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(path, buf.getvalue())

@@ -27,7 +27,7 @@ def cut_box(first_resize_size, w: int, h: int) -> tuple[int, int, int, int] | No
     only ever sees the middle S/resize of the short side's length, so a long side over MAX_ASPECT x the short one is
     cut to that first: the crop sees the same content (the resize grid shifts by under an output pixel), and
     ordinary images are untouched. first_resize_size: the size of the first geometry step if it is a resize."""
-    if first_resize_size is None or shorter_side(first_resize_size) is None:
+    if shorter_side(first_resize_size) is None:
         return None  # a fixed (h, w) resize squashes to a fixed size: nothing blows up
     if max(w, h) <= MAX_ASPECT * min(w, h):
         return None

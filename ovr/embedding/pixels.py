@@ -4,14 +4,14 @@ path is part of the backbone's identity (cache key, model manifest), so embeddin
 - "pil": PIL decodes, the backbone's own transform resizes and normalises: every format; the reference.
 - "tensor": JPEGs are decoded by torchvision.io (libjpeg-turbo on CPU, bit-identical to PIL's decode on RGB,
   grayscale, CMYK, progressive and EXIF-rotated files; nvJPEG in batches on CUDA), then resized, cropped and
-  normalised by transforms.v2 on uint8 tensors (resize + crop of a 640x480 photo: 2,113/s against PIL's 303/s,
-  one core; benchmarks/results/embed_throughput.json). Other formats, JPEGs over MAX_PIXELS (PIL's draft mode), augmented views and files the JPEG
+  normalised by transforms.v2 on uint8 tensors (several times faster than PIL's resize; the figures are in the
+  README, from benchmarks/embed_throughput.py). Other formats, JPEGs over MAX_PIXELS (PIL's draft mode), augmented views and files the JPEG
   decoder refuses are decoded by PIL and take the same tensor steps, so all of a run's images see one resize
   kernel. Inputs differ from the PIL path's by at most a gray level or two (the two bicubic kernels round
   differently); the embeddings' difference is in the README (benchmarks/embed_throughput.py).
 
 Why torchvision.io and not TorchCodec (which torchvision 0.29 points to): on this project's pinned torch both
-decode bit-identically at the same speed (1,042 vs 1,062 JPEGs/s, one core), and torchvision.io ships with the
+decode bit-identically at the same speed (README, "Decoding"), and torchvision.io ships with the
 torchvision already required; TorchCodec would be a new dependency. `_decode_jpegs` is the one place to change.
 """
 from __future__ import annotations
