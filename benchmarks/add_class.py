@@ -1,9 +1,10 @@
 """Growing a model one class at a time, through the same `Model.add_class` that `ovr add-class` uses, in one run:
 
 (1) leave-one-class-out: for each class, train on the others, add it, evaluate on all classes; the gap to joint
-    training for: plain argmax, ovr's answer with the exact gate (solved from the model's statistics), the same
-    heads with the previous gate (a softmax regression refit on every remembered row), and `refresh` of the
-    confused old heads. Old-class accuracy and new-class recall separately.
+    training for: plain argmax, ovr's answer with its gate (the default: a shrinkage LDA solved from the model's
+    statistics), the same heads with the ridge gate (also from the statistics), with the previous gate (a softmax
+    regression refit on every remembered row), and `refresh` of the confused old heads. Old-class accuracy and
+    new-class recall separately.
 (2) sequential growth: start with 2 classes and add the rest one at a time, 3 class orders; the gap to a joint
     model of the same classes at every step for the same answers but refresh; and ridge heads grown vs joint.
     With --resplits R (and --only-sequential), over R seeded resplits of the same images into train / val / test
@@ -11,7 +12,8 @@
 (3) scaling (--only-scaling): time to add one class to a model that remembers 1,000 or 100,000 rows (synthetic).
 Datasets: digits and photos (benchmarks/datasets.py), EfficientNet-Lite0 embeddings.
 
-    python benchmarks/add_class.py --only-sequential --resplits 3 --out benchmarks/results/add_class_resplits.json
+    python benchmarks/add_class.py --only-sequential --resplits 3 --gate-shrinkage 0.2 0.5 0.7 \
+        --out benchmarks/results/add_class_resplits.json
     python benchmarks/add_class.py --only-scaling --out benchmarks/results/add_class_scaling.json
 """
 from __future__ import annotations
@@ -31,6 +33,7 @@ import datasets
 from ovr.learn import aggregate
 from ovr.config import TrainConfig
 from ovr.learn.model import Model, grow_in_order
+from ovr.learn.stats import GATE_SHRINKAGE, gate_posterior
 from ovr.runtime import resolve_device
 
 SETTINGS = TrainConfig()
@@ -63,16 +66,22 @@ def add(m: Model, name: str, X, y, Xv, yv) -> tuple[Model, dict]:
 
 
 def with_gate(m: Model, method: str, X, y, Xv, yv, Xt) -> np.ndarray:
-    """The same heads answered with another gate: 'softmax' (refit on every remembered row, the previous default)
-    or 'lda'."""
+    """The same heads answered with another gate: 'softmax' (refit on every remembered row, the gate before the
+    statistics), 'ridge' (from the statistics), or 'lda:<shrinkage>' (from the statistics, another shrinkage)."""
     r = copy.copy(m)
-    r.gate = aggregate.fit_gate(X, y, Xv, yv, m.classes, method=method)
+    if method == "softmax":
+        r.gate = aggregate.fit_gate(X, y, Xv, yv, m.classes)
+    else:
+        scores = m.stats.ridge(m.classes) if method == "ridge" else m.stats.lda(m.classes, float(method[4:]))
+        W, b, beta = gate_posterior(scores)
+        r.gate = aggregate.Gate(list(m.classes), W.float(), b.float(), method, 0.0, 1 / beta,
+                                m.stats.features.projection)
     return r.answer(Xt).index
 
 
 def answers(m: Model, X, y, Xv, yv, Xt) -> dict[str, np.ndarray]:
     a = m.answer(Xt)
-    out = {"argmax": a.logits.argmax(1), "ridge_gate": a.index,
+    out = {"argmax": a.logits.argmax(1), "gate": a.index, "ridge_gate": with_gate(m, "ridge", X, y, Xv, yv, Xt),
            "softmax_gate": with_gate(m, "softmax", X, y, Xv, yv, Xt)}
     r = copy.deepcopy(m)
     confused = sorted(r.confused_heads(torch.cat([X, Xv]), torch.cat([y, yv])))
@@ -82,7 +91,7 @@ def answers(m: Model, X, y, Xv, yv, Xt) -> dict[str, np.ndarray]:
     return out
 
 
-RULES = ("argmax", "ridge_gate", "softmax_gate", "refresh")
+RULES = ("argmax", "gate", "ridge_gate", "softmax_gate", "refresh")
 
 
 def stat(v) -> dict:
@@ -123,10 +132,11 @@ def leave_one_out(arrays, classes, dev) -> dict:
             "add_seconds": {k: stat([x["add_seconds"][k] for x in rows]) for k in rows[0]["add_seconds"]}}
 
 
-def sequential(arrays, classes, dev, orders: int = 3) -> dict:
+def sequential(arrays, classes, dev, orders: int = 3, shrinkages: tuple[float, ...] = ()) -> dict:
     """Grown from 2 classes one add-class at a time (model.grow_in_order), 3 class orders; at every step the gap to
-    a model trained jointly on the same classes: BCE heads with the exact (ridge) gate, the same heads with the
-    previous softmax gate, plain argmax; and ridge heads grown vs joint (identical predictions expected)."""
+    a model trained jointly on the same classes: BCE heads with the default gate (LDA from the statistics), the
+    ridge gate (also from the statistics), the previous softmax gate (refit on rows), LDA gates of other
+    `shrinkages`, plain argmax; and ridge heads grown vs joint (identical predictions expected)."""
     X, y, Xv, yv, Xt, yt = (torch.as_tensor(a, device=dev) if i % 2 == 0 else torch.as_tensor(a)
                             for i, a in enumerate(arrays))
     K = len(classes)
@@ -149,8 +159,9 @@ def sequential(arrays, classes, dev, orders: int = 3) -> dict:
             a = m.answer(Xta)
             steps.append({"classes": n, "joint": float((joint.answer(Xta).index == yta).mean()),
                           "argmax": float((a.logits.argmax(1) == yta).mean()),
-                          "ridge_gate": float((a.index == yta).mean()),
-                          "softmax_gate": float((with_gate(m, "softmax", Xa, ya, Xva, yva, Xta) == yta).mean())})
+                          "gate": float((a.index == yta).mean()),
+                          **{f"{g}_gate": float((with_gate(m, g, Xa, ya, Xva, yva, Xta) == yta).mean())
+                             for g in ("ridge", "softmax", *(f"lda:{v}" for v in shrinkages))}})
 
         grow_in_order(X, pos[y], Xv, pos[yv], names, SETTINGS, step=step)
         ridge_settings = TrainConfig(head="ridge")
@@ -170,12 +181,13 @@ def sequential(arrays, classes, dev, orders: int = 3) -> dict:
             + f"; ridge heads grown == joint: {ridge['identical_predictions']} (ridge joint vs BCE joint "
             f"{ridge['gap_to_bce_joint_points']:+.2f} pts)", flush=True)
         runs.append({"order": names, "steps": steps, "ridge_heads": ridge})
-    final = {r: stat([100 * (run["steps"][-1][r] - run["steps"][-1]["joint"]) for run in runs]) for r in SEQ_RULES}
-    worst = {r: stat([min(100 * (s[r] - s["joint"]) for s in run["steps"]) for run in runs]) for r in SEQ_RULES}
+    rules = [r for r in runs[0]["steps"][0] if r not in ("classes", "joint")]
+    final = {r: stat([100 * (run["steps"][-1][r] - run["steps"][-1]["joint"]) for run in runs]) for r in rules}
+    worst = {r: stat([min(100 * (s[r] - s["joint"]) for s in run["steps"]) for run in runs]) for r in rules}
     return {"runs": runs, "final_gap_points": final, "worst_step_gap_points": worst}
 
 
-SEQ_RULES = ("argmax", "ridge_gate", "softmax_gate")
+SEQ_RULES = ("argmax", "gate", "ridge_gate", "softmax_gate")
 
 
 def resplit(arrays, seed: int):
@@ -237,6 +249,8 @@ def main() -> None:
     ap.add_argument("--resplits", type=int, default=1, help="with --only-sequential: seeded resplits of the data")
     ap.add_argument("--only-sequential", action="store_true", help="only (2), over --resplits x --orders")
     ap.add_argument("--only-scaling", action="store_true", help="only (3)")
+    ap.add_argument("--gate-shrinkage", type=float, nargs="*", default=[],
+                    help=f"in (2), LDA gates of these shrinkages too (the default gate's: {GATE_SHRINKAGE})")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "add_class.json"))
     a = ap.parse_args()
     dev = resolve_device(a.device)
@@ -253,13 +267,17 @@ def main() -> None:
             runs = []
             for r in range(a.resplits):
                 print(f"[{d}] sequential growth, resplit {r}", flush=True)
-                runs.append(sequential(resplit(arrays, r), list(classes), dev, a.orders))
+                runs.append(sequential(resplit(arrays, r), list(classes), dev, a.orders, tuple(a.gate_shrinkage)))
+            rules = list(runs[0]["final_gap_points"])
             res["datasets"][d] = {"resplits": runs, "final_gap_points": {
                 rule: stat([100 * (run["steps"][-1][rule] - run["steps"][-1]["joint"]) for x in runs for run in x["runs"]])
-                for rule in SEQ_RULES}}
+                for rule in rules}, "worst_step_gap_points": {
+                rule: stat([min(100 * (s[rule] - s["joint"]) for s in run["steps"]) for x in runs for run in x["runs"]])
+                for rule in rules}}
+            r = res["datasets"][d]
             print(f"[{d}] final gap over {a.resplits} resplits x {a.orders} orders: " + ", ".join(
-                f"{k} {v['mean']:+.2f} +-{v['std']:.2f}" for k, v in res["datasets"][d]["final_gap_points"].items()),
-                flush=True)
+                f"{k} {v['mean']:+.2f} +-{v['std']:.2f} (worst step {r['worst_step_gap_points'][k]['min']:+.2f})"
+                for k, v in r["final_gap_points"].items()), flush=True)
             Path(a.out).parent.mkdir(parents=True, exist_ok=True)
             Path(a.out).write_text(json.dumps(res, indent=2))
         return

@@ -13,7 +13,7 @@ from .errors import OvrError, read_parsed
 
 HEADS = ("linear", "mlp", "ridge")
 ENGINES = ("auto", "torch", "onnxruntime")  # what runs the backbone (ovr/embedding/engine.py)
-GATES = ("ridge", "softmax")
+GATES = ("lda", "ridge", "softmax")
 L2_SEARCH = ("path", "sweep")
 NORMALIZE = ("standardize", "l2")
 CALIBRATION = ("platt", "temperature", "none")
@@ -101,7 +101,9 @@ class TrainConfig:
     # The model's statistics (and so ridge heads and the gate) use relu(x @ R) for a seeded Gaussian R [D, M], with
     # M = min(stats_features, 4 D); 0: the embeddings themselves. The Gram matrix is M^2 float64 numbers.
     stats_features: int = 2048
-    gate: str = "ridge"  # ridge (exact, from the statistics) | softmax (refit on every remembered row at each add)
+    # The gate of a grown model: lda | ridge (both exact, from the statistics) | softmax (refit on every remembered
+    # row at each add-class; kept to be measured against)
+    gate: str = "lda"
     chunk_heads: int = 0  # heads per solve; 0: sized to memory (model.heads_per_chunk); results do not depend on it
 
     def __post_init__(self) -> None:

@@ -35,7 +35,7 @@ def rows_of(X, y, names, classes):
     return X[keep], pos[y][keep]
 
 
-def grow(data, names, order, head="linear", gate="ridge"):
+def grow(data, names, order, head="linear", gate=TrainConfig.gate):
     """A model of the first two classes of `order`, then the others added one at a time by Model.add_class."""
     X, y, Xv, yv = data
     settings = TrainConfig(head=head, gate=gate)
@@ -82,13 +82,15 @@ def test_the_gate_recovers_what_argmax_loses():
     assert acc_gated > acc_argmax
 
 
-def test_statistics_and_gate_are_the_same_in_any_order_and_after_remove_then_re_add():
+@pytest.mark.parametrize("gate", ["lda", "ridge"])
+def test_statistics_and_gate_are_the_same_in_any_order_and_after_remove_then_re_add(gate):
     """Grown one class at a time in two orders, or built at once: the same statistics (float64, to 1e-6) and the
     same gate posteriors; removing a class then adding it back gives the same gate again."""
     X, y, Xv, yv, Xt, _ = split(*blobs(5, 40, spread=1.6))
     names = [f"k{i}" for i in range(5)]
-    a = grow((X, y, Xv, yv), names, [0, 1, 2, 3, 4])
-    b = grow((X, y, Xv, yv), names, [3, 1, 4, 0, 2])
+    a = grow((X, y, Xv, yv), names, [0, 1, 2, 3, 4], gate=gate)
+    b = grow((X, y, Xv, yv), names, [3, 1, 4, 0, 2], gate=gate)
+    assert a.gate.method == b.gate.method == gate
     j = joint_model((X, y, Xv, yv), names)
     for other in (b, j):
         order = [other.stats.classes.index(c) for c in a.stats.classes]
@@ -102,11 +104,31 @@ def test_statistics_and_gate_are_the_same_in_any_order_and_after_remove_then_re_
     Xk, Xvk = X[y == 3], Xv[yv == 3]
     a.remove_class("k3", torch.cat([Xk, Xvk]))
     assert a.gate is not None and "k3" not in a.gate.classes and "k3" not in a.stats.classes
-    a.add_class("k3", Xk, Xvk, TrainConfig(), remembered=lambda: (*rows_of(X, y, names, a.classes),
+    a.add_class("k3", Xk, Xvk, TrainConfig(gate=gate), remembered=lambda: (*rows_of(X, y, names, a.classes),
                                                                    *rows_of(Xv, yv, names, a.classes)))
     assert a.gate.classes == ["k0", "k1", "k2", "k4", "k3"]
     after = a.gate.posterior(Xt)[:, [a.gate.classes.index(f"k{i}") for i in range(5)]]
     assert np.abs(after - before).max() < 1e-6
+
+
+def test_lda_gate_is_the_shrunk_lda_of_the_rows():
+    """Stats.lda from the statistics equals the shared-covariance LDA computed from the rows themselves, rows of no
+    class (extra negatives) pooled as a group of their own."""
+    from ovr.learn.stats import FeatureMap, Stats
+
+    X, y = blobs(4, 30, d=6, spread=1.3)
+    y = torch.where(torch.arange(len(y)) % 7 == 0, -1, y)  # some rows of no class
+    s = Stats.empty(6, FeatureMap(None))
+    s.update(X, y, list("abcd"))
+    lda = s.lda(list("abcd"), shrinkage=0.3)
+    Xd, groups = X.double(), [y == k for k in range(4)] + [y < 0]
+    mu = torch.stack([Xd[g].mean(0) for g in groups])
+    R = torch.cat([Xd[g] - mu[i] for i, g in enumerate(groups)])
+    cov = R.T @ R / (len(X) - 4)
+    cov = 0.7 * cov + 0.3 * torch.linalg.eigvalsh(cov).mean() * torch.eye(6, dtype=torch.float64)
+    W = torch.linalg.solve(cov, mu[:4].T)  # [D, K]
+    assert torch.allclose(lda.weight, W, atol=1e-8)
+    assert torch.allclose(lda.bias, -0.5 * (mu[:4] * W.T).sum(1), atol=1e-8)
 
 
 def test_ridge_heads_grown_equal_joint():
@@ -280,14 +302,11 @@ def test_gate_does_not_depend_on_the_order_of_classes():
     assert np.allclose(g.posterior(Xt), gp.posterior(Xt)[:, perm.numpy()], atol=1e-4)
 
 
-def test_gate_method_follows_the_problem_size(monkeypatch):
+def test_a_gate_refit_on_rows_is_the_softmax_gate():
     X, y, Xv, yv, Xt, yt = split(*blobs(K=4, n=45, d=8, spread=2.0))
-    assert aggregate.fit_gate(X, y, Xv, yv, list("abcd")).method == "softmax"
-    monkeypatch.setattr(aggregate, "GATE_SOFTMAX_MAX", len(X) * 4 * 8 - 1)  # train + val rows x classes x dim
-    lda = aggregate.fit_gate(X, y, Xv, yv, list("abcd"))
-    assert lda.method == "lda" and 0 < lda.strength < 1
-    assert (lda.posterior(Xt).argmax(1) == yt.numpy()).mean() > 0.8
-    with pytest.raises(ValueError, match="gate method"):
+    g = aggregate.fit_gate(X, y, Xv, yv, list("abcd"))
+    assert g.method == "softmax" and (g.posterior(Xt).argmax(1) == yt.numpy()).mean() > 0.8
+    with pytest.raises(ValueError, match="softmax regression"):
         aggregate.fit_gate(X, y, Xv, yv, list("abcd"), method="qda")
 
 

@@ -135,16 +135,18 @@ def normalise_rows(conf: np.ndarray) -> np.ndarray:
 # fires on rings because it never learned otherwise. Each head's confidence is therefore multiplied by its gate:
 # one minus the probability, from a classifier over all classes that is rebuilt at every add without touching a
 # head, that the input belongs to a class that head never saw. The default gate is solved from the model's
-# statistics (stats.ridge_gate), so it is exactly the same whatever the order the classes came in; 'softmax' is the
-# earlier gate, refit on every remembered row at each add (kept to be measured against: benchmarks/add_class.py).
+# statistics (Stats.lda, stats.gate_posterior), so it is exactly the same whatever the order the classes came in;
+# 'softmax' is the earlier gate, refit on every remembered row at each add (kept to be measured against:
+# benchmarks/add_class.py).
 
 
 @dataclass
 class Gate:
     """Linear discriminants: posterior = softmax(phi(X) @ weight.T + bias), phi(X) = X or relu(X @ projection).
-    `method` says how they were fitted: 'ridge' (from the statistics, `strength` its ridge lam), 'softmax'
-    (multinomial logistic regression, `strength` its L2) or 'lda' (`strength` its shrinkage); the temperature is
-    folded into weight and bias."""
+    `method` says how they were fitted: 'lda' (shared covariance, `strength` its shrinkage; from the statistics,
+    or, in models written before them, from rows), 'ridge' (from the statistics, `strength` its ridge lam) or
+    'softmax' (multinomial logistic regression on rows, `strength` its L2); the temperature is folded into weight
+    and bias."""
     classes: list[str]
     weight: torch.Tensor  # [K, M]
     bias: torch.Tensor  # [K]
@@ -162,10 +164,8 @@ class Gate:
 
 
 
-GATE_SOFTMAX_MAX = 2e8  # rows x classes x dim up to which the softmax gate is solved exactly (above: the LDA gate)
 GATE_TOL = 1e-5  # L-BFGS gradient tolerance: tighter gave the same answers at several times the cost
 GATE_L2 = (1.0, 0.1, 0.01, 1e-3)  # chosen on validation, strongest first (each fit warm-starts the next)
-SHRINKAGES = (1e-3, 1e-2, 0.05, 0.1, 0.2, 0.4, 0.7)
 
 
 def _balanced(y: torch.Tensor, K: int, dtype) -> torch.Tensor:
@@ -212,64 +212,34 @@ def softmax_temperature(z: torch.Tensor, y: torch.Tensor, weights: torch.Tensor 
     return 1.0 / beta, cur
 
 
-def _lda(X: torch.Tensor, y: torch.Tensor, K: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Class means and the eigendecomposition of the pooled within-class covariance (float64)."""
-    mu = torch.zeros(K, X.shape[1], dtype=X.dtype, device=X.device).index_add_(0, y, X)
-    mu /= torch.bincount(y, minlength=K).clamp_min(1)[:, None].to(X.dtype)
-    R = X - mu[y]
-    cov = R.T @ R / max(len(X) - K, 1)
-    evals, evecs = torch.linalg.eigh(cov)
-    return mu, evals.clamp_min(0), evecs
-
-
-def _discriminants(mu, evals, evecs, alpha: float) -> tuple[torch.Tensor, torch.Tensor]:
-    inv = 1.0 / ((1 - alpha) * evals + alpha * evals.mean() + 1e-12)
-    W = ((mu @ evecs) * inv) @ evecs.T  # mu Sigma^-1
-    return W, -0.5 * (W * mu).sum(1)  # uniform class priors: a class added later is not penalised for its count
-
-
 def fit_gate(X: torch.Tensor, y: torch.Tensor, Xv: torch.Tensor, yv: torch.Tensor, classes: list[str],
-             method: str = "auto") -> Gate:
-    """The gate's discriminants: strength and temperature chosen on validation (NLL), then refit on train +
-    validation. method: softmax | lda | auto (softmax up to GATE_SOFTMAX_MAX rows x classes x dim). Rows with
-    y < 0 (negatives without a class) are left out. Features are standardised for the fit; that is folded back."""
+             method: str = "softmax") -> Gate:
+    """The softmax gate, refit on rows (the gate before the statistics', kept to be measured against): a
+    class-balanced multinomial logistic regression, its L2 strength and temperature chosen on validation (NLL),
+    then refit on train + validation. Rows with y < 0 (negatives without a class) are left out. Features are
+    standardised for the fit; that is folded back."""
+    if method != "softmax":
+        raise ValueError(f"a gate refit on rows is a softmax regression, not {method!r}")
     K = len(classes)
     keep, keepv = y >= 0, yv >= 0
     X, y = X[keep.to(X.device)].to(torch.float64), y[keep].to(X.device)
     Xv, yv = Xv[keepv.to(Xv.device)].to(torch.float64), yv[keepv].to(X.device)
     Xa, ya = torch.cat([X, Xv]), torch.cat([y, yv])
-    if method == "auto":
-        method = "softmax" if len(Xa) * K * X.shape[1] <= GATE_SOFTMAX_MAX else "lda"
     mean, std = Xa.mean(0), Xa.std(0, unbiased=False)
     std = std.clamp_min(max(1e-6, 0.01 * float(std.mean())))
     Z, Zv, Za = ((A - mean) / std for A in (X, Xv, Xa))
     tuned = len(Xv) and len(torch.unique(yv)) > 1
-    if method == "softmax":
-        strength, temp, theta = 0.01, 1.0, None
-        if tuned:
-            wv, best = _balanced(yv, K, torch.float64), None
-            for l2 in GATE_L2:
-                theta = _softmax_fit(Z, y, K, l2, theta)
-                t, nll = softmax_temperature(Zv @ theta[:, :-1].T + theta[:, -1], yv, wv)
-                if best is None or nll < best[0]:
-                    best = (nll, l2, t, theta)
-            _, strength, temp, theta = best
-        theta = _softmax_fit(Za, ya, K, strength, theta)
-        W, b = theta[:, :-1], theta[:, -1]
-    elif method == "lda":
-        strength, temp = 0.1, 1.0
-        if tuned:
-            mu, ev, V = _lda(Z, y, K)
-            best = None
-            for a in SHRINKAGES:
-                Wa, ba = _discriminants(mu, ev, V, a)
-                t, nll = softmax_temperature(Zv @ Wa.T + ba, yv)
-                if best is None or nll < best[0]:
-                    best = (nll, a, t)
-            _, strength, temp = best
-        W, b = _discriminants(*_lda(Za, ya, K), strength)
-    else:
-        raise ValueError(f"gate method must be softmax, lda or auto, not {method!r}")
+    strength, temp, theta = 0.01, 1.0, None
+    if tuned:
+        wv, best = _balanced(yv, K, torch.float64), None
+        for l2 in GATE_L2:
+            theta = _softmax_fit(Z, y, K, l2, theta)
+            t, nll = softmax_temperature(Zv @ theta[:, :-1].T + theta[:, -1], yv, wv)
+            if best is None or nll < best[0]:
+                best = (nll, l2, t, theta)
+        _, strength, temp, theta = best
+    theta = _softmax_fit(Za, ya, K, strength, theta)
+    W, b = theta[:, :-1], theta[:, -1]
     W, b = W / temp, b / temp
     Wr = W / std
     return Gate(list(classes), Wr.float().cpu(), (b - Wr @ mean).float().cpu(), method, float(strength), float(temp))

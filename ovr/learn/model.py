@@ -17,7 +17,7 @@ from . import aggregate
 from .answer import AnswerOptions, AnswerTensors, answer, head_logits
 from ..config import TrainConfig
 from .heads import Normalizer, Tensors, fit_ovr_heads, stack_heads
-from .stats import FeatureMap, Stats, ridge_gate, ridge_heads
+from .stats import FeatureMap, Stats, gate_posterior, ridge_heads
 from .records import Calibration, HeadRecord, new_run_id, now  # noqa: F401  (re-exported: ovr.model is the API)
 
 CONFUSED_RATE = 0.10  # a head that fires on more than this share of a class it never saw is "confused"
@@ -37,7 +37,7 @@ class Model:
     created: str = field(default_factory=now)
     gate: aggregate.Gate | None = None  # only while some head has not seen every class
     stats: Stats | None = None  # counts, sums and Gram of the remembered embeddings (None: a model saved before)
-    gate_method: str = "ridge"  # ridge: exact, from `stats` | softmax: refit on every remembered row (as before)
+    gate_method: str = "lda"  # lda | ridge: exact, from `stats` | softmax: refit on every remembered row (as before)
 
     # --- reading --------------------------------------------------------------------------------------------
 
@@ -257,16 +257,21 @@ class Model:
                 run=run)
 
     def rebuild_gate(self, remembered=None) -> None:
-        """The gate, or none when every head has seen every class. 'ridge' (default): solved from the statistics,
-        exactly the same for a model grown in any order as for one built at once. 'softmax': the earlier gate, a
-        multinomial logistic regression refit on `remembered()` -> (X, y, Xv, yv), every remembered row."""
+        """The gate, or none when every head has seen every class. 'lda' (default) and 'ridge': solved from the
+        statistics, exactly the same for a model grown in any order as for one built at once. 'softmax': the earlier
+        gate, a multinomial logistic regression refit on `remembered()` -> (X, y, Xv, yv), every remembered row."""
         if not self.grown():
             self.gate = None
-        elif self.gate_method == "ridge":
-            r = self.stats.ridge(list(self.classes))
-            W, b, beta = ridge_gate(r)
-            self.gate = aggregate.Gate(list(self.classes), W.float(), b.float(), "ridge", r.lam, 1.0 / beta,
-                                       self.stats.features.projection)
+        elif self.gate_method in ("lda", "ridge"):
+            if self.gate_method == "lda":
+                r = self.stats.lda(list(self.classes))
+                strength = r.shrinkage
+            else:
+                r = self.stats.ridge(list(self.classes))
+                strength = r.lam
+            W, b, beta = gate_posterior(r)
+            self.gate = aggregate.Gate(list(self.classes), W.float(), b.float(), self.gate_method, strength,
+                                       1.0 / beta, self.stats.features.projection)
         else:
             X, y, Xv, yv = remembered()
             self.gate = aggregate.fit_gate(X, first_label(y), Xv, first_label(yv), self.classes, self.gate_method)

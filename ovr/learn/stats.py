@@ -11,7 +11,8 @@ rounding). From them, with G's eigendecomposition computed once per change, come
   generalised cross-validation, which needs only G's eigenvalues and Q: no embedding is read again;
 - each ridge column's logit, from the two-Gaussian (equal-variance) model of its score, whose means and pooled
   variance also come from the statistics: `ridge_heads`;
-- the gate's posterior temperature, from the same Gaussian model of the score vectors: `ridge_gate`.
+- a shared-covariance LDA of every class (shrunk towards a multiple of the identity): `Stats.lda`, the default gate;
+- the gate's posterior temperature, from the Gaussian model of the score vectors: `gate_posterior`.
 """
 from __future__ import annotations
 
@@ -22,7 +23,11 @@ import torch
 from ..errors import OvrError
 
 LAMBDAS = tuple(10.0 ** (k / 4) for k in range(-20, 9))  # ridge strengths relative to mean(eigenvalue of G_c)
-BETAS = tuple(2.0 ** (k / 2) for k in range(0, 21))  # gate sharpness: softmax(beta * score), 1 .. 1024
+BETAS = tuple(2.0 ** (k / 2) for k in range(-10, 21))  # gate sharpness: softmax(beta * score), 1/32 .. 1024
+# The LDA gate's covariance is (1 - a) * pooled within-class covariance + a * its mean eigenvalue * I. A fixed a,
+# chosen by measurement (benchmarks/add_class.py --gate-shrinkage): every a the statistics could pick in-sample
+# favours no shrinkage, and where rows are fewer than features the pooled covariance is singular.
+GATE_SHRINKAGE = 0.35
 # The largest squared separation (m1 - m0)^2 / var a ridge head may claim: where the solve interpolates its training
 # rows (fewer rows than features) the within-class variance of the scores is ~0, and the logits would be set by
 # rounding (huge, and different after an add-and-remove). 40 puts a class mean at logit 20.
@@ -149,6 +154,31 @@ class Stats:
         b = counts / n - mu @ W
         return Ridge(classes, W, b, lam, df, self)
 
+    def within(self, cols: list[int]) -> torch.Tensor:
+        """The pooled within-class scatter of phi over these classes' rows: gram minus each class's mean outer
+        product, the rows of no class (extra negatives) centred as one group of their own."""
+        counts = self.counts[cols].clamp_min(1)
+        Sw = self.gram - (self.sums[cols].T / counts) @ self.sums[cols]
+        rest = float(self.rows - self.counts[cols].sum())
+        if rest >= 1:  # single-label rows: the rest are the rows of no class
+            r = self.total - self.sums[cols].sum(0)
+            Sw = Sw - torch.outer(r, r) / rest
+        return Sw
+
+    def lda(self, classes: list[str], shrinkage: float = GATE_SHRINKAGE) -> "Lda":
+        """Linear discriminants of `classes` on phi with one shared covariance, shrunk: score_k(x) = phi W_k + b_k,
+        the log-density of class k up to a constant, equal priors (a class added with few rows is not outvoted by
+        its count). From the statistics alone, float64."""
+        self.check()
+        cols = [self.classes.index(c) for c in classes]
+        mu = self.sums[cols] / self.counts[cols].clamp_min(1)[:, None]
+        cov = self.within(cols) / max(float(self.rows) - len(cols), 1.0)
+        e, V = torch.linalg.eigh((cov + cov.T) / 2)
+        e = e.clamp_min(0)
+        inv = 1.0 / ((1 - shrinkage) * e + shrinkage * float(e.mean()) + 1e-300)
+        W = ((mu @ V) * inv) @ V.T  # mu Sigma^-1
+        return Lda(classes, W.T, -0.5 * (W * mu).sum(1), shrinkage, mu, cov)
+
 
 @dataclass
 class Ridge:
@@ -168,8 +198,7 @@ class Ridge:
         counts = s.counts[cols].clamp_min(1)
         means = (s.sums[cols] / counts[:, None]) @ self.weight + self.bias
         n = float(s.rows)
-        Sw = s.gram - (s.sums[cols].T / counts) @ s.sums[cols]
-        cov = self.weight.T @ Sw @ self.weight / max(n - len(cols), 1.0)
+        cov = self.weight.T @ s.within(cols) @ self.weight / max(n - len(cols), 1.0)
         inflate = (n / max(n - self.df, 1.0)) ** 2
         return means, cov * inflate
 
@@ -196,13 +225,27 @@ def ridge_heads(ridge: Ridge) -> tuple[torch.Tensor, torch.Tensor]:
     return (a[:, None] * w.T), a * (b - (m1 + m0) / 2)
 
 
-def ridge_gate(ridge: Ridge, samples: int = MC_PER_CLASS) -> tuple[torch.Tensor, torch.Tensor, float]:
-    """The gate's posterior softmax(beta * (phi @ W + b)): beta minimises the expected class-balanced NLL under the
-    Gaussian model of the score vectors (`Ridge.score_moments`), estimated on seeded samples. Returns
-    (weight [K, M], bias [K], beta), beta folded in."""
-    means, cov = ridge.score_moments()
+@dataclass
+class Lda:
+    classes: list[str]
+    weight: torch.Tensor  # [M, K] on phi
+    bias: torch.Tensor  # [K]
+    shrinkage: float
+    means: torch.Tensor  # [K, M] class means of phi
+    cov: torch.Tensor  # [M, M] pooled within-class covariance (unshrunk)
+
+    def score_moments(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per class, the mean score vector [K, K]; the pooled within-class covariance of the scores [K, K]."""
+        return self.means @ self.weight + self.bias, self.weight.T @ self.cov @ self.weight
+
+
+def gate_posterior(scores: Ridge | Lda, samples: int = MC_PER_CLASS) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """The gate's posterior softmax(beta * (phi @ W + b)) for linear scores (ridge or LDA): beta minimises the
+    expected class-balanced NLL under the Gaussian model of the score vectors (`score_moments`), estimated on
+    seeded samples. Returns (weight [K, M], bias [K], beta), beta folded in."""
+    means, cov = scores.score_moments()
     K = len(means)
-    order = sorted(range(K), key=lambda k: ridge.classes[k])  # samples by class name: the same in any class order
+    order = sorted(range(K), key=lambda k: scores.classes[k])  # samples by class name: the same in any class order
     means, cov = means[order][:, order], cov[order][:, order]
     g = torch.Generator().manual_seed(0)
     cov = (cov + cov.T) / 2
@@ -220,4 +263,4 @@ def ridge_gate(ridge: Ridge, samples: int = MC_PER_CLASS) -> tuple[torch.Tensor,
         if best is None or nll < best[0]:
             best = (nll, beta)
     beta = best[1]
-    return beta * ridge.weight.T, beta * ridge.bias, beta
+    return beta * scores.weight.T, beta * scores.bias, beta
