@@ -150,6 +150,29 @@ def test_standardize_floor_keeps_dimensions_dead_in_training_bounded():
     assert float(n(new).abs().max()) < 100  # a bare 1e-6 floor gave 1e6
 
 
+def test_standardisation_of_parts_and_features_that_are_not_finite():
+    """Normalizer.fit over train and validation parts equals torch's mean/std of their concatenation; a NaN or an
+    infinity in either part is refused by fit_heads with one message, for both normalisations."""
+    from ovr.config import TrainConfig
+    from ovr.learn.heads import Normalizer
+    from ovr.learn.model import Model
+
+    A, labels = blobs(4)
+    X, y, Xv, yv = A[0::2], labels[0::2], A[1::2], labels[1::2]
+    n = Normalizer.fit("standardize", X, Xv)
+    A = torch.cat([X, Xv])  # the same rows in another order
+    assert torch.allclose(n.mean, A.mean(0), atol=1e-5) and torch.allclose(n.std, A.std(0, unbiased=False), rtol=1e-4)
+    assert n.finite(X, Xv)
+    for norm in ("standardize", "l2"):
+        for bad in (float("nan"), float("inf")):
+            for part in (0, 1):
+                parts = [X.clone(), Xv.clone()]
+                parts[part][3, 2] = bad
+                m = Model({"dim": X.shape[1]}, norm, "linear", ["0", "1", "2", "3"])
+                with pytest.raises(ValueError, match="NaN or infinity"):
+                    m.fit_heads(m.classes, parts[0], y, parts[1], yv, TrainConfig(l2_grid=(0.01,)))
+
+
 def test_estimators_reject_unknown_options():
     X, y = blobs()[:2]
     with pytest.raises(ValueError, match="head must be"):

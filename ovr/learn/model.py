@@ -120,11 +120,11 @@ class Model:
         for name, A in (("training", X), ("validation", Xv)):
             if A.ndim != 2 or (self.backbone.get("dim") and A.shape[1] != self.backbone["dim"]):
                 raise ValueError(f"{name} features must be [n, {self.backbone.get('dim')}], got {list(A.shape)}")
-            if len(A) and not bool(torch.isfinite(A).all()):
-                raise ValueError(f"{name} features contain NaN or infinity")
         targets = np.array([self.classes.index(c) for c in names])
         has_val = len(Xv) > 0
-        norm = Normalizer.fit(self.normalize, torch.cat([X, Xv]) if has_val else X)
+        norm = Normalizer.fit(self.normalize, X, Xv.to(X.device, X.dtype))
+        if not norm.finite(X, Xv):
+            raise ValueError("training or validation features contain NaN or infinity")
         T, Tv = head_targets(y, targets, X.device), head_targets(yv, targets, X.device) if has_val else None
         Xn, Xvn = norm(X), norm(Xv) if has_val else None
         size = heads_per_chunk(len(X) + len(Xv), len(settings.l2_grid), X.device, settings.chunk_heads)
