@@ -160,7 +160,7 @@ def test_ridge_with_fewer_rows_than_features_survives_add_and_remove():
     s.update(extra[ye == 3], torch.zeros(10, dtype=torch.long), ["d"], sign=-1.0)
     s.drop("d")
     r1 = s.ridge(names)
-    assert r1.lam == pytest.approx(r0.lam, rel=1e-6) and r0.df < 29
+    assert r1.strength == pytest.approx(r0.strength, rel=1e-6) and r0.df < 29
     assert torch.allclose(r1.weight, r0.weight, rtol=1e-5, atol=1e-8)
     w, b = ridge_heads(r0)
     z = s.features(X).double() @ w.T + b

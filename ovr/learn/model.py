@@ -252,7 +252,7 @@ class Model:
             n = float(s.counts[s.classes.index(c)])
             self.heads[c] = {"weight": W[j].float(), "bias": b[j].float()}
             self.records[c] = HeadRecord(
-                seed=seed, positives=int(n), negatives=int(float(s.rows) - n), pos_weight=1.0, l2=r.lam,
+                seed=seed, positives=int(n), negatives=int(float(s.rows) - n), pos_weight=1.0, l2=r.strength,
                 threshold=0.5, calibration=Calibration("none"), trained_with=list(self.classes), solver="ridge",
                 run=run)
 
@@ -263,14 +263,10 @@ class Model:
         if not self.grown():
             self.gate = None
         elif self.gate_method in ("lda", "ridge"):
-            if self.gate_method == "lda":
-                r = self.stats.lda(list(self.classes))
-                strength = r.shrinkage
-            else:
-                r = self.stats.ridge(list(self.classes))
-                strength = r.lam
+            solve = self.stats.lda if self.gate_method == "lda" else self.stats.ridge
+            r = solve(list(self.classes))
             W, b, beta = gate_posterior(r)
-            self.gate = aggregate.Gate(list(self.classes), W.float(), b.float(), self.gate_method, strength,
+            self.gate = aggregate.Gate(list(self.classes), W.float(), b.float(), self.gate_method, r.strength,
                                        1.0 / beta, self.stats.features.projection)
         else:
             X, y, Xv, yv = remembered()

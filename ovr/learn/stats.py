@@ -121,7 +121,7 @@ class Stats:
 
     # --- closed-form solves -----------------------------------------------------------------------------------
 
-    def ridge(self, classes: list[str]) -> "Ridge":
+    def ridge(self, classes: list[str]) -> "Scores":
         """One-vs-rest ridge regression of `classes` on phi, intercept unpenalised, lam by GCV (float64)."""
         self.check()
         cols = [self.classes.index(c) for c in classes]
@@ -152,7 +152,7 @@ class Stats:
         _, lam, df = best
         W = V @ (P / (e + lam)[:, None])
         b = counts / n - mu @ W
-        return Ridge(classes, W, b, lam, df, self)
+        return Scores(classes, W, b, lam, df, self)
 
     def within(self, cols: list[int]) -> torch.Tensor:
         """The pooled within-class scatter of phi over these classes' rows: gram minus each class's mean outer
@@ -165,7 +165,7 @@ class Stats:
             Sw = Sw - torch.outer(r, r) / rest
         return Sw
 
-    def lda(self, classes: list[str], shrinkage: float = GATE_SHRINKAGE) -> "Lda":
+    def lda(self, classes: list[str], shrinkage: float = GATE_SHRINKAGE) -> "Scores":
         """Linear discriminants of `classes` on phi with one shared covariance, shrunk: score_k(x) = phi W_k + b_k,
         the log-density of class k up to a constant, equal priors (a class added with few rows is not outvoted by
         its count). From the statistics alone, float64."""
@@ -177,22 +177,24 @@ class Stats:
         e = e.clamp_min(0)
         inv = 1.0 / ((1 - shrinkage) * e + shrinkage * float(e.mean()) + 1e-300)
         W = ((mu @ V) * inv) @ V.T  # mu Sigma^-1
-        return Lda(classes, W.T, -0.5 * (W * mu).sum(1), shrinkage, mu, cov)
+        return Scores(classes, W.T, -0.5 * (W * mu).sum(1), shrinkage, 0.0, self)
 
 
 @dataclass
-class Ridge:
+class Scores:
+    """Linear scores phi @ weight + bias of `classes`, solved from `stats`: a ridge regression (`strength` its lam,
+    `df` its effective degrees of freedom) or an LDA (`strength` its shrinkage, df 0)."""
     classes: list[str]
     weight: torch.Tensor  # [M, K] on phi
     bias: torch.Tensor  # [K]
-    lam: float
+    strength: float
     df: float
     stats: Stats
 
     def score_moments(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Per class, the mean score vector of its rows [K, K]; and the pooled within-class covariance of the
         score vectors [K, K], inflated by GCV's (n / (n - df))^2 so that it speaks for unseen rows, not the
-        training rows the solve has fitted."""
+        training rows a ridge solve has fitted."""
         s = self.stats
         cols = [s.classes.index(c) for c in self.classes]
         counts = s.counts[cols].clamp_min(1)
@@ -203,7 +205,7 @@ class Ridge:
         return means, cov * inflate
 
 
-def ridge_heads(ridge: Ridge) -> tuple[torch.Tensor, torch.Tensor]:
+def ridge_heads(ridge: Scores) -> tuple[torch.Tensor, torch.Tensor]:
     """Each class's ridge score turned into a logit: the log-odds of the class under two equal-variance Gaussians
     (its rows' scores and the other rows' scores, equal priors, as pos_weight balances the BCE heads), from the
     statistics alone. Returns (weight [K, M], bias [K]) acting on phi."""
@@ -225,21 +227,7 @@ def ridge_heads(ridge: Ridge) -> tuple[torch.Tensor, torch.Tensor]:
     return (a[:, None] * w.T), a * (b - (m1 + m0) / 2)
 
 
-@dataclass
-class Lda:
-    classes: list[str]
-    weight: torch.Tensor  # [M, K] on phi
-    bias: torch.Tensor  # [K]
-    shrinkage: float
-    means: torch.Tensor  # [K, M] class means of phi
-    cov: torch.Tensor  # [M, M] pooled within-class covariance (unshrunk)
-
-    def score_moments(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per class, the mean score vector [K, K]; the pooled within-class covariance of the scores [K, K]."""
-        return self.means @ self.weight + self.bias, self.weight.T @ self.cov @ self.weight
-
-
-def gate_posterior(scores: Ridge | Lda, samples: int = MC_PER_CLASS) -> tuple[torch.Tensor, torch.Tensor, float]:
+def gate_posterior(scores: Scores, samples: int = MC_PER_CLASS) -> tuple[torch.Tensor, torch.Tensor, float]:
     """The gate's posterior softmax(beta * (phi @ W + b)) for linear scores (ridge or LDA): beta minimises the
     expected class-balanced NLL under the Gaussian model of the score vectors (`score_moments`), estimated on
     seeded samples. Returns (weight [K, M], bias [K], beta), beta folded in."""
