@@ -10,10 +10,13 @@
     With --resplits R (and --only-sequential), over R seeded resplits of the same images into train / val / test
     of the same sizes, so the spread covers the data split as well as the class order.
 (3) scaling (--only-scaling): time to add one class to a model that remembers 1,000 or 100,000 rows (synthetic).
-Datasets: digits and photos (benchmarks/datasets.py), EfficientNet-Lite0 embeddings.
+Datasets: digits and photos (benchmarks/datasets.py), EfficientNet-Lite0 embeddings; photos_large (the same
+classes, 3x the images) where the photos' test sets are too small to measure a step.
 
     python benchmarks/add_class.py --only-sequential --resplits 3 --gate-shrinkage 0.2 0.5 0.7 \
         --out benchmarks/results/add_class_resplits.json
+    python benchmarks/add_class.py --only-sequential --datasets photos_large --resplits 3 \
+        --out benchmarks/results/add_class_photos_large.json
     python benchmarks/add_class.py --only-scaling --out benchmarks/results/add_class_scaling.json
 """
 from __future__ import annotations
