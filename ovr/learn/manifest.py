@@ -116,8 +116,9 @@ def read_manifest(root: str | Path) -> dict:
 
 
 _NUM = (int, float)
-GATE_METHODS = {"ridge": "a ridge regression solved from the model's statistics (exact under growth)",
-                "softmax": "a softmax regression refit on the embeddings", "lda": "a shrinkage LDA, one shared covariance (from the model's statistics: exact under growth)"}
+GATE_METHODS = {"lda": "a shrinkage LDA, one shared covariance (from the model's statistics: exact under growth)",
+                "ridge": "a ridge regression solved from the model's statistics (exact under growth)",
+                "softmax": "a softmax regression refit on the embeddings"}
 _RECORD_KEYS = set(HeadRecord.__dataclass_fields__) | {"file", "sha256", "best_epoch"}
 _HEAD_KEYS = {"file": str, "sha256": str, "threshold": _NUM, "positives": int, "negatives": int, "l2": _NUM,
               "calibration": dict}
