@@ -35,8 +35,8 @@ import torch
 import datasets
 from ovr.learn import aggregate
 from ovr.config import TrainConfig
-from ovr.learn.model import Model, grow_in_order
-from ovr.learn.stats import GATE_SHRINKAGE, gate_posterior
+from ovr.learn.model import Model, grow_in_order, stats_gate
+from ovr.learn.stats import GATE_SHRINKAGE
 from ovr.runtime import resolve_device
 
 SETTINGS = TrainConfig()
@@ -74,11 +74,10 @@ def with_gate(m: Model, method: str, X, y, Xv, yv, Xt) -> np.ndarray:
     r = copy.copy(m)
     if method == "softmax":
         r.gate = aggregate.fit_gate(X, y, Xv, yv, m.classes)
+    elif method == "ridge":
+        r.gate = stats_gate(m.stats, m.classes, "ridge")
     else:
-        scores = m.stats.ridge(m.classes) if method == "ridge" else m.stats.lda(m.classes, float(method[4:]))
-        W, b, beta = gate_posterior(scores)
-        r.gate = aggregate.Gate(list(m.classes), W.float(), b.float(), method, 0.0, 1 / beta,
-                                m.stats.features.projection)
+        r.gate = stats_gate(m.stats, m.classes, "lda", float(method[4:]))
     return r.answer(Xt).index
 
 

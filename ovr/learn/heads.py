@@ -196,8 +196,8 @@ def fit_ovr_heads(X: torch.Tensor, T: torch.Tensor, Xv: torch.Tensor | None, Tv:
     (pos-weighted BCE), searched by `l2_search`: "path" (`l2_path`: strong to weak, warm-started, a head stops once
     its loss has not improved for two strengths) or "sweep" (every head x strength one column of a single L-BFGS
     solve; the path on at most `search_rows` training rows, `search_path`); then it is refit on train + validation
-    at that strength (more data; the linear-probe protocol), warm-started. The validation logits of the head before its refit are kept, so calibration and thresholds are fitted on rows the
-    head has not seen. MLP heads: minibatch Adam with per-column early stopping (no refit).
+    at that strength (more data; the linear-probe protocol), warm-started. The validation logits of the head before
+    its refit are kept, so calibration and thresholds are fitted on rows the head has not seen. MLP heads: minibatch Adam with per-column early stopping (no refit).
     Without validation data every head uses the middle strength of the grid.
     """
     check_head(head)

@@ -17,7 +17,7 @@ from . import aggregate
 from .answer import AnswerOptions, AnswerTensors, answer, head_logits
 from ..config import TrainConfig
 from .heads import Normalizer, Tensors, fit_ovr_heads, stack_heads
-from .stats import FeatureMap, Stats, gate_posterior, ridge_heads
+from .stats import GATE_SHRINKAGE, FeatureMap, Stats, gate_posterior, ridge_heads
 from .records import Calibration, HeadRecord, new_run_id, now  # noqa: F401  (re-exported: ovr.model is the API)
 
 CONFUSED_RATE = 0.10  # a head that fires on more than this share of a class it never saw is "confused"
@@ -263,14 +263,20 @@ class Model:
         if not self.grown():
             self.gate = None
         elif self.gate_method in ("lda", "ridge"):
-            solve = self.stats.lda if self.gate_method == "lda" else self.stats.ridge
-            r = solve(list(self.classes))
-            W, b, beta = gate_posterior(r)
-            self.gate = aggregate.Gate(list(self.classes), W.float(), b.float(), self.gate_method, r.strength,
-                                       1.0 / beta, self.stats.features.projection)
+            self.gate = stats_gate(self.stats, self.classes, self.gate_method)
         else:
             X, y, Xv, yv = remembered()
             self.gate = aggregate.fit_gate(X, first_label(y), Xv, first_label(yv), self.classes, self.gate_method)
+
+
+def stats_gate(stats: Stats, classes: list[str], method: str = "lda", shrinkage: float = GATE_SHRINKAGE
+               ) -> aggregate.Gate:
+    """The gate of `classes` solved from the statistics: 'lda' (of this shrinkage) or 'ridge', its temperature from
+    the Gaussian model of the scores (stats.gate_posterior)."""
+    r = stats.lda(list(classes), shrinkage) if method == "lda" else stats.ridge(list(classes))
+    W, b, beta = gate_posterior(r)
+    return aggregate.Gate(list(classes), W.float(), b.float(), method, r.strength, 1.0 / beta,
+                          stats.features.projection)
 
 
 def grow_in_order(X: torch.Tensor, y: torch.Tensor, Xv: torch.Tensor, yv: torch.Tensor, classes: list[str],
