@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from ..config import HEADS, NORMALIZE
 from ..runtime import head_seed
-from .solver import adam_columns, logistic_lbfgs, weighted_bce
+from .solver import Curvature, adam_columns, logistic_lbfgs, weighted_bce
 
 Tensors = dict[str, torch.Tensor]
 
@@ -211,15 +211,15 @@ def fit_ovr_heads(X: torch.Tensor, T: torch.Tensor, Xv: torch.Tensor | None, Tv:
     G = len(grid)
     Tv = Tv.to(dev, torch.float32) if has_val else None
     if head == "linear" and has_val and l2_search == "path":
-        W, b, val, choice, iters, gn = search_path(X, T, Xv, Tv, pw, grid, rows=search_rows, seed=seed,
+        W, b, val, choice, iters, gn, curv = search_path(X, T, Xv, Tv, pw, grid, rows=search_rows, seed=seed,
                                                    pos_weight=pos_weight, tol=tol, max_iter=max_iter,
                                                    progress=progress)
         val_logits = (Xv.to(W.dtype) @ W.T + b).cpu().numpy()
         # the final solve, to tol itself: on train + validation (refit), or polishing the path's answer on train
         Xa, Ta = (torch.cat([X, Xv.to(X.dtype)]), torch.cat([T, Tv])) if refit else (X, T)
         pos, neg, pw = _pos_weights(Ta, pos_weight)
-        sol = logistic_lbfgs(Xa, Ta, pw, grid[choice.cpu()], init=(W, b), tol=tol, max_iter=max_iter,
-                             progress=progress, stage="refit" if refit else "solve")
+        sol = logistic_lbfgs(Xa, Ta, pw, grid[choice.cpu()], init=(W, b), curvature=curv, tol=tol,
+                             max_iter=max_iter, progress=progress, stage="refit" if refit else "solve")
         W, b, iters, gn = sol.weight, sol.bias, sol.iterations, sol.grad_norm
         params = [{"weight": W[j].float().cpu(), "bias": b[j].float().cpu()} for j in range(N)]
         stats = [(int(iters[j]), float(gn[j])) for j in range(N)]
@@ -311,19 +311,27 @@ def search_path(X: torch.Tensor, T: torch.Tensor, Xv: torch.Tensor, Tv: torch.Te
     choice = torch.zeros(N, dtype=torch.long, device=dev)
     iters = torch.zeros(N, dtype=torch.long, device=dev)
     gn = torch.zeros(N, dtype=torch.float64, device=dev)
+    curv = None
     for idx, out in parts:
-        W[idx], b[idx], val[idx], choice[idx], iters[idx], gn[idx] = out
+        W[idx], b[idx], val[idx], choice[idx], iters[idx], gn[idx] = out[:6]
+        if curv is None:
+            curv = Curvature(out[6].S.new_zeros(out[6].S.shape[0], N, D + 1), out[6].S.new_zeros(out[6].S.shape[0], N, D + 1))
+        curv.put(idx, out[6])
     moved = torch.nonzero(~on_all).flatten()
     if len(moved):
         logs = torch.log(grid.clamp_min(1e-300)).to(dev)
         target = logs[choice[moved]] + math.log(rows / n)
+        was = grid[choice[moved].cpu()]
         choice[moved] = (logs[None, :] - target[:, None]).abs().argmin(1)
+        start = curv.keep(moved).reweighted(grid[choice[moved].cpu()] - was, D)
         sol = logistic_lbfgs(X, T[:, moved], pw[moved], grid[choice[moved].cpu()], init=(W[moved], b[moved]),
-                             tol=tol * SEARCH_TOL, max_iter=max_iter, progress=progress, stage="all rows")
+                             curvature=start, tol=tol * SEARCH_TOL, max_iter=max_iter, progress=progress,
+                             stage="all rows")
         W[moved], b[moved], iters[moved], gn[moved] = sol.weight, sol.bias, sol.iterations, sol.grad_norm
+        curv.put(moved, sol.curvature)
         v = weighted_bce(Xv.to(dev, torch.float64) @ sol.weight.T + sol.bias, Tv[:, moved], pw[moved])
         val[moved, choice[moved]] = v.to(torch.float64)
-    return W, b, val, choice, iters, gn
+    return W, b, val, choice, iters, gn, curv
 
 
 PATH_PATIENCE = 2  # strengths in a row without a better validation loss before a head's path stops
@@ -341,7 +349,7 @@ def l2_path(X: torch.Tensor, T: torch.Tensor, Xv: torch.Tensor, Tv: torch.Tensor
     a head's path, and so its answer, does not depend on the heads beside it.
 
     -> (weight [N, D], bias [N]: each head at its chosen strength; val [N, G] validation losses (nan: not
-    solved); choice [N] index into grid; iterations [N], grad_norm [N] of the chosen solve)."""
+    solved); choice [N] index into grid; iterations [N], grad_norm [N] of the chosen solve; its Curvature)."""
     N, D, G = T.shape[1], X.shape[1], len(grid)
     dev = X.device
     order = sorted(range(G), key=lambda g: -float(grid[g]))
@@ -356,18 +364,30 @@ def l2_path(X: torch.Tensor, T: torch.Tensor, Xv: torch.Tensor, Tv: torch.Tensor
     gn = torch.zeros(N, dtype=torch.float64, device=dev)
     active = torch.arange(N, device=dev)
     Xv64 = Xv.to(dev, torch.float64)
+    curv, last, bestC = None, None, None
     for k, g in enumerate(order):
         if progress:
             progress("l2 path", k, G, heads=len(active))
+        # each head starts from its answer at the previous strength and from the curvature pairs it ended with,
+        # moved to the new strength exactly: the first step is then a quasi-Newton step along the path
+        start = None if curv is None else curv.keep(active).reweighted((grid[g] - last).repeat(len(active)), D)
         sol = logistic_lbfgs(X, T[:, active], pw[active], grid[g].repeat(len(active)),
-                             init=(W[active], b[active]), tol=tol, max_iter=max_iter)
+                             init=(W[active], b[active]), curvature=start, tol=tol, max_iter=max_iter)
         W[active], b[active] = sol.weight, sol.bias
+        if curv is None:
+            curv = Curvature(torch.zeros(sol.curvature.S.shape[0], N, D + 1, dtype=torch.float64, device=dev),
+                             torch.zeros(sol.curvature.S.shape[0], N, D + 1, dtype=torch.float64, device=dev))
+        curv.put(active, sol.curvature)
+        last = grid[g]
         v = weighted_bce(Xv64 @ sol.weight.T + sol.bias, Tv[:, active], pw[active]).to(torch.float64)
         val[active, g] = v
         better = v < best[active]
         idx = active[better]
         best[idx], choice[idx] = v[better], g
         bestW[idx], bestb[idx] = sol.weight[better], sol.bias[better]
+        if bestC is None:
+            bestC = Curvature(torch.zeros_like(curv.S), torch.zeros_like(curv.Y))
+        bestC.put(idx, sol.curvature.keep(better))
         iters[idx], gn[idx] = sol.iterations[better], sol.grad_norm[better]
         rises[active] = torch.where(better, 0, rises[active] + 1)
         active = active[rises[active] < patience]
@@ -375,7 +395,7 @@ def l2_path(X: torch.Tensor, T: torch.Tensor, Xv: torch.Tensor, Tv: torch.Tensor
             break
     if progress:
         progress("l2 path", G, G, heads=0)
-    return bestW, bestb, val, choice, iters, gn
+    return bestW, bestb, val, choice, iters, gn, bestC
 
 
 def stack_heads(heads: list[Tensors], device: torch.device | str = "cpu") -> Tensors:

@@ -122,13 +122,37 @@ class _Softmax:
         return derivatives
 
 
+@dataclass
+class Curvature:
+    """The curvature pairs an L-BFGS solve ended with, per column, oldest first: steps S and gradient changes Y
+    [m, C, P] (a zero pair is empty). A next solve of a nearby problem (another L2 strength, a few more rows) can
+    start from them instead of from steepest descent."""
+    S: torch.Tensor
+    Y: torch.Tensor
+
+    def keep(self, cols: torch.Tensor) -> "Curvature":
+        return Curvature(self.S[:, cols], self.Y[:, cols])
+
+    def put(self, cols: torch.Tensor, other: "Curvature") -> None:
+        self.S[:, cols], self.Y[:, cols] = other.S, other.Y
+
+    def reweighted(self, delta: torch.Tensor, D: int) -> "Curvature":
+        """The same steps for the logistic objective with each column's L2 strength changed by delta [C]: a
+        gradient change is the data term's plus l2 * s over the weights (the first D entries), so it moves by
+        delta * s exactly."""
+        Y = self.Y.clone()
+        Y[..., :D] += delta.to(Y)[None, :, None] * self.S[..., :D]
+        return Curvature(self.S, Y)
+
+
 def _lbfgs(problem, theta: torch.Tensor, *, tol: float, max_iter: int, memory: int, progress: Callable | None,
-           stage: str):
+           stage: str, curvature: Curvature | None = None):
     """Minimise every column of `problem` (a convex objective over theta [C, P]) until max |grad| <= tol. Every
     scalar kept (curvature pairs, step, bracket, convergence) is per column; columns that converge leave the working
     set, so the work shrinks as the solve goes on. The line search is exact on phi(a) = f(theta + a p): the logits
     move linearly along p, so each 1-D Newton step is the problem's elementwise `line` work, no matmul.
-    Returns (theta, iterations, max |grad|, f), each per column."""
+    `curvature`: pairs to start from (each column's own). Returns (theta, iterations, max |grad|, f, the final
+    Curvature), each per column."""
     dev, dtype = theta.device, theta.dtype
     C = theta.shape[0]
     out_theta = theta.clone()
@@ -139,29 +163,42 @@ def _lbfgs(problem, theta: torch.Tensor, *, tol: float, max_iter: int, memory: i
     z = problem.logits(theta)
     f, g = problem.objective(theta, z)
     m = memory
-    Sh = torch.zeros(m, *theta.shape, dtype=dtype, device=dev)  # s_k = step, y_k = gradient change, per column
-    Yh = torch.zeros_like(Sh)
-    rho = torch.zeros(m, C, dtype=dtype, device=dev)  # 0 marks an empty or skipped pair (contributes nothing)
     gamma = torch.ones(C, dtype=dtype, device=dev)
+    if curvature is None:
+        Sh = torch.zeros(m, *theta.shape, dtype=dtype, device=dev)  # s_k = step, y_k = gradient change, per column
+        Yh = torch.zeros_like(Sh)
+        rho = torch.zeros(m, C, dtype=dtype, device=dev)  # 0 marks an empty or skipped pair (contributes nothing)
+    else:  # slot m - 1 is the newest pair; the first one written (k = 0) replaces the oldest
+        Sh, Yh = curvature.S.to(dev, dtype).clone(), curvature.Y.to(dev, dtype).clone()
+        sy, yy = _dot(Sh, Yh), _dot(Yh, Yh)
+        ok = sy > 1e-10 * yy.clamp_min(1e-300)
+        rho = torch.where(ok, 1 / sy.clamp_min(1e-300), torch.zeros_like(sy))
+        gamma = torch.where(ok[-1], sy[-1] / yy[-1].clamp_min(1e-300), gamma)
+    out_S, out_Y = torch.zeros_like(Sh), torch.zeros_like(Yh)
     it = torch.zeros(C, dtype=torch.long, device=dev)
     # Also stop a column that is already near tol and whose objective has not moved for 3 iterations in a row
     # (scipy's ftol test, made robust to one slow step): float32 work cannot push every gradient below ~1e-5, and
     # without this such a column would run to max_iter.
     ftol = 4 * torch.finfo(problem.wd).eps
     flat = torch.zeros(C, dtype=torch.long, device=dev)
+    finished = torch.zeros(C, dtype=torch.bool, device=dev)
     k = 0
     for step in range(max_iter + 1):
         gnorm = g.abs().amax(1)
         done = (gnorm <= tol) | (it >= max_iter) | ((flat >= 3) & (gnorm <= 10 * tol))
         if done.any():  # write finished columns out; shrink the working set when a quarter has finished
-            idx = cols[done]
-            out_theta[idx], out_iter[idx], out_g[idx], out_f[idx] = theta[done], it[done], gnorm[done], f[done]
+            new = done & ~finished  # (a finished column stays put, but its memory would fill with empty pairs)
+            idx = cols[new]
+            out_theta[idx], out_iter[idx], out_g[idx], out_f[idx] = theta[new], it[new], gnorm[new], f[new]
+            age = [(k + j) % m for j in range(m)]  # oldest first
+            out_S[:, idx], out_Y[:, idx] = Sh[age][:, new], Yh[age][:, new]
+            finished = done
             if done.all():
                 break
             if done.sum() * 4 >= len(cols) or step == max_iter:
                 keep = ~done
                 cols, theta, z, f, g, it, gamma = cols[keep], theta[keep], z[:, keep], f[keep], g[keep], it[keep], gamma[keep]
-                flat, done = flat[keep], done[keep]
+                flat, done, finished = flat[keep], done[keep], finished[keep]
                 Sh, Yh, rho = Sh[:, keep], Yh[:, keep], rho[:, keep]
                 problem.keep(keep)
         active = ~done
@@ -232,12 +269,12 @@ def _lbfgs(problem, theta: torch.Tensor, *, tol: float, max_iter: int, memory: i
         gamma = torch.where(ok, sy / _dot(yk, yk).clamp_min(1e-300), gamma)
         k += 1
         still = active & ((f - new_f) <= ftol * torch.maximum(f.abs(), new_f.abs()))
-        flat = torch.where(still, flat + 1, torch.zeros_like(flat))
+        flat = torch.where(still, flat + 1, torch.where(active, 0, flat))  # a finished column stays finished
         theta, f, g, z = new_theta, new_f, new_g, new_z
         it = it + active.long()
     if progress:
         progress(stage, C, C, iteration=int(out_iter.max()) if C else 0)
-    return out_theta, out_iter, out_g, out_f
+    return out_theta, out_iter, out_g, out_f, Curvature(out_S, out_Y)
 
 
 @dataclass
@@ -248,10 +285,12 @@ class LogisticSolution:
     grad_norm: torch.Tensor  # [C] max-abs gradient at the answer
     loss: torch.Tensor  # [C] objective at the answer
     seconds: float
+    curvature: Curvature  # the final curvature pairs: a start for a nearby solve
 
 
 def logistic_lbfgs(X: torch.Tensor, T: torch.Tensor, pos_weight: torch.Tensor, l2: torch.Tensor, *,
-                   init: tuple[torch.Tensor, torch.Tensor] | None = None, tol: float = 1e-4, max_iter: int = 500,
+                   init: tuple[torch.Tensor, torch.Tensor] | None = None, curvature: Curvature | None = None,
+                   tol: float = 1e-4, max_iter: int = 500,
                    memory: int = 10, dtype: torch.dtype = torch.float64, matmul_dtype: torch.dtype = torch.float32,
                    progress: Callable | None = None, stage: str = "solve") -> LogisticSolution:
     """Minimise, for every column c independently,
@@ -276,8 +315,9 @@ def logistic_lbfgs(X: torch.Tensor, T: torch.Tensor, pos_weight: torch.Tensor, l
     if init is not None:
         theta[:, :D], theta[:, D] = init[0].to(X.device, dtype), init[1].to(X.device, dtype)
     problem = _Logistic(X, T, pos_weight, l2, dtype, matmul_dtype)
-    th, it, g, f = _lbfgs(problem, theta, tol=tol, max_iter=max_iter, memory=memory, progress=progress, stage=stage)
-    return LogisticSolution(th[:, :D], th[:, D], it, g, f, time.perf_counter() - t0)
+    th, it, g, f, curv = _lbfgs(problem, theta, tol=tol, max_iter=max_iter, memory=memory, progress=progress,
+                                stage=stage, curvature=curvature)
+    return LogisticSolution(th[:, :D], th[:, D], it, g, f, time.perf_counter() - t0, curv)
 
 
 def softmax_lbfgs(X: torch.Tensor, y: torch.Tensor, weights: torch.Tensor, K: int, l2: float, *,
@@ -293,7 +333,7 @@ def softmax_lbfgs(X: torch.Tensor, y: torch.Tensor, weights: torch.Tensor, K: in
     D = X.shape[1]
     theta = torch.zeros(K, D + 1, dtype=dtype, device=X.device) if init is None else init.to(X.device, dtype)
     problem = _Softmax(X, y, weights, K, l2, dtype, matmul_dtype)
-    th, it, g, _ = _lbfgs(problem, theta.reshape(1, -1).clone(), tol=tol, max_iter=max_iter, memory=memory,
+    th, it, g, _, _ = _lbfgs(problem, theta.reshape(1, -1).clone(), tol=tol, max_iter=max_iter, memory=memory,
                           progress=None, stage="")
     return th.view(K, D + 1), int(it[0]), float(g[0])
 
