@@ -74,12 +74,12 @@ class _Logistic:
     def line(self, z: torch.Tensor, zp: torch.Tensor) -> Callable:
         """phi'(a) and phi''(a) of the data term along logits z + a zp: elementwise work and column sums, no matmul."""
         szp = self.S * zp
-        szp2, tszp, dt = szp * zp, torch.linalg.vecdot(self.ST, zp, dim=0).to(self.dtype), self.dtype
+        szp2, tszp = szp * zp, torch.linalg.vecdot(self.ST, zp, dim=0).to(self.dtype)
 
-        def derivatives(a: torch.Tensor):
+        def derivatives(a: torch.Tensor):  # (float32 sums promote to float64 in the caller's arithmetic)
             s = torch.sigmoid(torch.addcmul(z, a.to(self.wd), zp))
-            return (torch.linalg.vecdot(s, szp, dim=0).to(dt) - tszp,
-                    torch.linalg.vecdot(s - s * s, szp2, dim=0).to(dt))
+            return (torch.linalg.vecdot(s, szp, dim=0).to(tszp.dtype) - tszp,
+                    torch.linalg.vecdot(s - s * s, szp2, dim=0).to(tszp.dtype))
         return derivatives
 
 
@@ -188,11 +188,12 @@ def _lbfgs(problem, theta: torch.Tensor, *, tol: float, max_iter: int, memory: i
         done = (gnorm <= tol) | (it >= max_iter) | ((flat >= 3) & (gnorm <= 10 * tol))
         if done.any():  # write finished columns out; shrink the working set when a quarter has finished
             new = done & ~finished  # (a finished column stays put, but its memory would fill with empty pairs)
-            idx = cols[new]
-            out_theta[idx], out_iter[idx], out_g[idx], out_f[idx] = theta[new], it[new], gnorm[new], f[new]
-            age = [(k + j) % m for j in range(m)]  # oldest first
-            out_S[:, idx], out_Y[:, idx] = Sh[age][:, new], Yh[age][:, new]
-            finished = done
+            if new.any():
+                idx = cols[new]
+                out_theta[idx], out_iter[idx], out_g[idx], out_f[idx] = theta[new], it[new], gnorm[new], f[new]
+                age = [(k + j) % m for j in range(m)]  # oldest first
+                out_S[:, idx], out_Y[:, idx] = Sh[:, new][age], Yh[:, new][age]
+                finished = done
             if done.all():
                 break
             if done.sum() * 4 >= len(cols) or step == max_iter:
@@ -204,18 +205,18 @@ def _lbfgs(problem, theta: torch.Tensor, *, tol: float, max_iter: int, memory: i
         active = ~done
         if progress:  # the bar counts converged columns: it ends where the solve ends
             progress(stage, int(C - active.sum()), C, iteration=step)
-        # two-loop recursion, newest pair first; empty pairs have rho = 0
+        # two-loop recursion, newest pair first; empty pairs have rho = 0 (fused ops: on small problems the
+        # solve's time is mostly the number of tensor operations per iteration)
         q = g.clone()
         alpha = []
         for j in range(m):
             i = (k - 1 - j) % m
-            a = rho[i] * _dot(Sh[i], q)
-            q -= a[:, None] * Yh[i]
+            a = (rho[i] * _dot(Sh[i], q))[:, None]
+            q.addcmul_(a, Yh[i], value=-1)
             alpha.append((i, a))
         r = gamma[:, None] * q
         for i, a in reversed(alpha):
-            b = rho[i] * _dot(Yh[i], r)
-            r += (a - b)[:, None] * Sh[i]
+            r.addcmul_(a - rho[i, :, None] * _dot(Yh[i], r)[:, None], Sh[i])
         p = -r
         gp = _dot(g, p)
         bad = gp >= 0  # not a descent direction (rounding): restart that column from steepest descent
@@ -239,7 +240,7 @@ def _lbfgs(problem, theta: torch.Tensor, *, tol: float, max_iter: int, memory: i
             fallback = torch.where(torch.isfinite(hi), (lo + hi) / 2, 2 * a)
             nxt = torch.where(inside, nxt, fallback)
             # per column; stop when every column's step is settled to LINE_SEARCH_RTOL
-            settled = bool(((nxt - a).abs() <= LINE_SEARCH_RTOL * a.abs().clamp_min(1)).all())
+            settled = bool(((nxt - a).abs() <= LINE_SEARCH_RTOL * a.clamp_min(1)).all())  # steps are >= 0
             a = nxt
             if settled:
                 break
