@@ -225,6 +225,9 @@ def test_chunked_solves_give_the_same_heads():
             assert fits[0].records[c].l2 == fits[chunk].records[c].l2
             assert fits[0].records[c].threshold == pytest.approx(fits[chunk].records[c].threshold, abs=1e-3)
     assert heads_per_chunk(100_000, 11, "cpu") == 56  # 2 GB / (8 arrays x 4 bytes x 100,000 rows x 11 strengths)
+    # few rows, wide features: the per-column curvature pairs (64 bytes x 10 pairs x 1,281) bound the chunk, not
+    # the [rows, heads] arrays (which alone would allow 5,681 heads, 4.6 GB of pairs)
+    assert heads_per_chunk(1_000, 11, "cpu", dim=1280) == int(2e9 // (11 * (32 * 1_000 + 640 * 1281))) == 213
 
 
 def test_l2_path_chooses_what_the_full_sweep_chooses_at_a_fraction_of_the_solves():

@@ -315,7 +315,7 @@ def search_path(X: torch.Tensor, T: torch.Tensor, Xv: torch.Tensor, Tv: torch.Te
     for idx, out in parts:
         W[idx], b[idx], val[idx], choice[idx], iters[idx], gn[idx] = out[:6]
         if curv is None:
-            curv = Curvature(out[6].S.new_zeros(out[6].S.shape[0], N, D + 1), out[6].S.new_zeros(out[6].S.shape[0], N, D + 1))
+            curv = Curvature.empty(N, out[6])
         curv.put(idx, out[6])
     moved = torch.nonzero(~on_all).flatten()
     if len(moved):
@@ -364,30 +364,30 @@ def l2_path(X: torch.Tensor, T: torch.Tensor, Xv: torch.Tensor, Tv: torch.Tensor
     gn = torch.zeros(N, dtype=torch.float64, device=dev)
     active = torch.arange(N, device=dev)
     Xv64 = Xv.to(dev, torch.float64)
-    curv, last, bestC = None, None, None
+    curv = best_curv = None
+    at = torch.zeros(N, dtype=torch.float64)  # the strength each head's curvature pairs belong to
     for k, g in enumerate(order):
         if progress:
             progress("l2 path", k, G, heads=len(active))
         # each head starts from its answer at the previous strength and from the curvature pairs it ended with,
         # moved to the new strength exactly: the first step is then a quasi-Newton step along the path
-        start = None if curv is None else curv.keep(active).reweighted((grid[g] - last).repeat(len(active)), D)
+        start = None if curv is None else curv.keep(active).reweighted(grid[g] - at[active.cpu()], D)
         sol = logistic_lbfgs(X, T[:, active], pw[active], grid[g].repeat(len(active)),
                              init=(W[active], b[active]), curvature=start, tol=tol, max_iter=max_iter)
         W[active], b[active] = sol.weight, sol.bias
         if curv is None:
-            curv = Curvature(torch.zeros(sol.curvature.S.shape[0], N, D + 1, dtype=torch.float64, device=dev),
-                             torch.zeros(sol.curvature.S.shape[0], N, D + 1, dtype=torch.float64, device=dev))
+            curv = Curvature.empty(N, sol.curvature)
         curv.put(active, sol.curvature)
-        last = grid[g]
+        at[active.cpu()] = grid[g]
         v = weighted_bce(Xv64 @ sol.weight.T + sol.bias, Tv[:, active], pw[active]).to(torch.float64)
         val[active, g] = v
         better = v < best[active]
         idx = active[better]
         best[idx], choice[idx] = v[better], g
         bestW[idx], bestb[idx] = sol.weight[better], sol.bias[better]
-        if bestC is None:
-            bestC = Curvature(torch.zeros_like(curv.S), torch.zeros_like(curv.Y))
-        bestC.put(idx, sol.curvature.keep(better))
+        if best_curv is None:
+            best_curv = Curvature.empty(N, sol.curvature)
+        best_curv.put(idx, sol.curvature.keep(better))  # the chosen solve's pairs: the refit starts from them
         iters[idx], gn[idx] = sol.iterations[better], sol.grad_norm[better]
         rises[active] = torch.where(better, 0, rises[active] + 1)
         active = active[rises[active] < patience]
@@ -395,7 +395,7 @@ def l2_path(X: torch.Tensor, T: torch.Tensor, Xv: torch.Tensor, Tv: torch.Tensor
             break
     if progress:
         progress("l2 path", G, G, heads=0)
-    return bestW, bestb, val, choice, iters, gn, bestC
+    return bestW, bestb, val, choice, iters, gn, best_curv
 
 
 def stack_heads(heads: list[Tensors], device: torch.device | str = "cpu") -> Tensors:

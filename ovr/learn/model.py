@@ -127,7 +127,7 @@ class Model:
             raise ValueError("training or validation features contain NaN or infinity")
         T, Tv = head_targets(y, targets, X.device), head_targets(yv, targets, X.device) if has_val else None
         Xn, Xvn = norm(X), norm(Xv) if has_val else None
-        size = heads_per_chunk(len(X) + len(Xv), len(settings.l2_grid), X.device, settings.chunk_heads)
+        size = heads_per_chunk(len(X) + len(Xv), len(settings.l2_grid), X.device, settings.chunk_heads, X.shape[1])
         fits = []
         for s in range(0, len(names), size):  # heads are independent columns: chunks give the same heads
             fits += fit_ovr_heads(Xn, T[:, s:s + size], Xvn, Tv[:, s:s + size] if has_val else None,
@@ -339,15 +339,18 @@ def first_label(y: torch.Tensor) -> torch.Tensor:
     return torch.where(has.to(y.device), y.argmax(1), torch.full_like(has, -1, dtype=torch.long))
 
 
-def heads_per_chunk(rows: int, grid: int, device, requested: int = 0) -> int:
+def heads_per_chunk(rows: int, grid: int, device, requested: int = 0, dim: int = 0) -> int:
     """How many heads one solve takes at once. The exact solver keeps about 8 float32 [rows, heads x grid] work
-    arrays; 10,000 classes x 11 strengths on 100,000 rows would be 350 GB, so heads are solved in chunks sized to a
-    quarter of the free memory (GPU) or 2 GB (CPU, where chunks also keep the arrays in cache-friendly sizes)."""
+    arrays, and per column about 64 bytes x 10 curvature pairs x (dim + 1) (the L-BFGS memory in float64, and the
+    pairs the path hands from one strength to the next and to the refit in float32); 10,000 classes x 11 strengths on 100,000 rows
+    would be 350 GB, so heads are solved in chunks sized to a quarter of the free memory (GPU) or 2 GB (CPU, where
+    chunks also keep the arrays in cache-friendly sizes)."""
     if requested > 0:
         return requested
     budget = 2e9
     if torch.device(device).type == "cuda":
         free, _ = torch.cuda.mem_get_info(torch.device(device))
         budget = free / 4
-    return max(1, int(budget // (8 * 4 * max(rows, 1) * max(grid, 1))))
+    per_head = max(grid, 1) * (8 * 4 * max(rows, 1) + 64 * 10 * (dim + 1))
+    return max(1, int(budget // per_head))
 

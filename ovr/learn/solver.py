@@ -76,7 +76,7 @@ class _Logistic:
         szp = self.S * zp
         szp2, tszp = szp * zp, torch.linalg.vecdot(self.ST, zp, dim=0).to(self.dtype)
 
-        def derivatives(a: torch.Tensor):  # (float32 sums promote to float64 in the caller's arithmetic)
+        def derivatives(a: torch.Tensor):
             s = torch.sigmoid(torch.addcmul(z, a.to(self.wd), zp))
             return (torch.linalg.vecdot(s, szp, dim=0).to(tszp.dtype) - tszp,
                     torch.linalg.vecdot(s - s * s, szp2, dim=0).to(tszp.dtype))
@@ -130,6 +130,11 @@ class Curvature:
     S: torch.Tensor
     Y: torch.Tensor
 
+    @classmethod
+    def empty(cls, columns: int, like: "Curvature") -> "Curvature":
+        shape = (like.S.shape[0], columns, *like.S.shape[2:])
+        return cls(like.S.new_zeros(shape), like.Y.new_zeros(shape))
+
     def keep(self, cols: torch.Tensor) -> "Curvature":
         return Curvature(self.S[:, cols], self.Y[:, cols])
 
@@ -174,7 +179,9 @@ def _lbfgs(problem, theta: torch.Tensor, *, tol: float, max_iter: int, memory: i
         ok = sy > 1e-10 * yy.clamp_min(1e-300)
         rho = torch.where(ok, 1 / sy.clamp_min(1e-300), torch.zeros_like(sy))
         gamma = torch.where(ok[-1], sy[-1] / yy[-1].clamp_min(1e-300), gamma)
-    out_S, out_Y = torch.zeros_like(Sh), torch.zeros_like(Yh)
+    # the pairs handed back only start a later solve (any pair satisfying the curvature test is valid there):
+    # float32 halves what a caller keeps per column
+    out_S, out_Y = torch.zeros_like(Sh, dtype=torch.float32), torch.zeros_like(Yh, dtype=torch.float32)
     it = torch.zeros(C, dtype=torch.long, device=dev)
     # Also stop a column that is already near tol and whose objective has not moved for 3 iterations in a row
     # (scipy's ftol test, made robust to one slow step): float32 work cannot push every gradient below ~1e-5, and
@@ -192,7 +199,7 @@ def _lbfgs(problem, theta: torch.Tensor, *, tol: float, max_iter: int, memory: i
                 idx = cols[new]
                 out_theta[idx], out_iter[idx], out_g[idx], out_f[idx] = theta[new], it[new], gnorm[new], f[new]
                 age = [(k + j) % m for j in range(m)]  # oldest first
-                out_S[:, idx], out_Y[:, idx] = Sh[:, new][age], Yh[:, new][age]
+                out_S[:, idx], out_Y[:, idx] = Sh[:, new][age].float(), Yh[:, new][age].float()
                 finished = done
             if done.all():
                 break
