@@ -176,7 +176,7 @@ class Stats:
         cov = (cov + cov.T) / 2
         mean_eig = float(cov.diagonal().mean())  # the trace over M: no eigendecomposition needed
         sigma = (1 - shrinkage) * cov + shrinkage * mean_eig * torch.eye(len(cov), dtype=cov.dtype)
-        L, info = torch.linalg.cholesky_ex(sigma)  # definite with any shrinkage: a Cholesky solve, ~10x an eigh
+        L, info = torch.linalg.cholesky_ex(sigma)  # definite with any shrinkage > 0: no eigendecomposition needed
         W = (torch.cholesky_solve(mu.T, L) if int(info) == 0 else torch.linalg.pinv(sigma, hermitian=True) @ mu.T).T
         return Scores(classes, W.T, -0.5 * (W * mu).sum(1), shrinkage, 0.0, self)
 
