@@ -364,21 +364,20 @@ def l2_path(X: torch.Tensor, T: torch.Tensor, Xv: torch.Tensor, Tv: torch.Tensor
     gn = torch.zeros(N, dtype=torch.float64, device=dev)
     active = torch.arange(N, device=dev)
     Xv64 = Xv.to(dev, torch.float64)
-    curv = best_curv = None
-    at = torch.zeros(N, dtype=torch.float64)  # the strength each head's curvature pairs belong to
+    curv = best_curv = last = None  # active heads were all solved at the last strength: their pairs belong to it
     for k, g in enumerate(order):
         if progress:
             progress("l2 path", k, G, heads=len(active))
         # each head starts from its answer at the previous strength and from the curvature pairs it ended with,
         # moved to the new strength exactly: the first step is then a quasi-Newton step along the path
-        start = None if curv is None else curv.keep(active).reweighted(grid[g] - at[active.cpu()], D)
+        start = None if curv is None else curv.keep(active).reweighted((grid[g] - last).repeat(len(active)), D)
         sol = logistic_lbfgs(X, T[:, active], pw[active], grid[g].repeat(len(active)),
                              init=(W[active], b[active]), curvature=start, tol=tol, max_iter=max_iter)
         W[active], b[active] = sol.weight, sol.bias
         if curv is None:
             curv = Curvature.empty(N, sol.curvature)
         curv.put(active, sol.curvature)
-        at[active.cpu()] = grid[g]
+        last = grid[g]
         v = weighted_bce(Xv64 @ sol.weight.T + sol.bias, Tv[:, active], pw[active]).to(torch.float64)
         val[active, g] = v
         better = v < best[active]

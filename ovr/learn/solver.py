@@ -150,6 +150,11 @@ class Curvature:
         return Curvature(self.S, Y)
 
 
+def _curvature_ok(sy: torch.Tensor, yy: torch.Tensor) -> torch.Tensor:
+    """The curvature condition a pair (s, y) must pass to be used: s.y > 0, up to rounding relative to |y|^2."""
+    return sy > 1e-10 * yy.clamp_min(1e-300)
+
+
 def _lbfgs(problem, theta: torch.Tensor, *, tol: float, max_iter: int, memory: int, progress: Callable | None,
            stage: str, curvature: Curvature | None = None):
     """Minimise every column of `problem` (a convex objective over theta [C, P]) until max |grad| <= tol. Every
@@ -176,7 +181,7 @@ def _lbfgs(problem, theta: torch.Tensor, *, tol: float, max_iter: int, memory: i
     else:  # slot m - 1 is the newest pair; the first one written (k = 0) replaces the oldest
         Sh, Yh = curvature.S.to(dev, dtype).clone(), curvature.Y.to(dev, dtype).clone()
         sy, yy = _dot(Sh, Yh), _dot(Yh, Yh)
-        ok = sy > 1e-10 * yy.clamp_min(1e-300)
+        ok = _curvature_ok(sy, yy)
         rho = torch.where(ok, 1 / sy.clamp_min(1e-300), torch.zeros_like(sy))
         gamma = torch.where(ok[-1], sy[-1] / yy[-1].clamp_min(1e-300), gamma)
     # the pairs handed back only start a later solve (any pair satisfying the curvature test is valid there):
@@ -270,11 +275,11 @@ def _lbfgs(problem, theta: torch.Tensor, *, tol: float, max_iter: int, memory: i
             new_g, new_z = torch.where(worse[:, None], g, new_g), torch.where(worse, z, new_z)
             rho[:, worse], gamma[worse] = 0, 1
         sk, yk = new_theta - theta, new_g - g
-        sy = _dot(sk, yk)
-        ok = active & ~worse & (sy > 1e-10 * _dot(yk, yk).clamp_min(1e-300))  # curvature condition, per column
+        sy, yy = _dot(sk, yk), _dot(yk, yk)
+        ok = active & ~worse & _curvature_ok(sy, yy)  # per column
         Sh[k % m], Yh[k % m] = sk, yk
         rho[k % m] = torch.where(ok, 1 / sy.clamp_min(1e-300), torch.zeros_like(sy))
-        gamma = torch.where(ok, sy / _dot(yk, yk).clamp_min(1e-300), gamma)
+        gamma = torch.where(ok, sy / yy.clamp_min(1e-300), gamma)
         k += 1
         still = active & ((f - new_f) <= ftol * torch.maximum(f.abs(), new_f.abs()))
         flat = torch.where(still, flat + 1, torch.where(active, 0, flat))  # a finished column stays finished
