@@ -149,3 +149,29 @@ def test_answer_graphs_are_pruned_to_the_newest(tmp_path):
     (tmp_path / "other.json").write_text("{}")
     prune_answer_graphs(tmp_path, keep=3)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["4.onnx", "5.onnx", "6.onnx", "other.json"]
+
+
+def test_each_batch_size_runs_on_a_session_with_that_size_fixed(tmp_path):
+    """onnxruntime folds a graph's shape arithmetic only where every dimension is known: one session per batch size,
+    with the batch fixed, gives the dynamic graph's embeddings; sessions are reused and their number bounded."""
+    import numpy as np
+    import onnxruntime as ort
+
+    from ovr.embedding.backbones import load_backbone
+    from ovr.embedding.engine import BATCH_DIM, OrtForward, attach, session
+
+    bb = load_backbone("tiny_cnn", "default", tmp_path / "cache", "tensor")
+    attach(bb, "onnxruntime", torch.device("cpu"), tmp_path / "cache")
+    fwd = session(bb)
+    dynamic = ort.InferenceSession(str(fwd.path), providers=["CPUExecutionProvider"])
+    assert dynamic.get_inputs()[0].shape[0] == BATCH_DIM  # the free dimension the sessions fix
+    x = torch.randn(7, *dynamic.get_inputs()[0].shape[1:])
+    ref = dynamic.run(None, {"pixels": x.numpy()})[0]
+    assert np.allclose(fwd(x).numpy(), ref, atol=1e-5) and np.allclose(fwd(x[:3]).numpy(), ref[:3], atol=1e-5)
+    assert fwd.session_for(7).get_inputs()[0].shape[0] == 7 and fwd.session_for(3).get_inputs()[0].shape[0] == 3
+    same = fwd.session_for(7)
+    fwd(x)
+    assert fwd.session_for(7) is same
+    for b in range(1, 2 * OrtForward.KEEP):
+        fwd(x[:b])
+    assert len(fwd.sessions) == OrtForward.KEEP

@@ -24,7 +24,7 @@ import numpy as np
 
 from ..config import AnswerOptions
 from ..embedding.cache import default_cache_dir
-from ..embedding.engine import available, graph_file
+from ..embedding.engine import OrtForward, available, graph_file
 from ..embedding.identity import cache_key
 from ..learn.manifest import MANIFEST, read_manifest
 from ..version import __version__
@@ -85,9 +85,10 @@ def predict(root: str | Path, files: list, options: AnswerOptions, *, cache_dir:
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = compute_threads(int(os.environ.get("OVR_THREADS", "0") or 0))
     opts.inter_op_num_threads, opts.log_severity_level = 1, 3
+    backbone = OrtForward(graph, opts.intra_op_num_threads)
     try:
-        backbone = ort.InferenceSession(str(graph), opts, providers=["CPUExecutionProvider"])
         heads = ort.InferenceSession(str(answer_graph), opts, providers=["CPUExecutionProvider"])
+        backbone.session_for(min(len(files), BATCH))
     except Exception:  # noqa: BLE001  (a graph pruned or damaged since it was found: the torch path answers)
         return None
     idx, skipped, parts = [], [], {}
@@ -104,7 +105,7 @@ def predict(root: str | Path, files: list, options: AnswerOptions, *, cache_dir:
             crops.append(arr)
             idx.append(i)
         if crops:
-            X = backbone.run(None, {"pixels": normalized(np.stack(crops), record)})[0]
+            X = backbone.run(normalized(np.stack(crops), record))
             for name, v in zip([o.name for o in heads.get_outputs()], heads.run(None, {"embeddings": X})):
                 parts.setdefault(name, []).append(v)
     if not parts:

@@ -22,6 +22,7 @@ if TYPE_CHECKING:
     from .backbones import Backbone
 
 OPSET = 17
+BATCH_DIM = "batch"  # the graph's one free dimension, fixed per session (OrtForward)
 INSTALL_HINT = "the onnxruntime engine needs onnxruntime and onnx (default dependencies): pip install onnxruntime onnx"
 # How far the engines' embeddings may be apart (max |difference| / max |embedding|, float32; the measured figures
 # are in the README): the cache is shared only because the difference is far below this.
@@ -75,12 +76,12 @@ def export_backbone(backbone: "Backbone", path: Path) -> None:
         warnings.simplefilter("ignore")
         try:
             torch.onnx.export(model, (x,), buf, input_names=["pixels"], output_names=["embeddings"],
-                              dynamic_axes={"pixels": {0: "batch"}, "embeddings": {0: "batch"}},
+                              dynamic_axes={"pixels": {0: BATCH_DIM}, "embeddings": {0: BATCH_DIM}},
                               opset_version=OPSET, dynamo=False)
             data = buf.getvalue()
         except Exception:  # noqa: BLE001  (any exporter failure: try the other exporter, which says why)
             prog = torch.onnx.export(model, (x,), input_names=["pixels"], output_names=["embeddings"],
-                                     dynamic_shapes=({0: torch.export.Dim("batch", min=1)},),
+                                     dynamic_shapes=({0: torch.export.Dim(BATCH_DIM, min=1)},),
                                      opset_version=max(OPSET, 18), dynamo=True, external_data=False, verbose=False)
             data = prog.model_proto.SerializeToString()
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -116,24 +117,45 @@ def _input_size(backbone: "Backbone") -> int:
 
 
 class OrtForward:
-    """An onnxruntime session with the call of a torch module: normalised pixels [B, 3, S, S] -> embeddings."""
+    """An onnxruntime session with the call of a torch module: normalised pixels [B, 3, S, S] -> embeddings.
+
+    One session per batch size, each with the batch dimension fixed: the graph's other dimensions are static, so
+    with the batch fixed too onnxruntime folds the shape arithmetic that convnets with computed ("same") padding
+    carry and fuses those pads into the convolutions (the graph is the same; `benchmarks/embed_throughput.py`
+    measures the difference). A run sees one or two sizes (its batch and the last, smaller one); a session costs
+    a fraction of one batch's forward pass to make."""
+
+    KEEP = 4  # sessions kept: the sizes a run uses, without growing when a caller varies its batch
 
     def __init__(self, path: Path, threads: int) -> None:
+        self.path, self.threads = path, threads
+        self.sessions: dict[int, object] = {}
+
+    def session_for(self, batch: int):
         import onnxruntime as ort
 
-        opts = ort.SessionOptions()
-        opts.intra_op_num_threads = threads
-        opts.inter_op_num_threads = 1
-        opts.log_severity_level = 3
-        self.session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-        self.path, self.threads = path, threads
+        if batch not in self.sessions:
+            opts = ort.SessionOptions()
+            opts.intra_op_num_threads = self.threads
+            opts.inter_op_num_threads = 1
+            opts.log_severity_level = 3
+            opts.add_free_dimension_override_by_name(BATCH_DIM, batch)
+            if len(self.sessions) >= self.KEEP:
+                self.sessions.pop(next(iter(self.sessions)))
+            self.sessions[batch] = ort.InferenceSession(str(self.path), opts, providers=["CPUExecutionProvider"])
+        return self.sessions[batch]
+
+    def run(self, x):
+        """float32 numpy [B, 3, S, S] -> numpy embeddings [B, D] (no torch: the quick predict path uses it)."""
+        import numpy as np
+
+        x = np.ascontiguousarray(x, dtype=np.float32)
+        return self.session_for(len(x)).run(None, {"pixels": x})[0]
 
     def __call__(self, x: "torch.Tensor") -> "torch.Tensor":
-        import numpy as np
         import torch
 
-        out = self.session.run(None, {"pixels": np.ascontiguousarray(x.float().numpy())})[0]
-        return torch.from_numpy(out)
+        return torch.from_numpy(self.run(x.float().numpy()))
 
 
 def attach(backbone: "Backbone", engine: str, device: "torch.device", cache_dir: str | Path) -> str:
