@@ -9,7 +9,8 @@
     model of the same classes at every step for the same answers but refresh; and ridge heads grown vs joint.
     With --resplits R (and --only-sequential), over R seeded resplits of the same images into train / val / test
     of the same sizes, so the spread covers the data split as well as the class order.
-(3) scaling (--only-scaling): time to add one class to a model that remembers 1,000 or 100,000 rows (synthetic).
+(3) scaling (--only-scaling): time to add one class to a model that remembers 1,000 or 100,000 rows (synthetic),
+    the new class of a fixed size (--new-rows), and of 1% of the remembered rows.
 Datasets: digits and photos (benchmarks/datasets.py), EfficientNet-Lite0 embeddings; photos_large (the same
 classes, 3x the images) where the photos' test sets are too small to measure a step.
 
@@ -203,43 +204,58 @@ def resplit(arrays, seed: int):
     return tuple(a for p in parts for a in (X[p], y[p]))
 
 
-def scaling(sizes: list[int], dev, classes: int = 100, dim: int = 512, repeats: int = 3) -> list[dict]:
+def scaling(sizes: list[int], dev, classes: int = 100, dim: int = 512, repeats: int = 5,
+            new_rows: int | None = None) -> list[dict]:
     """Time to add one class (statistics + head + gate, not the embedding) to a model that remembers R rows, for
     each R in `sizes`: BCE heads (one L2 strength: the head's logistic solve reads every remembered row) and ridge
-    heads (every head and the gate from the statistics: independent of R). Synthetic embeddings. Best of
-    `repeats` timings, each on a fresh copy of the model."""
-    out = []
+    heads (every head and the gate from the statistics). The new class has `new_rows` rows at every R, or R /
+    `classes` (then its own statistics grow with R too). Synthetic embeddings. Every model is built first, then
+    the sizes are timed in turn, `repeats` rounds (this shared machine's speed drifts by +-40%: interleaving puts
+    the drift on both sides), each on a fresh copy of the model; the best of each is kept."""
+    cases = []
     for R in sizes:
         g = torch.Generator().manual_seed(R)
         centers = torch.randn(classes, dim, generator=g) * 0.5
-        y = torch.arange(classes).repeat_interleave(R // classes)
+        per_old, per_new = R // classes, new_rows or R // classes
+        y = torch.cat([torch.arange(classes - 1).repeat_interleave(per_old), torch.full((per_new,), classes - 1)])
+        y = y[torch.randperm(len(y), generator=g)]
         X = (centers[y] + torch.randn(len(y), dim, generator=g)).to(dev)
         cut = int(0.85 * len(y))
         names = [f"c{k}" for k in range(classes)]
-        row = {"remembered_rows": len(y), "classes": classes, "dim": dim}
+        old = y < classes - 1
         for head in ("linear", "ridge"):
             settings = TrainConfig(head=head, l2_grid=(1e-2,))
-            old = y < classes - 1
-            Xo, yo = X[:cut][old[:cut].to(X.device)], y[:cut][old[:cut]]
-            Xvo, yvo = X[cut:][old[cut:].to(X.device)], y[cut:][old[cut:]]
             m = Model({"dim": dim}, "standardize", head, names[:-1])
-            m.fit(Xo, yo, Xvo, yvo, settings)
-            new, newv = ~old[:cut], ~old[cut:]
-            times = []
-            for _ in range(repeats):  # the best of a few: one timing on this shared machine moves by +-40%
-                grown = copy.deepcopy(m)
-                t0 = time.perf_counter()
-                grown.add_class(names[-1], X[:cut][new.to(X.device)], X[cut:][newv.to(X.device)], settings,
-                                remembered=lambda: (X[:cut], y[:cut], X[cut:], y[cut:]))
-                times.append(time.perf_counter() - t0)
-            row[f"{head}_add_class_s"] = min(times)
-            row[f"{head}_add_class_all_s"] = times
-        print(f"  R={len(y):7d}: add-class with BCE heads {row['linear_add_class_s']:.2f} s, with ridge heads "
-              f"{row['ridge_add_class_s']:.2f} s", flush=True)
+            m.fit(X[:cut][old[:cut].to(X.device)], y[:cut][old[:cut]], X[cut:][old[cut:].to(X.device)],
+                  y[cut:][old[cut:]], settings)
+            cases.append((R, head, m, settings, X, y, cut, names, ~old[:cut], ~old[cut:], per_new))
+    times: dict = {}
+    for _ in range(repeats):
+        for R, head, m, settings, X, y, cut, names, new, newv, _n in cases:
+            grown = copy.deepcopy(m)
+            t0 = time.perf_counter()
+            grown.add_class(names[-1], X[:cut][new.to(X.device)], X[cut:][newv.to(X.device)], settings,
+                            remembered=lambda X=X, y=y, cut=cut: (X[:cut], y[:cut], X[cut:], y[cut:]))
+            times.setdefault((R, head), []).append(time.perf_counter() - t0)
+    out = []
+    for R in sizes:
+        per_new = next(c[-1] for c in cases if c[0] == R)
+        row = {"remembered_rows": int(R // classes * (classes - 1)), "new_class_rows": per_new, "classes": classes,
+               "dim": dim}
+        for head in ("linear", "ridge"):
+            row[f"{head}_add_class_s"] = min(times[R, head])
+            row[f"{head}_add_class_all_s"] = times[R, head]
+        print(f"  R={row['remembered_rows']:7d}, new class {per_new} rows: add-class with BCE heads "
+              f"{row['linear_add_class_s']:.2f} s, with ridge heads {row['ridge_add_class_s']:.2f} s", flush=True)
         out.append(row)
     for head in ("linear", "ridge"):
         out[-1][f"{head}_ratio_to_first"] = out[-1][f"{head}_add_class_s"] / out[0][f"{head}_add_class_s"]
     return out
+
+
+def scalings(sizes: list[int], dev, new_rows: int) -> dict:
+    """Both: the new class of a fixed size (what the ratio is about: the remembered rows), and of R / classes."""
+    return {"fixed_new_class": scaling(sizes, dev, new_rows=new_rows), "new_class_grows_with_R": scaling(sizes, dev)}
 
 
 def main() -> None:
@@ -247,6 +263,7 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--sizes", type=int, nargs="+", default=[1000, 100000], help="remembered rows for (3)")
     ap.add_argument("--datasets", nargs="+", default=["digits", "photos"])
+    ap.add_argument("--new-rows", type=int, default=500, help="rows of the added class in (3)")
     ap.add_argument("--orders", type=int, default=3)
     ap.add_argument("--resplits", type=int, default=1, help="with --only-sequential: seeded resplits of the data")
     ap.add_argument("--only-sequential", action="store_true", help="only (2), over --resplits x --orders")
@@ -259,7 +276,7 @@ def main() -> None:
     res = {"cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "machine": platform.machine(),
            "device": str(dev) if dev.type == "cpu" else torch.cuda.get_device_name(0), "datasets": {}}
     if a.only_scaling:
-        res["scaling"] = scaling(a.sizes, dev)
+        res["scaling"] = scalings(a.sizes, dev, a.new_rows)
         Path(a.out).parent.mkdir(parents=True, exist_ok=True)
         Path(a.out).write_text(json.dumps(res, indent=2))
         return
@@ -295,7 +312,7 @@ def main() -> None:
         Path(a.out).parent.mkdir(parents=True, exist_ok=True)
         Path(a.out).write_text(json.dumps(res, indent=2))
     print("[scaling] add one class to a model that remembers R rows", flush=True)
-    res["scaling"] = scaling(a.sizes, dev)
+    res["scaling"] = scalings(a.sizes, dev, a.new_rows)
     Path(a.out).write_text(json.dumps(res, indent=2))
     print(f"-> {a.out}")
 

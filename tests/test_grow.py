@@ -94,7 +94,7 @@ def test_statistics_and_gate_are_the_same_in_any_order_and_after_remove_then_re_
     j = joint_model((X, y, Xv, yv), names)
     for other in (b, j):
         order = [other.stats.classes.index(c) for c in a.stats.classes]
-        for k in ("rows", "total", "gram"):
+        for k in ("rows", "total", "gram", "moments"):
             assert torch.allclose(getattr(a.stats, k), getattr(other.stats, k), rtol=1e-9, atol=1e-6), k
         assert torch.allclose(a.stats.sums, other.stats.sums[order], atol=1e-6)
         assert torch.equal(a.stats.counts, other.stats.counts[order])
@@ -111,6 +111,29 @@ def test_statistics_and_gate_are_the_same_in_any_order_and_after_remove_then_re_
     assert np.abs(after - before).max() < 1e-6
 
 
+def test_the_heads_standardisation_comes_from_the_statistics_and_old_statistics_get_their_sums():
+    """A BCE head's standardisation over every remembered row comes from the statistics' running sums (add-class
+    reads no row for it): the same as computed from the rows; statistics saved before the sums were kept get them
+    from the rows on the next change, and the head is the same either way."""
+    from ovr.learn.heads import Normalizer
+    from ovr.learn.stats import moments
+
+    X, y, Xv, yv, _, _ = split(*blobs(4, 40, spread=1.6))
+    X = X * torch.linspace(0.5, 3, X.shape[1]) + 2.0  # columns of other means and spreads
+    ref = Normalizer.fit("standardize", X, Xv)
+    got = Normalizer.from_moments(moments(X, Xv), len(X) + len(Xv), X.dtype)
+    assert torch.allclose(got.mean, ref.mean, atol=1e-5) and torch.allclose(got.std, ref.std, rtol=1e-5)
+    names = [f"k{i}" for i in range(4)]
+    rows = lambda m: (*rows_of(X, y, names, m.classes), *rows_of(Xv, yv, names, m.classes))  # noqa: E731
+    a, old = grow((X, y, Xv, yv), names, [0, 1, 2]), grow((X, y, Xv, yv), names, [0, 1, 2])
+    old.stats.moments = None  # as loaded from a model saved before the sums were kept
+    for m in (a, old):
+        m.add_class("k3", X[y == 3], Xv[yv == 3], TrainConfig(), remembered=lambda m=m: rows(m))
+    assert torch.allclose(old.stats.moments, a.stats.moments, rtol=1e-9, atol=1e-9)
+    assert torch.allclose(a.stats.moments, moments(X, Xv), rtol=1e-9, atol=1e-9)
+    assert torch.allclose(a.heads["k3"]["weight"], old.heads["k3"]["weight"], atol=1e-5)
+
+
 def test_lda_gate_is_the_shrunk_lda_of_the_rows():
     """Stats.lda from the statistics equals the shared-covariance LDA computed from the rows themselves, rows of no
     class (extra negatives) pooled as a group of their own."""
@@ -118,7 +141,7 @@ def test_lda_gate_is_the_shrunk_lda_of_the_rows():
 
     X, y = blobs(4, 30, d=6, spread=1.3)
     y = torch.where(torch.arange(len(y)) % 7 == 0, -1, y)  # some rows of no class
-    s = Stats.empty(6, FeatureMap(None))
+    s = Stats.empty(6, FeatureMap(None), 6)
     s.update(X, y, list("abcd"))
     lda = s.lda(list("abcd"), shrinkage=0.3)
     Xd, groups = X.double(), [y == k for k in range(4)] + [y < 0]
@@ -153,7 +176,7 @@ def test_ridge_with_fewer_rows_than_features_survives_add_and_remove():
     X, y = blobs(3, 10, 64, seed=2, spread=1.0)
     extra, ye = blobs(4, 10, 64, seed=9, spread=1.0)
     names = ["a", "b", "c"]
-    s = Stats.empty(256, FeatureMap.random(64, 256))
+    s = Stats.empty(256, FeatureMap.random(64, 256), 64)
     s.update(X, y, names)
     r0 = s.ridge(names)
     s.update(extra[ye == 3], torch.zeros(10, dtype=torch.long), ["d"])

@@ -51,6 +51,18 @@ class Normalizer:
         ones = [torch.ones(len(P), dtype=P.dtype, device=P.device) for P in parts]
         mean = sum(o @ P for o, P in zip(ones, parts)) / n
         std = (sum(o @ (P - mean).square_() for o, P in zip(ones, parts)) / n).sqrt_()
+        return cls._floored(kind, mean, std)
+
+    @classmethod
+    def from_moments(cls, moments: torch.Tensor, rows: float, dtype: torch.dtype) -> "Normalizer":
+        """Standardisation from running sums (`stats.moments`: the rows' sum and sum of squares, float64): the
+        statistics of rows that are not read again."""
+        mean = moments[0] / rows
+        std = (moments[1] / rows - mean * mean).clamp_min_(0).sqrt_()
+        return cls._floored("standardize", mean.to(dtype), std.to(dtype))
+
+    @classmethod
+    def _floored(cls, kind: str, mean: torch.Tensor, std: torch.Tensor) -> "Normalizer":
         return cls(kind, mean, std.clamp_min(max(1e-6, STD_FLOOR * float(std.mean()))))
 
     def finite(self, *parts: torch.Tensor) -> bool:

@@ -17,7 +17,7 @@ from . import aggregate
 from .answer import AnswerOptions, AnswerTensors, answer, head_logits
 from ..config import TrainConfig
 from .heads import Normalizer, Tensors, fit_ovr_heads, stack_heads
-from .stats import GATE_SHRINKAGE, FeatureMap, Stats, gate_posterior, ridge_heads
+from .stats import GATE_SHRINKAGE, FeatureMap, Stats, gate_posterior, moments, ridge_heads
 from .records import Calibration, HeadRecord, new_run_id, now  # noqa: F401  (re-exported: ovr.model is the API)
 
 CONFUSED_RATE = 0.10  # a head that fires on more than this share of a class it never saw is "confused"
@@ -110,10 +110,11 @@ class Model:
     # --- writing --------------------------------------------------------------------------------------------
 
     def fit_heads(self, names: list[str], X: torch.Tensor, y: torch.Tensor, Xv: torch.Tensor, yv: torch.Tensor,
-                  settings: TrainConfig, *, run: str | None = None, progress=None) -> None:
+                  settings: TrainConfig, *, run: str | None = None, progress=None, all_rows: bool = False) -> None:
         """Train (or retrain) the heads of `names` on rows X (train) and Xv (validation), labels indexing
         `classes`. Features are standardised with the statistics of all these rows, and that standardisation is
-        folded into the stored heads; calibration and thresholds are fitted on held-out validation logits."""
+        folded into the stored heads; calibration and thresholds are fitted on held-out validation logits.
+        `all_rows`: these are every row the statistics hold (their running sums give the standardisation)."""
         from .metrics import binary_head_metrics  # here: importing scikit-learn is slow, and predict never needs it
 
         run = run or new_run_id()
@@ -122,7 +123,7 @@ class Model:
                 raise ValueError(f"{name} features must be [n, {self.backbone.get('dim')}], got {list(A.shape)}")
         targets = np.array([self.classes.index(c) for c in names])
         has_val = len(Xv) > 0
-        norm = Normalizer.fit(self.normalize, X, Xv.to(X.device, X.dtype))
+        norm = self._normalizer(X, Xv, all_rows)
         if not norm.finite(X, Xv):
             raise ValueError("training or validation features contain NaN or infinity")
         T, Tv = head_targets(y, targets, X.device), head_targets(yv, targets, X.device) if has_val else None
@@ -154,6 +155,17 @@ class Model:
                 val_loss=None if np.isnan(f.val_loss) else f.val_loss, val=val[j], run=run,
                 l2_path=[[s, None if np.isnan(v) else v] for s, v in (f.l2_path or [])], curve=f.curve or [])
 
+    def _normalizer(self, X: torch.Tensor, Xv: torch.Tensor, all_rows: bool) -> Normalizer:
+        """The rows' standardisation: from the statistics' running sums when the rows are every remembered row (no
+        pass over them; statistics saved before the sums were kept get them from these rows, once), else from
+        the rows."""
+        st = self.stats
+        if self.normalize != "standardize" or not all_rows or st is None or float(st.rows) != len(X) + len(Xv):
+            return Normalizer.fit(self.normalize, X, Xv.to(X.device, X.dtype))
+        if st.moments is None:
+            st.moments = moments(X, Xv)
+        return Normalizer.from_moments(st.moments, float(st.rows), X.dtype)
+
     # --- growing: the one implementation of each step --------------------------------------------------------
 
     def fit(self, X: torch.Tensor, y: torch.Tensor, Xv: torch.Tensor, yv: torch.Tensor, settings: TrainConfig, *,
@@ -164,7 +176,7 @@ class Model:
         if self.head_type == "ridge":
             self.solve_ridge_heads(settings.seed)
         else:
-            self.fit_heads(list(self.classes), X, y, Xv, yv, settings, progress=progress)
+            self.fit_heads(list(self.classes), X, y, Xv, yv, settings, progress=progress, all_rows=True)
         self.rebuild_gate(lambda: (X, y, Xv, yv))
 
     def remember(self, X: torch.Tensor, y: torch.Tensor, Xv: torch.Tensor, yv: torch.Tensor,
@@ -175,7 +187,7 @@ class Model:
             settings = settings or TrainConfig()
             dim = self.backbone.get("dim") or X.shape[1]
             fm = FeatureMap.random(dim, min(settings.stats_features, 4 * dim), settings.seed)
-            self.stats = Stats.empty(fm.size(dim), fm)
+            self.stats = Stats.empty(fm.size(dim), fm, dim)
         for A, lab in ((X, y), (Xv, yv)):
             self.stats.update(A, lab, list(self.classes), sign)
 
@@ -196,7 +208,7 @@ class Model:
         if self.head_type == "ridge":
             self.solve_ridge_heads(settings.seed)
         else:
-            self.fit_heads([name], *remembered(), settings, progress=progress)
+            self.fit_heads([name], *remembered(), settings, progress=progress, all_rows=True)
         self.rebuild_gate(remembered)
 
     def forget(self, name: str, X: torch.Tensor) -> None:
@@ -235,7 +247,7 @@ class Model:
         if self.head_type == "ridge":
             self.solve_ridge_heads(settings.seed)
         else:
-            self.fit_heads(names, X, y, Xv, yv, settings, progress=progress)
+            self.fit_heads(names, X, y, Xv, yv, settings, progress=progress, all_rows=True)
         self.rebuild_gate(lambda: (X, y, Xv, yv))
 
     def rewritten(self, changed: set[str]) -> set[str]:

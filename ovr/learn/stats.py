@@ -56,6 +56,19 @@ class FeatureMap:
         return dim if self.projection is None else self.projection.shape[1]
 
 
+def moments(*parts: torch.Tensor) -> torch.Tensor:
+    """[2, D] float64: the column sums and sums of squares of the rows of all `parts` (matrix-vector products:
+    torch's reductions over dim 0 are slow on the CPU)."""
+    out = None
+    for P in parts:
+        if len(P):
+            P = P.to("cpu", torch.float64)
+            ones = torch.ones(len(P), dtype=torch.float64)
+            m = torch.stack([ones @ P, ones @ P.square()])
+            out = m if out is None else out + m
+    return out
+
+
 @dataclass
 class Stats:
     """Counts, sums and the Gram matrix of phi(embeddings), float64. `sums[k]`/`counts[k]` follow `classes`; rows
@@ -67,12 +80,16 @@ class Stats:
     total: torch.Tensor  # [M]
     gram: torch.Tensor  # [M, M]
     features: FeatureMap
+    # [2, D]: the sum and the sum of squares of the embeddings themselves (not phi), for the BCE heads'
+    # standardisation without a pass over the rows; None in statistics saved before they were kept
+    moments: torch.Tensor | None = None
 
     @classmethod
-    def empty(cls, size: int, features: FeatureMap) -> "Stats":
+    def empty(cls, size: int, features: FeatureMap, dim: int) -> "Stats":
         z = torch.zeros((), dtype=torch.float64)
         return cls([], torch.zeros(0, dtype=torch.float64), torch.zeros(0, size, dtype=torch.float64), z.clone(),
-                   torch.zeros(size, dtype=torch.float64), torch.zeros(size, size, dtype=torch.float64), features)
+                   torch.zeros(size, dtype=torch.float64), torch.zeros(size, size, dtype=torch.float64), features,
+                   torch.zeros(2, dim, dtype=torch.float64))
 
     @property
     def dim(self) -> int:
@@ -104,6 +121,8 @@ class Stats:
         self.rows += sign * len(F)
         self.total += sign * F.sum(0)
         self.gram += sign * (F.T @ F)
+        if self.moments is not None:
+            self.moments += sign * moments(X)
 
     def drop(self, name: str) -> None:
         """Forget class `name`'s column (after its rows were subtracted, or to keep them as plain negatives)."""

@@ -83,6 +83,8 @@ def _write_files(model: Model, root: Path, changed: set[str] | None, old: dict |
         t = {"counts": st.counts, "sums": st.sums, "rows": st.rows.reshape(1), "total": st.total, "gram": st.gram}
         if st.features.projection is not None:
             t["projection"] = st.features.projection.float()
+        if st.moments is not None:
+            t["moments"] = st.moments
         data = st_save({k: v.contiguous() for k, v in t.items()}, metadata={"ovr-stats": "1"})
         stats = {"file": _blob(data, root, "stats", ".safetensors"), "sha256": _sha(data), "classes": list(st.classes),
                  "rows": float(st.rows), "features": st.dim}
@@ -244,7 +246,7 @@ def _load_files(root: Path, m: dict) -> Model:
         s = m["stats"]
         t = st_load(_read_verified(root, s["file"], s["sha256"], "statistics"))
         stats = Stats(list(s["classes"]), t["counts"], t["sums"], t["rows"].reshape(()), t["total"], t["gram"],
-                      FeatureMap(t.get("projection")))
+                      FeatureMap(t.get("projection")), t.get("moments"))
     if m.get("gate"):
         g = m["gate"]
         t = st_load(_read_verified(root, g["file"], g["sha256"], "gate"))
