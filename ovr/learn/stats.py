@@ -33,6 +33,7 @@ GATE_SHRINKAGE = 0.35
 # rounding (huge, and different after an add-and-remove). 40 puts a class mean at logit 20.
 SEPARATION_MAX = 40.0
 MC_PER_CLASS = 256  # samples per class of the Gaussian score model that picks the gate's sharpness
+MOMENT_ROWS = 16384  # rows per block when summing the embeddings' moments in float64
 
 
 @dataclass
@@ -60,9 +61,9 @@ def moments(*parts: torch.Tensor) -> torch.Tensor:
     """[2, D] float64: the column sums and sums of squares of the rows of all `parts` (matrix-vector products:
     torch's reductions over dim 0 are slow on the CPU)."""
     out = None
-    for P in parts:
-        if len(P):
-            P = P.to("cpu", torch.float64)
+    for part in parts:
+        for s in range(0, len(part), MOMENT_ROWS):  # a float64 copy of a block at a time, not of every row
+            P = part[s:s + MOMENT_ROWS].to("cpu", torch.float64)
             ones = torch.ones(len(P), dtype=torch.float64)
             m = torch.stack([ones @ P, ones @ P.square()])
             out = m if out is None else out + m
