@@ -85,10 +85,9 @@ def predict(root: str | Path, files: list, options: AnswerOptions, *, cache_dir:
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = compute_threads(int(os.environ.get("OVR_THREADS", "0") or 0))
     opts.inter_op_num_threads, opts.log_severity_level = 1, 3
-    backbone = OrtForward(graph, opts.intra_op_num_threads)
     try:
+        backbone = OrtForward(graph, opts.intra_op_num_threads).open()
         heads = ort.InferenceSession(str(answer_graph), opts, providers=["CPUExecutionProvider"])
-        backbone.session_for(min(len(files), BATCH))
     except Exception:  # noqa: BLE001  (a graph pruned or damaged since it was found: the torch path answers)
         return None
     idx, skipped, parts = [], [], {}

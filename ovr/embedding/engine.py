@@ -22,7 +22,7 @@ if TYPE_CHECKING:
     from .backbones import Backbone
 
 OPSET = 17
-BATCH_DIM = "batch"  # the graph's one free dimension, fixed per session (OrtForward)
+BATCH_DIM = "batch"  # the graph's one free dimension, fixed in the sessions of frequent sizes (OrtForward)
 INSTALL_HINT = "the onnxruntime engine needs onnxruntime and onnx (default dependencies): pip install onnxruntime onnx"
 # How far the engines' embeddings may be apart (max |difference| / max |embedding|, float32; the measured figures
 # are in the README): the cache is shared only because the difference is far below this.
@@ -119,31 +119,46 @@ def _input_size(backbone: "Backbone") -> int:
 class OrtForward:
     """An onnxruntime session with the call of a torch module: normalised pixels [B, 3, S, S] -> embeddings.
 
-    One session per batch size, each with the batch dimension fixed: the graph's other dimensions are static, so
-    with the batch fixed too onnxruntime folds the shape arithmetic that convnets with computed ("same") padding
-    carry and fuses those pads into the convolutions (the graph is the same; `benchmarks/embed_throughput.py`
-    measures the difference). A run sees one or two sizes (its batch and the last, smaller one); a session costs
-    a fraction of one batch's forward pass to make."""
+    A batch size met a second time gets a session of its own with the batch dimension fixed: the graph's other
+    dimensions are static, so with the batch fixed too onnxruntime folds the shape arithmetic that convnets with
+    computed ("same") padding carry and fuses those pads into the convolutions (same graph, same embeddings;
+    `benchmarks/embed_throughput.py` measures the difference). At most FIXED such sessions, never replaced (each
+    holds its own copy of the weights, and a server's varying batch sizes must not make one per call); every
+    other size runs on one session with the batch left free: a run's last, smaller batch, one-image predicts."""
 
-    KEEP = 4  # sessions kept: the sizes a run uses, without growing when a caller varies its batch
+    FIXED = 2
 
     def __init__(self, path: Path, threads: int) -> None:
         self.path, self.threads = path, threads
-        self.sessions: dict[int, object] = {}
+        self.fixed: dict[int, object] = {}
+        self.free = None
+        self.seen: dict[int, int] = {}
 
-    def session_for(self, batch: int):
+    def _session(self, batch: int | None):
         import onnxruntime as ort
 
-        if batch not in self.sessions:
-            opts = ort.SessionOptions()
-            opts.intra_op_num_threads = self.threads
-            opts.inter_op_num_threads = 1
-            opts.log_severity_level = 3
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = self.threads
+        opts.inter_op_num_threads = 1
+        opts.log_severity_level = 3
+        if batch is not None:
             opts.add_free_dimension_override_by_name(BATCH_DIM, batch)
-            if len(self.sessions) >= self.KEEP:
-                self.sessions.pop(next(iter(self.sessions)))
-            self.sessions[batch] = ort.InferenceSession(str(self.path), opts, providers=["CPUExecutionProvider"])
-        return self.sessions[batch]
+        return ort.InferenceSession(str(self.path), opts, providers=["CPUExecutionProvider"])
+
+    def open(self) -> "OrtForward":
+        """Load the graph now (the free-batch session): a damaged file fails here, not at the first batch."""
+        if self.free is None:
+            self.free = self._session(None)
+        return self
+
+    def session_for(self, batch: int):
+        if batch in self.fixed:
+            return self.fixed[batch]
+        self.seen[batch] = self.seen.get(batch, 0) + 1
+        if self.seen[batch] >= 2 and len(self.fixed) < self.FIXED:
+            self.fixed[batch] = self._session(batch)
+            return self.fixed[batch]
+        return self.open().free
 
     def run(self, x):
         """float32 numpy [B, 3, S, S] -> numpy embeddings [B, D] (no torch: the quick predict path uses it)."""
