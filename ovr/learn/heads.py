@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from ..config import HEADS, NORMALIZE
 from ..runtime import head_seed
 from .solver import Curvature, adam_columns, logistic_lbfgs, weighted_bce
+from .stats import moments
 
 Tensors = dict[str, torch.Tensor]
 
@@ -44,26 +45,17 @@ class Normalizer:
             raise ValueError(f"normalize must be standardize or l2, not {kind!r}")
         if kind == "l2":
             return cls("l2")
-        # column sums as matrix-vector products: torch's reductions over dim 0 run at a fraction of the memory's
-        # speed on the CPU (X.std(0) read every remembered row at each add-class at a third of this speed)
         parts = tuple(P for P in parts if len(P))
-        n = sum(len(P) for P in parts)
-        ones = [torch.ones(len(P), dtype=P.dtype, device=P.device) for P in parts]
-        mean = sum(o @ P for o, P in zip(ones, parts)) / n
-        std = (sum(o @ (P - mean).square_() for o, P in zip(ones, parts)) / n).sqrt_()
-        return cls._floored(kind, mean, std)
+        return cls.from_moments(moments(*parts), sum(len(P) for P in parts), parts[0].dtype)
 
     @classmethod
-    def from_moments(cls, moments: torch.Tensor, rows: float, dtype: torch.dtype) -> "Normalizer":
+    def from_moments(cls, sums: torch.Tensor, rows: float, dtype: torch.dtype) -> "Normalizer":
         """Standardisation from running sums (`stats.moments`: the rows' sum and sum of squares, float64): the
-        statistics of rows that are not read again."""
-        mean = moments[0] / rows
-        std = (moments[1] / rows - mean * mean).clamp_min_(0).sqrt_()
-        return cls._floored("standardize", mean.to(dtype), std.to(dtype))
-
-    @classmethod
-    def _floored(cls, kind: str, mean: torch.Tensor, std: torch.Tensor) -> "Normalizer":
-        return cls(kind, mean, std.clamp_min(max(1e-6, STD_FLOOR * float(std.mean()))))
+        statistics of rows that need not be read again."""
+        mean = sums[0] / rows
+        std = (sums[1] / rows - mean * mean).clamp_min_(0).sqrt_()
+        std = std.clamp_min(max(1e-6, STD_FLOOR * float(std.mean())))
+        return cls("standardize", mean.to(dtype), std.to(dtype))
 
     def finite(self, *parts: torch.Tensor) -> bool:
         """Whether the rows it was fitted on (`parts`) are all finite: a NaN or infinity anywhere makes the column

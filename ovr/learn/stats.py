@@ -58,14 +58,14 @@ class FeatureMap:
 
 
 def moments(*parts: torch.Tensor) -> torch.Tensor:
-    """[2, D] float64: the column sums and sums of squares of the rows of all `parts` (matrix-vector products:
-    torch's reductions over dim 0 are slow on the CPU)."""
+    """[2, D] float64 on the CPU: the column sums and sums of squares of the rows of all `parts`, summed on their
+    device (matrix-vector products: torch's reductions over dim 0 are slow on the CPU)."""
     out = None
     for part in parts:
         for s in range(0, len(part), MOMENT_ROWS):  # a float64 copy of a block at a time, not of every row
-            P = part[s:s + MOMENT_ROWS].to("cpu", torch.float64)
-            ones = torch.ones(len(P), dtype=torch.float64)
-            m = torch.stack([ones @ P, ones @ P.square()])
+            P = part[s:s + MOMENT_ROWS].to(torch.float64)
+            ones = torch.ones(len(P), dtype=torch.float64, device=P.device)
+            m = torch.stack([ones @ P, ones @ P.square()]).cpu()
             out = m if out is None else out + m
     return out
 
