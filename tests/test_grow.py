@@ -111,18 +111,20 @@ def test_statistics_and_gate_are_the_same_in_any_order_and_after_remove_then_re_
     assert np.abs(after - before).max() < 1e-6
 
 
-def test_the_heads_standardisation_comes_from_the_statistics_and_old_statistics_get_their_sums():
+def test_the_heads_standardisation_comes_from_the_statistics_and_old_statistics_get_their_sums(tmp_path):
     """A BCE head's standardisation over every remembered row comes from the statistics' running sums (add-class
-    reads no row for it): the same as computed from the rows; statistics saved before the sums were kept get them
-    from the rows on the next change, and the head is the same either way."""
+    reads no row for it): the rows' mean and std; the sums are saved with the model; statistics saved before the
+    sums were kept get them from the rows on the next change, and the head is the same either way."""
     from ovr.learn.heads import Normalizer
+    from ovr.learn.store import save_model
     from ovr.learn.stats import moments
 
     X, y, Xv, yv, _, _ = split(*blobs(4, 40, spread=1.6))
     X = X * torch.linspace(0.5, 3, X.shape[1]) + 2.0  # columns of other means and spreads
-    ref = Normalizer.fit("standardize", X, Xv)
-    got = Normalizer.from_moments(moments(X, Xv), len(X) + len(Xv), X.dtype)
-    assert torch.allclose(got.mean, ref.mean, atol=1e-5) and torch.allclose(got.std, ref.std, rtol=1e-5)
+    rows = torch.cat([X, Xv]).double()
+    got = Normalizer.from_moments(moments(X, Xv), len(rows), X.dtype)
+    assert torch.allclose(got.mean.double(), rows.mean(0), atol=1e-5)
+    assert torch.allclose(got.std.double(), rows.std(0, correction=0), rtol=1e-5)
     names = [f"k{i}" for i in range(4)]
     rows = lambda m: (*rows_of(X, y, names, m.classes), *rows_of(Xv, yv, names, m.classes))  # noqa: E731
     a, old = grow((X, y, Xv, yv), names, [0, 1, 2]), grow((X, y, Xv, yv), names, [0, 1, 2])
@@ -132,6 +134,9 @@ def test_the_heads_standardisation_comes_from_the_statistics_and_old_statistics_
     assert torch.allclose(old.stats.moments, a.stats.moments, rtol=1e-9, atol=1e-9)
     assert torch.allclose(a.stats.moments, moments(X, Xv), rtol=1e-9, atol=1e-9)
     assert torch.allclose(a.heads["k3"]["weight"], old.heads["k3"]["weight"], atol=1e-5)
+    a.backbone = {"name": "synthetic", "dim": X.shape[1], "weights": "none", "fingerprint": "0", "preprocess": ""}
+    save_model(a, tmp_path / "m")
+    assert torch.equal(load_model(tmp_path / "m").stats.moments, a.stats.moments)
 
 
 def test_lda_gate_is_the_shrunk_lda_of_the_rows():
