@@ -318,9 +318,7 @@ def search_path(X: torch.Tensor, T: torch.Tensor, Xv: torch.Tensor, Tv: torch.Te
     curv = None
     for idx, out in parts:
         W[idx], b[idx], val[idx], choice[idx], iters[idx], gn[idx] = out[:6]
-        if curv is None:
-            curv = Curvature.empty(N, out[6])
-        curv.put(idx, out[6])
+        curv = Curvature.put_into(curv, N, idx, out[6])
     moved = torch.nonzero(~on_all).flatten()
     if len(moved):
         logs = torch.log(grid.clamp_min(1e-300)).to(dev)
@@ -378,9 +376,7 @@ def l2_path(X: torch.Tensor, T: torch.Tensor, Xv: torch.Tensor, Tv: torch.Tensor
         sol = logistic_lbfgs(X, T[:, active], pw[active], grid[g].repeat(len(active)),
                              init=(W[active], b[active]), curvature=start, tol=tol, max_iter=max_iter)
         W[active], b[active] = sol.weight, sol.bias
-        if curv is None:
-            curv = Curvature.empty(N, sol.curvature)
-        curv.put(active, sol.curvature)
+        curv = Curvature.put_into(curv, N, active, sol.curvature)
         last = grid[g]
         v = weighted_bce(Xv64 @ sol.weight.T + sol.bias, Tv[:, active], pw[active]).to(torch.float64)
         val[active, g] = v
@@ -388,9 +384,8 @@ def l2_path(X: torch.Tensor, T: torch.Tensor, Xv: torch.Tensor, Tv: torch.Tensor
         idx = active[better]
         best[idx], choice[idx] = v[better], g
         bestW[idx], bestb[idx] = sol.weight[better], sol.bias[better]
-        if best_curv is None:
-            best_curv = Curvature.empty(N, sol.curvature)
-        best_curv.put(idx, sol.curvature.keep(better))  # the chosen solve's pairs: the refit starts from them
+        # the chosen solve's pairs: the refit starts from them
+        best_curv = Curvature.put_into(best_curv, N, idx, sol.curvature.keep(better))
         iters[idx], gn[idx] = sol.iterations[better], sol.grad_norm[better]
         rises[active] = torch.where(better, 0, rises[active] + 1)
         active = active[rises[active] < patience]

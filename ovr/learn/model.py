@@ -354,9 +354,9 @@ def first_label(y: torch.Tensor) -> torch.Tensor:
 def heads_per_chunk(rows: int, grid: int, device, requested: int = 0, dim: int = 0) -> int:
     """How many heads one solve takes at once. The exact solver keeps about 8 float32 [rows, heads x grid] work
     arrays, and per column about 64 bytes x 10 curvature pairs x (dim + 1) (the L-BFGS memory in float64, and the
-    pairs the path hands from one strength to the next and to the refit in float32); 10,000 classes x 11 strengths on 100,000 rows
-    would be 350 GB, so heads are solved in chunks sized to a quarter of the free memory (GPU) or 2 GB (CPU, where
-    chunks also keep the arrays in cache-friendly sizes)."""
+    pairs the path hands from one strength to the next and to the refit in float32); 10,000 classes x 11
+    strengths on 100,000 rows would be 350 GB, so heads are solved in chunks sized to a quarter of the free memory
+    (GPU) or 2 GB (CPU, where chunks also keep the arrays in cache-friendly sizes)."""
     if requested > 0:
         return requested
     budget = 2e9

@@ -141,6 +141,14 @@ class Curvature:
     def put(self, cols: torch.Tensor, other: "Curvature") -> None:
         self.S[:, cols], self.Y[:, cols] = other.S, other.Y
 
+    @classmethod
+    def put_into(cls, into: "Curvature | None", columns: int, cols: torch.Tensor, other: "Curvature") -> "Curvature":
+        """`into` with `other`'s pairs at columns `cols`; made empty for `columns` columns on first use (the pairs'
+        shape is known only once a solve has returned them)."""
+        into = cls.empty(columns, other) if into is None else into
+        into.put(cols, other)
+        return into
+
     def reweighted(self, delta: torch.Tensor, D: int) -> "Curvature":
         """The same steps for the logistic objective with each column's L2 strength changed by delta [C]: a
         gradient change is the data term's plus l2 * s over the weights (the first D entries), so it moves by
