@@ -109,9 +109,10 @@ def load_tensor_twin(bb):
 
 
 def engines(paths: list, a, dev, tmp: Path, repeats: int = 5) -> dict:
-    """(e) torch eager against onnxruntime (ovr.embedding.engine), same weights, same pre-decoded batches, interleaved, best of
-    `repeats`; then the file pipeline (`embed_paths`, what `ovr embed` runs) with each engine on a cold cache; and how
-    far the engines' embeddings are apart."""
+    """(e) torch eager against onnxruntime (ovr.embedding.engine), same weights: the raw forward on one pre-decoded
+    batch and the file pipeline (`embed_paths`, what `ovr embed` runs) on a cold cache, every one of them in each of
+    `repeats` rounds; the best of the rounds, and the ratios within a round (median); and how far the engines'
+    embeddings are apart."""
     from ovr.embedding.backbones import load_backbone
     from ovr.embedding.cache import EmbeddingCache
     from ovr.config import FeatureConfig
@@ -129,42 +130,45 @@ def engines(paths: list, a, dev, tmp: Path, repeats: int = 5) -> dict:
         xs, _ = bbs["torch"].pixels("cpu").batch(list(xs))
     out = {eng: forward(bb, xs, dev).cpu() for eng, bb in bbs.items()}  # warm-up (and the graph's export)
     # the same graph in one session with the batch left free, as the engine ran it before (OrtForward's docstring)
-    import onnxruntime as ort
-
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads, opts.inter_op_num_threads = torch.get_num_threads(), 1
-    free = ort.InferenceSession(str(bbs["onnxruntime"]._ort.path), opts, providers=["CPUExecutionProvider"])
+    free = bbs["onnxruntime"]._ort._session(None)  # the engine's options, the batch left free
     runs = {eng: (lambda bb=bb: forward(bb, xs, dev)) for eng, bb in bbs.items()}
     runs["onnxruntime, batch left free"] = lambda: free.run(None, {"pixels": xs.numpy()})
     runs["onnxruntime, batch left free"]()
-    best = {eng: float("inf") for eng in runs}
-    for _ in range(repeats):
+    # Rounds: each times every raw forward and then each engine's file pipeline on a cold cache, so a ratio can be
+    # taken within one round (this shared machine's speed drifts by +-40% between minutes).
+    rounds: list[dict] = []
+    for rnd in range(repeats):
+        r: dict = {"raw": {}, "pipeline": {}}
         for eng, run in runs.items():
             t0 = time.perf_counter()
             run()
-            best[eng] = min(best[eng], time.perf_counter() - t0)
-    raw = {eng: len(xs) / t for eng, t in best.items()}
-    A, B = out["torch"], out["onnxruntime"]
-    pipeline: dict = {}
-    for rnd in range(2):  # interleaved, each on a cold cache; the faster of two rounds
+            r["raw"][eng] = len(xs) / (time.perf_counter() - t0)
         for eng, bb in bbs.items():
             cache = EmbeddingCache(tmp / f"engine-pipeline-{eng}-{rnd}", bb.key)
             t0 = time.perf_counter()
             embed_paths(paths, bb, cache, dev, batch_size=a.batch_size, workers=a.workers)
-            secs = time.perf_counter() - t0
-            if eng not in pipeline or secs < pipeline[eng]["seconds"]:
-                pipeline[eng] = {"images_per_s": len(paths) / secs, "over_torch_raw": len(paths) / secs / raw["torch"],
-                                 "over_own_raw": len(paths) / secs / raw[eng], "seconds": secs}
-    res = {"raw_forward_images_per_s": raw, "onnxruntime_over_torch_raw": raw["onnxruntime"] / raw["torch"],
+            r["pipeline"][eng] = len(paths) / (time.perf_counter() - t0)
+        rounds.append(r)
+    raw = {eng: max(r["raw"][eng] for r in rounds) for eng in runs}
+    A, B = out["torch"], out["onnxruntime"]
+    med = lambda v: float(np.median(v))  # noqa: E731
+    pipeline = {eng: {"images_per_s": max(r["pipeline"][eng] for r in rounds),
+                      "over_torch_raw": max(r["pipeline"][eng] for r in rounds) / raw["torch"],
+                      "over_own_raw": max(r["pipeline"][eng] for r in rounds) / raw[eng],
+                      "over_torch_raw_median_of_rounds": med([r["pipeline"][eng] / r["raw"]["torch"] for r in rounds]),
+                      "over_own_raw_median_of_rounds": med([r["pipeline"][eng] / r["raw"][eng] for r in rounds]),
+                      "rounds_images_per_s": [r["pipeline"][eng] for r in rounds]} for eng in bbs}
+    res = {"raw_forward_images_per_s": raw, "rounds": rounds, "onnxruntime_over_torch_raw": raw["onnxruntime"] / raw["torch"],
            "pipeline": pipeline, "batch": len(xs), "decode": decode, "threads": torch.get_num_threads(),
            "embeddings_max_abs_diff_over_max_abs": float((A - B).abs().max() / A.abs().max()),
            "embeddings_cosine_min": float(torch.nn.functional.cosine_similarity(A, B, dim=1).min()),
            "targets": {"default_engine_pipeline_over_torch_raw": 2.5, "pipeline_over_own_raw": 0.8}}
-    print(f"engines, {len(xs)}-image batch, best of {repeats}: torch eager {raw['torch']:.1f} img/s, onnxruntime "
+    print(f"engines, {len(xs)}-image batch, best of {repeats} rounds: torch eager {raw['torch']:.1f} img/s, onnxruntime "
           f"{raw['onnxruntime']:.1f} img/s ({res['onnxruntime_over_torch_raw']:.2f}x)")
     for eng, v in pipeline.items():
         print(f"  file pipeline with {eng:12s} {v['images_per_s']:7.1f} img/s = {v['over_torch_raw']:.2f}x torch raw, "
-              f"{v['over_own_raw']:.2f} of its own raw")
+              f"{v['over_own_raw']:.2f} of its own raw (within a round, median: "
+              f"{v['over_torch_raw_median_of_rounds']:.2f}x, {v['over_own_raw_median_of_rounds']:.2f})")
     print(f"  embeddings: max |diff| / max |x| = {res['embeddings_max_abs_diff_over_max_abs']:.2e}")
     return res
 

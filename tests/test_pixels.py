@@ -96,6 +96,50 @@ def test_a_jpeg_the_batch_decoder_refuses_is_reported_and_the_rest_kept():
     assert x.shape[0] == 2 and torch.equal(x[0], ref[0]) and torch.equal(x[1], ref[0])
 
 
+def test_a_batch_decoded_on_threads_gives_the_items_of_decoding_one_by_one(tmp_path):
+    """`_Decode` on a CPU without worker processes decodes a batch on threads: the same items, in order, with the
+    errors of the files that fail, as decoding them one at a time."""
+    from ovr.embedding.backbones import load_backbone
+    from ovr.embedding.features import _Decode
+
+    files = {**_files(), "not an image": b"hello", "truncated jpeg": _files()["jpeg"][:300]}
+    paths = []
+    for i, data in enumerate(files.values()):
+        paths.append(tmp_path / f"{i}.bin")
+        paths[-1].write_bytes(data)
+    px = load_backbone("tiny_cnn", decode="tensor").pixels()
+    one, many = _Decode(paths, px, threads=1), _Decode(paths, px, threads=4)
+    a, b = one.__getitems__(list(range(len(paths)))), many.__getitems__(list(range(len(paths))))
+    assert [i for _, i, _ in b] == list(range(len(paths)))
+    assert [why for _, _, why in a] == [why for _, _, why in b] and sum(bool(why) for _, _, why in b) == 2
+    assert all((x is None and y is None) or torch.equal(x, y) for (x, _, _), (y, _, _) in zip(a, b))
+
+
+def test_decoding_on_threads_leaves_the_warning_filters_as_they_were():
+    """catch_warnings (the decoders use it) swaps process-wide state: two threads entering and leaving it out of
+    order leave one thread's filter behind (here: every warning ignored for the rest of the process).
+    `map_decoding` restores the filters as they were."""
+    import time
+    import warnings
+
+    from ovr.embedding.data import map_decoding
+
+    def work(delays):  # enter, stay, leave: the first thread's block ends inside the second's
+        before, inside = delays
+        time.sleep(before)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            warnings.warn("decoding trouble")
+            time.sleep(inside)
+        return delays
+
+    filters = list(warnings.filters)
+    assert map_decoding(work, [(0, 0.05), (0.01, 0.1)], threads=2) == [(0, 0.05), (0.01, 0.1)]
+    assert warnings.filters == filters
+    with pytest.warns(UserWarning, match="still shown"):
+        warnings.warn("still shown")
+
+
 def _embed(data, *args) -> dict:
     out = data.parent / "embed.json"
     r = cli("embed", data, *TINY, *args, "--json-out", out)

@@ -6,6 +6,7 @@ import io
 import os
 import re
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -25,6 +26,20 @@ IMAGE_EXTENSIONS = frozenset(
 # Decoding a 169-megapixel image takes ~1 GB. JPEGs above MAX_PIXELS are decoded at a reduced scale (libjpeg's
 # draft mode, 1/2..1/8: the backbones look at 224-512 px anyway); other formats above it are skipped with a message.
 MAX_PIXELS = 64_000_000
+
+
+def map_decoding(fn, items: list, threads: int) -> list:
+    """[fn(x) for x in items] on `threads` threads (in order): for decoding, whose heavy parts (libjpeg, the
+    resize) release the GIL. Warnings are ignored around them all: the decoders' own `catch_warnings` blocks swap
+    process-wide state, and two threads leaving theirs out of order would leave one thread's filter behind (every
+    warning ignored for the rest of the process); this block, entered first and left last, restores the filters
+    as they were. Decoding reports its problems as errors, not warnings."""
+    if threads <= 1 or len(items) < 2:
+        return [fn(x) for x in items]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with ThreadPoolExecutor(min(threads, len(items))) as pool:
+            return list(pool.map(fn, items))
 
 
 @dataclass

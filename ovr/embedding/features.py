@@ -12,7 +12,7 @@ import torch
 
 from .backbones import Backbone
 from .cache import EmbeddingCache, hash_files
-from .data import ImageFolder, describe_error, read_image_file
+from .data import ImageFolder, describe_error, map_decoding, read_image_file
 from ..errors import OvrError
 from .pixels import Pixels
 from .views import augment, view_key, view_seed
@@ -22,10 +22,12 @@ Progress = Callable[[str, int, int], None]  # (stage, done, total)
 
 class _Decode(torch.utils.data.Dataset):
     """Reading, decoding and preprocessing run in DataLoader workers, overlapped with the forward pass (JPEGs bound
-    for a CUDA decoder leave the workers as bytes: ovr.pixels)."""
+    for a CUDA decoder leave the workers as bytes: ovr.pixels); without workers (a CPU whose cores the forward
+    pass uses), between forward passes on `threads` threads."""
 
-    def __init__(self, blobs: list[Path], pixels: Pixels, aug_seeds: list[int | None] | None = None) -> None:
-        self.paths, self.pixels, self.aug_seeds = blobs, pixels, aug_seeds
+    def __init__(self, blobs: list[Path], pixels: Pixels, aug_seeds: list[int | None] | None = None,
+                 threads: int = 1) -> None:
+        self.paths, self.pixels, self.aug_seeds, self.threads = blobs, pixels, aug_seeds, threads
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -37,6 +39,12 @@ class _Decode(torch.utils.data.Dataset):
             return self.pixels.item(read_image_file(self.paths[i]), aug), i, ""
         except Exception as e:
             return None, i, describe_error(e)
+
+    def __getitems__(self, idx: list[int]) -> list:
+        """A batch's items (the DataLoader asks for a batch at once). With `threads` > 1 (no worker processes: the
+        forward pass has the cores, and decoding runs between its batches) on that many threads: one image's
+        resize is too small for torch's own threads to share, a batch of them is not."""
+        return map_decoding(self.__getitem__, idx, self.threads)
 
 
 def _collate(batch):
@@ -223,7 +231,8 @@ def _embed_missing(paths, keys, todo, backbone, cache, failed: dict[int, str], *
     seeds = [aug_seeds[i] for i in order] if aug_seeds is not None else None
     pixels = backbone.pixels(device)
     loader = torch.utils.data.DataLoader(
-        _Decode([paths[i] for i in order], pixels, seeds), batch_size=batch_size, num_workers=n_workers,
+        _Decode([paths[i] for i in order], pixels, seeds, 1 if n_workers else torch.get_num_threads()),
+        batch_size=batch_size, num_workers=n_workers,
         collate_fn=_collate, pin_memory=device.type == "cuda", persistent_workers=False,
         prefetch_factor=4 if n_workers else None)
     pend_keys: list[str] = []
