@@ -74,7 +74,7 @@ def with_gate(m: Model, method: str, X, y, Xv, yv, Xt) -> np.ndarray:
     statistics), 'ridge' (from the statistics), or 'lda:<shrinkage>' (from the statistics, another shrinkage)."""
     r = copy.copy(m)
     if method == "softmax":
-        r.gate = aggregate.fit_gate(X, y, Xv, yv, m.classes)
+        r.gate = aggregate.softmax_gate(X, y, Xv, yv, m.classes)
     elif method == "ridge":
         r.gate = stats_gate(m.stats, m.classes, "ridge")
     else:

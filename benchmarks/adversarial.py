@@ -27,6 +27,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parents[1] / "tests"))
 from conftest import make_folder  # noqa: E402  the tests' generated images
+from serving import start_server  # noqa: E402
 
 TINY = ["--backbone", "tiny_cnn", "--device", "cpu", "--workers", "0"]
 
@@ -405,26 +406,15 @@ def server(model: Path, env, base: Path) -> dict:
     9000 PNG of a few KB, and RSS before, at peak and after 20 requests of 8 near-cap images (15.2 megapixels
     each: the request's pixel budget takes four of them, the others get their own error)."""
     import io
-    import socket
 
     import httpx
     import numpy as np
     from PIL import Image
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    proc = subprocess.Popen([sys.executable, "-m", "ovr", "serve", str(model), "--port", str(port), "--device", "cpu",
-                             "--max-upload-mb", "5"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    url = f"http://127.0.0.1:{port}"
+    proc, url = start_server(model, "--device", "cpu", "--max-upload-mb", "5", env=env)
+    port = int(url.rsplit(":", 1)[1])
     out: dict = {}
     try:
-        for _ in range(300):
-            try:
-                if httpx.get(url + "/v2/health/ready", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.2)
         out.update(chunked(port))
         buf = io.BytesIO()
         Image.new("1", (9000, 9000)).save(buf, "PNG")

@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -26,12 +25,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
 from datasets import write_photos_folder  # noqa: E402  the real-photo set of the other benchmarks
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from serving import start_server  # noqa: E402
 
 
 def load(url: str, files: list[Path], batch: int, clients: int, seconds: float, max_requests: int,
@@ -118,17 +112,7 @@ def main() -> None:
     import httpx
 
     def start(*extra: str):
-        port = free_port()
-        url = f"http://127.0.0.1:{port}"
-        proc = subprocess.Popen([*ovr, "serve", str(base / "m"), "--port", str(port), "--name", "m", *extra], env=env,
-                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        for _ in range(600):
-            try:
-                if httpx.get(url + "/v2/health/ready", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.2)
-        return proc, url
+        return start_server(base / "m", "--name", "m", *extra, env=env)
 
     def phase(url: str, name: str, *args, **kw) -> dict:
         h0 = httpx.get(url + "/health").json()

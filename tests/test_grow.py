@@ -324,18 +324,16 @@ def test_gate_does_not_depend_on_the_order_of_classes():
     X, y, Xv, yv, Xt, _ = split(*blobs(K=4, n=45, d=8, spread=2.0))
     names = ["a", "b", "c", "d"]
     perm = torch.tensor([2, 0, 3, 1])  # new label of each old label
-    g = aggregate.fit_gate(X, y, Xv, yv, names)
-    gp = aggregate.fit_gate(X, perm[y], Xv, perm[yv], [names[i] for i in torch.argsort(perm)])
+    g = aggregate.softmax_gate(X, y, Xv, yv, names)
+    gp = aggregate.softmax_gate(X, perm[y], Xv, perm[yv], [names[i] for i in torch.argsort(perm)])
     assert g.method == gp.method == "softmax"
     assert np.allclose(g.posterior(Xt), gp.posterior(Xt)[:, perm.numpy()], atol=1e-4)
 
 
 def test_a_gate_refit_on_rows_is_the_softmax_gate():
     X, y, Xv, yv, Xt, yt = split(*blobs(K=4, n=45, d=8, spread=2.0))
-    g = aggregate.fit_gate(X, y, Xv, yv, list("abcd"))
+    g = aggregate.softmax_gate(X, y, Xv, yv, list("abcd"))
     assert g.method == "softmax" and (g.posterior(Xt).argmax(1) == yt.numpy()).mean() > 0.8
-    with pytest.raises(ValueError, match="softmax regression"):
-        aggregate.fit_gate(X, y, Xv, yv, list("abcd"), method="qda")
 
 
 def test_a_manifest_with_the_old_lda_gate_loads_and_answers_as_before(tiny_model):

@@ -8,6 +8,7 @@ import numpy as np
 import torch
 
 from ..config import CALIBRATION
+from .heads import Normalizer
 from .solver import softmax_lbfgs
 
 UNKNOWN = -1
@@ -212,22 +213,19 @@ def softmax_temperature(z: torch.Tensor, y: torch.Tensor, weights: torch.Tensor 
     return 1.0 / beta, cur
 
 
-def fit_gate(X: torch.Tensor, y: torch.Tensor, Xv: torch.Tensor, yv: torch.Tensor, classes: list[str],
-             method: str = "softmax") -> Gate:
+def softmax_gate(X: torch.Tensor, y: torch.Tensor, Xv: torch.Tensor, yv: torch.Tensor, classes: list[str]) -> Gate:
     """The softmax gate, refit on rows (the gate before the statistics', kept to be measured against): a
     class-balanced multinomial logistic regression, its L2 strength and temperature chosen on validation (NLL),
     then refit on train + validation. Rows with y < 0 (negatives without a class) are left out. Features are
-    standardised for the fit; that is folded back."""
-    if method != "softmax":
-        raise ValueError(f"a gate refit on rows is a softmax regression, not {method!r}")
+    standardised for the fit (the heads' Normalizer); that is folded back."""
     K = len(classes)
     keep, keepv = y >= 0, yv >= 0
     X, y = X[keep.to(X.device)].to(torch.float64), y[keep].to(X.device)
     Xv, yv = Xv[keepv.to(Xv.device)].to(torch.float64), yv[keepv].to(X.device)
     Xa, ya = torch.cat([X, Xv]), torch.cat([y, yv])
-    mean, std = Xa.mean(0), Xa.std(0, unbiased=False)
-    std = std.clamp_min(max(1e-6, 0.01 * float(std.mean())))
-    Z, Zv, Za = ((A - mean) / std for A in (X, Xv, Xa))
+    norm = Normalizer.fit("standardize", X, Xv)
+    mean, std = norm.mean.to(X.device), norm.std.to(X.device)
+    Z, Zv, Za = norm(X), norm(Xv), norm(Xa)
     tuned = len(Xv) and len(torch.unique(yv)) > 1
     strength, temp, theta = 0.01, 1.0, None
     if tuned:
@@ -242,7 +240,7 @@ def fit_gate(X: torch.Tensor, y: torch.Tensor, Xv: torch.Tensor, yv: torch.Tenso
     W, b = theta[:, :-1], theta[:, -1]
     W, b = W / temp, b / temp
     Wr = W / std
-    return Gate(list(classes), Wr.float().cpu(), (b - Wr @ mean).float().cpu(), method, float(strength), float(temp))
+    return Gate(list(classes), Wr.float().cpu(), (b - Wr @ mean).float().cpu(), "softmax", float(strength), float(temp))
 
 
 def unseen_matrix(classes: list[str], trained_with: list[list[str]]) -> np.ndarray:

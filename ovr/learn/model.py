@@ -278,7 +278,7 @@ class Model:
             self.gate = stats_gate(self.stats, self.classes, self.gate_method)
         else:
             X, y, Xv, yv = remembered()
-            self.gate = aggregate.fit_gate(X, first_label(y), Xv, first_label(yv), self.classes, self.gate_method)
+            self.gate = aggregate.softmax_gate(X, first_label(y), Xv, first_label(yv), self.classes)
 
 
 def stats_gate(stats: Stats, classes: list[str], method: str = "lda", shrinkage: float = GATE_SHRINKAGE
