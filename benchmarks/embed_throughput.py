@@ -3,7 +3,9 @@
 (b) the file pipeline (read + hash + decode + preprocess in workers + forward + cache write) against the raw forward
     pass on pre-decoded tensors;
 (c) how far the tensor path's embeddings are from the PIL path's;
-(d) cold vs warm-cache `ovr embed`.
+(d) cold vs warm-cache `ovr embed`;
+(e) --only-engines: torch eager against onnxruntime, raw and through the file pipeline;
+(f) --only-decode-threads: a batch decoded on one thread against two, by image size.
 
     python benchmarks/embed_throughput.py [--images 256] [--backbone efficientnet_lite0] [--device auto]
 """
@@ -173,6 +175,44 @@ def engines(paths: list, a, dev, tmp: Path, repeats: int = 5) -> dict:
     return res
 
 
+def decode_threads(tmp: Path, a, repeats: int = 3) -> list[dict]:
+    """(f) A batch of 64 files decoded (read, decode, resize, crop: `_Decode`, the loop without workers) on one
+    thread against two, by image size and format, interleaved, best of `repeats` rounds: where threads start to pay
+    (features.THREADED_DECODE_BYTES; this times the forced choice, not that rule)."""
+    from skimage import data as skdata
+
+    from ovr.embedding.backbones import load_backbone
+    from ovr.embedding.data import map_decoding
+    from ovr.embedding.features import _Decode
+
+    px = load_backbone(a.backbone, a.weights, decode="tensor").pixels("cpu")
+    src = Image.fromarray(skdata.astronaut())
+    out = []
+    for fmt in ("JPEG", "PNG"):
+        for w, h in ((24, 24), (64, 48), (128, 96), (256, 192), (341, 256), (640, 480)):
+            paths = []
+            for i in range(64):
+                p = tmp / f"threads-{fmt}-{w}-{i}.{fmt.lower()}"
+                im = src.resize((w, h))
+                im.putpixel((0, 0), (i, i, i))  # distinct files
+                im.save(p, fmt)
+                paths.append(p)
+            best = {1: float("inf"), 2: float("inf")}
+            for _ in range(repeats):
+                for th in best:
+                    d = _Decode(paths, px)
+                    t0 = time.perf_counter()
+                    map_decoding(d.__getitem__, list(range(len(paths))), th)
+                    best[th] = min(best[th], (time.perf_counter() - t0) / len(paths) * 1e3)
+            row = {"format": fmt, "size": f"{w}x{h}", "mean_file_bytes": int(np.mean([p.stat().st_size for p in paths])),
+                   "ms_per_image_1_thread": best[1], "ms_per_image_2_threads": best[2],
+                   "threads_speedup": best[1] / best[2]}
+            print(f"  {fmt} {w}x{h} ({row['mean_file_bytes'] / 1e3:.0f} KB): 1 thread {best[1]:.3f} ms/img, "
+                  f"2 threads {best[2]:.3f} ms/img ({row['threads_speedup']:.2f}x)", flush=True)
+            out.append(row)
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--images", type=int, default=256)
@@ -183,6 +223,7 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=-1, help="DataLoader decode workers (-1: ovr's default)")
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "embed_throughput.json"))
     ap.add_argument("--only-engines", action="store_true", help="only (e): torch vs onnxruntime")
+    ap.add_argument("--only-decode-threads", action="store_true", help="only (f): decoding on 1 vs 2 threads by size")
     a = ap.parse_args()
 
     from ovr.embedding.data import load_image, scan_folder
@@ -193,6 +234,12 @@ def main() -> None:
 
     dev = resolve_device(a.device)
     tmp = Path(tempfile.mkdtemp(prefix="ovr-bench-"))
+    if a.only_decode_threads:
+        res = {"cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "backbone": a.backbone,
+               "decode_threads": decode_threads(tmp, a)}
+        Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(a.out).write_text(json.dumps(res, indent=2))
+        return
     data = make_photos(tmp / "photos", a.images)
     paths = scan_folder(data).paths
     if a.only_engines:

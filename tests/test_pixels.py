@@ -97,9 +97,10 @@ def test_a_jpeg_the_batch_decoder_refuses_is_reported_and_the_rest_kept():
 
 
 def test_a_batch_decoded_on_threads_gives_the_items_of_decoding_one_by_one(tmp_path):
-    """`_Decode` on a CPU without worker processes decodes a batch on threads: the same items, in order, with the
-    errors of the files that fail, as decoding them one at a time."""
+    """`_Decode` on a CPU without worker processes decodes a batch on threads (`map_decoding`): the same items, in
+    order, with the errors of the files that fail, as decoding them one at a time."""
     from ovr.embedding.backbones import load_backbone
+    from ovr.embedding.data import map_decoding
     from ovr.embedding.features import _Decode
 
     files = {**_files(), "not an image": b"hello", "truncated jpeg": _files()["jpeg"][:300]}
@@ -107,12 +108,37 @@ def test_a_batch_decoded_on_threads_gives_the_items_of_decoding_one_by_one(tmp_p
     for i, data in enumerate(files.values()):
         paths.append(tmp_path / f"{i}.bin")
         paths[-1].write_bytes(data)
-    px = load_backbone("tiny_cnn", decode="tensor").pixels()
-    one, many = _Decode(paths, px, threads=1), _Decode(paths, px, threads=4)
-    a, b = one.__getitems__(list(range(len(paths)))), many.__getitems__(list(range(len(paths))))
+    d = _Decode(paths, load_backbone("tiny_cnn", decode="tensor").pixels())
+    a, b = map_decoding(d.__getitem__, list(range(len(paths))), 1), map_decoding(d.__getitem__, list(range(len(paths))), 4)
     assert [i for _, i, _ in b] == list(range(len(paths)))
     assert [why for _, _, why in a] == [why for _, _, why in b] and sum(bool(why) for _, _, why in b) == 2
     assert all((x is None and y is None) or torch.equal(x, y) for (x, _, _), (y, _, _) in zip(a, b))
+
+
+def test_only_batches_of_files_large_enough_to_gain_are_decoded_on_threads(tmp_path):
+    """Small files decode in less time than threads take to hand the GIL around: a batch of them stays on the
+    calling thread; a batch of photo-sized files goes to the threads."""
+    import threading
+
+    from ovr.embedding.backbones import load_backbone
+    from ovr.embedding.features import THREADED_DECODE_BYTES, _Decode
+
+    class Spy(_Decode):
+        def __getitem__(self, i):
+            self.where.add(threading.current_thread() is threading.main_thread())
+            return super().__getitem__(i)
+
+    small = [tmp_path / f"s{i}.png" for i in range(4)]
+    large = [tmp_path / f"l{i}.png" for i in range(4)]
+    for i, (s, big) in enumerate(zip(small, large)):
+        s.write_bytes(_save(_photo(24, 24), "PNG"))
+        big.write_bytes(_save(_photo(320, 240), "PNG"))
+    assert max(p.stat().st_size for p in small) < THREADED_DECODE_BYTES < min(p.stat().st_size for p in large)
+    px = load_backbone("tiny_cnn", decode="tensor").pixels()
+    for paths, on_main in ((small, {True}), (large, {False})):
+        d = Spy(paths, px, threads=2)
+        d.where = set()
+        assert all(x is not None for x, _, _ in d.__getitems__([0, 1, 2, 3])) and d.where == on_main
 
 
 def test_decoding_on_threads_leaves_the_warning_filters_as_they_were():

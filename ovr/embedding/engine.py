@@ -141,9 +141,6 @@ class OrtForward:
         opts.intra_op_num_threads = self.threads
         opts.inter_op_num_threads = 1
         opts.log_severity_level = 3
-        # onnxruntime's threads spin for a while after each run by default; here they would spin on the cores
-        # the next batch's decoding needs (features._Decode decodes between forward passes on the same cores)
-        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         if batch is not None:
             opts.add_free_dimension_override_by_name(BATCH_DIM, batch)
         return ort.InferenceSession(str(self.path), opts, providers=["CPUExecutionProvider"])

@@ -42,9 +42,25 @@ class _Decode(torch.utils.data.Dataset):
 
     def __getitems__(self, idx: list[int]) -> list:
         """A batch's items (the DataLoader asks for a batch at once). With `threads` > 1 (no worker processes: the
-        forward pass has the cores, and decoding runs between its batches) on that many threads: one image's
-        resize is too small for torch's own threads to share, a batch of them is not."""
-        return map_decoding(self.__getitem__, idx, self.threads)
+        forward pass has the cores, and decoding runs between its batches) on that many threads when its files
+        average THREADED_DECODE_BYTES or more: one image's resize is too small for torch's own threads to share, a
+        batch of them is not; small images decode in less time than threads take to hand the GIL around."""
+        threads = self.threads
+        if threads > 1 and sum(_file_size(self.paths[i]) for i in idx) < THREADED_DECODE_BYTES * len(idx):
+            threads = 1
+        return map_decoding(self.__getitem__, idx, threads)
+
+
+# Mean file size of a batch from which decoding it on threads gains: below it (tiny PNGs, thumbnails) threads were
+# slower than one, above it up to twice as fast (`benchmarks/embed_throughput.py --only-decode-threads`).
+THREADED_DECODE_BYTES = 10_000
+
+
+def _file_size(path: Path) -> int:
+    try:
+        return os.path.getsize(path)
+    except OSError:
+        return 0  # reading it will say what is wrong
 
 
 def _collate(batch):
