@@ -127,7 +127,7 @@ class Model:
         if not norm.finite(X, Xv):
             raise ValueError("training or validation features contain NaN or infinity")
         T, Tv = head_targets(y, targets, X.device), head_targets(yv, targets, X.device) if has_val else None
-        Xn, Xvn = norm(X), norm(Xv) if has_val else None
+        Xn, Xvn = norm.rows(X, Xv) if has_val else (norm(X), None)
         size = heads_per_chunk(len(X) + len(Xv), len(settings.l2_grid), X.device, settings.chunk_heads, X.shape[1])
         fits = []
         for s in range(0, len(names), size):  # heads are independent columns: chunks give the same heads

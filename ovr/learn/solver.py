@@ -34,6 +34,21 @@ def _dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch.linalg.vecdot(a, b)  # fused: no [C, D] temporary, unlike (a * b).sum(-1)
 
 
+# One column over many rows (a new class's head over every remembered row) on the CPU: torch runs a
+# matrix-vector product on one thread, so the logits are computed as two equal columns (a matrix-matrix product, on
+# every thread; X is read once either way). `benchmarks/matmul.py` measures it against the plain product. (The
+# gradient's product over row blocks on two Python threads was no faster inside a solve: torch's own threads are
+# still spinning when they start.)
+SPLIT_ROWS = 16384  # fewer rows: the one-thread product is over before the others would start
+
+
+def affine(X: torch.Tensor, W: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """X @ W.T + b, W [C, D]."""
+    if W.shape[0] == 1 and X.device.type == "cpu" and len(X) >= SPLIT_ROWS:
+        return torch.addmm(b.repeat(2), X, W.repeat(2, 1).T)[:, :1].contiguous()
+    return torch.addmm(b, X, W.T)
+
+
 def softplus(z: torch.Tensor) -> torch.Tensor:
     """log(1 + e^z) as relu(z) - log(sigmoid(|z|)): within 1e-7 of F.softplus in float32 (an absolute error of at
     most e^-|z| where sigmoid(|z|) rounds to 1), and several times faster on the CPU, where F.softplus's log1p is
@@ -57,7 +72,7 @@ class _Logistic:
         self.T, self.S, self.ST, self.l2 = self.T[:, mask], self.S[:, mask], self.ST[:, mask], self.l2[mask]
 
     def logits(self, th: torch.Tensor) -> torch.Tensor:  # linear in th: also the logits' change along a step
-        return torch.addmm(th[:, self.D].to(self.wd), self.Xm, th[:, :self.D].T.to(self.wd))
+        return affine(self.Xm, th[:, :self.D].to(self.wd), th[:, self.D].to(self.wd))
 
     def penalty(self, u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:  # l2 <u, v> over the weights, not the bias
         return self.l2 * _dot(u[:, :self.D], v[:, :self.D])
