@@ -52,7 +52,7 @@ class _Decode(torch.utils.data.Dataset):
 
 
 # Mean file size of a batch from which decoding it on threads gains: below it (tiny PNGs, thumbnails) threads were
-# slower than one, above it up to twice as fast (`benchmarks/embed_throughput.py --only-decode-threads`).
+# slower than one, above it faster (`benchmarks/embed_throughput.py --only-decode-threads` measures both).
 THREADED_DECODE_BYTES = 10_000
 
 

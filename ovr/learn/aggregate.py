@@ -8,7 +8,7 @@ import numpy as np
 import torch
 
 from ..config import CALIBRATION
-from .heads import Normalizer
+from .heads import Normalizer, joined
 from .solver import softmax_lbfgs
 
 UNKNOWN = -1
@@ -222,10 +222,11 @@ def softmax_gate(X: torch.Tensor, y: torch.Tensor, Xv: torch.Tensor, yv: torch.T
     keep, keepv = y >= 0, yv >= 0
     X, y = X[keep.to(X.device)].to(torch.float64), y[keep].to(X.device)
     Xv, yv = Xv[keepv.to(Xv.device)].to(torch.float64), yv[keepv].to(X.device)
-    Xa, ya = torch.cat([X, Xv]), torch.cat([y, yv])
+    ya = torch.cat([y, yv])
     norm = Normalizer.fit("standardize", X, Xv)
     mean, std = norm.mean.to(X.device), norm.std.to(X.device)
-    Z, Zv, Za = norm(X), norm(Xv), norm(Xa)
+    Z, Zv = norm.rows(X, Xv)
+    Za = joined(Z, Zv)
     tuned = len(Xv) and len(torch.unique(yv)) > 1
     strength, temp, theta = 0.01, 1.0, None
     if tuned:

@@ -113,7 +113,7 @@ class _Softmax:
 
     def logits(self, th: torch.Tensor) -> torch.Tensor:
         th = th.view(self.K, self.D + 1)
-        return torch.addmm(th[:, self.D].to(self.wd), self.Xm, th[:, :self.D].T.to(self.wd))
+        return affine(self.Xm, th[:, :self.D].to(self.wd), th[:, self.D].to(self.wd))
 
     def penalty(self, u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         return self.l2 * _dot(u, v)
