@@ -65,14 +65,12 @@ class Normalizer:
         return bool(torch.isfinite(self.mean).all() and torch.isfinite(self.std).all())
 
     def __call__(self, X: torch.Tensor) -> torch.Tensor:
-        if self.kind == "l2":
-            return F.normalize(X, dim=1)
-        return (X - self.mean.to(X.device)) / self.std.to(X.device)
+        return self.rows(X)[0]
 
     def rows(self, *parts: torch.Tensor) -> list[torch.Tensor]:
-        """Each part normalised (the same numbers as calling it on each), their rows one after another in one
-        buffer: `joined` gives the rows of consecutive parts (train + validation for the refit) without a copy,
-        and a pass over 100,000 rows does not allocate twice."""
+        """Each part normalised, their rows one after another in one buffer: `joined` gives the rows of
+        consecutive parts (train + validation for the refit) without a copy, and a pass over 100,000 rows does not
+        allocate twice."""
         X = parts[0]
         out = torch.empty(sum(len(P) for P in parts), X.shape[1], dtype=X.dtype, device=X.device)
         views, s = [], 0
