@@ -393,3 +393,19 @@ def test_ridge_model_through_add_and_remove_by_the_cli(tmp_path, cache_dir):
     m = load_model(tmp_path / "m")
     assert m.classes == ["c0", "c1", "c2"] and m.head_type == "ridge"
     assert np.abs(m.answer(X).logits - z0).max() < 1e-3
+
+
+def test_remembered_rows_are_read_as_one_block_so_the_refit_does_not_copy_them(tiny_model):
+    """The model's remembered train and validation rows come from the cache in one buffer, validation after train:
+    the refit over both (`heads.joined`) reads them in place."""
+    from ovr.apps.pipeline import _open_for_update, model_config, remembered
+    from ovr.learn.heads import joined
+
+    model, _ = tiny_model
+    m, _bb, cache, device = _open_for_update(model, model_config(model, None, device="cpu"))
+    X, y, Xv, yv = remembered(m, cache, device)
+    assert len(X) and len(Xv) and joined(X, Xv).data_ptr() == X.data_ptr()
+    for split, A, lab in (("train", X, y), ("val", Xv, yv)):
+        ex = [e for e in m.examples if e["split"] == split]
+        assert torch.equal(A, cache.get([e["key"] for e in ex]))
+        assert lab.tolist() == [m.classes.index(e["label"]) for e in ex]

@@ -6,7 +6,7 @@ import torch
 from sklearn.linear_model import LogisticRegression
 from sklearn.preprocessing import StandardScaler
 
-from ovr.learn.solver import logistic_lbfgs, softmax_lbfgs
+from ovr.learn.solver import SPLIT_ROWS, affine, back, centered, logistic_lbfgs, softmax_lbfgs
 
 from test_estimators import blobs  # noqa: F401  (the same data helper)
 
@@ -153,3 +153,30 @@ def test_a_solve_started_from_curvature_pairs_reaches_the_same_answer_sooner():
     assert (warm.grad_norm <= 1e-4).all()
     assert torch.allclose(warm.loss, exact.loss, rtol=1e-5) and torch.allclose(plain.loss, exact.loss, rtol=1e-5)
     assert warm.iterations.sum() < plain.iterations.sum()
+
+
+@pytest.mark.parametrize("rows", [SPLIT_ROWS, SPLIT_ROWS + 1])
+def test_one_column_products_split_for_threads_are_the_plain_products(rows):
+    """One column over many rows: the logits as two equal columns and the gradient's product as two halves of the
+    rows are the plain products (even and odd row counts, a column slice of a wider buffer)."""
+    g = torch.Generator().manual_seed(rows)
+    X = torch.randn(rows, 9, dtype=torch.float64, generator=g)[:, 1:]
+    W, b, R = torch.randn(1, 8, dtype=torch.float64), torch.randn(1, dtype=torch.float64), torch.randn(rows, 1)
+    assert torch.allclose(affine(X, W, b), X @ W.T + b, rtol=0, atol=1e-10)
+    assert torch.allclose(back(R.double(), X), R.double().T @ X, rtol=0, atol=1e-9)
+
+
+def test_a_solve_on_raw_rows_with_their_standardisation_is_the_solve_on_standardised_rows():
+    """`center`: the rows standardised inside the two products (no standardised copy) give the same heads as a solve
+    on the standardised copy, also for features far from zero (mean 50 x their spread)."""
+    X, y = blobs(3, 50, 12, seed=4)
+    X = torch.tensor(X) * 0.1 + 5.0
+    mean, std = X.mean(0), X.std(0)
+    T = torch.tensor((y[:, None] == np.arange(3)).astype(float))
+    kw = dict(tol=1e-9, matmul_dtype=torch.float64, max_iter=2000)
+    copy = logistic_lbfgs((X - mean) / std, T, torch.full((3,), 2.0), torch.full((3,), 1e-2), **kw)
+    inside = logistic_lbfgs(X, T, torch.full((3,), 2.0), torch.full((3,), 1e-2), center=(mean, std), **kw)
+    assert (inside.grad_norm <= 1e-9).all()
+    assert torch.allclose(inside.weight, copy.weight, atol=1e-7) and torch.allclose(inside.bias, copy.bias, atol=1e-7)
+    w, c = centered(inside.weight, inside.bias, (mean, std))  # the same heads on the raw rows
+    assert torch.allclose(X @ w.T + c, (X - mean) / std @ copy.weight.T + copy.bias, atol=1e-6)

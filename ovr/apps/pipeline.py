@@ -388,23 +388,27 @@ def _open_for_update(root: Path, cfg: Config) -> tuple[Model, Backbone, Embeddin
     return model, bb, EmbeddingCache(root_dir, bb.key, cache_dtype(cfg)), device
 
 
-def _xy(model: Model, cache: EmbeddingCache, device: torch.device, split: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """The model's remembered examples of one split, from the cache; labels of classes no longer in it are -1."""
+def remembered(model: Model, cache: EmbeddingCache, device: torch.device
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(X, y, Xv, yv): the model's remembered train and validation examples, from the cache; labels of classes no
+    longer in it are -1 (a multi-label model: target matrices over its classes). X and Xv are read as one block, the
+    validation rows after the training rows, so a solve over both (the refit) reads them without a copy."""
     index = {c: i for i, c in enumerate(model.classes)}
-    ex = [e for e in model.examples if e["split"] == split]
+    ex = [e for split in ("train", "val") for e in model.examples if e["split"] == split]
+    n = sum(e["split"] == "train" for e in ex)
     try:
         X = cache.get([e["key"] for e in ex]).to(device) if ex else torch.empty(0, model.backbone["dim"], device=device)
     except OvrError as e:
         raise OvrError(f"{e} (the model's training images must be embedded on this machine first)") from None
     if any("labels" in e for e in model.examples):  # a multi-label model: a target matrix over its classes
-        T = torch.zeros(len(ex), len(model.classes))
+        y = torch.zeros(len(ex), len(model.classes))
         for i, e in enumerate(ex):
             for c in e.get("labels", [e["label"]] if e["label"] is not None else []):
                 if c in index:
-                    T[i, index[c]] = 1.0
-        return X, T
-    y = torch.tensor([index.get(e["label"], -1) if e["label"] is not None else -1 for e in ex], dtype=torch.long)
-    return X, y
+                    y[i, index[c]] = 1.0
+    else:
+        y = torch.tensor([index.get(e["label"], -1) if e["label"] is not None else -1 for e in ex], dtype=torch.long)
+    return X[:n], y[:n], X[n:], y[n:]
 
 
 def add_class(root: str | Path, name: str, inputs: list[str], cfg: Config, replace: bool = False,
@@ -461,12 +465,6 @@ def rows_of(model: Model, cache: EmbeddingCache, device: torch.device, name: str
         return cache.get(keys).to(device) if keys else torch.empty(0, model.backbone["dim"], device=device)
     except OvrError as e:
         raise OvrError(f"{e} (the class's images must be embedded on this machine first)") from None
-
-
-def remembered(model: Model, cache: EmbeddingCache, device: torch.device
-               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(X, y, Xv, yv): the model's remembered train and validation examples, from the cache."""
-    return (*_xy(model, cache, device, "train"), *_xy(model, cache, device, "val"))
 
 
 def remembered_under_other_labels(model: Model, keys: list[str], name: str) -> dict[str, int]:

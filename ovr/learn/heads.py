@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from ..config import HEADS, NORMALIZE
 from ..runtime import head_seed
-from .solver import Curvature, adam_columns, logistic_lbfgs, weighted_bce
+from .solver import Curvature, adam_columns, centered, logistic_lbfgs, weighted_bce
 from .stats import moments
 
 Tensors = dict[str, torch.Tensor]
@@ -73,13 +73,17 @@ class Normalizer:
         allocate twice."""
         X = parts[0]
         out = torch.empty(sum(len(P) for P in parts), X.shape[1], dtype=X.dtype, device=X.device)
+        if self.kind != "l2":  # (x - mean) / std as one multiply-add: one pass over the rows instead of two
+            scale = 1 / self.std.to(X.device, torch.float64)
+            shift = (-self.mean.to(X.device, torch.float64) * scale).to(X.dtype)
+            scale = scale.to(X.dtype)
         views, s = [], 0
         for P in parts:
             v = out[s:s + len(P)]
             if self.kind == "l2":
                 F.normalize(P.to(X.dtype), dim=1, out=v)
             else:
-                torch.sub(P.to(X.dtype), self.mean.to(X.device), out=v).div_(self.std.to(X.device))
+                torch.addcmul(shift, P.to(X.dtype), scale, out=v)
             views.append(v)
             s += len(P)
         return views
@@ -95,7 +99,7 @@ class Normalizer:
         mean, std = self.mean.to(w.device, torch.float64), self.std.to(w.device, torch.float64)
         out = dict(head)
         if "weight" in head:  # linear: w [D]
-            out["weight"], out["bias"] = w / std, head["bias"] - (w * mean / std).sum(-1)
+            out["weight"], out["bias"] = centered(w, head["bias"].to(torch.float64), (mean, std))
         else:  # mlp: w1 [D, H]
             out["w1"], out["b1"] = w / std[:, None], head["b1"] - (mean / std) @ w
         return {k: v.to(head[k].dtype) for k, v in out.items()}
@@ -115,6 +119,13 @@ def joined(A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
 def check_head(head: str) -> None:
     if head not in HEADS:
         raise ValueError(f"head must be one of {', '.join(HEADS)}, not {head!r}")
+
+
+def linear_logits(X: torch.Tensor, W: torch.Tensor, b: torch.Tensor, center=None) -> torch.Tensor:
+    """The logits of linear heads W [C, D], b [C] on rows X, in W's dtype; center = (mean, std): the heads act on
+    (X - mean) / std."""
+    W, b = centered(W, b, center)
+    return X.to(W.device, W.dtype) @ W.T + b
 
 
 def head_inputs(kind: str, X: torch.Tensor) -> torch.Tensor:
@@ -219,8 +230,11 @@ def fit_ovr_heads(X: torch.Tensor, T: torch.Tensor, Xv: torch.Tensor | None, Tv:
                   names: list[str], *, head: str, hidden: int, epochs: int, lr: float, batch_size: int,
                   patience: int, l2_grid: tuple[float, ...], pos_weight: bool, seed: int, tol: float = DEFAULT_TOL,
                   max_iter: int = 500, refit: bool = True, l2_search: str = "path", search_rows: int = 0,
+                  center: tuple[torch.Tensor, torch.Tensor] | None = None,
                   progress: Callable | None = None) -> list[HeadFit]:
-    """One binary head per column of T (targets in {0, 1}, [n, N]) on normalised features.
+    """One binary head per column of T (targets in {0, 1}, [n, N]) on normalised features: the rows X, Xv, or
+    with center = (mean, std) (linear heads) the rows (X - mean) / std, standardised inside the solver's products
+    rather than in a copy of every row.
 
     Linear heads: the exact solver. Each head keeps the strength of `l2_grid` with the lowest validation loss
     (pos-weighted BCE), searched by `l2_search`: "path" (`l2_path`: strong to weak, warm-started, a head stops once
@@ -231,6 +245,8 @@ def fit_ovr_heads(X: torch.Tensor, T: torch.Tensor, Xv: torch.Tensor | None, Tv:
     Without validation data every head uses the middle strength of the grid.
     """
     check_head(head)
+    if center is not None and head != "linear":
+        raise ValueError("center is for linear heads: standardise the rows of other heads first")
     dev = X.device
     N, G = T.shape[1], len(l2_grid)
     T = T.to(dev, torch.float32)
@@ -240,26 +256,27 @@ def fit_ovr_heads(X: torch.Tensor, T: torch.Tensor, Xv: torch.Tensor | None, Tv:
     grid = torch.tensor(l2_grid if has_val else [sorted(l2_grid)[G // 2]], dtype=torch.float64)
     G = len(grid)
     Tv = Tv.to(dev, torch.float32) if has_val else None
+    Xv64 = Xv.to(dev, torch.float64) if head == "linear" and has_val else None  # validation logits: converted once
     if head == "linear" and has_val and l2_search == "path":
-        W, b, val, choice, iters, gn, curv = search_path(X, T, Xv, Tv, pw, grid, rows=search_rows, seed=seed,
+        W, b, val, choice, iters, gn, curv = search_path(X, T, Xv64, Tv, pw, grid, rows=search_rows, seed=seed,
                                                    pos_weight=pos_weight, tol=tol, max_iter=max_iter,
-                                                   progress=progress)
-        val_logits = (Xv.to(W.dtype) @ W.T + b).cpu().numpy()
+                                                   center=center, progress=progress)
+        val_logits = linear_logits(Xv64, W, b, center).cpu().numpy()
         # the final solve, to tol itself: on train + validation (refit), or polishing the path's answer on train
         Xa, Ta = (joined(X, Xv), torch.cat([T, Tv])) if refit else (X, T)
         pos, neg, pw = _pos_weights(Ta, pos_weight)
-        sol = logistic_lbfgs(Xa, Ta, pw, grid[choice.cpu()], init=(W, b), curvature=curv, tol=tol,
+        sol = logistic_lbfgs(Xa, Ta, pw, grid[choice.cpu()], init=(W, b), curvature=curv, center=center, tol=tol,
                              max_iter=max_iter, progress=progress, stage="refit" if refit else "solve")
         W, b, iters, gn = sol.weight, sol.bias, sol.iterations, sol.grad_norm
         params = [{"weight": W[j].float().cpu(), "bias": b[j].float().cpu()} for j in range(N)]
         stats = [(int(iters[j]), float(gn[j])) for j in range(N)]
         solver = "lbfgs"
     elif head == "linear":
-        sol = logistic_lbfgs(X, T.repeat_interleave(G, 1), pw.repeat_interleave(G), grid.repeat(N), tol=tol,
-                             max_iter=max_iter, progress=progress)
+        sol = logistic_lbfgs(X, T.repeat_interleave(G, 1), pw.repeat_interleave(G), grid.repeat(N), center=center,
+                             tol=tol, max_iter=max_iter, progress=progress)
         W, b = sol.weight, sol.bias
         if has_val:
-            zv = Xv.to(W.dtype) @ W.T + b
+            zv = linear_logits(Xv64, W, b, center)
             # The lowest mean validation loss, per head (the one-standard-error rule, the strongest strength within
             # one SE of it, was tried and lost accuracy: it over-regularises small validation sets).
             val = weighted_bce(zv, Tv.repeat_interleave(G, 1), pw.repeat_interleave(G)).view(N, G)
@@ -269,12 +286,12 @@ def fit_ovr_heads(X: torch.Tensor, T: torch.Tensor, Xv: torch.Tensor | None, Tv:
             choice = torch.zeros(N, dtype=torch.long, device=dev)
         cols = torch.arange(N, device=dev) * G + choice
         W, b, iters, gn = W[cols], b[cols], sol.iterations[cols], sol.grad_norm[cols]
-        val_logits = (Xv.to(W.dtype) @ W.T + b).cpu().numpy() if has_val else None
+        val_logits = linear_logits(Xv64, W, b, center).cpu().numpy() if has_val else None
         if has_val and refit:
             Xa, Ta = joined(X, Xv), torch.cat([T, Tv])
             pos, neg, pw = _pos_weights(Ta, pos_weight)
-            sol = logistic_lbfgs(Xa, Ta, pw, grid[choice.cpu()], init=(W, b), tol=tol, max_iter=max_iter,
-                                 progress=progress, stage="refit")
+            sol = logistic_lbfgs(Xa, Ta, pw, grid[choice.cpu()], init=(W, b), center=center, tol=tol,
+                                 max_iter=max_iter, progress=progress, stage="refit")
             W, b, iters, gn = sol.weight, sol.bias, sol.iterations, sol.grad_norm
         params = [{"weight": W[j].float().cpu(), "bias": b[j].float().cpu()} for j in range(N)]
         stats = [(int(iters[j]), float(gn[j])) for j in range(N)]
@@ -310,7 +327,7 @@ SEARCH_MIN_POSITIVES = 10  # a head with fewer positives among the search rows s
 
 def search_path(X: torch.Tensor, T: torch.Tensor, Xv: torch.Tensor, Tv: torch.Tensor, pw: torch.Tensor,
                 grid: torch.Tensor, *, rows: int, seed: int, pos_weight: bool, tol: float, max_iter: int,
-                progress: Callable | None = None):
+                center=None, progress: Callable | None = None):
     """`l2_path` on at most `rows` training rows, as l2_path returns it. With more rows than that (and rows > 0),
     the path runs on a seeded random subset of them (the same rows for every head: it depends on the seed and the
     row count only, so a head's answer does not depend on the heads beside it; a head with fewer than
@@ -322,7 +339,8 @@ def search_path(X: torch.Tensor, T: torch.Tensor, Xv: torch.Tensor, Tv: torch.Te
     `rows` rows and one strength on all."""
     n = len(X)
     if not rows or n <= rows or len(grid) == 1:  # one strength: nothing to choose, nothing to save
-        return l2_path(X, T, Xv, Tv, pw, grid, tol=tol * SEARCH_TOL, max_iter=max_iter, progress=progress)
+        return l2_path(X, T, Xv, Tv, pw, grid, tol=tol * SEARCH_TOL, max_iter=max_iter, center=center,
+                       progress=progress)
     dev = X.device
     sub = torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:rows].to(dev)
     Ts = T[sub]
@@ -333,7 +351,7 @@ def search_path(X: torch.Tensor, T: torch.Tensor, Xv: torch.Tensor, Tv: torch.Te
         if len(idx):
             pwh = _pos_weights(Th[:, idx], pos_weight)[2]
             parts.append((idx, l2_path(Xh, Th[:, idx], Xv, Tv[:, idx], pwh, grid, tol=tol * SEARCH_TOL,
-                                       max_iter=max_iter, progress=progress)))
+                                       max_iter=max_iter, center=center, progress=progress)))
     N, D = T.shape[1], X.shape[1]
     W = torch.zeros(N, D, dtype=torch.float64, device=dev)
     b = torch.zeros(N, dtype=torch.float64, device=dev)
@@ -353,11 +371,11 @@ def search_path(X: torch.Tensor, T: torch.Tensor, Xv: torch.Tensor, Tv: torch.Te
         choice[moved] = (logs[None, :] - target[:, None]).abs().argmin(1)
         start = curv.keep(moved).reweighted(grid[choice[moved].cpu()] - was, D)
         sol = logistic_lbfgs(X, T[:, moved], pw[moved], grid[choice[moved].cpu()], init=(W[moved], b[moved]),
-                             curvature=start, tol=tol * SEARCH_TOL, max_iter=max_iter, progress=progress,
-                             stage="all rows")
+                             curvature=start, center=center, tol=tol * SEARCH_TOL, max_iter=max_iter,
+                             progress=progress, stage="all rows")
         W[moved], b[moved], iters[moved], gn[moved] = sol.weight, sol.bias, sol.iterations, sol.grad_norm
         curv.put(moved, sol.curvature)
-        v = weighted_bce(Xv.to(dev, torch.float64) @ sol.weight.T + sol.bias, Tv[:, moved], pw[moved])
+        v = weighted_bce(linear_logits(Xv, sol.weight, sol.bias, center), Tv[:, moved], pw[moved])
         val[moved, choice[moved]] = v.to(torch.float64)
     return W, b, val, choice, iters, gn, curv
 
@@ -367,7 +385,7 @@ SEARCH_TOL = 10  # the path ranks strengths solved to tol * SEARCH_TOL; the chos
 
 
 def l2_path(X: torch.Tensor, T: torch.Tensor, Xv: torch.Tensor, Tv: torch.Tensor, pw: torch.Tensor,
-            grid: torch.Tensor, *, tol: float, max_iter: int, patience: int = PATH_PATIENCE,
+            grid: torch.Tensor, *, tol: float, max_iter: int, patience: int = PATH_PATIENCE, center=None,
             progress: Callable | None = None):
     """The L2 strength of each linear head by a regularisation path: strengths from strong to weak, each solved
     to `tol` warm-started from the previous one's answer (a strongly regularised column converges in a few
@@ -400,11 +418,13 @@ def l2_path(X: torch.Tensor, T: torch.Tensor, Xv: torch.Tensor, Tv: torch.Tensor
         # moved to the new strength exactly: the first step is then a quasi-Newton step along the path
         start = None if curv is None else curv.keep(active).reweighted((grid[g] - last).repeat(len(active)), D)
         sol = logistic_lbfgs(X, T[:, active], pw[active], grid[g].repeat(len(active)),
-                             init=(W[active], b[active]), curvature=start, tol=tol, max_iter=max_iter)
+                             init=(W[active], b[active]), curvature=start, center=center, tol=tol,
+                             max_iter=max_iter)
         W[active], b[active] = sol.weight, sol.bias
         curv = Curvature.put_into(curv, N, active, sol.curvature)
         last = grid[g]
-        v = weighted_bce(Xv64 @ sol.weight.T + sol.bias, Tv[:, active], pw[active]).to(torch.float64)
+        v = weighted_bce(linear_logits(Xv64, sol.weight, sol.bias, center), Tv[:, active],
+                         pw[active]).to(torch.float64)
         val[active, g] = v
         better = v < best[active]
         idx = active[better]

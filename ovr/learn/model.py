@@ -127,12 +127,16 @@ class Model:
         if not norm.finite(X, Xv):
             raise ValueError("training or validation features contain NaN or infinity")
         T, Tv = head_targets(y, targets, X.device), head_targets(yv, targets, X.device) if has_val else None
-        Xn, Xvn = norm.rows(X, Xv) if has_val else (norm(X), None)
+        center = None
+        if settings.head == "linear" and norm.kind == "standardize":  # inside the solver: no standardised copy
+            Xn, Xvn, center = X, Xv if has_val else None, (norm.mean, norm.std)
+        else:
+            Xn, Xvn = norm.rows(X, Xv) if has_val else (norm(X), None)
         size = heads_per_chunk(len(X) + len(Xv), len(settings.l2_grid), X.device, settings.chunk_heads, X.shape[1])
         fits = []
         for s in range(0, len(names), size):  # heads are independent columns: chunks give the same heads
             fits += fit_ovr_heads(Xn, T[:, s:s + size], Xvn, Tv[:, s:s + size] if has_val else None,
-                                  names[s:s + size], progress=progress, **settings.fit_kwargs())
+                                  names[s:s + size], center=center, progress=progress, **settings.fit_kwargs())
         seen = classes_present(y) | (classes_present(yv) if has_val else set())
         trained_with = [c for i, c in enumerate(self.classes) if i in seen]
         if has_val:

@@ -35,18 +35,43 @@ def _dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 # One column over many rows (a new class's head over every remembered row) on the CPU: torch runs a
-# matrix-vector product on one thread, so the logits are computed as two equal columns (a matrix-matrix product, on
-# every thread; X is read once either way). `benchmarks/matmul.py` measures it against the plain product. (The
-# gradient's product over row blocks on two Python threads was no faster inside a solve: torch's own threads are
-# still spinning when they start.)
+# matrix-vector product on one thread. The logits are computed as two equal columns (a matrix-matrix product, on
+# every thread; X is read once either way), the gradient's product as two halves of the rows in one batched
+# product (batches run on their own threads) and their sum. `benchmarks/matmul.py` measures both against the plain
+# products.
 SPLIT_ROWS = 16384  # fewer rows: the one-thread product is over before the others would start
+
+
+def _split(X: torch.Tensor, C: int) -> bool:
+    return C == 1 and X.device.type == "cpu" and len(X) >= SPLIT_ROWS
 
 
 def affine(X: torch.Tensor, W: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """X @ W.T + b, W [C, D]."""
-    if W.shape[0] == 1 and X.device.type == "cpu" and len(X) >= SPLIT_ROWS:
+    if _split(X, W.shape[0]):
         return torch.addmm(b.repeat(2), X, W.repeat(2, 1).T)[:, :1].contiguous()
     return torch.addmm(b, X, W.T)
+
+
+def back(R: torch.Tensor, X: torch.Tensor) -> torch.Tensor:
+    """R.T @ X, R [n, C]: the gradient's product."""
+    if not _split(X, R.shape[1]):
+        return R.T @ X
+    h, D = len(X) // 2, X.shape[1]
+    halves = X.as_strided((2, h, D), (h * X.stride(0), X.stride(0), X.stride(1)))
+    out = torch.bmm(R[:2 * h, 0].reshape(2, 1, h), halves).sum(0)
+    return out.addmm_(R[2 * h:].T, X[2 * h:]) if len(X) % 2 else out
+
+
+def centered(W: torch.Tensor, b: torch.Tensor, center: tuple[torch.Tensor, torch.Tensor] | None
+             ) -> tuple[torch.Tensor, torch.Tensor]:
+    """A linear map (W [..., D], b) on standardised rows (x - mean) / std, center = (mean, std), as the same map
+    on the raw rows x: (W / std, b - (W / std) . mean)."""
+    if center is None:
+        return W, b
+    mean, std = center
+    W = W / std
+    return W, b - (W * mean).sum(-1)
 
 
 def softplus(z: torch.Tensor) -> torch.Tensor:
@@ -57,12 +82,15 @@ def softplus(z: torch.Tensor) -> torch.Tensor:
 
 
 class _Logistic:
-    """C independent problems: mean_i s_ic * BCE(x_i . w_c + b_c, t_ic) + l2_c / 2 * |w_c|^2. theta [C, D + 1]."""
+    """C independent problems: mean_i s_ic * BCE(x_i . w_c + b_c, t_ic) + l2_c / 2 * |w_c|^2. theta [C, D + 1].
+    With center = (mean, std) the rows x_i are (X_i - mean) / std, applied inside the two products (`centered`)
+    instead of to a copy of X."""
 
-    def __init__(self, X, T, pos_weight, l2, dtype, wd):
+    def __init__(self, X, T, pos_weight, l2, dtype, wd, center=None):
         n, self.D = X.shape
         self.dtype, self.wd, self.Xm = dtype, wd, X.to(wd)
         dev = X.device
+        self.center = None if center is None else tuple(v.to(dev, dtype) for v in center)
         self.T = T.to(dev, wd)
         self.S = torch.where(self.T > 0, pos_weight.to(dev, wd), torch.ones((), dtype=wd, device=dev)) / n
         self.ST = self.S * self.T
@@ -72,7 +100,8 @@ class _Logistic:
         self.T, self.S, self.ST, self.l2 = self.T[:, mask], self.S[:, mask], self.ST[:, mask], self.l2[mask]
 
     def logits(self, th: torch.Tensor) -> torch.Tensor:  # linear in th: also the logits' change along a step
-        return affine(self.Xm, th[:, :self.D].to(self.wd), th[:, self.D].to(self.wd))
+        W, b = centered(th[:, :self.D], th[:, self.D], self.center)
+        return affine(self.Xm, W.to(self.wd), b.to(self.wd))
 
     def penalty(self, u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:  # l2 <u, v> over the weights, not the bias
         return self.l2 * _dot(u[:, :self.D], v[:, :self.D])
@@ -83,8 +112,10 @@ class _Logistic:
         dt, D = self.dtype, self.D
         f = (self.S * softplus(z)).sum(0, dtype=dt) - (self.ST * z).sum(0, dtype=dt) + 0.5 * self.penalty(th, th)
         r = torch.addcmul(-self.ST, self.S, torch.sigmoid(z))  # S * (sigmoid(z) - t)
-        g = torch.cat([(r.T @ self.Xm).to(dt) + self.l2[:, None] * th[:, :D], r.sum(0, dtype=dt)[:, None]], 1)
-        return f, g
+        gw, gb = back(r, self.Xm).to(dt), r.sum(0, dtype=dt)
+        if self.center is not None:  # sum_i r_i (X_i - mean) / std
+            gw = (gw - gb[:, None] * self.center[0]) / self.center[1]
+        return f, torch.cat([gw + self.l2[:, None] * th[:, :D], gb[:, None]], 1)
 
     def line(self, z: torch.Tensor, zp: torch.Tensor) -> Callable:
         """phi'(a) and phi''(a) of the data term along logits z + a zp: elementwise work and column sums, no matmul."""
@@ -122,7 +153,7 @@ class _Softmax:
         dt = self.dtype
         f = (self.w * (torch.logsumexp(z, 1) - (z * self.Y).sum(1))).sum(dtype=dt) + 0.5 * self.penalty(th, th)
         r = (torch.softmax(z, 1) - self.Y) * self.w[:, None]
-        g = torch.cat([(r.T @ self.Xm).to(dt), r.sum(0, dtype=dt)[:, None]], 1).view(1, -1) + self.l2 * th
+        g = torch.cat([back(r, self.Xm).to(dt), r.sum(0, dtype=dt)[:, None]], 1).view(1, -1) + self.l2 * th
         return f.view(1), g
 
     def line(self, z: torch.Tensor, zp: torch.Tensor) -> Callable:
@@ -326,7 +357,7 @@ class LogisticSolution:
 
 def logistic_lbfgs(X: torch.Tensor, T: torch.Tensor, pos_weight: torch.Tensor, l2: torch.Tensor, *,
                    init: tuple[torch.Tensor, torch.Tensor] | None = None, curvature: Curvature | None = None,
-                   tol: float = 1e-4, max_iter: int = 500,
+                   center: tuple[torch.Tensor, torch.Tensor] | None = None, tol: float = 1e-4, max_iter: int = 500,
                    memory: int = 10, dtype: torch.dtype = torch.float64, matmul_dtype: torch.dtype = torch.float32,
                    progress: Callable | None = None, stage: str = "solve") -> LogisticSolution:
     """Minimise, for every column c independently,
@@ -337,7 +368,8 @@ def logistic_lbfgs(X: torch.Tensor, T: torch.Tensor, pos_weight: torch.Tensor, l
     max |grad f_c| <= tol. This is scikit-learn's `LogisticRegression(C=1 / (l2 * n))` with the pos-weights as
     sample_weight, and tol has the same meaning as its tol (1e-4 is its default). X [n, D], T [n, C] in {0, 1},
     pos_weight [C], l2 [C]. All columns share two GEMMs per iteration (the logits of the directions X @ P and the
-    gradient X^T R).
+    gradient X^T R). center = (mean, std): the problem's rows are (X - mean) / std, without a standardised copy of X
+    (w and b are then the weights on standardised rows).
 
     Precision: the iterate, gradients, curvature pairs and per-column scalars are float64 (`dtype`): in float32 the
     gradient of weakly regularised heads stalls from rounding. The [n, C] arrays (logits, their change along the
@@ -350,7 +382,7 @@ def logistic_lbfgs(X: torch.Tensor, T: torch.Tensor, pos_weight: torch.Tensor, l
     theta = torch.zeros(C, D + 1, dtype=dtype, device=X.device)
     if init is not None:
         theta[:, :D], theta[:, D] = init[0].to(X.device, dtype), init[1].to(X.device, dtype)
-    problem = _Logistic(X, T, pos_weight, l2, dtype, matmul_dtype)
+    problem = _Logistic(X, T, pos_weight, l2, dtype, matmul_dtype, center)
     th, it, g, f, curv = _lbfgs(problem, theta, tol=tol, max_iter=max_iter, memory=memory, progress=progress,
                                 stage=stage, curvature=curvature)
     return LogisticSolution(th[:, :D], th[:, D], it, g, f, time.perf_counter() - t0, curv)
