@@ -118,7 +118,7 @@ def main() -> None:
     ap.add_argument("--index-sizes", default="10000,100000,1000000")
     ap.add_argument("--root", type=Path, default=Path(tempfile.gettempdir()) / "ovr-scale")
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/scale.json"))
-    ap.add_argument("--settings", default="default", nargs="+", choices=("default", "all-rows", "one"),
+    ap.add_argument("--settings", default=["default"], nargs="+", choices=("default", "all-rows", "one"),
                     help="default: the default L2 search over 11 strengths (the path on at most search_rows rows); "
                          "all-rows: the path on every row; one: a single strength (1e-3). Several: each point "
                          "runs each, in turn")

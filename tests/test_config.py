@@ -1,8 +1,5 @@
 """The config: shipped files load and round-trip, configs/default.toml is the dataclass defaults, and the
 precedence defaults < stored < file < flags."""
-import pytest
-
-from ovr.errors import OvrError
 
 
 def test_shipped_configs_load_and_round_trip(tmp_path):

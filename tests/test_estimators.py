@@ -2,7 +2,6 @@
 LogisticRegression: test_solver.py)."""
 import numpy as np
 import pytest
-import torch
 from sklearn.base import clone
 from sklearn.exceptions import NotFittedError
 from sklearn.model_selection import GridSearchCV, cross_val_score

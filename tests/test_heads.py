@@ -319,3 +319,38 @@ def test_path_on_a_subset_of_rows_keeps_heads_independent_and_moves_the_strength
     assert stack[5].l2 == grid[int(on_all[0])]
     # the heads are solved on all rows at their strengths: the gradient over all training rows is ~0
     assert all(h.grad_norm <= 1e-5 for h in stack)
+
+
+def test_calibration_needs_a_positive_in_each_half_and_each_head_stops_on_its_own():
+    """A head with no validation positive, or one, keeps the identity (the old fit squashed a head without positives
+    to one low confidence for every image); a head's calibration is the same alone as beside heads that take many
+    more Newton steps (to rounding)."""
+    rng = np.random.default_rng(1)
+    n = 400
+    t = np.zeros((n, 4))
+    t[rng.choice(n, 1), 1] = 1  # one positive; column 0: none
+    z = rng.normal(0, 1, (n, 4)) + 1.0  # raw confidences far above any rate the labels show
+    true = rng.normal(0, 1.5, n)
+    t[:, 2] = rng.random(n) < 1 / (1 + np.exp(-true))
+    z[:, 2] = 4 * true  # 4x too confident
+    z[:, 3] = 40 * np.where(t[:, 3] > 0, 1, -1) + rng.normal(0, 0.01, n)  # no positives, hard to move
+    t[:3, 3] = 1
+    a, b = aggregate.fit_calibration(z, t)
+    assert (a[:2] == 1).all() and (b[:2] == 0).all()
+    assert abs(a[2] - 0.25) < 0.1  # plenty of positives, overconfident: calibrated
+    alone = aggregate.fit_calibration(z[:, 2:3], t[:, 2:3])
+    assert np.isclose(alone[0][0], a[2], rtol=1e-12, atol=0) and np.isclose(alone[1][0], b[2], rtol=1e-12, atol=0)
+
+
+def test_one_block_puts_train_and_validation_rows_in_one_buffer_once():
+    """The refit of every chunk of heads reads train + validation rows in place: `one_block` makes them one buffer
+    (one copy, and none when they already are), and `joined` then returns both without a copy."""
+    from ovr.learn.heads import joined, one_block
+
+    A, B = torch.randn(5, 3), torch.randn(2, 3)
+    X, Xv = one_block(A, B)
+    assert torch.equal(X, A) and torch.equal(Xv, B) and joined(X, Xv).data_ptr() == X.data_ptr()
+    both = torch.randn(7, 3)
+    X2, Xv2 = one_block(both[:5], both[5:])
+    assert X2.data_ptr() == both.data_ptr() and Xv2.data_ptr() == both[5:].data_ptr()  # already one: no copy
+    assert torch.equal(joined(*one_block(B, A)), torch.cat([B, A]))

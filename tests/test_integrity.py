@@ -513,7 +513,7 @@ def test_verify_means_every_command_can_use_the_model(tmp_path, cache_dir, damag
     data = make_folder(tmp_path / "d", n_classes=2, per_class=6)
     assert cli("train", data, "--out", tmp_path / "m", *TINY).exit_code == 0
     good = (tmp_path / "m" / "manifest.json").read_text()
-    fastapi = pytest.importorskip("fastapi")  # noqa: F841
+    pytest.importorskip("fastapi")
     from fastapi.testclient import TestClient
 
     from ovr.apps.serve import create_app

@@ -17,7 +17,7 @@ pytest.importorskip("fastapi", reason='the serve extra is not installed (pip ins
 # --- the codec -------------------------------------------------------------------------------------------------
 
 def test_binary_and_json_requests_parse_to_the_same_tensors():
-    from ovr.apps.protocol import HEADER, parse_request, serialize_bytes  # noqa: F401
+    from ovr.apps.protocol import parse_request, serialize_bytes
 
     blobs = [b"\x89PNG\x00\xff", b"", b"jpeg bytes"]
     raw = serialize_bytes(blobs)

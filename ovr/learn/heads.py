@@ -105,13 +105,26 @@ class Normalizer:
         return {k: v.to(head[k].dtype) for k, v in out.items()}
 
 
-def joined(A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
-    """torch.cat([A, B]), without the copy when B's rows follow A's in one buffer (as `Normalizer.rows` writes
-    them)."""
-    B = B.to(A.device, A.dtype)
-    if (A.is_contiguous() and B.is_contiguous() and A.ndim == B.ndim == 2 and A.shape[1] == B.shape[1]
+def adjacent(A: torch.Tensor, B: torch.Tensor) -> bool:
+    """Whether B's rows follow A's in one buffer."""
+    return (A.device == B.device and A.dtype == B.dtype and A.is_contiguous() and B.is_contiguous()
+            and A.ndim == B.ndim == 2 and A.shape[1] == B.shape[1]
             and A.untyped_storage().data_ptr() == B.untyped_storage().data_ptr()
-            and B.data_ptr() == A.data_ptr() + A.numel() * A.element_size()):
+            and B.data_ptr() == A.data_ptr() + A.numel() * A.element_size())
+
+
+def one_block(A: torch.Tensor, B: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """A and B as consecutive rows of one buffer: themselves when they already are, else one copy of both."""
+    if adjacent(A, B):
+        return A, B
+    both = torch.cat([A, B.to(A.device, A.dtype)])
+    return both[:len(A)], both[len(A):]
+
+
+def joined(A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
+    """torch.cat([A, B]), without the copy when B's rows follow A's in one buffer (`one_block`, `Normalizer.rows`)."""
+    B = B.to(A.device, A.dtype)
+    if adjacent(A, B):
         return A.as_strided((len(A) + len(B), A.shape[1]), A.stride())
     return torch.cat([A, B])
 

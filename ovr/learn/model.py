@@ -16,7 +16,7 @@ import torch
 from . import aggregate
 from .answer import AnswerOptions, AnswerTensors, answer, head_logits
 from ..config import TrainConfig
-from .heads import Normalizer, Tensors, fit_ovr_heads, stack_heads
+from .heads import Normalizer, Tensors, fit_ovr_heads, one_block, stack_heads
 from .stats import GATE_SHRINKAGE, FeatureMap, Stats, gate_posterior, moments, ridge_heads
 from .records import Calibration, HeadRecord, new_run_id, now  # noqa: F401  (re-exported: ovr.model is the API)
 
@@ -129,7 +129,10 @@ class Model:
         T, Tv = head_targets(y, targets, X.device), head_targets(yv, targets, X.device) if has_val else None
         center = None
         if settings.head == "linear" and norm.kind == "standardize":  # inside the solver: no standardised copy
-            Xn, Xvn, center = X, Xv if has_val else None, (norm.mean, norm.std)
+            # train + validation rows in one buffer (at most one copy, none for remembered rows): every chunk's
+            # refit then reads them in place
+            Xn, Xvn = one_block(X, Xv) if has_val else (X, None)
+            center = (norm.mean, norm.std)
         else:
             Xn, Xvn = norm.rows(X, Xv) if has_val else (norm(X), None)
         size = heads_per_chunk(len(X) + len(Xv), len(settings.l2_grid), X.device, settings.chunk_heads, X.shape[1])
