@@ -60,7 +60,8 @@ def _fit_ab(z: torch.Tensor, t: torch.Tensor, m: torch.Tensor, kind: str, iters:
             ) -> tuple[torch.Tensor, torch.Tensor]:
     """(a, b) per column on the rows where m == 1 (Newton on the mean BCE against Platt's smoothed targets). Each
     column stops on its own (its step below 1e-9, or no step that lowers its loss) and leaves the working set, so a
-    column's answer does not depend on the others, and 1,000 heads cost what the slowest few do, not 1,000 x it."""
+    column's answer does not depend on the others, and many heads cost what their slowest few do, not that times
+    their number."""
     N = z.shape[1]
     cnt = m.sum(0).clamp_min(1)
     # Platt's smoothed targets: without them separable validation data drives a to infinity.
