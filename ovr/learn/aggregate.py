@@ -243,7 +243,6 @@ def softmax_gate(X: torch.Tensor, y: torch.Tensor, Xv: torch.Tensor, yv: torch.T
     Xv, yv = Xv[keepv.to(Xv.device)].to(torch.float64), yv[keepv].to(X.device)
     ya = torch.cat([y, yv])
     norm = Normalizer.fit("standardize", X, Xv)
-    mean, std = norm.mean.to(X.device), norm.std.to(X.device)
     Z, Zv = norm.rows(X, Xv)
     Za = joined(Z, Zv)
     tuned = len(Xv) and len(torch.unique(yv)) > 1
@@ -257,10 +256,9 @@ def softmax_gate(X: torch.Tensor, y: torch.Tensor, Xv: torch.Tensor, yv: torch.T
                 best = (nll, l2, t, theta)
         _, strength, temp, theta = best
     theta = _softmax_fit(Za, ya, K, strength, theta)
-    W, b = theta[:, :-1], theta[:, -1]
-    W, b = W / temp, b / temp
-    Wr = W / std
-    return Gate(list(classes), Wr.float().cpu(), (b - Wr @ mean).float().cpu(), "softmax", float(strength), float(temp))
+    raw = norm.fold({"weight": theta[:, :-1] / temp, "bias": theta[:, -1] / temp})
+    return Gate(list(classes), raw["weight"].float().cpu(), raw["bias"].float().cpu(), "softmax", float(strength),
+                float(temp))
 
 
 def unseen_matrix(classes: list[str], trained_with: list[list[str]]) -> np.ndarray:
