@@ -104,7 +104,7 @@ class TrainConfig:
     # The gate of a grown model: lda | ridge (both exact, from the statistics) | softmax (refit on every remembered
     # row at each add-class; kept to be measured against)
     gate: str = "lda"
-    chunk_heads: int = 0  # heads per solve; 0: sized to memory (model.heads_per_chunk); results do not depend on it
+    chunk_heads: int = 0  # heads (linear: columns) per solve; 0: automatic (model.solve_columns, heads_per_chunk); results do not depend on it
 
     def __post_init__(self) -> None:
         _check(self.views >= 0, f"views must be 0 or more, got {self.views}")

@@ -209,7 +209,7 @@ def test_chunked_solves_give_the_same_heads():
     from dataclasses import replace
 
     from ovr.config import TrainConfig
-    from ovr.learn.model import Model, heads_per_chunk
+    from ovr.learn.model import CPU_COLUMNS, Model, heads_per_chunk, solve_columns
 
     X, y = blobs(12, 8, 10, seed=3)
     Xv, yv = blobs(12, 3, 10, seed=4)
@@ -228,6 +228,10 @@ def test_chunked_solves_give_the_same_heads():
     # few rows, wide features: the per-column curvature pairs (64 bytes x 10 pairs x 1,281) bound the chunk, not
     # the [rows, heads] arrays (which alone would allow 5,681 heads, 4.6 GB of pairs)
     assert heads_per_chunk(1_000, 11, "cpu", dim=1280) == int(2e9 // (11 * (32 * 1_000 + 640 * 1281))) == 213
+    # a linear solve's block of columns: one strength's memory, at most CPU_COLUMNS on the CPU
+    assert solve_columns(20_000, "cpu", dim=512) == CPU_COLUMNS
+    assert solve_columns(10_000_000, "cpu", dim=512) == heads_per_chunk(10_000_000, 1, "cpu", dim=512) == 6
+    assert solve_columns(20_000, "cpu", requested=7) == 7
 
 
 def test_l2_path_chooses_what_the_full_sweep_chooses_at_a_fraction_of_the_solves():
@@ -286,6 +290,12 @@ def test_calibration_is_kept_only_where_it_helps_on_held_out_rows():
     tt = (rng.random(zt.shape) < 1 / (1 + np.exp(-zt))).astype(float)
     a, b = aggregate.fit_calibration(4 * zt, tt)
     assert np.allclose(a, 0.25, atol=0.03) and np.allclose(b, 0, atol=0.1)
+    # the kept (a, b) is the optimum on all rows (started from the halves' fits): Platt's smoothed targets, zero
+    # gradient
+    npos = tt.sum(0)
+    smooth = np.where(tt > 0, (npos + 1) / (npos + 2), 1 / (len(tt) - npos + 2))
+    r = 1 / (1 + np.exp(-(a * 4 * zt + b))) - smooth
+    assert np.abs((r * 4 * zt).mean(0)).max() < 1e-8 and np.abs(r.mean(0)).max() < 1e-8
 
 
 def test_path_on_a_subset_of_rows_keeps_heads_independent_and_moves_the_strength_to_all_rows():
@@ -321,7 +331,7 @@ def test_path_on_a_subset_of_rows_keeps_heads_independent_and_moves_the_strength
     assert all(h.grad_norm <= 1e-5 for h in stack)
 
 
-def test_calibration_needs_a_positive_in_each_half_and_each_head_stops_on_its_own():
+def test_calibration_needs_a_positive_in_each_half_and_each_head_stops_on_its_own(monkeypatch):
     """A head with no validation positive, or one, keeps the identity (the old fit squashed a head without positives
     to one low confidence for every image); a head's calibration is the same alone as beside heads that take many
     more Newton steps (to rounding)."""
@@ -340,6 +350,9 @@ def test_calibration_needs_a_positive_in_each_half_and_each_head_stops_on_its_ow
     assert abs(a[2] - 0.25) < 0.1  # plenty of positives, overconfident: calibrated
     alone = aggregate.fit_calibration(z[:, 2:3], t[:, 2:3])
     assert np.isclose(alone[0][0], a[2], rtol=1e-12, atol=0) and np.isclose(alone[1][0], b[2], rtol=1e-12, atol=0)
+    monkeypatch.setattr(aggregate, "CALIBRATION_HEADS", 3)  # in blocks of heads: the same answers
+    blocked = aggregate.fit_calibration(z, t)
+    assert np.allclose(blocked[0], a, rtol=1e-12, atol=0) and np.allclose(blocked[1], b, rtol=1e-12, atol=0)
 
 
 def test_one_block_puts_train_and_validation_rows_in_one_buffer_once():

@@ -9,9 +9,12 @@ import torch
 
 from ..config import CALIBRATION
 from .heads import Normalizer, joined
-from .solver import softmax_lbfgs
+from .solver import softmax_lbfgs, softplus
 
 UNKNOWN = -1
+
+
+CALIBRATION_HEADS = 256  # heads calibrated at once
 
 
 def fit_calibration(logits: np.ndarray, targets: np.ndarray, kind: str = "platt", iters: int = 50
@@ -34,85 +37,117 @@ def fit_calibration(logits: np.ndarray, targets: np.ndarray, kind: str = "platt"
     N = logits.shape[1]
     if kind == "none" or len(logits) == 0:
         return np.ones(N), np.zeros(N)
-    z = torch.as_tensor(logits, dtype=torch.float64)
-    t = torch.as_tensor(targets, dtype=torch.float64)
-    a, b = _fit_ab(z, t, torch.ones_like(z), kind, iters)
-    # cross-fit: per head, positives and negatives dealt alternately into two halves
+    if N > CALIBRATION_HEADS:  # heads are independent: a block at a time bounds the [heads, rows] work arrays
+        parts = [fit_calibration(logits[:, s:s + CALIBRATION_HEADS], targets[:, s:s + CALIBRATION_HEADS], kind, iters)
+                 for s in range(0, N, CALIBRATION_HEADS)]
+        return np.concatenate([a for a, _ in parts]), np.concatenate([b for _, b in parts])
+    # heads as rows [N, n]: a head's validation logits are contiguous, so its sums and the working set's rows are
+    # cheap to reach (a column of a row-major [n, N] array is strided, and gathering columns is a copy of it)
+    z = torch.as_tensor(logits, dtype=torch.float64).T.contiguous()
+    t = torch.as_tensor(targets, dtype=torch.float64).T.contiguous()
+    # cross-fit: per head, positives and negatives dealt alternately into two halves; each half's entries
+    # gathered to the front of its rows (the halves' sizes differ by at most two per head: the rest is padding of
+    # weight 0), so a half's fit reads half the entries
     pos = t > 0.5
-    rank = torch.where(pos, pos.double().cumsum(0), (~pos).double().cumsum(0))
-    half = (rank % 2 == 0).double()
+    rank = torch.where(pos, pos.cumsum(1), (~pos).cumsum(1))
     held_cal = torch.zeros(N, dtype=torch.float64)
-    held_raw = torch.zeros(N, dtype=torch.float64)
-    for m in (half, 1 - half):
-        fa, fb = _fit_ab(z, t, m, kind, iters)
-        other = 1 - m
-        held_cal += (_bce(fa * z + fb, t) * other).sum(0)
-        held_raw += (_bce(z, t) * other).sum(0)
-    helps = (held_cal < held_raw) & (pos.sum(0) >= 2) & ((~pos).sum(0) >= 2)
-    return (torch.where(helps, a, 1.0).numpy(), torch.where(helps, b, 0.0).numpy())
+    fits = []
+    for half in (rank % 2 == 0, rank % 2 == 1):
+        size = half.sum(1)
+        idx = torch.argsort((~half).to(torch.int8), dim=1, stable=True)[:, :int(size.max())]
+        inside = (torch.arange(idx.shape[1])[None, :] < size[:, None]).double()
+        fa, fb = _fit_ab(z.gather(1, idx), t.gather(1, idx), inside, kind, iters)
+        held_cal += torch.linalg.vecdot(_bce(torch.addcmul(fb[:, None], fa[:, None], z), t), (~half).double())
+        fits.append((fa, fb))
+    helps = (held_cal < _bce(z, t).sum(1)) & (pos.sum(1) >= 2) & ((~pos).sum(1) >= 2)
+    a, b = torch.ones(N, dtype=torch.float64), torch.zeros(N, dtype=torch.float64)
+    # the heads it helps, on all their entries, from the halves' mean (the loss is strictly convex: the start
+    # changes only the iterations)
+    h = torch.nonzero(helps).flatten()
+    if len(h):
+        a[h], b[h] = _fit_ab(z[h], t[h], None, kind, iters,
+                             start=((fits[0][0][h] + fits[1][0][h]) / 2, (fits[0][1][h] + fits[1][1][h]) / 2))
+    return a.numpy(), b.numpy()
 
 
 def _bce(z: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    return torch.nn.functional.binary_cross_entropy_with_logits(z, t, reduction="none")
+    return softplus(z) - t * z  # torch's binary_cross_entropy_with_logits is several times slower in float64
 
 
-def _fit_ab(z: torch.Tensor, t: torch.Tensor, m: torch.Tensor, kind: str, iters: int
-            ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(a, b) per column on the rows where m == 1 (Newton on the mean BCE against Platt's smoothed targets). Each
-    column stops on its own (its step below 1e-9, or no step that lowers its loss) and leaves the working set, so a
-    column's answer does not depend on the others, and many heads cost what their slowest few do, not that times
-    their number."""
-    N = z.shape[1]
-    cnt = m.sum(0).clamp_min(1)
+def _fit_ab(z: torch.Tensor, t: torch.Tensor, m: torch.Tensor | None, kind: str, iters: int,
+            start: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(a, b) per head (a row of z, t [N, n]) on the entries where m == 1 (m None: all), by Newton on the mean BCE
+    against Platt's smoothed targets. Each head stops on its own (its step below 1e-9, or no step that lowers its
+    loss) and leaves the working set, so a head's answer does not depend on the others, and many heads cost what
+    their slowest few do, not that times their number. `start`: (a, b) to start from (default (1, 0))."""
+    N, n = z.shape
+    cnt = (m.sum(1) if m is not None else torch.full((N,), float(n), dtype=z.dtype)).clamp_min(1)
     # Platt's smoothed targets: without them separable validation data drives a to infinity.
-    npos, nneg = (t * m).sum(0), ((1 - t) * m).sum(0)
-    t = torch.where(t > 0.5, (npos + 1) / (npos + 2), 1 / (nneg + 2))
+    npos = t.sum(1) if m is None else torch.linalg.vecdot(t, m)
+    nneg = (n if m is None else m.sum(1)) - npos
+    ts = torch.where(t > 0.5, ((npos + 1) / (npos + 2))[:, None], (1 / (nneg + 2))[:, None])
     a, b = torch.ones(N, dtype=torch.float64), torch.zeros(N, dtype=torch.float64)
+    if start is not None:
+        a, b = start[0].clone(), start[1].clone()
     ridge = 1e-6
-
-    def loss(cols, a, b):
-        return (_bce(a * z[:, cols] + b, t[:, cols]) * m[:, cols]).sum(0) / cnt[cols]
-
-    # a column without positives (or negatives) among these rows has nothing to calibrate against: the optimum
+    # a head without positives (or negatives) among these entries has nothing to calibrate against: the optimum
     # squashes every confidence towards one smoothed target, a -> 0. It keeps the identity.
     act = torch.nonzero((npos > 0) & (nneg > 0)).flatten()
-    cur = torch.zeros(N, dtype=torch.float64)
-    cur[act] = loss(act, a[act], b[act])
+    # the working set's rows: Z, Z^2, targets, weights (targets x weights), counts; compacted as heads finish
+    Z, TS, cc = z[act], ts[act], cnt[act]
+    M = None if m is None else m[act]
+    TM = TS if M is None else TS * M
+    ZZ = Z * Z
+
+    def wsum(v, M):
+        return v.sum(1) if M is None else torch.linalg.vecdot(v, M)
+
+    def evaluate(A, B, Z, TM, M, cc):
+        """Mean loss at (A, B) and the probabilities there (the next Newton step's)."""
+        u = torch.addcmul(B[:, None], A[:, None], Z)
+        s = torch.sigmoid(u.abs())
+        loss = (wsum(torch.relu(u) - torch.log(s), M) - torch.linalg.vecdot(TM, u)) / cc
+        return loss, torch.where(u >= 0, s, 1 - s)
+
+    A, B = a[act], b[act]
+    cur, P = evaluate(A, B, Z, TM, M, cc)
     for _ in range(iters):
         if not len(act):
             break
-        zc, tc, mc, cc, ac, bc = z[:, act], t[:, act], m[:, act], cnt[act], a[act], b[act]
-
-        def mean(v):
-            return (v * mc).sum(0) / cc
-
-        p = torch.sigmoid(ac * zc + bc)
-        w = p * (1 - p) + 1e-12
-        r = p - tc
-        ga, gb = mean(r * zc), mean(r)
-        haa, hab, hbb = mean(w * zc * zc) + ridge, mean(w * zc), mean(w) + ridge
+        R, W = P - TS, P - P * P + 1e-12
+        if M is not None:
+            R, W = R * M, W * M
+        ga, gb = torch.linalg.vecdot(R, Z) / cc, R.sum(1) / cc
+        haa = torch.linalg.vecdot(W, ZZ) / cc + ridge
+        hab, hbb = torch.linalg.vecdot(W, Z) / cc, W.sum(1) / cc + ridge
         if kind == "temperature":
             da, db = ga / haa, torch.zeros_like(gb)
         else:
             det = haa * hbb - hab * hab
             da, db = (hbb * ga - hab * gb) / det, (haa * gb - hab * ga) / det
-        # Damped Newton: halve each column's step until its own loss does not rise (only the columns still halving
+        # Damped Newton: halve each head's step until its own loss does not rise (only the heads still halving
         # are evaluated again).
         step = torch.ones(len(act), dtype=torch.float64)
-        na, nb = (ac - da).clamp(1e-4, 1e4), bc - db
-        new = loss(act, na, nb)
-        ok = new <= cur[act] + 1e-12
+        na, nb = (A - da).clamp(1e-4, 1e4), B - db
+        new, nP = evaluate(na, nb, Z, TM, M, cc)
+        ok = new <= cur + 1e-12
         for _ in range(30):
             if ok.all():
                 break
             lag = torch.nonzero(~ok).flatten()
             step[lag] /= 2
-            na[lag], nb[lag] = (ac[lag] - step[lag] * da[lag]).clamp(1e-4, 1e4), bc[lag] - step[lag] * db[lag]
-            new[lag] = loss(act[lag], na[lag], nb[lag])
-            ok[lag] = new[lag] <= cur[act[lag]] + 1e-12
-        a[act], b[act] = torch.where(ok, na, ac), torch.where(ok, nb, bc)
-        cur[act] = torch.where(ok, new, cur[act])
-        act = act[ok & (step * (da.abs() + db.abs()) >= 1e-9)]
+            na[lag], nb[lag] = (A[lag] - step[lag] * da[lag]).clamp(1e-4, 1e4), B[lag] - step[lag] * db[lag]
+            new[lag], nP[lag] = evaluate(na[lag], nb[lag], Z[lag], TM[lag], None if M is None else M[lag], cc[lag])
+            ok[lag] = new[lag] <= cur[lag] + 1e-12
+        A, B, cur = torch.where(ok, na, A), torch.where(ok, nb, B), torch.where(ok, new, cur)
+        a[act], b[act] = A, B
+        going = ok & (step * (da.abs() + db.abs()) >= 1e-9)
+        if going.all():
+            P = nP
+            continue
+        act, A, B, cur, P = act[going], A[going], B[going], cur[going], nP[going]
+        Z, ZZ, TS, TM, cc = Z[going], ZZ[going], TS[going], TM[going], cc[going]
+        M = None if M is None else M[going]
     return a, b
 
 

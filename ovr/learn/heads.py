@@ -243,7 +243,7 @@ def fit_ovr_heads(X: torch.Tensor, T: torch.Tensor, Xv: torch.Tensor | None, Tv:
                   names: list[str], *, head: str, hidden: int, epochs: int, lr: float, batch_size: int,
                   patience: int, l2_grid: tuple[float, ...], pos_weight: bool, seed: int, tol: float = DEFAULT_TOL,
                   max_iter: int = 500, refit: bool = True, l2_search: str = "path", search_rows: int = 0,
-                  center: tuple[torch.Tensor, torch.Tensor] | None = None,
+                  center: tuple[torch.Tensor, torch.Tensor] | None = None, block: Callable[[int], int] | None = None,
                   progress: Callable | None = None) -> list[HeadFit]:
     """One binary head per column of T (targets in {0, 1}, [n, N]) on normalised features: the rows X, Xv, or
     with center = (mean, std) (linear heads) the rows (X - mean) / std, standardised inside the solver's products
@@ -256,8 +256,12 @@ def fit_ovr_heads(X: torch.Tensor, T: torch.Tensor, Xv: torch.Tensor | None, Tv:
     at that strength (more data; the linear-probe protocol), warm-started. The validation logits of the head before
     its refit are kept, so calibration and thresholds are fitted on rows the head has not seen. MLP heads: minibatch Adam with per-column early stopping (no refit).
     Without validation data every head uses the middle strength of the grid.
+
+    block(rows): how many columns one L-BFGS solve over that many rows takes at a time (`logistic_lbfgs`'s block;
+    None: all). The path on a subset of the rows and the solves on all of them then each get their own size.
     """
     check_head(head)
+    block = block or (lambda rows: 0)
     if center is not None and head != "linear":
         raise ValueError("center is for linear heads: standardise the rows of other heads first")
     dev = X.device
@@ -273,20 +277,21 @@ def fit_ovr_heads(X: torch.Tensor, T: torch.Tensor, Xv: torch.Tensor | None, Tv:
     if head == "linear" and has_val and l2_search == "path":
         W, b, val, choice, iters, gn, curv = search_path(X, T, Xv64, Tv, pw, grid, rows=search_rows, seed=seed,
                                                    pos_weight=pos_weight, tol=tol, max_iter=max_iter,
-                                                   center=center, progress=progress)
+                                                   center=center, block=block, progress=progress)
         val_logits = linear_logits(Xv64, W, b, center).cpu().numpy()
         # the final solve, to tol itself: on train + validation (refit), or polishing the path's answer on train
-        Xa, Ta = (joined(X, Xv), torch.cat([T, Tv])) if refit else (X, T)
+        Xa, Ta = (joined(X, Xv), joined(T, Tv)) if refit else (X, T)
         pos, neg, pw = _pos_weights(Ta, pos_weight)
         sol = logistic_lbfgs(Xa, Ta, pw, grid[choice.cpu()], init=(W, b), curvature=curv, center=center, tol=tol,
-                             max_iter=max_iter, progress=progress, stage="refit" if refit else "solve")
+                             max_iter=max_iter, block=block(len(Xa)), progress=progress,
+                             stage="refit" if refit else "solve")
         W, b, iters, gn = sol.weight, sol.bias, sol.iterations, sol.grad_norm
         params = [{"weight": W[j].float().cpu(), "bias": b[j].float().cpu()} for j in range(N)]
         stats = [(int(iters[j]), float(gn[j])) for j in range(N)]
         solver = "lbfgs"
     elif head == "linear":
         sol = logistic_lbfgs(X, T.repeat_interleave(G, 1), pw.repeat_interleave(G), grid.repeat(N), center=center,
-                             tol=tol, max_iter=max_iter, progress=progress)
+                             tol=tol, max_iter=max_iter, block=block(len(X)), progress=progress)
         W, b = sol.weight, sol.bias
         if has_val:
             zv = linear_logits(Xv64, W, b, center)
@@ -301,10 +306,10 @@ def fit_ovr_heads(X: torch.Tensor, T: torch.Tensor, Xv: torch.Tensor | None, Tv:
         W, b, iters, gn = W[cols], b[cols], sol.iterations[cols], sol.grad_norm[cols]
         val_logits = linear_logits(Xv64, W, b, center).cpu().numpy() if has_val else None
         if has_val and refit:
-            Xa, Ta = joined(X, Xv), torch.cat([T, Tv])
+            Xa, Ta = joined(X, Xv), joined(T, Tv)
             pos, neg, pw = _pos_weights(Ta, pos_weight)
             sol = logistic_lbfgs(Xa, Ta, pw, grid[choice.cpu()], init=(W, b), center=center, tol=tol,
-                                 max_iter=max_iter, progress=progress, stage="refit")
+                                 max_iter=max_iter, block=block(len(Xa)), progress=progress, stage="refit")
             W, b, iters, gn = sol.weight, sol.bias, sol.iterations, sol.grad_norm
         params = [{"weight": W[j].float().cpu(), "bias": b[j].float().cpu()} for j in range(N)]
         stats = [(int(iters[j]), float(gn[j])) for j in range(N)]
@@ -340,7 +345,7 @@ SEARCH_MIN_POSITIVES = 10  # a head with fewer positives among the search rows s
 
 def search_path(X: torch.Tensor, T: torch.Tensor, Xv: torch.Tensor, Tv: torch.Tensor, pw: torch.Tensor,
                 grid: torch.Tensor, *, rows: int, seed: int, pos_weight: bool, tol: float, max_iter: int,
-                center=None, progress: Callable | None = None):
+                center=None, block: Callable[[int], int] = lambda rows: 0, progress: Callable | None = None):
     """`l2_path` on at most `rows` training rows, as l2_path returns it. With more rows than that (and rows > 0),
     the path runs on a seeded random subset of them (the same rows for every head: it depends on the seed and the
     row count only, so a head's answer does not depend on the heads beside it; a head with fewer than
@@ -353,7 +358,7 @@ def search_path(X: torch.Tensor, T: torch.Tensor, Xv: torch.Tensor, Tv: torch.Te
     n = len(X)
     if not rows or n <= rows or len(grid) == 1:  # one strength: nothing to choose, nothing to save
         return l2_path(X, T, Xv, Tv, pw, grid, tol=tol * SEARCH_TOL, max_iter=max_iter, center=center,
-                       progress=progress)
+                       block=block(n), progress=progress)
     dev = X.device
     sub = torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:rows].to(dev)
     Ts = T[sub]
@@ -364,7 +369,8 @@ def search_path(X: torch.Tensor, T: torch.Tensor, Xv: torch.Tensor, Tv: torch.Te
         if len(idx):
             pwh = _pos_weights(Th[:, idx], pos_weight)[2]
             parts.append((idx, l2_path(Xh, Th[:, idx], Xv, Tv[:, idx], pwh, grid, tol=tol * SEARCH_TOL,
-                                       max_iter=max_iter, center=center, progress=progress)))
+                                       max_iter=max_iter, center=center, block=block(len(Xh)),
+                                       progress=progress)))
     N, D = T.shape[1], X.shape[1]
     W = torch.zeros(N, D, dtype=torch.float64, device=dev)
     b = torch.zeros(N, dtype=torch.float64, device=dev)
@@ -385,7 +391,7 @@ def search_path(X: torch.Tensor, T: torch.Tensor, Xv: torch.Tensor, Tv: torch.Te
         start = curv.keep(moved).reweighted(grid[choice[moved].cpu()] - was, D)
         sol = logistic_lbfgs(X, T[:, moved], pw[moved], grid[choice[moved].cpu()], init=(W[moved], b[moved]),
                              curvature=start, center=center, tol=tol * SEARCH_TOL, max_iter=max_iter,
-                             progress=progress, stage="all rows")
+                             block=block(n), progress=progress, stage="all rows")
         W[moved], b[moved], iters[moved], gn[moved] = sol.weight, sol.bias, sol.iterations, sol.grad_norm
         curv.put(moved, sol.curvature)
         v = weighted_bce(linear_logits(Xv, sol.weight, sol.bias, center), Tv[:, moved], pw[moved])
@@ -399,7 +405,7 @@ SEARCH_TOL = 10  # the path ranks strengths solved to tol * SEARCH_TOL; the chos
 
 def l2_path(X: torch.Tensor, T: torch.Tensor, Xv: torch.Tensor, Tv: torch.Tensor, pw: torch.Tensor,
             grid: torch.Tensor, *, tol: float, max_iter: int, patience: int = PATH_PATIENCE, center=None,
-            progress: Callable | None = None):
+            block: int = 0, progress: Callable | None = None):
     """The L2 strength of each linear head by a regularisation path: strengths from strong to weak, each solved
     to `tol` warm-started from the previous one's answer (a strongly regularised column converges in a few
     iterations, and each next one starts near its answer), its validation loss recorded; a head's path stops
@@ -432,7 +438,7 @@ def l2_path(X: torch.Tensor, T: torch.Tensor, Xv: torch.Tensor, Tv: torch.Tensor
         start = None if curv is None else curv.keep(active).reweighted((grid[g] - last).repeat(len(active)), D)
         sol = logistic_lbfgs(X, T[:, active], pw[active], grid[g].repeat(len(active)),
                              init=(W[active], b[active]), curvature=start, center=center, tol=tol,
-                             max_iter=max_iter)
+                             max_iter=max_iter, block=block)
         W[active], b[active] = sol.weight, sol.bias
         curv = Curvature.put_into(curv, N, active, sol.curvature)
         last = grid[g]

@@ -127,6 +127,8 @@ class Model:
         if not norm.finite(X, Xv):
             raise ValueError("training or validation features contain NaN or infinity")
         T, Tv = head_targets(y, targets, X.device), head_targets(yv, targets, X.device) if has_val else None
+        if has_val:  # one buffer: the refit reads train + validation targets without a copy (as the rows)
+            T, Tv = one_block(T, Tv)
         center = None
         if settings.head == "linear" and norm.kind == "standardize":  # inside the solver: no standardised copy
             # train + validation rows in one buffer (at most one copy, none for remembered rows): every chunk's
@@ -135,11 +137,17 @@ class Model:
             center = (norm.mean, norm.std)
         else:
             Xn, Xvn = norm.rows(X, Xv) if has_val else (norm(X), None)
-        size = heads_per_chunk(len(X) + len(Xv), len(settings.l2_grid), X.device, settings.chunk_heads, X.shape[1])
+        if settings.head == "linear":  # one call; each solve takes its columns in blocks sized to its rows
+            size = len(names)
+            block = lambda rows: solve_columns(rows, X.device, settings.chunk_heads, X.shape[1])  # noqa: E731
+        else:
+            size, block = heads_per_chunk(len(X) + len(Xv), len(settings.l2_grid), X.device, settings.chunk_heads,
+                                          X.shape[1]), None
         fits = []
         for s in range(0, len(names), size):  # heads are independent columns: chunks give the same heads
             fits += fit_ovr_heads(Xn, T[:, s:s + size], Xvn, Tv[:, s:s + size] if has_val else None,
-                                  names[s:s + size], center=center, progress=progress, **settings.fit_kwargs())
+                                  names[s:s + size], center=center, block=block, progress=progress,
+                                  **settings.fit_kwargs())
         seen = classes_present(y) | (classes_present(yv) if has_val else set())
         trained_with = [c for i, c in enumerate(self.classes) if i in seen]
         if has_val:
@@ -359,11 +367,11 @@ def first_label(y: torch.Tensor) -> torch.Tensor:
 
 
 def heads_per_chunk(rows: int, grid: int, device, requested: int = 0, dim: int = 0) -> int:
-    """How many heads one solve takes at once. The exact solver keeps about 8 float32 [rows, heads x grid] work
-    arrays, and per column about 64 bytes x 10 curvature pairs x (dim + 1) (the L-BFGS memory in float64, and the
-    pairs the path hands from one strength to the next and to the refit in float32); 10,000 classes x 11
+    """How many heads one solve takes at once, in memory. The exact solver keeps about 8 float32 [rows, heads x
+    grid] work arrays, and per column about 64 bytes x 10 curvature pairs x (dim + 1) (the L-BFGS memory in float64,
+    and the pairs the path hands from one strength to the next and to the refit in float32); 10,000 classes x 11
     strengths on 100,000 rows would be 350 GB, so heads are solved in chunks sized to a quarter of the free memory
-    (GPU) or 2 GB (CPU, where chunks also keep the arrays in cache-friendly sizes)."""
+    (GPU) or 2 GB (CPU). MLP heads train in chunks of this many heads; a linear solve takes `solve_columns`."""
     if requested > 0:
         return requested
     budget = 2e9
@@ -372,4 +380,19 @@ def heads_per_chunk(rows: int, grid: int, device, requested: int = 0, dim: int =
         budget = free / 4
     per_head = max(grid, 1) * (8 * 4 * max(rows, 1) + 64 * 10 * (dim + 1))
     return max(1, int(budget // per_head))
+
+
+# Columns per L-BFGS solve on the CPU: fewer pay each pass over the rows once per handful of columns (and a
+# solve's last iterations, where a few slow columns remain, once per block); more push the [rows, columns] work
+# arrays out of the caches (benchmarks/blocks.py).
+CPU_COLUMNS = 128
+
+
+def solve_columns(rows: int, device, requested: int = 0, dim: int = 0) -> int:
+    """How many columns one exact solve over `rows` rows takes at a time (`logistic_lbfgs`'s block): `requested`,
+    else what the memory holds (`heads_per_chunk` of one strength), at most CPU_COLUMNS on the CPU."""
+    if requested > 0:
+        return requested
+    fits = heads_per_chunk(rows, 1, device, 0, dim)
+    return fits if torch.device(device).type == "cuda" else min(fits, CPU_COLUMNS)
 

@@ -359,7 +359,7 @@ def logistic_lbfgs(X: torch.Tensor, T: torch.Tensor, pos_weight: torch.Tensor, l
                    init: tuple[torch.Tensor, torch.Tensor] | None = None, curvature: Curvature | None = None,
                    center: tuple[torch.Tensor, torch.Tensor] | None = None, tol: float = 1e-4, max_iter: int = 500,
                    memory: int = 10, dtype: torch.dtype = torch.float64, matmul_dtype: torch.dtype = torch.float32,
-                   progress: Callable | None = None, stage: str = "solve") -> LogisticSolution:
+                   block: int = 0, progress: Callable | None = None, stage: str = "solve") -> LogisticSolution:
     """Minimise, for every column c independently,
 
         f_c(w, b) = mean_i s_ic * BCE(x_i . w + b, t_ic) + l2_c / 2 * |w|^2,   s_ic = pos_weight_c if t_ic else 1
@@ -376,9 +376,25 @@ def logistic_lbfgs(X: torch.Tensor, T: torch.Tensor, pos_weight: torch.Tensor, l
     step, weights, residuals) and the two GEMMs per iteration are `matmul_dtype`, float32 by default: they are most
     of the cost, and their rounding (~1e-7 relative) is far below the default tol. matmul_dtype=torch.float64
     solves to 1e-10 (the scikit-learn equivalence tests use it).
+
+    block > 0: at most that many columns at a time (the columns are independent: the same answers), so the [n, C]
+    arrays stay a size the caches hold and the memory bounded.
     """
     t0 = time.perf_counter()
     D, C = X.shape[1], T.shape[1]
+    if 0 < block < C:
+        parts = []
+        for s in range(0, C, block):
+            c = slice(s, s + block)
+            tell = progress and (lambda st, done, total, s=s, **kw: progress(st, s + done, C, **kw))
+            parts.append(logistic_lbfgs(
+                X, T[:, c], pos_weight[c], l2[c], init=None if init is None else (init[0][c], init[1][c]),
+                curvature=None if curvature is None else curvature.keep(c), center=center, tol=tol,
+                max_iter=max_iter, memory=memory, dtype=dtype, matmul_dtype=matmul_dtype, progress=tell, stage=stage))
+        return LogisticSolution(*(torch.cat([getattr(p, k) for p in parts]) for k in
+                                  ("weight", "bias", "iterations", "grad_norm", "loss")), time.perf_counter() - t0,
+                                Curvature(torch.cat([p.curvature.S for p in parts], 1),
+                                          torch.cat([p.curvature.Y for p in parts], 1)))
     theta = torch.zeros(C, D + 1, dtype=dtype, device=X.device)
     if init is not None:
         theta[:, :D], theta[:, D] = init[0].to(X.device, dtype), init[1].to(X.device, dtype)
