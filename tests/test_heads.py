@@ -232,6 +232,8 @@ def test_chunked_solves_give_the_same_heads():
     assert solve_columns(20_000, "cpu", dim=512) == CPU_COLUMNS
     assert solve_columns(10_000_000, "cpu", dim=512) == heads_per_chunk(10_000_000, 1, "cpu", dim=512) == 6
     assert solve_columns(20_000, "cpu", requested=7) == 7
+    # the heads of one linear call: bounded by their state (pairs, validation logits), not by the training rows
+    assert heads_per_chunk(10_000, 1, "cpu", dim=512) >= 1_000 > heads_per_chunk(15_000, 1, "cpu", dim=4096)
 
 
 def test_l2_path_chooses_what_the_full_sweep_chooses_at_a_fraction_of_the_solves():

@@ -137,8 +137,10 @@ class Model:
             center = (norm.mean, norm.std)
         else:
             Xn, Xvn = norm.rows(X, Xv) if has_val else (norm(X), None)
-        if settings.head == "linear":  # one call; each solve takes its columns in blocks sized to its rows
-            size = len(names)
+        if settings.head == "linear":
+            # as many heads a call as their state fits in memory (curvature pairs, validation logits: every head of
+            # 1,000 at 512 dimensions); each solve then takes its columns in blocks sized to its own rows
+            size = heads_per_chunk(len(Xv), 1, X.device, 0, X.shape[1])
             block = lambda rows: solve_columns(rows, X.device, settings.chunk_heads, X.shape[1])  # noqa: E731
         else:
             size, block = heads_per_chunk(len(X) + len(Xv), len(settings.l2_grid), X.device, settings.chunk_heads,
