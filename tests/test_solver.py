@@ -199,3 +199,24 @@ def test_blocks_of_columns_give_the_same_columns():
     again = logistic_lbfgs(torch.tensor(X), T, torch.ones(5), l2 * 2, init=(part.weight, part.bias),
                            curvature=part.curvature, tol=1e-8, matmul_dtype=torch.float64, block=3)
     assert (again.grad_norm <= 1e-8).all()
+
+
+def test_a_solve_from_zero_weights_reads_the_rows_once_an_iteration(monkeypatch):
+    """From zero weights the logits are the biases: the solve's first objective needs no product with the rows, so
+    a solve of k iterations computes k direction products, and answers as a solve that did the product."""
+    import ovr.learn.solver as solver
+
+    X, y = blobs(3, 60, 12, seed=8)
+    T = torch.tensor((y[:, None] == np.arange(3)).astype(float))
+    calls = []
+    real = solver.affine
+    monkeypatch.setattr(solver, "affine", lambda X, W, b: calls.append(1) or real(X, W, b))
+    sol = logistic_lbfgs(torch.tensor(X), T, torch.ones(3), torch.full((3,), 1e-2), tol=1e-8,
+                         matmul_dtype=torch.float64)
+    assert len(calls) == int(sol.iterations.max())
+    tiny = 1e-300  # not zero: the first logits come from the product
+    other = logistic_lbfgs(torch.tensor(X), T, torch.ones(3), torch.full((3,), 1e-2), tol=1e-8,
+                           matmul_dtype=torch.float64,
+                           init=(torch.full((3, 12), tiny, dtype=torch.float64), torch.zeros(3)))
+    assert len(calls) == int(sol.iterations.max()) + int(other.iterations.max()) + 1
+    assert torch.allclose(sol.weight, other.weight, atol=1e-9)

@@ -101,6 +101,8 @@ class _Logistic:
 
     def logits(self, th: torch.Tensor) -> torch.Tensor:  # linear in th: also the logits' change along a step
         W, b = centered(th[:, :self.D], th[:, self.D], self.center)
+        if not W.any():  # a solve from zero weights: the logits are the biases, without a pass over the rows
+            return b.to(self.wd).expand(len(self.Xm), -1).clone()
         return affine(self.Xm, W.to(self.wd), b.to(self.wd))
 
     def penalty(self, u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:  # l2 <u, v> over the weights, not the bias
