@@ -127,7 +127,7 @@ class Model:
         if not norm.finite(X, Xv):
             raise ValueError("training or validation features contain NaN or infinity")
         T, Tv = head_targets(y, targets, X.device), head_targets(yv, targets, X.device) if has_val else None
-        if has_val:  # one buffer: the refit reads train + validation targets without a copy (as the rows)
+        if has_val and settings.head == "linear":  # one buffer: the refit reads train + validation targets in place
             T, Tv = one_block(T, Tv)
         center = None
         if settings.head == "linear" and norm.kind == "standardize":  # inside the solver: no standardised copy
@@ -397,4 +397,3 @@ def solve_columns(rows: int, device, requested: int = 0, dim: int = 0) -> int:
         return requested
     fits = heads_per_chunk(rows, 1, device, 0, dim)
     return fits if torch.device(device).type == "cuda" else min(fits, CPU_COLUMNS)
-
