@@ -61,3 +61,14 @@ def test_eval_set_picks_the_strength_and_heads_are_refit_on_everything():
     assert all(r.l2 in (1e-3, 1e-1, 10.0) and r.l2 < 10 for r in recs.values())
     assert all(r.positives == 80 for r in recs.values())  # 40 train + 40 validation rows per class
     assert all(r.grad_norm <= m.tol for r in recs.values())
+
+
+def test_float32_and_float64_inputs_give_the_same_heads():
+    # float32 embeddings are used as they are (no float64 copy); the split draws the same rows either way
+    X, y = blobs(n=30, seed=2)
+    a = OvRClassifier(device="cpu", seed=3).fit(X.astype(np.float32), y)
+    b = OvRClassifier(device="cpu", seed=3).fit(X.astype(np.float32).astype(np.float64), y)
+    for c in a.model_.heads:
+        for k, v in a.model_.heads[c].items():
+            assert np.array_equal(v.numpy(), b.model_.heads[c][k].numpy())
+    np.testing.assert_array_equal(a.predict_proba(X.astype(np.float32)), b.predict_proba(X))

@@ -25,17 +25,21 @@ from .solver import adam_columns
 
 _T, _D = TrainConfig(), DataConfig()
 MIN_VAL_PER_CLASS = 2  # an internal validation split needs this many rows of every class in it
+# Inputs keep their float dtype (as scikit-learn's own estimators accept): float32 embeddings are not copied to
+# float64 only to be converted back; the heads compute in float32 either way.
+FLOATS = (np.float32, np.float64)
 
 
 def _split(X: np.ndarray, y: np.ndarray, eval_set, val_fraction: float, seed: int):
     """The validation data: eval_set if given, else a seeded stratified split when every class is big enough
-    for one (else none: every head then uses the grid's middle strength)."""
+    for one (else none: every head then uses the grid's middle strength). The split draws row indices (the same
+    rows as splitting X itself) and gathers each part once, in the input's dtype."""
     if eval_set is not None:
         return X, y, np.asarray(eval_set[0]), np.asarray(eval_set[1])
     counts = np.unique(y, return_counts=True)[1]
     if val_fraction > 0 and counts.min() * val_fraction >= MIN_VAL_PER_CLASS:
-        X, Xv, y, yv = train_test_split(X, y, test_size=val_fraction, stratify=y, random_state=seed)
-        return X, y, Xv, yv
+        tr, va = train_test_split(np.arange(len(y)), test_size=val_fraction, stratify=y, random_state=seed)
+        return X[tr], y[tr], X[va], y[va]
     return X, y, X[:0], y[:0]
 
 
@@ -50,13 +54,13 @@ def _encode(classes: np.ndarray, y: np.ndarray, what: str) -> np.ndarray:
 
 class _Base(ClassifierMixin, BaseEstimator):
     def _prepare(self, X, y, eval_set):
-        X, y = validate_data(self, X, y, dtype=np.float64)
+        X, y = validate_data(self, X, y, dtype=FLOATS)
         check_classification_targets(y)
         self.classes_ = np.unique(y)
         if len(self.classes_) < 2:
             raise ValueError(f"{type(self).__name__} needs at least two classes in y, got 1 class")
         if eval_set is not None:
-            Xv = validate_data(self, np.asarray(eval_set[0]), reset=False, dtype=np.float64)
+            Xv = validate_data(self, np.asarray(eval_set[0]), reset=False, dtype=FLOATS)
             eval_set = (Xv, np.asarray(eval_set[1]).ravel())
             if len(eval_set[0]) != len(eval_set[1]):
                 raise ValueError("eval_set: X and y have different numbers of rows")
@@ -69,7 +73,7 @@ class _Base(ClassifierMixin, BaseEstimator):
 
     def _X(self, X) -> torch.Tensor:
         check_is_fitted(self)
-        X = validate_data(self, X, reset=False, dtype=np.float64)
+        X = validate_data(self, X, reset=False, dtype=FLOATS)
         return torch.tensor(X, dtype=torch.float32)
 
     def decision_function(self, X) -> np.ndarray:
