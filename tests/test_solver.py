@@ -6,7 +6,7 @@ import torch
 from sklearn.linear_model import LogisticRegression
 from sklearn.preprocessing import StandardScaler
 
-from ovr.learn.solver import SPLIT_ROWS, affine, back, centered, logistic_lbfgs, softmax_lbfgs
+from ovr.learn.solver import SPLIT_ROWS, Curvature, _Logistic, affine, back, centered, logistic_lbfgs, softmax_lbfgs
 
 from test_estimators import blobs  # noqa: F401  (the same data helper)
 
@@ -65,12 +65,12 @@ def test_a_column_stopped_on_a_flat_objective_stays_stopped_while_others_go_on()
     X, y = blobs(3, 60, 12, seed=1)
     T = torch.tensor((y[:, None] == np.arange(3)).astype(np.float32))
     T = torch.cat([T[:, [2]], T, T], 1)
-    l2 = torch.tensor([1e-2] + [1e-5] * 6)  # weakly regularised columns run long, one to max_iter
+    l2 = torch.tensor([1e-2] + [1e-5] * 6)  # weakly regularised columns run long, some to max_iter
     calls: list[tuple[int, int]] = []
-    sol = logistic_lbfgs(torch.tensor(X, dtype=torch.float32), T, torch.ones(7), l2, tol=1e-7, max_iter=300,
+    sol = logistic_lbfgs(torch.tensor(X, dtype=torch.float32), T, torch.ones(7), l2, tol=1e-7, max_iter=25,
                          progress=lambda stage, n, total, iteration: calls.append((iteration, n)))
-    stopped_flat = (sol.grad_norm > 1e-7) & (sol.iterations < 300)
-    assert stopped_flat.sum() >= 2 and (sol.iterations == 300).any()  # the case this test is about
+    stopped_flat = (sol.grad_norm > 1e-7) & (sol.iterations < 25)
+    assert stopped_flat.sum() >= 2 and (sol.iterations == 25).any()  # the case this test is about
     # at every iteration the bar counts exactly the columns whose solve ended there or before
     assert all(n == int((sol.iterations <= step).sum()) for step, n in calls[:-1]) and calls[-1][1] == 7
 
@@ -121,8 +121,6 @@ def test_fast_softplus_is_softplus():
 def test_curvature_pairs_move_to_another_strength_exactly():
     """Curvature.reweighted: a pair (s, y) of the objective at one L2 strength, moved to another, is the pair the
     objective at that strength gives for the same step (the penalty is on the weights, not the bias)."""
-    from ovr.learn.solver import Curvature, _Logistic
-
     X, y = blobs(3, 40, 8, seed=11)
     X, T = torch.tensor(X), torch.tensor((y[:, None] == np.arange(3)).astype(float))
     theta = torch.randn(3, 9, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
@@ -140,19 +138,27 @@ def test_curvature_pairs_move_to_another_strength_exactly():
 
 def test_a_solve_started_from_curvature_pairs_reaches_the_same_answer_sooner():
     """The L2 path's warm start: the answer and curvature pairs at one strength, moved to the next strength of the
-    grid, reach the same optimum as a start from the answer alone, in fewer iterations (at the path's tolerances)."""
+    grid, reach the same optimum as a start from the answer alone, in fewer iterations over the path (at the path's
+    tolerance; one step of it alone is too small a sample: 14 against 15 once the bias step took most iterations)."""
     X, y = blobs(4, 60, 30, seed=12)
     X = torch.tensor(StandardScaler().fit_transform(X))
     T = torch.tensor((y[:, None] == np.arange(4)).astype(float))
-    kw = dict(tol=1e-4, matmul_dtype=torch.float64)
-    first = logistic_lbfgs(X, T, torch.ones(4), torch.full((4,), 0.1), **kw)
-    init, nxt = (first.weight, first.bias), torch.full((4,), 0.1 / 10 ** 0.5)
-    plain = logistic_lbfgs(X, T, torch.ones(4), nxt, init=init, **kw)
-    warm = logistic_lbfgs(X, T, torch.ones(4), nxt, init=init, curvature=first.curvature.reweighted(nxt - 0.1, 30), **kw)
-    exact = logistic_lbfgs(X, T, torch.ones(4), nxt, tol=1e-10, matmul_dtype=torch.float64)
-    assert (warm.grad_norm <= 1e-4).all()
-    assert torch.allclose(warm.loss, exact.loss, rtol=1e-5) and torch.allclose(plain.loss, exact.loss, rtol=1e-5)
-    assert warm.iterations.sum() < plain.iterations.sum()
+    kw = dict(tol=1e-3, matmul_dtype=torch.float64)
+    grid = [1.0, 0.3, 0.1, 0.03, 0.01, 0.003]
+    warm = plain = logistic_lbfgs(X, T, torch.ones(4), torch.full((4,), grid[0]), **kw)
+    warm_iterations = plain_iterations = 0
+    for was, l2 in zip(grid, grid[1:]):
+        nxt = torch.full((4,), l2)
+        warm = logistic_lbfgs(X, T, torch.ones(4), nxt, init=(warm.weight, warm.bias),
+                              curvature=warm.curvature.reweighted(nxt - was, 30), **kw)
+        plain = logistic_lbfgs(X, T, torch.ones(4), nxt, init=(plain.weight, plain.bias), **kw)
+        exact = logistic_lbfgs(X, T, torch.ones(4), nxt, tol=1e-10, matmul_dtype=torch.float64)
+        assert (warm.grad_norm <= 1e-3).all()
+        assert torch.allclose(warm.loss, exact.loss, rtol=1e-3, atol=2e-4)
+        assert torch.allclose(plain.loss, exact.loss, rtol=1e-3, atol=2e-4)
+        warm_iterations += int(warm.iterations.sum())
+        plain_iterations += int(plain.iterations.sum())
+    assert warm_iterations < plain_iterations
 
 
 @pytest.mark.parametrize("rows", [SPLIT_ROWS, SPLIT_ROWS + 1])
@@ -220,3 +226,22 @@ def test_a_solve_from_zero_weights_reads_the_rows_once_an_iteration(monkeypatch)
                            init=(torch.full((3, 12), tiny, dtype=torch.float64), torch.zeros(3)))
     assert len(calls) == int(sol.iterations.max()) + int(other.iterations.max()) + 1
     assert torch.allclose(sol.weight, other.weight, atol=1e-9)
+
+
+def test_every_iterate_has_its_optimal_bias():
+    """A rare class with a large pos_weight: the bias's curvature is far from the weights', and the quasi-Newton
+    steps left its gradient the last to converge (it set the iteration count of a new class's head over 100,000
+    rows: 5 and 7 iterations, then 2 and 2). Each iterate now has the bias that is optimal for its weights."""
+    X, y = blobs(6, 200, 40, seed=3)
+    rare = np.concatenate([np.flatnonzero(y != 5), np.flatnonzero(y == 5)[:8]])  # 8 positives of 1,008 rows
+    X = torch.tensor(StandardScaler().fit_transform(X[rare]))
+    T = torch.tensor((y[rare][:, None] == np.arange(6)).astype(float))
+    pw = (len(T) - T.sum(0)) / T.sum(0)
+    for max_iter in (1, 2, 500):
+        sol = logistic_lbfgs(X, T, pw, torch.full((6,), 1e-2), tol=1e-4, max_iter=max_iter,
+                             matmul_dtype=torch.float64)
+        p = _Logistic(X, T, pw, torch.full((6,), 1e-2), torch.float64, torch.float64)
+        th = torch.cat([sol.weight, sol.bias[:, None]], 1)
+        g = p.objective(th, p.logits(th))[1]
+        assert g[:, -1].abs().max() < 1e-9  # the bias's gradient, at every iterate the solve stops at
+    assert (sol.grad_norm <= 1e-4).all()

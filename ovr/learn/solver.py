@@ -30,6 +30,26 @@ LINE_SEARCH_STEPS = 20
 LINE_SEARCH_RTOL = 1e-3
 
 
+def _newton(derivatives: Callable, a: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor):
+    """Per column, the root of phi'(a) for a convex phi (phi' increasing), from a inside the bracket [lo, hi]
+    (either end may be infinite): Newton steps, kept inside the bracket (a step that leaves it bisects, or doubles
+    towards an infinite end), until every column's step is settled to LINE_SEARCH_RTOL. derivatives(a) ->
+    (phi'(a), phi''(a)). Returns (a, lo): lo is the largest point known to have phi' < 0."""
+    for _ in range(LINE_SEARCH_STEPS):
+        d1, d2 = derivatives(a)
+        lo = torch.where(d1 < 0, a, lo)
+        hi = torch.where(d1 >= 0, a, hi)
+        nxt = torch.where(d2 > 0, a - d1 / d2.clamp_min(1e-300), a)
+        inside = (nxt >= lo) & (nxt <= hi)  # inclusive: a converged step (nxt == a) stays put
+        fallback = torch.where(torch.isfinite(hi) & torch.isfinite(lo), (lo + hi) / 2, 2 * a)
+        nxt = torch.where(inside, nxt, fallback)
+        settled = bool(((nxt - a).abs() <= LINE_SEARCH_RTOL * a.abs().clamp_min(1)).all())
+        a = nxt
+        if settled:
+            break
+    return a, lo
+
+
 def _dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch.linalg.vecdot(a, b)  # fused: no [C, D] temporary, unlike (a * b).sum(-1)
 
@@ -119,6 +139,21 @@ class _Logistic:
             gw = (gw - gb[:, None] * self.center[0]) / self.center[1]
         return f, torch.cat([gw + self.l2[:, None] * th[:, :D], gb[:, None]], 1)
 
+    def bias_step(self, z: torch.Tensor) -> torch.Tensor:
+        """Per column, the change of the bias that minimises the objective with the weights where they are: every
+        logit moves by it, so it is a 1-D Newton on elementwise work (no matmul). The bias is unpenalised and
+        its curvature (sum_i s_i sigmoid'(z_i)) can be far from the weights' (a rare class with a large
+        pos_weight): taken alone in the quasi-Newton steps it converges last and sets the iteration count."""
+        tsum = self.ST.sum(0, dtype=self.dtype)
+
+        def derivatives(d: torch.Tensor):
+            s = torch.sigmoid(z + d.to(self.wd))
+            return (torch.linalg.vecdot(self.S, s, dim=0).to(self.dtype) - tsum,
+                    torch.linalg.vecdot(self.S, torch.addcmul(s, s, s, value=-1), dim=0).to(self.dtype))
+        zero = torch.zeros(z.shape[1], dtype=self.dtype, device=z.device)
+        inf = torch.full_like(zero, float("inf"))
+        return _newton(derivatives, zero, -inf, inf)[0]
+
     def line(self, z: torch.Tensor, zp: torch.Tensor) -> Callable:
         """phi'(a) and phi''(a) of the data term along logits z + a zp: elementwise work and column sums, no matmul."""
         szp = self.S * zp
@@ -143,6 +178,9 @@ class _Softmax:
 
     def keep(self, mask: torch.Tensor) -> None:  # one column: the solve ends when it is done
         pass
+
+    def bias_step(self, z: torch.Tensor) -> None:  # the biases are penalised and in theta's one column
+        return None
 
     def logits(self, th: torch.Tensor) -> torch.Tensor:
         th = th.view(self.K, self.D + 1)
@@ -206,6 +244,20 @@ class Curvature:
         return Curvature(self.S, Y)
 
 
+def _with_bias(problem, theta: torch.Tensor, z: torch.Tensor, active: torch.Tensor | None):
+    """theta and its logits z with each (active) column's bias moved to its optimum for the column's weights
+    (`bias_step`; problems whose bias is not a free coordinate return None). Every iterate is then optimal in
+    the bias, and the quasi-Newton steps work on the weights: the curvature pairs stay pairs of actual iterates."""
+    d = problem.bias_step(z)
+    if d is None:
+        return theta, z
+    if active is not None:
+        d = torch.where(active, d, torch.zeros_like(d))
+    theta = theta.clone()
+    theta[:, -1] += d
+    return theta, z + d.to(z.dtype)
+
+
 def _curvature_ok(sy: torch.Tensor, yy: torch.Tensor) -> torch.Tensor:
     """The curvature condition a pair (s, y) must pass to be used: s.y > 0, up to rounding relative to |y|^2."""
     return sy > 1e-10 * yy.clamp_min(1e-300)
@@ -227,6 +279,7 @@ def _lbfgs(problem, theta: torch.Tensor, *, tol: float, max_iter: int, memory: i
     out_f = torch.zeros(C, dtype=dtype, device=dev)
     cols = torch.arange(C, device=dev)  # the working set: original column of each working column
     z = problem.logits(theta)
+    theta, z = _with_bias(problem, theta, z, None)
     f, g = problem.objective(theta, z)
     m = memory
     gamma = torch.ones(C, dtype=dtype, device=dev)
@@ -296,25 +349,12 @@ def _lbfgs(problem, theta: torch.Tensor, *, tol: float, max_iter: int, memory: i
         zp = problem.logits(p)
         derivatives = problem.line(z, zp)
         tp, pp = problem.penalty(theta, p), problem.penalty(p, p)
-        a = torch.ones_like(f)
-        lo, hi = torch.zeros_like(f), torch.full_like(f, float("inf"))
-        for _ in range(LINE_SEARCH_STEPS):  # phi is convex: Newton in a, kept inside the bracket [lo, hi]
-            d1, d2 = derivatives(a)
-            d1, d2 = d1 + tp + a * pp, d2 + pp
-            lo = torch.where(d1 < 0, a, lo)
-            hi = torch.where(d1 >= 0, a, hi)
-            nxt = torch.where(d2 > 0, a - d1 / d2.clamp_min(1e-300), a)
-            inside = (nxt >= lo) & (nxt <= hi)  # inclusive: a converged step (nxt == a) stays put
-            fallback = torch.where(torch.isfinite(hi), (lo + hi) / 2, 2 * a)
-            nxt = torch.where(inside, nxt, fallback)
-            # per column; stop when every column's step is settled to LINE_SEARCH_RTOL
-            settled = bool(((nxt - a).abs() <= LINE_SEARCH_RTOL * a.clamp_min(1)).all())  # steps are >= 0
-            a = nxt
-            if settled:
-                break
+        penalised = lambda a: (lambda d1, d2: (d1 + tp + a * pp, d2 + pp))(*derivatives(a))  # noqa: E731
+        a, lo = _newton(penalised, torch.ones_like(f), torch.zeros_like(f), torch.full_like(f, float("inf")))
         a = torch.where(active, a, torch.zeros_like(a))
         new_theta = theta + a[:, None] * p
         new_z = torch.addcmul(z, a.to(zp.dtype), zp)
+        new_theta, new_z = _with_bias(problem, new_theta, new_z, active)
         new_f, new_g = problem.objective(new_theta, new_z)
         # The step minimises a convex function along p, so f cannot rise beyond rounding; where it does (a bracket
         # that failed to close), retry at lo, the longest step known to descend (phi'(lo) < 0), and failing that
