@@ -94,11 +94,15 @@ def centered(W: torch.Tensor, b: torch.Tensor, center: tuple[torch.Tensor, torch
     return W, b - (W * mean).sum(-1)
 
 
-def softplus(z: torch.Tensor) -> torch.Tensor:
+def softplus(z: torch.Tensor, out: torch.Tensor | None = None, scratch: torch.Tensor | None = None) -> torch.Tensor:
     """log(1 + e^z) as relu(z) - log(sigmoid(|z|)): within 1e-7 of F.softplus in float32 (an absolute error of at
     most e^-|z| where sigmoid(|z|) rounds to 1), and several times faster on the CPU, where F.softplus's log1p is
-    not vectorised: it was the largest elementwise cost of an iteration."""
-    return torch.relu(z) - torch.log(torch.sigmoid(z.abs()))
+    not vectorised: it was the largest elementwise cost of an iteration. Written into `out`, with `scratch` (both
+    z's shape; new arrays when not given)."""
+    out = torch.empty_like(z) if out is None else out
+    scratch = torch.empty_like(z) if scratch is None else scratch
+    torch.abs(z, out=scratch).sigmoid_().log_()
+    return torch.clamp_min(z, 0, out=out).sub_(scratch)
 
 
 class _Logistic:
@@ -115,6 +119,16 @@ class _Logistic:
         self.S = torch.where(self.T > 0, pos_weight.to(dev, wd), torch.ones((), dtype=wd, device=dev)) / n
         self.ST = self.S * self.T
         self.l2 = l2.to(dev, dtype)
+        self._scratch: list[torch.Tensor] = []
+
+    def scratch(self, z: torch.Tensor) -> list[torch.Tensor]:
+        """Four work arrays of z's shape, kept from one call to the next (new ones when the working set shrinks).
+        The elementwise work of an iteration (objective, line search, bias step) writes into them instead of into
+        ~50 new [rows, columns] arrays: on the CPU an array above the allocator's mmap threshold (32 MiB: 200,000
+        rows x 128 columns is 100 MB) comes as fresh pages, and faulting them in cost more than the work itself."""
+        if not self._scratch or self._scratch[0].shape != z.shape:
+            self._scratch = [torch.empty_like(z, memory_format=torch.contiguous_format) for _ in range(4)]
+        return self._scratch
 
     def keep(self, mask: torch.Tensor) -> None:
         self.T, self.S, self.ST, self.l2 = self.T[:, mask], self.S[:, mask], self.ST[:, mask], self.l2[mask]
@@ -132,8 +146,10 @@ class _Logistic:
         """f = sum S softplus(z) - sum S T z + l2/2 |w|^2 and its gradient: products in the work dtype, sums in
         float64 (a float32 sum cannot resolve the last decreases of f)."""
         dt, D = self.dtype, self.D
-        f = (self.S * softplus(z)).sum(0, dtype=dt) - (self.ST * z).sum(0, dtype=dt) + 0.5 * self.penalty(th, th)
-        r = torch.addcmul(-self.ST, self.S, torch.sigmoid(z))  # S * (sigmoid(z) - t)
+        A, B = self.scratch(z)[:2]
+        f = softplus(z, A, B).mul_(self.S).sum(0, dtype=dt) - torch.mul(self.ST, z, out=B).sum(0, dtype=dt)
+        f = f + 0.5 * self.penalty(th, th)
+        r = torch.sigmoid(z, out=A).mul_(self.S).sub_(self.ST)  # S * (sigmoid(z) - t)
         gw, gb = back(r, self.Xm).to(dt), r.sum(0, dtype=dt)
         if self.center is not None:  # sum_i r_i (X_i - mean) / std
             gw = (gw - gb[:, None] * self.center[0]) / self.center[1]
@@ -144,25 +160,28 @@ class _Logistic:
         logit moves by it, so it is a 1-D Newton on elementwise work (no matmul). The bias is unpenalised and
         its curvature (sum_i s_i sigmoid'(z_i)) can be far from the weights' (a rare class with a large
         pos_weight): taken alone in the quasi-Newton steps it converges last and sets the iteration count."""
+        A, B = self.scratch(z)[:2]
         tsum = self.ST.sum(0, dtype=self.dtype)
 
         def derivatives(d: torch.Tensor):
-            s = torch.sigmoid(z + d.to(self.wd))
-            return (torch.linalg.vecdot(self.S, s, dim=0).to(self.dtype) - tsum,
-                    torch.linalg.vecdot(self.S, torch.addcmul(s, s, s, value=-1), dim=0).to(self.dtype))
+            s = torch.add(z, d.to(self.wd), out=A).sigmoid_()
+            d1 = torch.mul(self.S, s, out=B).sum(0).to(self.dtype) - tsum
+            return d1, torch.addcmul(s, s, s, value=-1, out=B).mul_(self.S).sum(0).to(self.dtype)
         zero = torch.zeros(z.shape[1], dtype=self.dtype, device=z.device)
         inf = torch.full_like(zero, float("inf"))
         return _newton(derivatives, zero, -inf, inf)[0]
 
     def line(self, z: torch.Tensor, zp: torch.Tensor) -> Callable:
         """phi'(a) and phi''(a) of the data term along logits z + a zp: elementwise work and column sums, no matmul."""
-        szp = self.S * zp
-        szp2, tszp = szp * zp, torch.linalg.vecdot(self.ST, zp, dim=0).to(self.dtype)
+        A, B, szp, szp2 = self.scratch(z)
+        torch.mul(self.S, zp, out=szp)
+        torch.mul(szp, zp, out=szp2)
+        tszp = torch.mul(self.ST, zp, out=A).sum(0).to(self.dtype)
 
         def derivatives(a: torch.Tensor):
-            s = torch.sigmoid(torch.addcmul(z, a.to(self.wd), zp))
-            return (torch.linalg.vecdot(s, szp, dim=0).to(tszp.dtype) - tszp,
-                    torch.linalg.vecdot(s - s * s, szp2, dim=0).to(tszp.dtype))
+            s = torch.addcmul(z, a.to(self.wd), zp, out=A).sigmoid_()
+            d1 = torch.mul(s, szp, out=B).sum(0).to(self.dtype) - tszp
+            return d1, torch.addcmul(s, s, s, value=-1, out=B).mul_(szp2).sum(0).to(self.dtype)
         return derivatives
 
 
@@ -247,7 +266,8 @@ class Curvature:
 def _with_bias(problem, theta: torch.Tensor, z: torch.Tensor, active: torch.Tensor | None):
     """theta and its logits z with each (active) column's bias moved to its optimum for the column's weights
     (`bias_step`; problems whose bias is not a free coordinate return None). Every iterate is then optimal in
-    the bias, and the quasi-Newton steps work on the weights: the curvature pairs stay pairs of actual iterates."""
+    the bias, and the quasi-Newton steps work on the weights: the curvature pairs stay pairs of actual iterates.
+    z is moved in place."""
     d = problem.bias_step(z)
     if d is None:
         return theta, z
@@ -255,7 +275,7 @@ def _with_bias(problem, theta: torch.Tensor, z: torch.Tensor, active: torch.Tens
         d = torch.where(active, d, torch.zeros_like(d))
     theta = theta.clone()
     theta[:, -1] += d
-    return theta, z + d.to(z.dtype)
+    return theta, z.add_(d.to(z.dtype))  # z is the solve's own new array
 
 
 def _curvature_ok(sy: torch.Tensor, yy: torch.Tensor) -> torch.Tensor:
