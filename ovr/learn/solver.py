@@ -50,6 +50,23 @@ def _newton(derivatives: Callable, a: torch.Tensor, lo: torch.Tensor, hi: torch.
     return a, lo
 
 
+COLSUM_ELEMENTS = 1 << 19  # float64 elements of one block of rows converted at a time (4 MB)
+
+
+def colsum(A: torch.Tensor, dtype: torch.dtype = torch.float64) -> torch.Tensor:
+    """Column sums of A [n, C] in `dtype` (float64: sums that cancel, such as a gradient near zero, need its
+    precision). torch's A.sum(0, dtype=torch.float64) of a float32 array converts element by element inside the
+    reduction: ~10x slower at 200,000 x 128 than converting blocks of rows and summing each in float64, which this
+    does (the same sums: `benchmarks/colsum.py`)."""
+    rows = max(256, COLSUM_ELEMENTS // max(1, A.shape[1]))
+    if A.dtype == dtype or len(A) <= rows:
+        return A.sum(0, dtype=dtype)
+    out = A[:rows].to(dtype).sum(0)
+    for s in range(rows, len(A), rows):
+        out += A[s:s + rows].to(dtype).sum(0)
+    return out
+
+
 def _dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch.linalg.vecdot(a, b)  # fused: no [C, D] temporary, unlike (a * b).sum(-1)
 
@@ -147,10 +164,10 @@ class _Logistic:
         float64 (a float32 sum cannot resolve the last decreases of f)."""
         dt, D = self.dtype, self.D
         A, B = self.scratch(z)[:2]
-        f = softplus(z, A, B).mul_(self.S).sum(0, dtype=dt) - torch.mul(self.ST, z, out=B).sum(0, dtype=dt)
+        f = colsum(softplus(z, A, B).mul_(self.S), dt) - colsum(torch.mul(self.ST, z, out=B), dt)
         f = f + 0.5 * self.penalty(th, th)
         r = torch.sigmoid(z, out=A).mul_(self.S).sub_(self.ST)  # S * (sigmoid(z) - t)
-        gw, gb = back(r, self.Xm).to(dt), r.sum(0, dtype=dt)
+        gw, gb = back(r, self.Xm).to(dt), colsum(r, dt)
         if self.center is not None:  # sum_i r_i (X_i - mean) / std
             gw = (gw - gb[:, None] * self.center[0]) / self.center[1]
         return f, torch.cat([gw + self.l2[:, None] * th[:, :D], gb[:, None]], 1)
@@ -161,12 +178,12 @@ class _Logistic:
         its curvature (sum_i s_i sigmoid'(z_i)) can be far from the weights' (a rare class with a large
         pos_weight): taken alone in the quasi-Newton steps it converges last and sets the iteration count."""
         A, B = self.scratch(z)[:2]
-        tsum = self.ST.sum(0, dtype=self.dtype)
+        dt, tsum = self.dtype, colsum(self.ST, self.dtype)
 
         def derivatives(d: torch.Tensor):
             s = torch.add(z, d.to(self.wd), out=A).sigmoid_()
-            d1 = torch.mul(self.S, s, out=B).sum(0).to(self.dtype) - tsum
-            return d1, torch.addcmul(s, s, s, value=-1, out=B).mul_(self.S).sum(0).to(self.dtype)
+            d1 = colsum(torch.mul(self.S, s, out=B), dt) - tsum
+            return d1, colsum(torch.addcmul(s, s, s, value=-1, out=B).mul_(self.S), dt)
         zero = torch.zeros(z.shape[1], dtype=self.dtype, device=z.device)
         inf = torch.full_like(zero, float("inf"))
         return _newton(derivatives, zero, -inf, inf)[0]
@@ -176,12 +193,12 @@ class _Logistic:
         A, B, szp, szp2 = self.scratch(z)
         torch.mul(self.S, zp, out=szp)
         torch.mul(szp, zp, out=szp2)
-        tszp = torch.mul(self.ST, zp, out=A).sum(0).to(self.dtype)
+        dt, tszp = self.dtype, colsum(torch.mul(self.ST, zp, out=A), self.dtype)
 
         def derivatives(a: torch.Tensor):
             s = torch.addcmul(z, a.to(self.wd), zp, out=A).sigmoid_()
-            d1 = torch.mul(s, szp, out=B).sum(0).to(self.dtype) - tszp
-            return d1, torch.addcmul(s, s, s, value=-1, out=B).mul_(szp2).sum(0).to(self.dtype)
+            d1 = colsum(torch.mul(s, szp, out=B), dt) - tszp
+            return d1, colsum(torch.addcmul(s, s, s, value=-1, out=B).mul_(szp2), dt)
         return derivatives
 
 
@@ -212,7 +229,7 @@ class _Softmax:
         dt = self.dtype
         f = (self.w * (torch.logsumexp(z, 1) - (z * self.Y).sum(1))).sum(dtype=dt) + 0.5 * self.penalty(th, th)
         r = (torch.softmax(z, 1) - self.Y) * self.w[:, None]
-        g = torch.cat([back(r, self.Xm).to(dt), r.sum(0, dtype=dt)[:, None]], 1).view(1, -1) + self.l2 * th
+        g = torch.cat([back(r, self.Xm).to(dt), colsum(r, dt)[:, None]], 1).view(1, -1) + self.l2 * th
         return f.view(1), g
 
     def line(self, z: torch.Tensor, zp: torch.Tensor) -> Callable:
