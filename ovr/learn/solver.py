@@ -132,9 +132,9 @@ class _Logistic:
         self.dtype, self.wd, self.Xm = dtype, wd, X.to(wd)
         dev = X.device
         self.center = None if center is None else tuple(v.to(dev, dtype) for v in center)
-        self.T = T.to(dev, wd)
-        self.S = torch.where(self.T > 0, pos_weight.to(dev, wd), torch.ones((), dtype=wd, device=dev)) / n
-        self.ST = self.S * self.T
+        T = T.to(dev, wd)  # the sample weights S carry everything the targets say: S and S * T are kept, not T
+        self.S = torch.where(T > 0, pos_weight.to(dev, wd) / n, torch.full((), 1 / n, dtype=wd, device=dev))
+        self.ST = self.S * T
         self.l2 = l2.to(dev, dtype)
         self._scratch: list[torch.Tensor] = []
 
@@ -148,7 +148,7 @@ class _Logistic:
         return self._scratch
 
     def keep(self, mask: torch.Tensor) -> None:
-        self.T, self.S, self.ST, self.l2 = self.T[:, mask], self.S[:, mask], self.ST[:, mask], self.l2[mask]
+        self.S, self.ST, self.l2 = self.S[:, mask], self.ST[:, mask], self.l2[mask]
 
     def logits(self, th: torch.Tensor) -> torch.Tensor:  # linear in th: also the logits' change along a step
         W, b = centered(th[:, :self.D], th[:, self.D], self.center)
