@@ -135,6 +135,7 @@ class _Logistic:
         T = T.to(dev, wd)  # the sample weights S carry everything the targets say: S and S * T are kept, not T
         self.S = torch.where(T > 0, pos_weight.to(dev, wd) / n, torch.full((), 1 / n, dtype=wd, device=dev))
         self.ST = self.S * T
+        self.tsum = colsum(self.ST, dtype)  # the bias step's constant term
         self.l2 = l2.to(dev, dtype)
         self._scratch: list[torch.Tensor] = []
 
@@ -148,7 +149,7 @@ class _Logistic:
         return self._scratch
 
     def keep(self, mask: torch.Tensor) -> None:
-        self.S, self.ST, self.l2 = self.S[:, mask], self.ST[:, mask], self.l2[mask]
+        self.S, self.ST, self.tsum, self.l2 = self.S[:, mask], self.ST[:, mask], self.tsum[mask], self.l2[mask]
 
     def logits(self, th: torch.Tensor) -> torch.Tensor:  # linear in th: also the logits' change along a step
         W, b = centered(th[:, :self.D], th[:, self.D], self.center)
@@ -178,11 +179,11 @@ class _Logistic:
         its curvature (sum_i s_i sigmoid'(z_i)) can be far from the weights' (a rare class with a large
         pos_weight): taken alone in the quasi-Newton steps it converges last and sets the iteration count."""
         A, B = self.scratch(z)[:2]
-        dt, tsum = self.dtype, colsum(self.ST, self.dtype)
+        dt = self.dtype
 
         def derivatives(d: torch.Tensor):
             s = torch.add(z, d.to(self.wd), out=A).sigmoid_()
-            d1 = colsum(torch.mul(self.S, s, out=B), dt) - tsum
+            d1 = colsum(torch.mul(self.S, s, out=B), dt) - self.tsum
             return d1, colsum(torch.addcmul(s, s, s, value=-1, out=B).mul_(self.S), dt)
         zero = torch.zeros(z.shape[1], dtype=self.dtype, device=z.device)
         inf = torch.full_like(zero, float("inf"))
@@ -386,7 +387,10 @@ def _lbfgs(problem, theta: torch.Tensor, *, tol: float, max_iter: int, memory: i
         zp = problem.logits(p)
         derivatives = problem.line(z, zp)
         tp, pp = problem.penalty(theta, p), problem.penalty(p, p)
-        penalised = lambda a: (lambda d1, d2: (d1 + tp + a * pp, d2 + pp))(*derivatives(a))  # noqa: E731
+
+        def penalised(a: torch.Tensor):  # phi' and phi'' with the penalty's share along p
+            d1, d2 = derivatives(a)
+            return d1 + tp + a * pp, d2 + pp
         a, lo = _newton(penalised, torch.ones_like(f), torch.zeros_like(f), torch.full_like(f, float("inf")))
         a = torch.where(active, a, torch.zeros_like(a))
         new_theta = theta + a[:, None] * p
