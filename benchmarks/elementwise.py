@@ -1,7 +1,8 @@
 """The solver's elementwise work on [rows, columns] arrays, two ways each, in interleaved rounds of one process:
 
 - float64 column sums of a float32 array: torch's A.sum(0, dtype=torch.float64) against `solver.colsum` (blocks of
-  rows converted, then summed in float64), and the largest difference between them;
+  rows converted, then summed in float64), and the largest difference between them; and `colsum(exact=False)`
+  (torch's float32 reduction, a cascade sum), with its largest error relative to the sum of |A|;
 - one elementwise operation (sigmoid of z + a * zp) into a new array against into a kept one (`_Logistic.scratch`):
   on the CPU a new array above glibc's mmap threshold (32 MiB) comes as fresh pages.
 
@@ -51,6 +52,7 @@ def main() -> None:
         ways = {
             "sum(0, dtype=float64)": lambda: A.sum(0, dtype=torch.float64),
             "colsum": lambda: colsum(A),
+            "colsum(exact=False)": lambda: colsum(A, exact=False),
             "sigmoid into a new array": lambda: torch.addcmul(A, step, zp).sigmoid_(),
             "sigmoid into a kept array": lambda: torch.addcmul(A, step, zp, out=k).sigmoid_(),
         }
@@ -60,13 +62,18 @@ def main() -> None:
                 ms[w].append(timed(fn, repeats))
         row = {"rows": n, "columns": C, "ms_median": {w: statistics.median(v) for w, v in ms.items()},
                "ms_all": ms,
-               "colsum_max_abs_difference": float((colsum(A) - A.sum(0, dtype=torch.float64)).abs().max())}
+               "colsum_max_abs_difference": float((colsum(A) - A.sum(0, dtype=torch.float64)).abs().max()),
+               "float32_sum_max_error_relative_to_sum_abs": float(
+                   ((colsum(A, exact=False) - colsum(A)).abs() / A.abs().sum(0, dtype=torch.float64)).max())}
         m = row["ms_median"]
         row["colsum_speedup"] = m["sum(0, dtype=float64)"] / m["colsum"]
+        row["float32_sum_speedup"] = m["colsum"] / m["colsum(exact=False)"]
         row["kept_array_speedup"] = m["sigmoid into a new array"] / m["sigmoid into a kept array"]
         out["shapes"].append(row)
         print(f"{n} x {C}: float64 column sums {m['sum(0, dtype=float64)']:.2f} ms -> colsum {m['colsum']:.2f} ms "
-              f"({row['colsum_speedup']:.1f}x, max difference {row['colsum_max_abs_difference']:.1e}); sigmoid "
+              f"({row['colsum_speedup']:.1f}x, max difference {row['colsum_max_abs_difference']:.1e}), float32 "
+              f"{m['colsum(exact=False)']:.2f} ms ({row['float32_sum_speedup']:.1f}x faster than colsum, error "
+              f"{row['float32_sum_max_error_relative_to_sum_abs']:.0e} of sum |A|); sigmoid "
               f"into a new array {m['sigmoid into a new array']:.2f} ms, into a kept one "
               f"{m['sigmoid into a kept array']:.2f} ms ({row['kept_array_speedup']:.1f}x)", flush=True)
     a.out.parent.mkdir(parents=True, exist_ok=True)

@@ -236,6 +236,21 @@ def test_chunked_solves_give_the_same_heads():
     assert heads_per_chunk(10_000, 1, "cpu", dim=512) >= 1_000 > heads_per_chunk(15_000, 1, "cpu", dim=4096)
 
 
+def test_validation_losses_in_float32_are_the_float64_ones_to_rounding():
+    """The L2 search ranks strengths by val_losses, computed in the rows' float32: within 1e-6 (relative) of the
+    same losses from float64 logits, on raw rows with a standardisation as on standardised ones."""
+    from ovr.learn.heads import linear_logits, val_losses
+
+    g = torch.Generator().manual_seed(3)
+    Xv = torch.randn(2000, 16, generator=g) * 3 + 1
+    mean, std = Xv.mean(0), Xv.std(0)
+    W, b = torch.randn(5, 16, generator=g, dtype=torch.float64), torch.randn(5, generator=g, dtype=torch.float64)
+    Tv, pw = (torch.rand(2000, 5, generator=g) < 0.2).float(), torch.tensor([1.0, 2.0, 4.0, 8.0, 16.0])
+    ref = weighted_bce(linear_logits(Xv.double(), W, b, (mean, std)), Tv, pw)
+    got = val_losses(Xv, Tv, pw, W, b, (mean, std))
+    assert got.dtype == torch.float64 and torch.allclose(got, ref, rtol=1e-6, atol=0)
+
+
 def test_l2_path_chooses_what_the_full_sweep_chooses_at_a_fraction_of_the_solves():
     """Strong to weak, warm-started, a head stopping after two strengths without a better validation loss: on
     overlapping blobs (the validation loss is U-shaped in the strength) every head keeps the sweep's strength, its

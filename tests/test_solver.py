@@ -118,6 +118,37 @@ def test_fast_softplus_is_softplus():
         assert ((ours - ref).abs() <= 2e-7 * (1 + ref)).all() if dtype == torch.float32 else torch.allclose(ours, ref, atol=1e-15, rtol=1e-14)
 
 
+def test_weighted_bce_is_torchs_pos_weighted_bce_with_and_without_autograd():
+    """The validation loss outside autograd (the vectorised softplus form) is torch's BCEWithLogitsLoss with
+    pos_weight, per column, and under autograd it is torch's own (MLP heads train on it)."""
+    import torch.nn.functional as F
+
+    from ovr.learn.solver import weighted_bce
+
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(500, 6, generator=g, dtype=torch.float64) * 30  # far into both saturated ends
+    T = (torch.rand(500, 6, generator=g) < 0.1).float()
+    pw = torch.tensor([1.0, 0.5, 3.0, 9.0, 50.0, 1e3])
+    ref = F.binary_cross_entropy_with_logits(z, T.double(), pos_weight=pw.double(), reduction="none").mean(0)
+    assert torch.allclose(weighted_bce(z, T, pw), ref, rtol=1e-13, atol=0)
+    assert torch.allclose(weighted_bce(z.float(), T, pw).double(), ref, rtol=1e-6, atol=0)
+    zg = z.clone().requires_grad_(True)
+    loss = weighted_bce(zg, T, pw)
+    loss.sum().backward()
+    assert torch.allclose(loss.detach(), ref) and torch.isfinite(zg.grad).all() and zg.grad.abs().sum() > 0
+
+
+def test_float32_column_sums_are_within_rounding_of_float64_ones():
+    """colsum(exact=False) (torch's float32 cascade reduction, for the Newton derivatives) is within 1e-7 of the
+    sum of |A| of the float64 sum at 200,000 rows; exact=True is the float64 sum."""
+    from ovr.learn.solver import colsum
+
+    A = torch.rand(200_000, 7, generator=torch.Generator().manual_seed(0)) - 0.5
+    exact = A.double().sum(0)
+    assert torch.allclose(colsum(A), exact, rtol=1e-12, atol=1e-12) and colsum(A, exact=False).dtype == torch.float64
+    assert ((colsum(A, exact=False) - exact).abs() <= 1e-7 * A.abs().double().sum(0)).all()
+
+
 def test_curvature_pairs_move_to_another_strength_exactly():
     """Curvature.reweighted: a pair (s, y) of the objective at one L2 strength, moved to another, is the pair the
     objective at that strength gives for the same step (the penalty is on the weights, not the bias)."""

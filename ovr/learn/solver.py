@@ -53,11 +53,19 @@ def _newton(derivatives: Callable, a: torch.Tensor, lo: torch.Tensor, hi: torch.
 COLSUM_ELEMENTS = 1 << 19  # float64 elements of one block of rows converted at a time (4 MB)
 
 
-def colsum(A: torch.Tensor, dtype: torch.dtype = torch.float64) -> torch.Tensor:
-    """Column sums of A [n, C] in `dtype` (float64: sums that cancel, such as a gradient near zero, need its
-    precision). torch's A.sum(0, dtype=torch.float64) of a float32 array converts element by element inside the
-    reduction, several times slower on large arrays than converting blocks of rows and summing each in float64,
-    which this does (the same sums: `benchmarks/elementwise.py`)."""
+def colsum(A: torch.Tensor, dtype: torch.dtype = torch.float64, exact: bool = True) -> torch.Tensor:
+    """Column sums of A [n, C], returned in `dtype`.
+
+    exact=True sums in float64: the objective's sums, whose differences decide whether a step descended and when a
+    column has stopped moving, need its precision. torch's A.sum(0, dtype=torch.float64) of a float32 array
+    converts element by element inside the reduction, several times slower on large arrays than converting blocks
+    of rows and summing each in float64, which this does (the same sums: `benchmarks/elementwise.py`).
+    exact=False sums in A's own dtype, by torch's reduction, which accumulates in a cascade (its rounding is about
+    1e-9 of the sum of |A| at 180,000 rows, not the n * eps of a running sum): enough for the Newton derivatives
+    of the line search and the bias step and for the gradient's bias entry, whose terms are float32 products to
+    begin with, and several times faster than converting every element."""
+    if not exact:
+        return A.sum(0).to(dtype)
     rows = max(256, COLSUM_ELEMENTS // max(1, A.shape[1]))
     if A.dtype == dtype or len(A) <= rows:
         return A.sum(0, dtype=dtype)
@@ -168,7 +176,7 @@ class _Logistic:
         f = colsum(softplus(z, A, B).mul_(self.S), dt) - colsum(torch.mul(self.ST, z, out=B), dt)
         f = f + 0.5 * self.penalty(th, th)
         r = torch.sigmoid(z, out=A).mul_(self.S).sub_(self.ST)  # S * (sigmoid(z) - t)
-        gw, gb = back(r, self.Xm).to(dt), colsum(r, dt)
+        gw, gb = back(r, self.Xm).to(dt), colsum(r, dt, exact=False)
         if self.center is not None:  # sum_i r_i (X_i - mean) / std
             gw = (gw - gb[:, None] * self.center[0]) / self.center[1]
         return f, torch.cat([gw + self.l2[:, None] * th[:, :D], gb[:, None]], 1)
@@ -183,8 +191,8 @@ class _Logistic:
 
         def derivatives(d: torch.Tensor):
             s = torch.add(z, d.to(self.wd), out=A).sigmoid_()
-            d1 = colsum(torch.mul(self.S, s, out=B), dt) - self.tsum
-            return d1, colsum(torch.addcmul(s, s, s, value=-1, out=B).mul_(self.S), dt)
+            d1 = colsum(torch.mul(self.S, s, out=B), dt, exact=False) - self.tsum
+            return d1, colsum(torch.addcmul(s, s, s, value=-1, out=B).mul_(self.S), dt, exact=False)
         zero = torch.zeros(z.shape[1], dtype=self.dtype, device=z.device)
         inf = torch.full_like(zero, float("inf"))
         return _newton(derivatives, zero, -inf, inf)[0]
@@ -198,8 +206,8 @@ class _Logistic:
 
         def derivatives(a: torch.Tensor):
             s = torch.addcmul(z, a.to(self.wd), zp, out=A).sigmoid_()
-            d1 = colsum(torch.mul(s, szp, out=B), dt) - tszp
-            return d1, colsum(torch.addcmul(s, s, s, value=-1, out=B).mul_(szp2), dt)
+            d1 = colsum(torch.mul(s, szp, out=B), dt, exact=False) - tszp
+            return d1, colsum(torch.addcmul(s, s, s, value=-1, out=B).mul_(szp2), dt, exact=False)
         return derivatives
 
 
@@ -506,9 +514,16 @@ def softmax_lbfgs(X: torch.Tensor, y: torch.Tensor, weights: torch.Tensor, K: in
 
 
 def weighted_bce(z: torch.Tensor, T: torch.Tensor, pos_weight: torch.Tensor) -> torch.Tensor:
-    """Mean pos-weighted BCE of each column [n, C] -> [C] (the data term of the objective above)."""
-    return F.binary_cross_entropy_with_logits(z, T.to(z.dtype), pos_weight=pos_weight.to(z.dtype),
-                                              reduction="none").mean(0)
+    """Mean pos-weighted BCE of each column [n, C] -> [C] (the data term of the objective above), T in {0, 1}.
+    Outside autograd it is written as the objective writes it, softplus(z) + t ((pw - 1) softplus(z) - pw z), with
+    the vectorised `softplus`: torch's BCE-with-logits computes log1p elementwise without vectorising it on the
+    CPU, and the validation losses of every head at every strength of the path were seconds of a large fit.
+    Under autograd (the training loss of MLP heads), torch's own."""
+    t, pw = T.to(z.dtype), pos_weight.to(z.dtype)
+    if z.requires_grad:
+        return F.binary_cross_entropy_with_logits(z, t, pos_weight=pw, reduction="none").mean(0)
+    sp = softplus(z)
+    return sp.addcmul_(t, torch.addcmul(-pw * z, pw - 1, sp)).mean(0)
 
 
 # --- minibatch Adam: per-column L2, per-column early stopping, best weights kept ----------------------------
