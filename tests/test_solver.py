@@ -276,3 +276,36 @@ def test_every_iterate_has_its_optimal_bias():
         g = p.objective(th, p.logits(th))[1]
         assert g[:, -1].abs().max() < 1e-9  # the bias's gradient, at every iterate the solve stops at
     assert (sol.grad_norm <= 1e-4).all()
+
+
+def test_newton_narrowed_to_the_moving_columns_finds_the_same_roots(monkeypatch):
+    """The line search and the bias step work on the columns still moving once at most half are (on large
+    arrays): the same steps, biases and solves as evaluating every column to the end."""
+    import ovr.learn.solver as S
+
+    g = torch.Generator().manual_seed(4)
+    z, v = torch.randn(3000, 12, generator=g) * 3, torch.randn(3000, 12, generator=g)
+    w = torch.rand(3000, 12, generator=g) / 3000
+    v[:, :6] *= 0.01  # half the columns settle at once, the rest move far
+    c, zero = S.colsum(w * (torch.rand(3000, 12, generator=g) < 0.3)), torch.zeros(12, dtype=torch.float64)
+    inf = torch.full_like(zero, float("inf"))
+
+    def roots(limit):
+        monkeypatch.setattr(S, "NARROW_ELEMENTS", limit)
+        line = S._SigmoidLine(z, v, w * v, w * v * v, c, zero, zero + 1e-3, torch.float64)
+        narrowed = []
+        line.narrow = (lambda f: lambda cols: narrowed.append(len(cols)) or f(cols))(line.narrow)
+        return S._newton(line, torch.ones(12, dtype=torch.float64), zero.clone(), inf.clone()), narrowed
+
+    (a_all, lo_all), never = roots(1 << 60)
+    (a_nar, lo_nar), narrowed = roots(0)
+    assert never == [] and narrowed and narrowed[0] <= 6  # it narrowed, to at most half the columns
+    assert torch.allclose(a_nar, a_all, rtol=1e-6) and torch.equal(lo_nar <= a_nar, torch.ones(12, dtype=torch.bool))
+    X, y = blobs(4, 60, 10, seed=2)
+    X, T = torch.tensor(X, dtype=torch.float32), torch.tensor((y[:, None] == np.arange(4)).astype(np.float32))
+    sols = []
+    for limit in (1 << 60, 0):
+        monkeypatch.setattr(S, "NARROW_ELEMENTS", limit)
+        sols.append(logistic_lbfgs(X, T, torch.full((4,), 3.0), torch.full((4,), 1e-3, dtype=torch.float64),
+                                   tol=1e-9, matmul_dtype=torch.float64))
+    assert (sols[1].grad_norm <= 1e-9).all() and torch.allclose(sols[0].weight, sols[1].weight, atol=1e-7)

@@ -30,11 +30,20 @@ LINE_SEARCH_STEPS = 20
 LINE_SEARCH_RTOL = 1e-3
 
 
+# A Newton solve over large [rows, columns] arrays works on the columns still moving once at most half are: every
+# evaluation reads all of every array, so columns that have settled would otherwise cost as much as those that
+# have not, up to LINE_SEARCH_STEPS times. Below this many elements the gather costs more than it saves.
+NARROW_ELEMENTS = 1 << 20
+
+
 def _newton(derivatives: Callable, a: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor):
     """Per column, the root of phi'(a) for a convex phi (phi' increasing), from a inside the bracket [lo, hi]
     (either end may be infinite): Newton steps, kept inside the bracket (a step that leaves it bisects, or doubles
     towards an infinite end), until every column's step is settled to LINE_SEARCH_RTOL. derivatives(a) ->
-    (phi'(a), phi''(a)). Returns (a, lo): lo is the largest point known to have phi' < 0."""
+    (phi'(a), phi''(a)); a derivatives with `narrow(cols)` (`_SigmoidLine`) is narrowed to the columns still
+    moving once they are at most half of its columns and it is large (NARROW_ELEMENTS). Returns (a, lo): lo is
+    the largest point known to have phi' < 0."""
+    out_a, out_lo, cols = a.clone(), lo.clone(), None  # cols: the working columns' places (None: all)
     for _ in range(LINE_SEARCH_STEPS):
         d1, d2 = derivatives(a)
         lo = torch.where(d1 < 0, a, lo)
@@ -43,11 +52,52 @@ def _newton(derivatives: Callable, a: torch.Tensor, lo: torch.Tensor, hi: torch.
         inside = (nxt >= lo) & (nxt <= hi)  # inclusive: a converged step (nxt == a) stays put
         fallback = torch.where(torch.isfinite(hi) & torch.isfinite(lo), (lo + hi) / 2, 2 * a)
         nxt = torch.where(inside, nxt, fallback)
-        settled = bool(((nxt - a).abs() <= LINE_SEARCH_RTOL * a.abs().clamp_min(1)).all())
+        moving = (nxt - a).abs() > LINE_SEARCH_RTOL * a.abs().clamp_min(1)
         a = nxt
-        if settled:
+        left = int(moving.sum())
+        if not left:
             break
-    return a, lo
+        if left * 2 <= len(a) and getattr(derivatives, "size", 0) >= NARROW_ELEMENTS:
+            out_a, out_lo = _put(out_a, cols, a), _put(out_lo, cols, lo)
+            keep = torch.nonzero(moving).flatten()
+            derivatives, a, lo, hi = derivatives.narrow(keep), a[keep], lo[keep], hi[keep]
+            cols = keep if cols is None else cols[keep]
+    return _put(out_a, cols, a), _put(out_lo, cols, lo)
+
+
+def _put(full: torch.Tensor, cols: torch.Tensor | None, part: torch.Tensor) -> torch.Tensor:
+    if cols is None:
+        return part
+    full[cols] = part
+    return full
+
+
+class _SigmoidLine:
+    """The derivatives, per column, of the logistic data term along a line of its logits z + a v, plus a quadratic
+    p1 a + p2 a^2 / 2 (the penalty's share along a step):
+
+        phi'(a) = sum_i w1_i sigmoid(z_i + a v_i) - c + p1 + a p2,   phi''(a) = sum_i w2_i sigmoid'(.) + p2.
+
+    Along a step v = X p (w1 = S v, w2 = S v^2, c = sum S T v); in the bias v = 1 (w1 = w2 = S, c = sum S T).
+    Elementwise work and column sums, no matmul; `narrow(cols)` is the same for some of the columns."""
+
+    def __init__(self, z, v, w1, w2, c, p1, p2, dtype, scratch=None):
+        self.z, self.v, self.w1, self.w2, self.c, self.p1, self.p2, self.dtype = z, v, w1, w2, c, p1, p2, dtype
+        self.A, self.B = scratch or (torch.empty_like(z), torch.empty_like(z))
+        self.size = z.numel()
+
+    def __call__(self, a: torch.Tensor):
+        A, B, dt = self.A, self.B, self.dtype
+        a32 = a.to(self.z.dtype)
+        s = (torch.add(self.z, a32, out=A) if self.v is None else torch.addcmul(self.z, a32, self.v, out=A)).sigmoid_()
+        d1 = colsum(torch.mul(s, self.w1, out=B), dt, exact=False) - self.c + self.p1 + a * self.p2
+        return d1, colsum(torch.addcmul(s, s, s, value=-1, out=B).mul_(self.w2), dt, exact=False) + self.p2
+
+    def narrow(self, cols: torch.Tensor) -> "_SigmoidLine":
+        z, w1 = self.z[:, cols], self.w1[:, cols]
+        v = None if self.v is None else self.v[:, cols]
+        w2 = w1 if self.w2 is self.w1 else self.w2[:, cols]
+        return _SigmoidLine(z, v, w1, w2, self.c[cols], self.p1[cols], self.p2[cols], self.dtype)
 
 
 COLSUM_ELEMENTS = 1 << 19  # float64 elements of one block of rows converted at a time (4 MB)
@@ -186,29 +236,18 @@ class _Logistic:
         logit moves by it, so it is a 1-D Newton on elementwise work (no matmul). The bias is unpenalised and
         its curvature (sum_i s_i sigmoid'(z_i)) can be far from the weights' (a rare class with a large
         pos_weight): taken alone in the quasi-Newton steps it converges last and sets the iteration count."""
-        A, B = self.scratch(z)[:2]
-        dt = self.dtype
-
-        def derivatives(d: torch.Tensor):
-            s = torch.add(z, d.to(self.wd), out=A).sigmoid_()
-            d1 = colsum(torch.mul(self.S, s, out=B), dt, exact=False) - self.tsum
-            return d1, colsum(torch.addcmul(s, s, s, value=-1, out=B).mul_(self.S), dt, exact=False)
         zero = torch.zeros(z.shape[1], dtype=self.dtype, device=z.device)
         inf = torch.full_like(zero, float("inf"))
-        return _newton(derivatives, zero, -inf, inf)[0]
+        line = _SigmoidLine(z, None, self.S, self.S, self.tsum, zero, zero, self.dtype, self.scratch(z)[:2])
+        return _newton(line, zero, -inf, inf)[0]
 
-    def line(self, z: torch.Tensor, zp: torch.Tensor) -> Callable:
-        """phi'(a) and phi''(a) of the data term along logits z + a zp: elementwise work and column sums, no matmul."""
+    def line(self, z: torch.Tensor, zp: torch.Tensor, p1: torch.Tensor, p2: torch.Tensor) -> _SigmoidLine:
+        """phi'(a) and phi''(a) along logits z + a zp, with the penalty's p1 + a p2 and p2."""
         A, B, szp, szp2 = self.scratch(z)
         torch.mul(self.S, zp, out=szp)
         torch.mul(szp, zp, out=szp2)
-        dt, tszp = self.dtype, colsum(torch.mul(self.ST, zp, out=A), self.dtype)
-
-        def derivatives(a: torch.Tensor):
-            s = torch.addcmul(z, a.to(self.wd), zp, out=A).sigmoid_()
-            d1 = colsum(torch.mul(s, szp, out=B), dt, exact=False) - tszp
-            return d1, colsum(torch.addcmul(s, s, s, value=-1, out=B).mul_(szp2), dt, exact=False)
-        return derivatives
+        tszp = colsum(torch.mul(self.ST, zp, out=A), self.dtype)
+        return _SigmoidLine(z, zp, szp, szp2, tszp, p1, p2, self.dtype, (A, B))
 
 
 class _Softmax:
@@ -241,15 +280,15 @@ class _Softmax:
         g = torch.cat([back(r, self.Xm).to(dt), colsum(r, dt)[:, None]], 1).view(1, -1) + self.l2 * th
         return f.view(1), g
 
-    def line(self, z: torch.Tensor, zp: torch.Tensor) -> Callable:
+    def line(self, z: torch.Tensor, zp: torch.Tensor, p1: torch.Tensor, p2: torch.Tensor) -> Callable:
         dt = self.dtype
         wzpy, wzp2 = (self.wY * zp).sum(dtype=dt), self.w[:, None] * zp * zp
 
         def derivatives(a: torch.Tensor):
             P = torch.softmax(z + a.to(self.wd) * zp, 1)
             pz = (P * zp).sum(1)
-            d1 = (self.w * pz).sum(dtype=dt) - wzpy
-            return d1.view(1), ((P * wzp2).sum(dtype=dt) - (pz * pz * self.w).sum(dtype=dt)).view(1)
+            d1 = (self.w * pz).sum(dtype=dt) - wzpy + p1 + a * p2
+            return d1.view(1), ((P * wzp2).sum(dtype=dt) - (pz * pz * self.w).sum(dtype=dt) + p2).view(1)
         return derivatives
 
 
@@ -393,13 +432,8 @@ def _lbfgs(problem, theta: torch.Tensor, *, tol: float, max_iter: int, memory: i
             gamma[bad] = 1
         p = p * active[:, None]
         zp = problem.logits(p)
-        derivatives = problem.line(z, zp)
-        tp, pp = problem.penalty(theta, p), problem.penalty(p, p)
-
-        def penalised(a: torch.Tensor):  # phi' and phi'' with the penalty's share along p
-            d1, d2 = derivatives(a)
-            return d1 + tp + a * pp, d2 + pp
-        a, lo = _newton(penalised, torch.ones_like(f), torch.zeros_like(f), torch.full_like(f, float("inf")))
+        line = problem.line(z, zp, problem.penalty(theta, p), problem.penalty(p, p))
+        a, lo = _newton(line, torch.ones_like(f), torch.zeros_like(f), torch.full_like(f, float("inf")))
         a = torch.where(active, a, torch.zeros_like(a))
         new_theta = theta + a[:, None] * p
         new_z = torch.addcmul(z, a.to(zp.dtype), zp)
