@@ -309,3 +309,36 @@ def test_newton_narrowed_to_the_moving_columns_finds_the_same_roots(monkeypatch)
         sols.append(logistic_lbfgs(X, T, torch.full((4,), 3.0), torch.full((4,), 1e-3, dtype=torch.float64),
                                    tol=1e-9, matmul_dtype=torch.float64))
     assert (sols[1].grad_norm <= 1e-9).all() and torch.allclose(sols[0].weight, sols[1].weight, atol=1e-7)
+
+
+def test_a_solve_from_the_previous_strengths_state_reads_no_rows_to_begin(monkeypatch):
+    """The path's next strength starts from where the last one ended (`SolveState`: its logits and the data term's
+    value and gradient): no product with the rows before the first step, no gradient product either, and the same
+    answer, iterations and handed-back state as a solve that recomputed them (in blocks of columns too)."""
+    import ovr.learn.solver as solver
+
+    X, y = blobs(4, 60, 12, seed=9)
+    X, T = torch.tensor(X), torch.tensor((y[:, None] == np.arange(4)).astype(float))
+    kw = dict(tol=1e-9, matmul_dtype=torch.float64, keep_state=True)
+    first = logistic_lbfgs(X, T, torch.full((4,), 3.0), torch.full((4,), 1e-1, dtype=torch.float64), **kw)
+    weaker = torch.full((4,), 1e-3, dtype=torch.float64)
+    pairs = first.curvature.reweighted(weaker - 1e-1, 12)
+    products = []
+    real_affine, real_back = solver.affine, solver.back
+    monkeypatch.setattr(solver, "affine", lambda *a: products.append("logits") or real_affine(*a))
+    monkeypatch.setattr(solver, "back", lambda *a: products.append("gradient") or real_back(*a))
+    fresh = logistic_lbfgs(X, T, torch.full((4,), 3.0), weaker, init=(first.weight, first.bias), curvature=pairs, **kw)
+    begin = products[:2]
+    products.clear()
+    for block in (0, 3):
+        warm = logistic_lbfgs(X, T, torch.full((4,), 3.0), weaker, init=(first.weight, first.bias),
+                              curvature=pairs, start=first.state, block=block, **kw)
+        assert torch.allclose(warm.weight, fresh.weight, atol=1e-9) and torch.equal(warm.iterations, fresh.iterations)
+        assert torch.allclose(warm.state.logits, fresh.state.logits, atol=1e-9)
+        assert torch.allclose(warm.state.grad, fresh.state.grad, atol=1e-9)
+        assert torch.allclose(warm.state.loss, fresh.state.loss, rtol=1e-12)
+    assert begin == ["logits", "gradient"]  # the fresh solve's first two products: its start
+    it = fresh.iterations  # a direction's logits and a gradient an iteration, per block, nothing to begin
+    assert len(products) == 2 * int(it.max()) + 2 * (int(it[:3].max()) + int(it[3:].max()))
+    z = torch.addmm(fresh.bias, X, fresh.weight.T)  # the handed-back logits are the answer's
+    assert torch.allclose(fresh.state.logits, z, atol=1e-9)

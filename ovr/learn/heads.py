@@ -436,16 +436,17 @@ def l2_path(X: torch.Tensor, T: torch.Tensor, Xv: torch.Tensor, Tv: torch.Tensor
     iters = torch.zeros(N, dtype=torch.long, device=dev)
     gn = torch.zeros(N, dtype=torch.float64, device=dev)
     active = torch.arange(N, device=dev)
-    curv = best_curv = last = None  # active heads were all solved at the last strength: their pairs belong to it
+    curv = best_curv = last = state = None  # active heads were all solved at the last strength: their pairs belong to it
     for k, g in enumerate(order):
         if progress:
             progress("l2 path", k, G, heads=len(active))
-        # each head starts from its answer at the previous strength and from the curvature pairs it ended with,
-        # moved to the new strength exactly: the first step is then a quasi-Newton step along the path
-        start = None if curv is None else curv.keep(active).reweighted((grid[g] - last).repeat(len(active)), D)
+        # each head starts from its answer at the previous strength, where it ended (its logits, the data term's
+        # value and gradient: no pass over the rows to begin), and from the curvature pairs it ended with, moved to
+        # the new strength exactly: the first step is then a quasi-Newton step along the path
+        pairs = None if curv is None else curv.keep(active).reweighted((grid[g] - last).repeat(len(active)), D)
         sol = logistic_lbfgs(X, T[:, active], pw[active], grid[g].repeat(len(active)),
-                             init=(W[active], b[active]), curvature=start, center=center, tol=tol,
-                             max_iter=max_iter, block=block)
+                             init=(W[active], b[active]), curvature=pairs, start=state, keep_state=True,
+                             center=center, tol=tol, max_iter=max_iter, block=block)
         W[active], b[active] = sol.weight, sol.bias
         curv = Curvature.put_into(curv, N, active, sol.curvature)
         last = grid[g]
@@ -459,7 +460,8 @@ def l2_path(X: torch.Tensor, T: torch.Tensor, Xv: torch.Tensor, Tv: torch.Tensor
         best_curv = Curvature.put_into(best_curv, N, idx, sol.curvature.keep(better))
         iters[idx], gn[idx] = sol.iterations[better], sol.grad_norm[better]
         rises[active] = torch.where(better, 0, rises[active] + 1)
-        active = active[rises[active] < patience]
+        going = rises[active] < patience
+        active, state = active[going], sol.state.keep(going)
         if not len(active):
             break
     if progress:

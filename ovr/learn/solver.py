@@ -349,13 +349,14 @@ def _curvature_ok(sy: torch.Tensor, yy: torch.Tensor) -> torch.Tensor:
 
 
 def _lbfgs(problem, theta: torch.Tensor, *, tol: float, max_iter: int, memory: int, progress: Callable | None,
-           stage: str, curvature: Curvature | None = None):
+           stage: str, curvature: Curvature | None = None, start: tuple | None = None, hand_back: bool = False):
     """Minimise every column of `problem` (a convex objective over theta [C, P]) until max |grad| <= tol. Every
     scalar kept (curvature pairs, step, bracket, convergence) is per column; columns that converge leave the working
     set, so the work shrinks as the solve goes on. The line search is exact on phi(a) = f(theta + a p): the logits
     move linearly along p, so each 1-D Newton step is the problem's elementwise `line` work, no matmul.
-    `curvature`: pairs to start from (each column's own). Returns (theta, iterations, max |grad|, f, the final
-    Curvature), each per column."""
+    `curvature`: pairs to start from (each column's own). `start`: (logits, f, gradient) at theta, whose bias is
+    already optimal (no pass over the rows to begin). Returns (theta, iterations, max |grad|, f, the final
+    Curvature, and with `hand_back` the final logits [n, C] and gradients [C, P], else None, None), each per column."""
     dev, dtype = theta.device, theta.dtype
     C = theta.shape[0]
     out_theta = theta.clone()
@@ -363,9 +364,14 @@ def _lbfgs(problem, theta: torch.Tensor, *, tol: float, max_iter: int, memory: i
     out_g = torch.zeros(C, dtype=dtype, device=dev)
     out_f = torch.zeros(C, dtype=dtype, device=dev)
     cols = torch.arange(C, device=dev)  # the working set: original column of each working column
-    z = problem.logits(theta)
-    theta, z = _with_bias(problem, theta, z, None)
-    f, g = problem.objective(theta, z)
+    if start is None:
+        z = problem.logits(theta)
+        theta, z = _with_bias(problem, theta, z, None)
+        f, g = problem.objective(theta, z)
+    else:
+        z, f, g = start[0].clone(memory_format=torch.contiguous_format), start[1], start[2]
+    out_z = torch.empty_like(z) if hand_back else None
+    out_grad = torch.empty_like(g) if hand_back else None
     m = memory
     gamma = torch.ones(C, dtype=dtype, device=dev)
     if curvature is None:
@@ -397,6 +403,8 @@ def _lbfgs(problem, theta: torch.Tensor, *, tol: float, max_iter: int, memory: i
             if new.any():
                 idx = cols[new]
                 out_theta[idx], out_iter[idx], out_g[idx], out_f[idx] = theta[new], it[new], gnorm[new], f[new]
+                if hand_back:
+                    out_z[:, idx], out_grad[idx] = z[:, new], g[new]
                 age = [(k + j) % m for j in range(m)]  # oldest first
                 out_S[:, idx], out_Y[:, idx] = Sh[:, new][age].float(), Yh[:, new][age].float()
                 finished = done
@@ -466,7 +474,21 @@ def _lbfgs(problem, theta: torch.Tensor, *, tol: float, max_iter: int, memory: i
         it = it + active.long()
     if progress:
         progress(stage, C, C, iteration=int(out_iter.max()) if C else 0)
-    return out_theta, out_iter, out_g, out_f, Curvature(out_S, out_Y)
+    return out_theta, out_iter, out_g, out_f, Curvature(out_S, out_Y), out_z, out_grad
+
+
+@dataclass
+class SolveState:
+    """Where a logistic solve ended, on its rows: the logits [n, C] and the data term's value [C] and gradient
+    [C, D + 1] (without the penalty). A next solve of the same rows from the same weights at other L2 strengths (the
+    path's next strength) starts from it without a pass over the rows: its objective there is this plus its own
+    penalty, and each bias is already optimal (the penalty does not touch it)."""
+    logits: torch.Tensor
+    loss: torch.Tensor
+    grad: torch.Tensor
+
+    def keep(self, cols: torch.Tensor | slice) -> "SolveState":
+        return SolveState(self.logits[:, cols], self.loss[cols], self.grad[cols])
 
 
 @dataclass
@@ -478,10 +500,12 @@ class LogisticSolution:
     loss: torch.Tensor  # [C] objective at the answer
     seconds: float
     curvature: Curvature  # the final curvature pairs: a start for a nearby solve
+    state: SolveState | None = None  # with keep_state: where it ended on its rows (`SolveState`)
 
 
 def logistic_lbfgs(X: torch.Tensor, T: torch.Tensor, pos_weight: torch.Tensor, l2: torch.Tensor, *,
                    init: tuple[torch.Tensor, torch.Tensor] | None = None, curvature: Curvature | None = None,
+                   start: SolveState | None = None, keep_state: bool = False,
                    center: tuple[torch.Tensor, torch.Tensor] | None = None, tol: float = 1e-4, max_iter: int = 500,
                    memory: int = 10, dtype: torch.dtype = torch.float64, matmul_dtype: torch.dtype = torch.float32,
                    block: int = 0, progress: Callable | None = None, stage: str = "solve") -> LogisticSolution:
@@ -503,7 +527,8 @@ def logistic_lbfgs(X: torch.Tensor, T: torch.Tensor, pos_weight: torch.Tensor, l
     solves to 1e-10 (the scikit-learn equivalence tests use it).
 
     block > 0: at most that many columns at a time (the columns are independent: the same answers), so the [n, C]
-    arrays stay a size the caches hold and the memory bounded.
+    arrays stay a size the caches hold and the memory bounded. `start` (with `init` its weights): a previous solve's
+    `SolveState` on these rows (`keep_state` returns this solve's).
     """
     t0 = time.perf_counter()
     D, C = X.shape[1], T.shape[1]
@@ -514,19 +539,31 @@ def logistic_lbfgs(X: torch.Tensor, T: torch.Tensor, pos_weight: torch.Tensor, l
             tell = progress and (lambda st, done, total, s=s, **kw: progress(st, s + done, C, **kw))
             parts.append(logistic_lbfgs(
                 X, T[:, c], pos_weight[c], l2[c], init=None if init is None else (init[0][c], init[1][c]),
-                curvature=None if curvature is None else curvature.keep(c), center=center, tol=tol,
+                curvature=None if curvature is None else curvature.keep(c),
+                start=None if start is None else start.keep(c), keep_state=keep_state, center=center, tol=tol,
                 max_iter=max_iter, memory=memory, dtype=dtype, matmul_dtype=matmul_dtype, progress=tell, stage=stage))
-        return LogisticSolution(*(torch.cat([getattr(p, k) for p in parts]) for k in
-                                  ("weight", "bias", "iterations", "grad_norm", "loss")), time.perf_counter() - t0,
-                                Curvature(torch.cat([p.curvature.S for p in parts], 1),
-                                          torch.cat([p.curvature.Y for p in parts], 1)))
+        joined = lambda objs, key, dim=0: torch.cat([getattr(o, key) for o in objs], dim)  # noqa: E731
+        state = SolveState(*(joined([p.state for p in parts], k, d) for k, d in
+                             (("logits", 1), ("loss", 0), ("grad", 0)))) if keep_state else None
+        curv = [p.curvature for p in parts]
+        return LogisticSolution(*(joined(parts, k) for k in ("weight", "bias", "iterations", "grad_norm", "loss")),
+                                time.perf_counter() - t0, Curvature(joined(curv, "S", 1), joined(curv, "Y", 1)), state)
     theta = torch.zeros(C, D + 1, dtype=dtype, device=X.device)
     if init is not None:
         theta[:, :D], theta[:, D] = init[0].to(X.device, dtype), init[1].to(X.device, dtype)
     problem = _Logistic(X, T, pos_weight, l2, dtype, matmul_dtype, center)
-    th, it, g, f, curv = _lbfgs(problem, theta, tol=tol, max_iter=max_iter, memory=memory, progress=progress,
-                                stage=stage, curvature=curvature)
-    return LogisticSolution(th[:, :D], th[:, D], it, g, f, time.perf_counter() - t0, curv)
+    begin = None
+    if start is not None:  # the objective at the same weights is the data term's plus this solve's penalty
+        g = start.grad.to(X.device, dtype).clone()
+        g[:, :D] += problem.l2[:, None] * theta[:, :D]
+        begin = (start.logits, start.loss.to(X.device, dtype) + 0.5 * problem.penalty(theta, theta), g)
+    th, it, g, f, curv, Z, G = _lbfgs(problem, theta, tol=tol, max_iter=max_iter, memory=memory, progress=progress,
+                                      stage=stage, curvature=curvature, start=begin, hand_back=keep_state)
+    state = None
+    if keep_state:  # the data term's part: the next solve adds its own penalty
+        G[:, :D] -= l2.to(G)[:, None] * th[:, :D]
+        state = SolveState(Z, f - 0.5 * l2.to(f) * _dot(th[:, :D], th[:, :D]), G)
+    return LogisticSolution(th[:, :D], th[:, D], it, g, f, time.perf_counter() - t0, curv, state)
 
 
 def softmax_lbfgs(X: torch.Tensor, y: torch.Tensor, weights: torch.Tensor, K: int, l2: float, *,
@@ -542,8 +579,8 @@ def softmax_lbfgs(X: torch.Tensor, y: torch.Tensor, weights: torch.Tensor, K: in
     D = X.shape[1]
     theta = torch.zeros(K, D + 1, dtype=dtype, device=X.device) if init is None else init.to(X.device, dtype)
     problem = _Softmax(X, y, weights, K, l2, dtype, matmul_dtype)
-    th, it, g, _, _ = _lbfgs(problem, theta.reshape(1, -1).clone(), tol=tol, max_iter=max_iter, memory=memory,
-                          progress=None, stage="")
+    th, it, g = _lbfgs(problem, theta.reshape(1, -1).clone(), tol=tol, max_iter=max_iter, memory=memory,
+                       progress=None, stage="")[:3]
     return th.view(K, D + 1), int(it[0]), float(g[0])
 
 
