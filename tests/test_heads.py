@@ -236,6 +236,27 @@ def test_chunked_solves_give_the_same_heads():
     assert heads_per_chunk(10_000, 1, "cpu", dim=512) >= 1_000 > heads_per_chunk(15_000, 1, "cpu", dim=4096)
 
 
+def test_the_l2_path_in_blocks_of_heads_is_the_path_of_all_heads():
+    """l2_path(block=k) takes k heads at a time through the whole path (their state between strengths stays
+    their own): the same strengths, losses and weights as all heads together, and its bar ends at its total."""
+    from ovr.learn.heads import l2_path
+
+    X, y = blobs(7, 30, 12, seed=21)
+    X = X + torch.randn(X.shape, generator=torch.Generator().manual_seed(2)) * 2
+    Xv, yv = blobs(7, 15, 12, seed=22)
+    T, Tv = torch.nn.functional.one_hot(y, 7).float(), torch.nn.functional.one_hot(yv, 7).float()
+    pw = (len(T) - T.sum(0)) / T.sum(0)
+    grid = torch.tensor((1e-3, 1e-2, 1e-1, 1.0, 10.0), dtype=torch.float64)
+    bars = []
+    whole = l2_path(X, T, Xv, Tv, pw, grid, tol=1e-6, max_iter=500)
+    parts = l2_path(X, T, Xv, Tv, pw, grid, tol=1e-6, max_iter=500, block=3,
+                    progress=lambda stage, done, total, **kw: bars.append((done, total)))
+    assert torch.equal(whole[3], parts[3]) and torch.equal(whole[2].isnan(), parts[2].isnan())
+    assert torch.allclose(whole[2].nan_to_num(), parts[2].nan_to_num(), rtol=1e-3)  # solves end within tol
+    assert torch.allclose(whole[0], parts[0], rtol=1e-3, atol=1e-3) and parts[6].S.shape == whole[6].S.shape
+    assert bars[-1] == (3 * len(grid), 3 * len(grid)) and all(d <= t for d, t in bars)
+
+
 def test_validation_losses_in_float32_are_the_float64_ones_to_rounding():
     """The L2 search ranks strengths by val_losses, computed in the rows' float32: within 1e-6 (relative) of the
     same losses from float64 logits, on raw rows with a standardisation as on standardised ones."""

@@ -421,9 +421,25 @@ def l2_path(X: torch.Tensor, T: torch.Tensor, Xv: torch.Tensor, Tv: torch.Tensor
     slowly converging ones) are solved only for heads whose loss still falls there. Every decision is per head:
     a head's path, and so its answer, does not depend on the heads beside it.
 
+    block > 0: at most that many heads at a time go through the whole path (the same answers): a block's state
+    between strengths (its logits on every row, its curvature pairs) stays its own contiguous arrays, where heads
+    leaving the path cost a gather within the block, not from every head's.
+
     -> (weight [N, D], bias [N]: each head at its chosen strength; val [N, G] validation losses (nan: not
     solved); choice [N] index into grid; iterations [N], grad_norm [N] of the chosen solve; its Curvature)."""
     N, D, G = T.shape[1], X.shape[1], len(grid)
+    if 0 < block < N:
+        starts = range(0, N, block)
+        parts = []
+        for i, s in enumerate(starts):
+            c = slice(s, s + block)
+            tell = progress and (lambda st, done, total, i=i, **kw: progress(st, i * total + done,
+                                                                              len(starts) * total, **kw))
+            parts.append(l2_path(X, T[:, c], Xv, Tv[:, c], pw[c], grid, tol=tol, max_iter=max_iter,
+                                 patience=patience, center=center, progress=tell))
+        pairs = [p[6] for p in parts]
+        return (*(torch.cat([p[k] for p in parts]) for k in range(6)),
+                Curvature(torch.cat([q.S for q in pairs], 1), torch.cat([q.Y for q in pairs], 1)))
     dev = X.device
     order = sorted(range(G), key=lambda g: -float(grid[g]))
     val = torch.full((N, G), float("nan"), dtype=torch.float64, device=dev)
@@ -446,7 +462,7 @@ def l2_path(X: torch.Tensor, T: torch.Tensor, Xv: torch.Tensor, Tv: torch.Tensor
         pairs = None if curv is None else curv.keep(active).reweighted((grid[g] - last).repeat(len(active)), D)
         sol = logistic_lbfgs(X, T[:, active], pw[active], grid[g].repeat(len(active)),
                              init=(W[active], b[active]), curvature=pairs, start=state, keep_state=True,
-                             center=center, tol=tol, max_iter=max_iter, block=block)
+                             center=center, tol=tol, max_iter=max_iter)
         W[active], b[active] = sol.weight, sol.bias
         curv = Curvature.put_into(curv, N, active, sol.curvature)
         last = grid[g]
