@@ -43,7 +43,7 @@ def _newton(derivatives: Callable, a: torch.Tensor, lo: torch.Tensor, hi: torch.
     (phi'(a), phi''(a)); a derivatives with `narrow(cols)` (`_SigmoidLine`) is narrowed to the columns still
     moving once they are at most half of its columns and it is large (NARROW_ELEMENTS). Returns (a, lo): lo is
     the largest point known to have phi' < 0."""
-    out_a, out_lo, cols = a.clone(), lo.clone(), None  # cols: the working columns' places (None: all)
+    out_a = out_lo = cols = None  # cols: the working columns' places among all (None: all of them)
     for _ in range(LINE_SEARCH_STEPS):
         d1, d2 = derivatives(a)
         lo = torch.where(d1 < 0, a, lo)
@@ -111,9 +111,9 @@ def colsum(A: torch.Tensor, dtype: torch.dtype = torch.float64, exact: bool = Tr
     converts element by element inside the reduction, several times slower on large arrays than converting blocks
     of rows and summing each in float64, which this does (the same sums: `benchmarks/elementwise.py`).
     exact=False sums in A's own dtype, by torch's reduction, which accumulates in a cascade (its rounding is about
-    1e-9 of the sum of |A| at 180,000 rows, not the n * eps of a running sum): enough for the Newton derivatives
+    1e-9 of the sum of |A| at 200,000 rows, not the n * eps of a running sum): enough for the Newton derivatives
     of the line search and the bias step and for the gradient's bias entry, whose terms are float32 products to
-    begin with, and several times faster than converting every element."""
+    begin with, and faster than converting every element (`elementwise.py`)."""
     if not exact:
         return A.sum(0).to(dtype)
     rows = max(256, COLSUM_ELEMENTS // max(1, A.shape[1]))
