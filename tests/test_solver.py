@@ -292,7 +292,7 @@ def test_newton_narrowed_to_the_moving_columns_finds_the_same_roots(monkeypatch)
 
     def roots(limit):
         monkeypatch.setattr(S, "NARROW_ELEMENTS", limit)
-        line = S._SigmoidLine(z, v, w * v, w * v * v, c, zero, zero + 1e-3, torch.float64)
+        line = S._SigmoidLine(z, v, w * v, w * v * v, c, p1=zero, p2=zero + 1e-3, dtype=torch.float64)
         narrowed = []
         line.narrow = (lambda f: lambda cols: narrowed.append(len(cols)) or f(cols))(line.narrow)
         return S._newton(line, torch.ones(12, dtype=torch.float64), zero.clone(), inf.clone()), narrowed

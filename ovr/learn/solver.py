@@ -81,7 +81,7 @@ class _SigmoidLine:
     Along a step v = X p (w1 = S v, w2 = S v^2, c = sum S T v); in the bias v = 1 (w1 = w2 = S, c = sum S T).
     Elementwise work and column sums, no matmul; `narrow(cols)` is the same for some of the columns."""
 
-    def __init__(self, z, v, w1, w2, c, p1, p2, dtype, scratch=None):
+    def __init__(self, z, v, w1, w2, c, *, p1, p2, dtype, scratch=None):
         self.z, self.v, self.w1, self.w2, self.c, self.p1, self.p2, self.dtype = z, v, w1, w2, c, p1, p2, dtype
         self.A, self.B = scratch or (torch.empty_like(z), torch.empty_like(z))
         self.size = z.numel()
@@ -97,7 +97,7 @@ class _SigmoidLine:
         z, w1 = self.z[:, cols], self.w1[:, cols]
         v = None if self.v is None else self.v[:, cols]
         w2 = w1 if self.w2 is self.w1 else self.w2[:, cols]
-        return _SigmoidLine(z, v, w1, w2, self.c[cols], self.p1[cols], self.p2[cols], self.dtype)
+        return _SigmoidLine(z, v, w1, w2, self.c[cols], p1=self.p1[cols], p2=self.p2[cols], dtype=self.dtype)
 
 
 COLSUM_ELEMENTS = 1 << 19  # float64 elements of one block of rows converted at a time (4 MB)
@@ -238,7 +238,8 @@ class _Logistic:
         pos_weight): taken alone in the quasi-Newton steps it converges last and sets the iteration count."""
         zero = torch.zeros(z.shape[1], dtype=self.dtype, device=z.device)
         inf = torch.full_like(zero, float("inf"))
-        line = _SigmoidLine(z, None, self.S, self.S, self.tsum, zero, zero, self.dtype, self.scratch(z)[:2])
+        line = _SigmoidLine(z, None, self.S, self.S, self.tsum, p1=zero, p2=zero, dtype=self.dtype,
+                            scratch=self.scratch(z)[:2])
         return _newton(line, zero, -inf, inf)[0]
 
     def line(self, z: torch.Tensor, zp: torch.Tensor, p1: torch.Tensor, p2: torch.Tensor) -> _SigmoidLine:
@@ -247,7 +248,7 @@ class _Logistic:
         torch.mul(self.S, zp, out=szp)
         torch.mul(szp, zp, out=szp2)
         tszp = colsum(torch.mul(self.ST, zp, out=A), self.dtype)
-        return _SigmoidLine(z, zp, szp, szp2, tszp, p1, p2, self.dtype, (A, B))
+        return _SigmoidLine(z, zp, szp, szp2, tszp, p1=p1, p2=p2, dtype=self.dtype, scratch=(A, B))
 
 
 class _Softmax:
