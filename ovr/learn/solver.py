@@ -370,7 +370,7 @@ def _lbfgs(problem, theta: torch.Tensor, *, tol: float, max_iter: int, memory: i
         theta, z = _with_bias(problem, theta, z, None)
         f, g = problem.objective(theta, z)
     else:
-        z, f, g = start[0].clone(memory_format=torch.contiguous_format), start[1], start[2]
+        z, f, g = start[0].contiguous(), start[1], start[2]  # read, never written: the loop makes new logits
     out_z = torch.empty_like(z) if hand_back else None
     out_grad = torch.empty_like(g) if hand_back else None
     m = memory
