@@ -110,8 +110,8 @@ def colsum(A: torch.Tensor, dtype: torch.dtype = torch.float64, exact: bool = Tr
     column has stopped moving, need its precision. torch's A.sum(0, dtype=torch.float64) of a float32 array
     converts element by element inside the reduction, several times slower on large arrays than converting blocks
     of rows and summing each in float64, which this does (the same sums: `benchmarks/elementwise.py`).
-    exact=False sums in A's own dtype, by torch's reduction, which accumulates in a cascade (its rounding is about
-    1e-9 of the sum of |A| at 200,000 rows, not the n * eps of a running sum): enough for the Newton derivatives
+    exact=False sums in A's own dtype, by torch's reduction, which accumulates in a cascade (its rounding grows
+    with log n, not with n as a running sum's; `elementwise.py` measures it): enough for the Newton derivatives
     of the line search and the bias step and for the gradient's bias entry, whose terms are float32 products to
     begin with, and faster than converting every element (`elementwise.py`)."""
     if not exact:
