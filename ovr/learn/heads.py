@@ -135,9 +135,7 @@ def val_losses(Xv: torch.Tensor, Tv: torch.Tensor, pw: torch.Tensor, W: torch.Te
     [C]. The logits and the loss are computed in the rows' dtype (float32 embeddings): they only rank the strengths
     of the L2 search, which float32's seven digits resolve, and in float64 (logits, log and sigmoid) they were a
     large share of a 1,000-head search."""
-    W, b = centered(W, b, center)
-    z = torch.addmm(b.to(Xv.dtype), Xv, W.to(Xv.dtype).T)
-    return weighted_bce(z, Tv, pw).to(torch.float64)
+    return weighted_bce(linear_logits(Xv, W, b, center, Xv.dtype), Tv, pw).to(torch.float64)
 
 
 def check_head(head: str) -> None:
@@ -145,10 +143,12 @@ def check_head(head: str) -> None:
         raise ValueError(f"head must be one of {', '.join(HEADS)}, not {head!r}")
 
 
-def linear_logits(X: torch.Tensor, W: torch.Tensor, b: torch.Tensor, center=None) -> torch.Tensor:
-    """The logits of linear heads W [C, D], b [C] on rows X, in W's dtype; center = (mean, std): the heads act on
-    (X - mean) / std."""
+def linear_logits(X: torch.Tensor, W: torch.Tensor, b: torch.Tensor, center=None,
+                  dtype: torch.dtype | None = None) -> torch.Tensor:
+    """The logits of linear heads W [C, D], b [C] on rows X, in `dtype` (default W's); center = (mean, std): the
+    heads act on (X - mean) / std (folded into W and b in W's own precision, before any conversion)."""
     W, b = centered(W, b, center)
+    W, b = (W, b) if dtype is None else (W.to(dtype), b.to(dtype))
     return X.to(W.device, W.dtype) @ W.T + b
 
 

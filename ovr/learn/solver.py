@@ -219,8 +219,9 @@ class _Logistic:
         return self.l2 * _dot(u[:, :self.D], v[:, :self.D])
 
     def objective(self, th: torch.Tensor, z: torch.Tensor):
-        """f = sum S softplus(z) - sum S T z + l2/2 |w|^2 and its gradient: products in the work dtype, sums in
-        float64 (a float32 sum cannot resolve the last decreases of f)."""
+        """f = sum S softplus(z) - sum S T z + l2/2 |w|^2 and its gradient: products in the work dtype; f's sums in
+        float64 (a float32 sum cannot resolve the last decreases of f), the bias entry's by the float32 cascade
+        (`colsum`)."""
         dt, D = self.dtype, self.D
         A, B = self.scratch(z)[:2]
         f = colsum(softplus(z, A, B).mul_(self.S), dt) - colsum(torch.mul(self.ST, z, out=B), dt)
