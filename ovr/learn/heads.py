@@ -408,7 +408,7 @@ def search_path(X: torch.Tensor, T: torch.Tensor, Xv: torch.Tensor, Tv: torch.Te
 
 
 PATH_PATIENCE = 2  # strengths in a row without a better validation loss before a head's path stops
-SEARCH_TOL = 30  # the path ranks strengths solved to tol * SEARCH_TOL; the chosen one is refit to tol itself
+SEARCH_TOL = 10  # the path ranks strengths solved to tol * SEARCH_TOL; the chosen one is refit to tol itself
 
 
 def l2_path(X: torch.Tensor, T: torch.Tensor, Xv: torch.Tensor, Tv: torch.Tensor, pw: torch.Tensor,
