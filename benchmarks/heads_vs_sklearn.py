@@ -164,23 +164,24 @@ def defaults(name, X, y, Xv, yv, Xt, yt, dev, resplits: int = 5, repeats: int = 
     same held-out test rows): OvRClassifier() (the L2 path), OvRClassifier(l2_search="sweep") (every strength),
     and make_pipeline(StandardScaler(), OneVsRestClassifier(LogisticRegression())). Each is fit `repeats` times in a
     row per resplit (the fits are deterministic; the times on a shared 2-core machine are not; the sweep, a
-    reference, once): the seconds are the median and spread of every fit. Time, accuracy, the strengths the two searches chose, how often they agree, and
-    where not, how much validation loss the path gave up."""
+    reference, once): the seconds are the median and spread of every fit. Time, accuracy, the strengths the two
+    searches chose, how often they agree, and where not, how much validation loss the path gave up."""
     Xa, ya = np.concatenate([X, Xv]), np.concatenate([y, yv])
     rows: dict[str, list] = {"ovr path (default)": [], "ovr sweep": [], "sklearn default": []}
     agree, chosen, loss_gap = [], {"path": [], "sweep": []}, []
     OvRClassifier(device=str(dev)).fit(Xa[:300], ya[:300])  # warm-up
     make_pipeline(StandardScaler(), OneVsRestClassifier(LogisticRegression(), n_jobs=-1)).fit(Xa[:300], ya[:300])
 
-    def fits(make, times=repeats):
-        out = [timed(lambda: make().fit(Xtr, ytr)) for _ in range(times)]
+    def fits(make, X, y, times=repeats):  # -> (the last fitted estimator, every fit's seconds)
+        out = [timed(lambda: make().fit(X, y)) for _ in range(times)]
         return out[-1][0], [t for _, t in out]
 
     for seed in range(resplits):
         Xtr, _, ytr, _ = train_test_split(Xa, ya, test_size=0.1, stratify=ya, random_state=seed)
-        p, tp = fits(lambda: OvRClassifier(device=str(dev), seed=seed))
-        w, tw = fits(lambda: OvRClassifier(device=str(dev), seed=seed, l2_search="sweep"), 1)
-        s, ts = fits(lambda: make_pipeline(StandardScaler(), OneVsRestClassifier(LogisticRegression(), n_jobs=-1)))
+        p, tp = fits(lambda: OvRClassifier(device=str(dev), seed=seed), Xtr, ytr)
+        w, tw = fits(lambda: OvRClassifier(device=str(dev), seed=seed, l2_search="sweep"), Xtr, ytr, 1)
+        s, ts = fits(lambda: make_pipeline(StandardScaler(), OneVsRestClassifier(LogisticRegression(), n_jobs=-1)),
+                     Xtr, ytr)
         for key, est, t in (("ovr path (default)", p, tp), ("ovr sweep", w, tw), ("sklearn default", s, ts)):
             rows[key].append((t, float((est.predict(Xt) == yt).mean())))
         rp, rw = p.model_.records, w.model_.records
@@ -191,8 +192,8 @@ def defaults(name, X, y, Xv, yv, Xt, yt, dev, resplits: int = 5, repeats: int = 
             full = dict(map(tuple, rw[c].l2_path)) if rw[c].l2_path else {}
             if rp[c].l2 != rw[c].l2 and rp[c].l2 in full:
                 loss_gap.append(full[rp[c].l2] - full[rw[c].l2])
-        print(f"  [{name}] resplit {seed}: path {np.median(tp):.2f} s acc {rows['ovr path (default)'][-1][1]:.4f}, sweep "
-              f"{np.median(tw):.2f} s acc {rows['ovr sweep'][-1][1]:.4f}, scikit-learn {np.median(ts):.2f} s acc "
+        print(f"  [{name}] resplit {seed}: path {np.median(tp):.2f} s acc {rows['ovr path (default)'][-1][1]:.4f}, "
+              f"sweep {np.median(tw):.2f} s acc {rows['ovr sweep'][-1][1]:.4f}, scikit-learn {np.median(ts):.2f} s acc "
               f"{rows['sklearn default'][-1][1]:.4f}; strengths agree on {agree[-1]:.0%} of heads", flush=True)
     out = {"dataset": name, "train_and_val": list(Xa.shape), "test": len(Xt), "classes": int(ya.max()) + 1,
            "resplits": resplits, "repeats": repeats}
