@@ -133,6 +133,29 @@ def test_platt_calibration_reduces_nll_and_thresholds_maximise_f1():
             assert best >= f1_score(t[:, j], conf[:, j] >= other) - 1e-9
 
 
+def test_thresholds_sorting_only_the_candidate_rows_match_sorting_every_row():
+    def every_row(conf, targets):  # the definition: sort all rows, the first best cut between distinct scores
+        out = np.full(conf.shape[1], 0.5)
+        for j in range(conf.shape[1]):
+            pos = targets[:, j].astype(bool)
+            if not pos.any():
+                continue
+            order = np.argsort(-conf[:, j], kind="stable")
+            s, y = conf[order, j], pos[order]
+            f1 = np.where(np.r_[s[1:] != s[:-1], True], 2 * np.cumsum(y) / (np.arange(1, len(y) + 1) + pos.sum()), -1)
+            k = int(np.argmax(f1))
+            out[j] = (s[k] + (s[k + 1] if k + 1 < len(s) else 0.0)) / 2
+        return out
+
+    g = np.random.default_rng(3)
+    t = (g.random((400, 6)) < [0.02, 0.1, 0.3, 0.5, 0.0, 1.0]).astype(float)
+    conf = 1 / (1 + np.exp(-((t * 2 - 1) * [6, 1, 0.5, 0.2, 1, 1] + g.normal(0, 1.5, t.shape))))
+    conf[::7, 1] = conf[0, 1]  # ties, across the lowest positive's score too
+    conf[:, 2] = np.round(conf[:, 2], 2)
+    conf[np.argmin(np.where(t[:, 3] > 0, conf[:, 3], 2)), 3] = conf[:, 3].min()  # a positive scores lowest
+    assert np.array_equal(aggregate.fit_thresholds(conf, t), every_row(conf, t))
+
+
 def test_standardize_floor_keeps_dimensions_dead_in_training_bounded():
     from ovr.learn.heads import STD_FLOOR, Normalizer
 

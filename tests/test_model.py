@@ -374,3 +374,16 @@ def test_add_class_with_extra_negatives(model, tmp_path, cache_dir):
     old_negatives = sum(before[c].positives for c in before)
     assert m.records["c4"].negatives > old_negatives  # the extra images were used as negatives
     assert sum(e["label"] is None for e in m.examples) == 8  # and remembered for heads trained later
+
+
+def test_fitting_heads_imports_no_scikit_learn():
+    """Training scores its heads with numpy alone: importing scikit-learn (about a second) was part of every fresh
+    process's first fit, a sizeable share of a small one's time."""
+    code = ("import sys, torch\nfrom ovr.config import TrainConfig\nfrom ovr.learn.model import Model\n"
+            "g = torch.Generator().manual_seed(0)\nX = torch.randn(120, 8, generator=g)\ny = torch.arange(120) % 3\n"
+            "X[:, 0] += 3 * y\nm = Model({'dim': 8}, 'standardize', 'linear', ['a', 'b', 'c'])\n"
+            "m.fit_heads(m.classes, X[:90], y[:90], X[90:], y[90:], TrainConfig())\n"
+            "print(len(m.records), 'sklearn' in sys.modules)\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.split() == ["3", "False"]

@@ -12,6 +12,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from ..embedding.data import SPLITS
+from ..learn.metrics import MULTILABEL_SCALARS
 
 
 def embed_summary(emb) -> dict[str, Any]:
@@ -55,8 +56,6 @@ def embed_line(s: dict) -> str:
 def multilabel_tables(m: dict) -> list[Table]:
     s = Table(title=f"{m.get('split', '')} split: {m['n']} images, multi-label")
     s.add_column("metric"), s.add_column("value", justify="right")
-    from ..learn.metrics import MULTILABEL_SCALARS  # here: metrics imports scikit-learn (slow); embed's output needs none
-
     for k in MULTILABEL_SCALARS:
         s.add_row(k, f"{m[k]:.4f}")
     pc = Table(title="per class (at each head's stored threshold)")
@@ -414,8 +413,6 @@ def write_model_report(m: dict, manifest: dict, out: str | Path) -> Path:
           f"{m['n']} images, {len(manifest.get('classes', []))} heads on `{b.get('name')}`"
           f"{', TTA ' + str(m['tta']) + ' views' if m.get('tta') else ''}.", "",
           "| metric | value |", "|---|---:|"]
-    from ..learn.metrics import MULTILABEL_SCALARS
-
     keys = (MULTILABEL_SCALARS if m.get("multilabel") else
             ["accuracy", "macro_f1", "balanced_accuracy", "top2_accuracy", "nll", "ece", "ece_calibrated"])
     md += [f"| {k} | {m[k]:.4f} |" for k in keys if isinstance(m.get(k), (int, float))]

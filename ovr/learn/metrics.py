@@ -1,9 +1,9 @@
-"""Metrics as plain dicts, from scikit-learn where it has them (ECE is computed here: scikit-learn has none)."""
+"""Metrics as plain dicts, from scikit-learn where it has them (ECE is computed here: scikit-learn has none).
+scikit-learn is imported by the functions that use it: importing it takes about a second, and training (which
+scores its heads with `binary_head_metrics`, plain numpy) never needs it."""
 from __future__ import annotations
 
 import numpy as np
-from sklearn.metrics import (accuracy_score, confusion_matrix, f1_score, log_loss,
-                             precision_recall_fscore_support, top_k_accuracy_score)
 
 
 def expected_calibration_error(proba: np.ndarray, y: np.ndarray, bins: int = 15) -> float:
@@ -37,6 +37,9 @@ def classification_metrics(y: np.ndarray, pred: np.ndarray, proba: np.ndarray | 
                            top: int = 3, labels: list[int] | None = None) -> dict:
     """y, pred: label indices (pred may hold -1 for 'unknown'); proba: [n, K] rows summing to 1, or None.
     `labels`: the classes macro averages run over (default all; evaluate passes those present in the data)."""
+    from sklearn.metrics import (accuracy_score, confusion_matrix, f1_score, log_loss,
+                                 precision_recall_fscore_support, top_k_accuracy_score)
+
     all_labels = list(range(len(classes)))
     present = all_labels if labels is None else list(labels)
     p, r, f, s = precision_recall_fscore_support(y, pred, labels=all_labels, zero_division=0)
@@ -96,7 +99,8 @@ MULTILABEL_SCALARS = ("mAP", "micro_f1", "macro_f1", "subset_accuracy", "hamming
 def multilabel_metrics(T: np.ndarray, conf: np.ndarray, fired: np.ndarray, classes: list[str]) -> dict:
     """Multi-label scores with scikit-learn's metrics. T, fired: bool [n, K] (true labels; heads that fire at
     their stored thresholds); conf: [n, K] per-head confidences. AP and mAP over classes with a positive."""
-    from sklearn.metrics import average_precision_score, hamming_loss
+    from sklearn.metrics import (accuracy_score, average_precision_score, f1_score, hamming_loss,
+                                 precision_recall_fscore_support)
 
     T, fired = np.asarray(T, dtype=bool), np.asarray(fired, dtype=bool)
     present = [k for k in range(T.shape[1]) if T[:, k].any()]

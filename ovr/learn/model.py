@@ -17,6 +17,7 @@ from . import aggregate
 from .answer import AnswerOptions, AnswerTensors, answer, head_logits
 from ..config import TrainConfig
 from .heads import Normalizer, Tensors, fit_ovr_heads, one_block, stack_heads
+from .metrics import binary_head_metrics
 from .stats import GATE_SHRINKAGE, FeatureMap, Stats, gate_posterior, moments, ridge_heads
 from .records import Calibration, HeadRecord, new_run_id, now  # noqa: F401  (re-exported: ovr.model is the API)
 
@@ -115,8 +116,6 @@ class Model:
         `classes`. Features are standardised with the statistics of all these rows, and that standardisation is
         folded into the stored heads; calibration and thresholds are fitted on held-out validation logits.
         `all_rows`: these are every row the statistics hold (their running sums give the standardisation)."""
-        from .metrics import binary_head_metrics  # here: importing scikit-learn is slow, and predict never needs it
-
         run = run or new_run_id()
         for name, A in (("training", X), ("validation", Xv)):
             if A.ndim != 2 or (self.backbone.get("dim") and A.shape[1] != self.backbone["dim"]):
