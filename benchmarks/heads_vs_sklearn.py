@@ -39,6 +39,17 @@ from ovr.learn.solver import weighted_bce
 GRID = TrainConfig().l2_grid
 
 
+def cpu_model() -> str:
+    """The processor's name (the figures differ between this project's machines)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def timed(fn):
     t0 = time.perf_counter()
     out = fn()
@@ -225,21 +236,25 @@ def main() -> None:
     ap.add_argument("--datasets", nargs="+", default=["digits", "photos", "synthetic"])
     ap.add_argument("--sklearn-heads-synthetic", type=int, default=10,
                     help="heads scikit-learn's sweep is timed on for the synthetic set (scaled to all 100)")
-    ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "heads_vs_sklearn.json"))
+    ap.add_argument("--out", help="the JSON to write (default results/heads_vs_sklearn.json, with --only-defaults "
+                                   "results/heads_defaults.json)")
     ap.add_argument("--only-defaults", action="store_true",
                     help="only default settings on both sides (path, sweep, scikit-learn) over 5 resplits; "
                          "datasets digits, photos, synthetic64")
     ap.add_argument("--resplits", type=int, default=5)
     ap.add_argument("--repeats", type=int, default=3, help="fits per resplit and method (--only-defaults)")
     a = ap.parse_args()
+    a.out = a.out or str(Path(__file__).parent / "results" /
+                         ("heads_defaults.json" if a.only_defaults else "heads_vs_sklearn.json"))
     dev = resolve_device(a.device)
     if a.only_defaults:
-        res = {"cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "results": []}
+        res = {"cpu_count": os.cpu_count(), "cpu": cpu_model(), "torch_threads": torch.get_num_threads(),
+               "results": []}
         for d in ("synthetic64" if d == "synthetic" else d for d in a.datasets):  # the defaults' synthetic set
             arrays = synthetic64() if d == "synthetic64" else getattr(datasets, d)(a.device)[0]
             res["results"].append(defaults(d, *arrays, dev, a.resplits, a.repeats))
-            out = Path(a.out).with_name("heads_defaults.json")
-            out.write_text(json.dumps(res, indent=2))
+            Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+            Path(a.out).write_text(json.dumps(res, indent=2))
         return
     out = {"cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "machine": platform.machine(),
            "device": str(dev) if dev.type == "cpu" else torch.cuda.get_device_name(0), "results": []}
