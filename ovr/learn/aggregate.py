@@ -163,8 +163,8 @@ def fit_thresholds(conf: np.ndarray, targets: np.ndarray, default: float = 0.5) 
 
     Only the rows scoring at least the head's lowest-scoring positive are sorted: a cut below them adds false
     positives and no true one, so the best cut is among them, and the next score below them is just their
-    largest. The same thresholds as sorting every row; on a large validation set with many heads most rows are a
-    head's clear negatives, and sorting all of them per head was seconds of a 1,000-head fit."""
+    largest. The same thresholds as sorting every row; on a large validation set most rows are a head's clear
+    negatives, and sorting them was most of this function's time."""
     n, N = conf.shape
     out = np.full(N, default)
     for j in range(N):
@@ -173,16 +173,19 @@ def fit_thresholds(conf: np.ndarray, targets: np.ndarray, default: float = 0.5) 
             continue
         c = conf[:, j]
         top = c >= c[pos].min()
-        order = np.argsort(-c[top], kind="stable")
-        s, y = c[top][order], pos[top][order]
+        ct = c[top]
+        order = np.argsort(-ct, kind="stable")
+        s, y = ct[order], pos[top][order]
         tp = np.cumsum(y)
         fp = np.cumsum(~y)
         f1 = 2 * tp / (tp + fp + pos.sum())
         last = np.r_[s[1:] != s[:-1], True]  # only cut between distinct scores
         f1 = np.where(last, f1, -1)
         k = int(np.argmax(f1))
-        rest = c[~top]
-        nxt = s[k + 1] if k + 1 < len(s) else (float(rest.max()) if len(rest) else 0.0)
+        if k + 1 < len(s):
+            nxt = s[k + 1]
+        else:  # the cut below every candidate: the next score is the best of the rest
+            nxt = float(c[~top].max()) if len(ct) < n else 0.0
         out[j] = float((s[k] + nxt) / 2)  # midway to the next score: robust to tiny shifts
     return out
 

@@ -1,6 +1,6 @@
 """Metrics as plain dicts, from scikit-learn where it has them (ECE is computed here: scikit-learn has none).
-scikit-learn is imported by the functions that use it: importing it takes about a second, and training (which
-scores its heads with `binary_head_metrics`, plain numpy) never needs it."""
+scikit-learn is imported by the functions that use it: its import is slow (a large share of a small fit in a fresh
+process), and training, which scores its heads with `binary_head_metrics` (plain numpy), never needs it."""
 from __future__ import annotations
 
 import numpy as np
