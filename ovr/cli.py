@@ -18,6 +18,7 @@ from .config import AnswerOptions, BenchConfig, DataConfig, FeatureConfig, Train
 from .errors import OvrError
 from .apps.serve import MAX_BATCH  # torch-free, FastAPI-free: the module imports its extra inside create_app
 
+# Help text is Rich markup: a bracket before a lowercase word opens a tag and vanishes unless escaped ("ovr\\[serve]").
 app = typer.Typer(no_args_is_help=True, rich_markup_mode="rich",
                   help="One-vs-rest image classification on frozen pretrained features.\n\n"
                        "Embeddings are cached per (backbone, weights, preprocessing, image content); "
@@ -724,7 +725,7 @@ def export(
     Outputs logits, confidences (raw and calibrated, gated for a grown model) and class_index.
 
     Class names, thresholds, calibration and the resize/crop to apply before the graph are in its metadata
-    (`ovr.*` keys). Needs the export extra: pip install "ovr[export]"."""
+    (`ovr.*` keys). Needs the export extra: pip install "ovr\\[export]"."""
     with user_errors():
         _early(model=model)
         from .apps.export import export_model
@@ -756,7 +757,7 @@ def serve(
     """HTTP API and a web page. POST /predict (multipart images) -> JSON; GET /classes, /health, /docs; POST /reload.
     The Open Inference Protocol (KServe v2: tritonclient, KServe and MLServer clients) under /v2.
 
-    Needs the serve extra: pip install "ovr[serve]"."""
+    Needs the serve extra: pip install "ovr\\[serve]"."""
     with user_errors():
         _early(model=model)
         from .apps.serve import create_app, run

@@ -196,3 +196,21 @@ def test_bench_help_says_a_manifest_works():
     r = cli("bench", "--help")
     text = " ".join(r.output.split())
     assert "CSV/TSV manifest" in text and "as for train" not in text
+
+
+def test_help_keeps_every_square_bracket_of_its_text():
+    """Help is Rich markup: `pip install "ovr[serve]"` printed as `pip install "ovr"` (the "[serve]" read as a
+    tag). Every bracketed word of every command's and option's help must reach the screen."""
+    import re
+
+    import typer
+
+    from ovr.cli import app
+
+    group = typer.main.get_command(app)
+    for name, command in group.commands.items():
+        texts = [command.help or ""] + [getattr(p, "help", None) or "" for p in command.params]
+        words = {w for t in texts for w in re.findall(r"\[[^\]\s]+\]", t) if not w.startswith("[default")}
+        out = " ".join(cli(name, "--help").output.replace("│", " ").split())
+        for w in words:
+            assert w in out, f"ovr {name} --help lost {w}"
