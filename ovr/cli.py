@@ -72,6 +72,15 @@ def _json(obj, as_json: bool, json_out: Path | None) -> bool:
     return as_json
 
 
+def _heads_json(model: Path, names: list[str]) -> dict:
+    """What the manifest records of these heads (strength and its validation path, solver, calibration,
+    threshold, validation metrics, file): the JSON twin of the train table."""
+    from .learn.manifest import read_manifest
+
+    heads = read_manifest(model)["heads"]
+    return {c: heads[c] for c in names}
+
+
 def _rule(title: str) -> None:
     """A section title: a rule on a terminal, a plain line when piped (a rule would span the piped width)."""
     if console.is_terminal:
@@ -374,7 +383,7 @@ def train(
     normalize: Annotated[Optional[str], typer.Option(help=f"standardize | l2 feature normalisation. {_d(TrainConfig, 'normalize')}")] = None,
     calibration: Annotated[Optional[str], typer.Option(help=f"platt | temperature | none, fitted per head on val. {_d(TrainConfig, 'calibration')}")] = None,
     force: Annotated[bool, typer.Option("--force", help="Overwrite an existing model folder.")] = False,
-    config: ConfigOpt = None,
+    config: ConfigOpt = None, as_json: JsonOpt = False, json_out: JsonOutOpt = None,
 ) -> None:
     """Embed DATA (through the cache) and train one binary head per class, all in parallel."""
     with user_errors():
@@ -386,13 +395,17 @@ def train(
                       l2_grid=_floats(l2_grid, "--l2-grid"), l2_search=l2_search, search_rows=search_rows, tol=tol,
                       val_fraction=val_fraction, test_fraction=test_fraction, split_seed=split_seed, views=views, dtype=dtype,
                       decode=decode, frame=frame)
-        folder = _early(data=data, cfg=cfg, out=out, force=force)
+        folder = _early(data=data, cfg=cfg, out=out, force=force, json_out=json_out)
         from .apps.pipeline import train_model
 
         with progress_bar() as cb:
             model, emb = train_model(folder, out, cfg, force=force, progress=cb)
         _warn_skipped(emb.result.skipped, emb.folder.notes)
-        console.print(embed_line(embed_summary(emb)), highlight=False)
+        summary = embed_summary(emb)
+        if _json({"model": str(out), "embedding": summary, "heads": _heads_json(out, model.classes)}, as_json,
+                 json_out):
+            return
+        console.print(embed_line(summary), highlight=False)
         console.print(_train_table(model, f"{len(model.classes)} heads ({model.head_type}) trained -> {out}"))
 
 
@@ -531,11 +544,12 @@ def add_class_cmd(
     replace: Annotated[bool, typer.Option("--replace", help="Retrain the class if it already exists.")] = False,
     refresh_confused: Annotated[bool, typer.Option("--refresh", help="Then retrain the old heads that fire on the new images (as `ovr refresh` would); the rest stay byte-identical.")] = False,
     backbone: BackboneOpt = None, device: DeviceOpt = None, engine: EngineOpt = None, cache_dir: CacheOpt = None, strict: StrictOpt = None,
-    config: ConfigOpt = None,
+    config: ConfigOpt = None, as_json: JsonOpt = False, json_out: JsonOutOpt = None,
 ) -> None:
     """Train one new head (negatives: the model's cached training embeddings); every other head file stays byte-identical."""
     with user_errors():
-        _early(model=model, inputs=images, new_class=name, replace=replace)  # an existing class: before any work
+        _early(model=model, inputs=images, new_class=name, replace=replace,  # an existing class: before any work
+               json_out=json_out)
         from .apps.pipeline import add_class, load_model, refresh as do_refresh
 
         cfg = _grow_config(model, config, backbone=backbone, device=device, engine=engine, cache_dir=cache_dir, strict=strict)
@@ -545,14 +559,22 @@ def add_class_cmd(
         for other, n in r.remembered_as.items():
             err.print(f"[yellow]warning:[/] {n} of these images are already examples of {escape(other)}; "
                       f"both classes now claim them (remove-class {escape(other)} if it was a mistake)", highlight=False)
+        rr = None
+        if refresh_confused and r.confused:
+            with progress_bar() as cb:
+                rr = do_refresh(model, sorted(r.confused), cfg, progress=cb)
+        refreshed = rr.changed if rr else []
+        if _json({"model": str(model), "added": name, "images": r.images, "seconds": r.seconds,
+                  "train_seconds": r.train_seconds, "old_heads_firing": r.confused, "refreshed": refreshed,
+                  "refresh_seconds": rr.seconds if rr else 0.0, "heads": _heads_json(model, [name, *refreshed])},
+                 as_json, json_out):
+            return
         console.print(f"added [bold]{escape(name)}[/] from {r.images} images in {r.seconds:.1f} s "
                       f"(head and gate {r.train_seconds:.2f} s)", highlight=False)
         console.print(_train_table(load_model(model), f"new head in {model}", [name]))
-        if not (refresh_confused and r.confused):
+        if rr is None:
             _print_confused(r.confused)
             return
-        with progress_bar() as cb:
-            rr = do_refresh(model, sorted(r.confused), cfg, progress=cb)
         n = len(rr.changed)
         console.print(f"refreshed {n} old head{'s' * (n != 1)} that fired on {escape(name)} in {rr.seconds:.1f} s", highlight=False)
         console.print(_train_table(load_model(model), f"refreshed heads in {model}", rr.changed))
@@ -563,15 +585,19 @@ def refresh(
     model: Annotated[Path, typer.Argument(help="Model folder.")],
     classes: Annotated[Optional[list[str]], typer.Argument(help="Heads to retrain; none: those confused by newer classes.")] = None,
     device: DeviceOpt = None, engine: EngineOpt = None, cache_dir: CacheOpt = None, config: ConfigOpt = None,
+    as_json: JsonOpt = False, json_out: JsonOutOpt = None,
 ) -> None:
     """Retrain chosen old heads with all current negatives; the other heads stay byte-identical."""
     with user_errors():
-        _early(model=model)
+        _early(model=model, json_out=json_out)
         from .apps.pipeline import load_model, refresh as do_refresh
 
         cfg = _grow_config(model, config, device=device, engine=engine, cache_dir=cache_dir)
         with progress_bar() as cb:
             r = do_refresh(model, classes or [], cfg, progress=cb)
+        if _json({"model": str(model), "refreshed": r.changed, "seconds": r.seconds,
+                  "heads": _heads_json(model, r.changed)}, as_json, json_out):
+            return
         if not r.changed:
             console.print("no head fires on newer classes; nothing to refresh")
             return
@@ -584,13 +610,16 @@ def refresh(
 def remove_class_cmd(
     model: Annotated[Path, typer.Argument(help="Model folder.")],
     name: Annotated[str, typer.Argument(help="Class to remove.")],
+    as_json: JsonOpt = False, json_out: JsonOutOpt = None,
 ) -> None:
     """Remove one head; the rest stay byte-identical."""
     with user_errors():
-        _early(model=model)
+        _early(model=model, json_out=json_out)
         from .apps.pipeline import remove_class
 
         remove_class(model, name)
+        if _json({"model": str(model), "removed": name}, as_json, json_out):
+            return
         console.print(f"removed {escape(name)} from {escape(str(model))}", highlight=False)
 
 

@@ -214,3 +214,40 @@ def test_help_keeps_every_square_bracket_of_its_text():
         out = " ".join(cli(name, "--help").output.replace("│", " ").split())
         for w in words:
             assert w in out, f"ovr {name} --help lost {w}"
+
+
+def test_train_add_refresh_and_remove_speak_json_for_machines(tmp_path, cache_dir):
+    """`train`, `add-class`, `refresh` and `remove-class` printed Rich tables only: a script had to read the
+    manifest. With --json stdout is one JSON object (the manifest's records of the heads the command wrote) and
+    nothing else; --json-out writes the same object to a file."""
+    import json
+
+    data = make_folder(tmp_path / "data", n_classes=3, per_class=10)
+    extra = make_folder(tmp_path / "extra", n_classes=4, per_class=10, prefix="n")
+    model = tmp_path / "m"
+    r = cli("train", data, "--out", model, *TINY, "--json", "--json-out", tmp_path / "train.json")
+    assert r.exit_code == 0, r.output
+    out = json.loads(r.stdout)
+    assert out == json.loads((tmp_path / "train.json").read_text())
+    manifest = json.loads((model / "manifest.json").read_text())
+    assert out["heads"] == manifest["heads"] and list(out["heads"]) == manifest["classes"]
+    assert out["embedding"]["usable"] == 30 and out["model"] == str(model)
+
+    new = "n3"
+    r = cli("add-class", model, new, extra / new, *TINY[2:4], "--json", "--refresh")
+    assert r.exit_code == 0, r.output
+    out = json.loads(r.stdout)
+    manifest = json.loads((model / "manifest.json").read_text())
+    assert out["added"] == new and out["images"] == 10
+    assert set(out["refreshed"]) == {c for c in out["old_heads_firing"]}
+    assert list(out["heads"]) == [new, *out["refreshed"]]
+    assert all(out["heads"][c] == manifest["heads"][c] for c in out["heads"])
+
+    old = manifest["classes"][0]
+    r = cli("refresh", model, old, *TINY[2:4], "--json")
+    assert r.exit_code == 0, r.output
+    out = json.loads(r.stdout)
+    assert out["refreshed"] == [old] and list(out["heads"]) == [old]
+    r = cli("remove-class", model, old, "--json")
+    assert r.exit_code == 0 and json.loads(r.stdout) == {"model": str(model), "removed": old}
+    assert old not in json.loads((model / "manifest.json").read_text())["classes"]
