@@ -242,16 +242,13 @@ def _warn_skipped(skipped, notes=()) -> None:
 @app.command()
 def backbones(
     measure: Annotated[bool, typer.Option("--measure", help="Also build each backbone whose weights are here and measure its parameters and forward images/s on this machine (a batch of 16, best of 3).")] = False,
-    device: DeviceOpt = None, engine: EngineOpt = None, cache_dir: CacheOpt = None,
+    device: DeviceOpt = None, engine: EngineOpt = None, cache_dir: CacheOpt = None, as_json: JsonOpt = False,
 ) -> None:
     """List the built-in backbones: embedding size, whether their weights are usable offline right now, and with
     --measure their size and speed here. Any timm model is `timm:NAME`, any torchvision one `torchvision:NAME`."""
     with user_errors():
         from .embedding.backbones import REGISTRY
 
-        t = Table(title="Backbones (also timm:NAME and torchvision:NAME)")
-        for col in ("name", "dim", "weights available", *(("parameters", "images/s") if measure else ()), "source"):
-            t.add_column(col, justify="right" if col in ("dim", "parameters", "images/s") else "left")
         if measure:
             from .embedding.backbones import load_backbone, measure as measure_backbone
             from .embedding.cache import default_cache_dir
@@ -260,22 +257,35 @@ def backbones(
 
             dev = resolve_device(device or "auto")
             root = Path(cache_dir) if cache_dir else default_cache_dir()
+        rows = []
         for info in REGISTRY.values():
-            ok = info.available()
-            cells = [escape(info.name), str(info.dim), "[green]yes[/]" if ok else "[yellow]no[/] (use --weights FILE)"]
+            row = {"name": info.name, "dim": info.dim, "weights_available": info.available(), "source": info.source}
             if measure:
-                if ok:
+                row["parameters"] = row["images_per_s"] = None
+                if row["weights_available"]:
                     bb = load_backbone(info.name, "default", root, "tensor")
                     attach(bb, engine or "auto", dev, root)
                     r = measure_backbone(bb, dev)
-                    cells += [f"{r['params'] / 1e6:.1f} M", f"{r['images_per_s']:.1f}"]
-                else:
-                    cells += ["-", "-"]
-            t.add_row(*cells, escape(info.source))
+                    row["parameters"], row["images_per_s"] = r["params"], r["images_per_s"]
+            rows.append(row)
+        where = (f"measured on {dev} with the {engine or 'auto'} engine, {__import__('torch').get_num_threads()} "
+                 "threads") if measure else None
+        if as_json:
+            print(json.dumps({"backbones": rows, **({"measured": where} if where else {})}, indent=2))
+            return
+        t = Table(title="Backbones (also timm:NAME and torchvision:NAME)")
+        for col in ("name", "dim", "weights available", *(("parameters", "images/s") if measure else ()), "source"):
+            t.add_column(col, justify="right" if col in ("dim", "parameters", "images/s") else "left")
+        for row in rows:
+            cells = [escape(row["name"]), str(row["dim"]),
+                     "[green]yes[/]" if row["weights_available"] else "[yellow]no[/] (use --weights FILE)"]
+            if measure:
+                ok = row["parameters"] is not None
+                cells += [f"{row['parameters'] / 1e6:.1f} M" if ok else "-", f"{row['images_per_s']:.1f}" if ok else "-"]
+            t.add_row(*cells, escape(row["source"]))
         console.print(t)
-        if measure:
-            err.print(f"measured on {dev} with the {engine or 'auto'} engine, {__import__('torch').get_num_threads()} "
-                      "threads", highlight=False)
+        if where:
+            err.print(where, highlight=False)
 
 
 @app.command()

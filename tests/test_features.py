@@ -151,6 +151,16 @@ def test_cli_embed_and_backbones(folder, cache_dir):
     for name in ["efficientnet_lite0", "resnet18", "resnet50", "mobilenet_v3_large", "efficientnet_b0",
                  "convnext_tiny", "vit_b_16", "tiny_cnn"]:
         assert name in r.output
+    # --json: the same rows for scripts (the table was the only way to ask which weights are here)
+    import json
+
+    from ovr.embedding.backbones import REGISTRY
+
+    r = runner.invoke(app, ["backbones", "--json"])
+    rows = {b["name"]: b for b in json.loads(r.stdout)["backbones"]}
+    assert r.exit_code == 0 and list(rows) == list(REGISTRY)
+    assert all(rows[n]["weights_available"] == REGISTRY[n].available() and rows[n]["dim"] == REGISTRY[n].dim
+               for n in rows)
 
 
 def test_config_file_and_flag_override(folder, cache_dir, tmp_path):
