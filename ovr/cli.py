@@ -364,8 +364,10 @@ def _train_table(model, title: str, names=None) -> Table:
         f = lambda x: "-" if x is None else f"{x:.3f}"  # noqa: E731
         its = (f"0 ({r.solver}: the warm start was already converged)" if r.iterations == 0 and r.solver == "lbfgs"
                else f"{r.iterations} ({r.solver})")
+        scored = v if v.get("positives") != 0 else {}  # no validation positive: nothing was measured
         t.add_row(escape(c), str(r.positives), str(r.negatives), f"{r.l2:g}", its,
-                  f(r.val_loss), _calibration_label(r.calibration.kind, model.calibration, r.solver == "ridge"), f(r.threshold), f(v.get("precision")), f(v.get("recall")), f(v.get("f1")))
+                  f(r.val_loss), _calibration_label(r.calibration.kind, model.calibration, r.solver == "ridge"),
+                  f(r.threshold), *(f(scored.get(k)) for k in ("precision", "recall", "f1")))
     return t
 
 
@@ -666,7 +668,8 @@ def info(
             t.add_column(col, justify="right" if col in right else "left", overflow="fold", no_wrap=col != "class")
         for c in m["classes"]:
             h = m["heads"][c]
-            f1 = (h.get("val") or {}).get("f1")
+            val = h.get("val") or {}
+            f1 = val.get("f1") if val.get("positives") != 0 else None  # none to measure it on
             tw = h.get("trained_with")
             saw = "?" if tw is None else f"{len(set(tw) & set(m['classes']))}/{len(m['classes'])}"
             t.add_row(escape(c), str(h["positives"]), str(h["negatives"]), f"{h['l2']:g}",

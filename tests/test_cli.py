@@ -251,3 +251,22 @@ def test_train_add_refresh_and_remove_speak_json_for_machines(tmp_path, cache_di
     r = cli("remove-class", model, old, "--json")
     assert r.exit_code == 0 and json.loads(r.stdout) == {"model": str(model), "removed": old}
     assert old not in json.loads((model / "manifest.json").read_text())["classes"]
+
+
+def test_a_head_without_validation_positives_shows_no_scores(tmp_path, cache_dir):
+    """A class of three images has none held out: its head's validation precision, recall and F1 read 0.000
+    (scikit-learn's zero_division convention), as if the head had been measured and failed. They are '-' in the
+    train table and `info`, and the manifest records the head's validation positives (0)."""
+    import json
+
+    data = make_folder(tmp_path / "data", n_classes=3, per_class=10)
+    for p in sorted((data / "c2").iterdir())[3:]:
+        p.unlink()
+    r = cli("train", data, "--out", tmp_path / "m", *TINY)
+    assert r.exit_code == 0, r.output
+    row = next(line for line in r.stdout.splitlines() if line.startswith("│ c2"))
+    assert [c.strip() for c in row.split("│")[-4:-1]] == ["-"] * 3, row  # val P, R, F1
+    heads = json.loads((tmp_path / "m" / "manifest.json").read_text())["heads"]
+    assert heads["c2"]["val"]["positives"] == 0 and heads["c0"]["val"]["positives"] == 2
+    info = next(line for line in cli("info", tmp_path / "m").stdout.splitlines() if line.startswith("│ c2"))
+    assert [c.strip() for c in info.split("│")][5] == "-", info

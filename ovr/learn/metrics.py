@@ -68,7 +68,8 @@ def classification_metrics(y: np.ndarray, pred: np.ndarray, proba: np.ndarray | 
 def binary_head_metrics(conf: np.ndarray, targets: np.ndarray, thresholds: np.ndarray) -> list[dict]:
     """Each head as a detector on validation data: precision, recall, F1 at its threshold (scikit-learn's
     definitions with zero_division=0, computed for all heads at once: its per-call checks cost more than the
-    arithmetic, 64 calls a sizeable part of a small fit)."""
+    arithmetic, 64 calls a sizeable part of a small fit). "positives": the head's validation positives (with none,
+    precision, recall and F1 are 0 by that convention, not a measurement)."""
     fired = conf >= np.asarray(thresholds)[None, :]
     t = np.asarray(targets).astype(bool)
     tp = (fired & t).sum(0).astype(float)
@@ -76,7 +77,8 @@ def binary_head_metrics(conf: np.ndarray, targets: np.ndarray, thresholds: np.nd
     p = np.divide(tp, n_fired, out=np.zeros_like(tp), where=n_fired > 0)
     r = np.divide(tp, n_true, out=np.zeros_like(tp), where=n_true > 0)
     f = np.divide(2 * tp, n_fired + n_true, out=np.zeros_like(tp), where=(n_fired + n_true) > 0)
-    return [{"precision": float(a), "recall": float(b), "f1": float(c)} for a, b, c in zip(p, r, f)]
+    return [{"precision": float(a), "recall": float(b), "f1": float(c), "positives": int(k)}
+            for a, b, c, k in zip(p, r, f, n_true)]
 
 
 def worst_errors(paths: list, y: np.ndarray, pred: np.ndarray, conf: np.ndarray, classes: list[str],
