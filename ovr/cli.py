@@ -343,11 +343,13 @@ def _embed_report(s: dict, as_json: bool, json_out: Path | None, notes: list[str
     console.print(embed_line(s), highlight=False)
 
 
-def _calibration_label(kind: str, asked: str, ridge: bool) -> str:
-    """A head's calibration for the train table and `info`; "none" where one was asked for says why (it did
-    not help on held-out rows; ridge heads are never calibrated)."""
+def _calibration_label(kind: str, asked: str, ridge: bool, val_positives: int | None = None) -> str:
+    """A head's calibration for the train table and `info`; "none" where one was asked for says why (too few
+    validation positives to test it on, or it did not help on held-out rows; ridge heads are never calibrated)."""
     if kind != "none" or asked == "none" or ridge:
         return kind
+    if val_positives is not None and val_positives < 2:  # `aggregate.fit_calibration` needs one in each half
+        return "none: fewer than 2 val positives"
     return "none: no gain on held-out val rows"
 
 
@@ -366,7 +368,8 @@ def _train_table(model, title: str, names=None) -> Table:
                else f"{r.iterations} ({r.solver})")
         scored = v if v.get("positives") != 0 else {}  # no validation positive: nothing was measured
         t.add_row(escape(c), str(r.positives), str(r.negatives), f"{r.l2:g}", its,
-                  f(r.val_loss), _calibration_label(r.calibration.kind, model.calibration, r.solver == "ridge"),
+                  f(r.val_loss), _calibration_label(r.calibration.kind, model.calibration, r.solver == "ridge",
+                                                    v.get("positives")),
                   f(r.threshold), *(f(scored.get(k)) for k in ("precision", "recall", "f1")))
     return t
 
@@ -674,7 +677,7 @@ def info(
             saw = "?" if tw is None else f"{len(set(tw) & set(m['classes']))}/{len(m['classes'])}"
             t.add_row(escape(c), str(h["positives"]), str(h["negatives"]), f"{h['l2']:g}",
                       "-" if f1 is None else f"{f1:.3f}", _calibration_label((h.get("calibration") or {}).get("kind", "none"), m.get("calibration", "platt"),
-                                        m.get("head_type") == "ridge"), f"{h['threshold']:.3f}", saw,
+                                        m.get("head_type") == "ridge", val.get("positives")), f"{h['threshold']:.3f}", saw,
                       h["created"][:19],
                       h["sha256"][:12])
         console.print(t)

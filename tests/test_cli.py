@@ -177,7 +177,7 @@ def test_train_table_says_why_a_head_took_no_iterations(tmp_path):
     from ovr.cli import _train_table
     from ovr.learn.store import load_model
 
-    data = make_folder(tmp_path / "data", n_classes=2, per_class=6)
+    data = make_folder(tmp_path / "data", n_classes=2, per_class=14)  # 2 validation positives a class
     assert cli("train", data, "--out", tmp_path / "m", *TINY).exit_code == 0
     model = load_model(tmp_path / "m")
     model.records["c0"].iterations = 0
@@ -255,8 +255,9 @@ def test_train_add_refresh_and_remove_speak_json_for_machines(tmp_path, cache_di
 
 def test_a_head_without_validation_positives_shows_no_scores(tmp_path, cache_dir):
     """A class of three images has none held out: its head's validation precision, recall and F1 read 0.000
-    (scikit-learn's zero_division convention), as if the head had been measured and failed. They are '-' in the
-    train table and `info`, and the manifest records the head's validation positives (0)."""
+    (scikit-learn's zero_division convention), as if the head had been measured and failed, and its calibration
+    "no gain on held-out val rows", though there was none to test it on. The scores are '-' in the train table and
+    `info`, the calibration says why, and the manifest records the head's validation positives (0)."""
     import json
 
     data = make_folder(tmp_path / "data", n_classes=3, per_class=10)
@@ -266,6 +267,7 @@ def test_a_head_without_validation_positives_shows_no_scores(tmp_path, cache_dir
     assert r.exit_code == 0, r.output
     row = next(line for line in r.stdout.splitlines() if line.startswith("│ c2"))
     assert [c.strip() for c in row.split("│")[-4:-1]] == ["-"] * 3, row  # val P, R, F1
+    assert "none: fewer than 2 val positives" in row  # not "no gain": calibration could not be tested
     heads = json.loads((tmp_path / "m" / "manifest.json").read_text())["heads"]
     assert heads["c2"]["val"]["positives"] == 0 and heads["c0"]["val"]["positives"] == 2
     info = next(line for line in cli("info", tmp_path / "m").stdout.splitlines() if line.startswith("│ c2"))
