@@ -29,6 +29,23 @@ def synthetic(seed: int = 0):
     return X[:20000], y[:20000], X[20000:22000], y[20000:22000], X[22000:], y[22000:]
 
 
+def classification64(n: int, class_sep: float, seed: int = 0, held_out: int = 20000):
+    """make_classification with 64 classes and 384 features (96 informative), standardised by the first n rows:
+    85% of them to train, 15% to validate, `held_out` more rows to test. -> (Xtr, T, Xv, Tv, Xt, yt, names),
+    X as tensors and T, Tv one-hot targets."""
+    import torch
+    from sklearn.datasets import make_classification
+
+    X, y = make_classification(n_samples=n + held_out, n_features=384, n_informative=96, n_redundant=0, n_classes=64,
+                               n_clusters_per_class=1, class_sep=class_sep, random_state=seed)
+    X = X.astype(np.float32)
+    X = (X - X[:n].mean(0)) / X[:n].std(0)
+    cut = int(n * 0.85)
+    Xtr, Xv, Xt = (torch.from_numpy(a) for a in (X[:cut], X[cut:n], X[n:]))
+    T, Tv = (torch.nn.functional.one_hot(torch.from_numpy(a), 64).float() for a in (y[:cut], y[cut:n]))
+    return Xtr, T, Xv, Tv, Xt, y[n:], [f"c{k}" for k in range(64)]
+
+
 def write_photos_folder(root: Path, per_class: int = 60, size: int = 64) -> Path:
     from PIL import Image, ImageEnhance, ImageOps
     from skimage import data as skd

@@ -15,22 +15,15 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from sklearn.datasets import make_classification
 
+import datasets
 from heads_vs_sklearn import cpu_model
 from ovr.config import TrainConfig
 from ovr.learn.heads import fit_ovr_heads
 
 
 def one(n: int, class_sep: float, seed: int) -> dict:
-    X, y = make_classification(n_samples=n + 20000, n_features=384, n_informative=96, n_redundant=0, n_classes=64,
-                               n_clusters_per_class=1, class_sep=class_sep, random_state=seed)
-    X = X.astype(np.float32)
-    X = (X - X[:n].mean(0)) / X[:n].std(0)
-    cut = int(n * 0.85)
-    Xtr, Xv, Xt = (torch.from_numpy(a) for a in (X[:cut], X[cut:n], X[n:]))
-    T, Tv = (torch.nn.functional.one_hot(torch.from_numpy(a), 64).float() for a in (y[:cut], y[cut:n]))
-    names = [f"c{k}" for k in range(64)]
+    Xtr, T, Xv, Tv, Xt, yt, names = datasets.classification64(n, class_sep, seed)
     row: dict = {"rows": n, "class_sep": class_sep, "seed": seed}
     for refit in (True, False):
         t = time.perf_counter()
@@ -39,7 +32,7 @@ def one(n: int, class_sep: float, seed: int) -> dict:
         W = torch.stack([f.params["weight"] for f in fits])
         b = torch.stack([f.params["bias"] for f in fits])
         key = "refit" if refit else "no_refit"
-        row[key] = {"accuracy_held_out": float(((Xt @ W.T + b).argmax(1).numpy() == y[n:]).mean()), "fit_s": seconds}
+        row[key] = {"accuracy_held_out": float(((Xt @ W.T + b).argmax(1).numpy() == yt).mean()), "fit_s": seconds}
     print(json.dumps(row), flush=True)
     return row
 

@@ -16,21 +16,15 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from sklearn.datasets import make_classification
 
+import datasets
 from ovr.config import TrainConfig
 from ovr.learn.heads import fit_ovr_heads
 
 
 def one(n: int, search_rows: int, class_sep: float) -> dict:
-    X, y = make_classification(n_samples=n + 20000, n_features=384, n_informative=96, n_redundant=0, n_classes=64,
-                               n_clusters_per_class=1, class_sep=class_sep, random_state=0)
-    X = X.astype(np.float32)
-    X = (X - X[:n].mean(0)) / X[:n].std(0)
-    cut = int(n * 0.85)
-    Xtr, Xv, Xt = (torch.from_numpy(a) for a in (X[:cut], X[cut:n], X[n:]))
-    T, Tv = (torch.nn.functional.one_hot(torch.from_numpy(a), 64).float() for a in (y[:cut], y[cut:n]))
-    names = [f"c{k}" for k in range(64)]
+    Xtr, T, Xv, Tv, Xt, yt, names = datasets.classification64(n, class_sep)
+    cut = len(Xtr)
     out: dict = {"rows": n, "train": cut, "validation": n - cut, "held_out": 20000, "class_sep": class_sep}
     fits = {}
     for label, rows in (("all rows", 0), (f"{search_rows} rows", search_rows)):
@@ -40,7 +34,7 @@ def one(n: int, search_rows: int, class_sep: float) -> dict:
         seconds = time.perf_counter() - t
         W = torch.stack([f.params["weight"] for f in fits[label]])
         b = torch.stack([f.params["bias"] for f in fits[label]])
-        acc = float(((Xt @ W.T + b).argmax(1).numpy() == y[n:]).mean())
+        acc = float(((Xt @ W.T + b).argmax(1).numpy() == yt).mean())
         out[label] = {"fit_s": seconds, "accuracy_held_out": acc,
                       "strengths": {str(v): int(c) for v, c in zip(*np.unique([f.l2 for f in fits[label]],
                                                                               return_counts=True))}}
