@@ -278,33 +278,37 @@ def softmax_temperature(z: torch.Tensor, y: torch.Tensor, weights: torch.Tensor 
     return 1.0 / beta, cur
 
 
-def softmax_gate(X: torch.Tensor, y: torch.Tensor, Xv: torch.Tensor, yv: torch.Tensor, classes: list[str]) -> Gate:
-    """The softmax gate, refit on rows (the gate before the statistics', kept to be measured against): a
-    class-balanced multinomial logistic regression, its L2 strength and temperature chosen on validation (NLL),
-    then refit on train + validation. Rows with y < 0 (negatives without a class) are left out. Features are
-    standardised for the fit (the heads' Normalizer); that is folded back."""
-    K = len(classes)
-    keep, keepv = y >= 0, yv >= 0
-    X, y = X[keep.to(X.device)].to(torch.float64), y[keep].to(X.device)
-    Xv, yv = Xv[keepv.to(Xv.device)].to(torch.float64), yv[keepv].to(X.device)
-    ya = torch.cat([y, yv])
-    norm = Normalizer.fit("standardize", X, Xv)
-    Z, Zv = norm.rows(X, Xv)
-    Za = joined(Z, Zv)
-    tuned = len(Xv) and len(torch.unique(yv)) > 1
-    strength, temp, theta = 0.01, 1.0, None
-    if tuned:
+def fit_softmax(Z: torch.Tensor, y: torch.Tensor, Zv: torch.Tensor, yv: torch.Tensor, K: int, grid, *,
+                untuned: float) -> tuple[torch.Tensor, float, float]:
+    """A class-balanced multinomial logistic regression on normalised rows Z, Zv (float64, validation rows right
+    after the training rows: `Normalizer.rows`): its L2 strength from `grid` (strongest first, each fit
+    warm-starting the next) and its temperature chosen by the validation NLL, then refit on train + validation at
+    that strength. Without validation rows of two classes or more: strength `untuned`, temperature 1. The softmax
+    gate and the softmax baseline. -> (theta [K, D + 1] weights | bias, strength, temperature)."""
+    strength, temp, theta = untuned, 1.0, None
+    if len(Zv) and len(torch.unique(yv)) > 1:
         wv, best = _balanced(yv, K, torch.float64), None
-        for l2 in GATE_L2:
+        for l2 in sorted(grid, reverse=True):
             theta = _softmax_fit(Z, y, K, l2, theta)
             t, nll = softmax_temperature(Zv @ theta[:, :-1].T + theta[:, -1], yv, wv)
             if best is None or nll < best[0]:
                 best = (nll, l2, t, theta)
         _, strength, temp, theta = best
-    theta = _softmax_fit(Za, ya, K, strength, theta)
+    return _softmax_fit(joined(Z, Zv), torch.cat([y, yv]), K, strength, theta), float(strength), float(temp)
+
+
+def softmax_gate(X: torch.Tensor, y: torch.Tensor, Xv: torch.Tensor, yv: torch.Tensor, classes: list[str]) -> Gate:
+    """The softmax gate, refit on rows (the gate before the statistics', kept to be measured against):
+    `fit_softmax` over GATE_L2 on the rows with a class (y < 0: negatives without one are left out), standardised
+    for the fit (the heads' Normalizer) and folded back, the temperature divided in."""
+    keep, keepv = y >= 0, yv >= 0
+    X, y = X[keep.to(X.device)].to(torch.float64), y[keep].to(X.device)
+    Xv, yv = Xv[keepv.to(Xv.device)].to(torch.float64), yv[keepv].to(X.device)
+    norm = Normalizer.fit("standardize", X, Xv)
+    Z, Zv = norm.rows(X, Xv)
+    theta, strength, temp = fit_softmax(Z, y, Zv, yv, len(classes), GATE_L2, untuned=0.01)
     raw = norm.fold({"weight": theta[:, :-1] / temp, "bias": theta[:, -1] / temp})
-    return Gate(list(classes), raw["weight"].float().cpu(), raw["bias"].float().cpu(), "softmax", float(strength),
-                float(temp))
+    return Gate(list(classes), raw["weight"].float().cpu(), raw["bias"].float().cpu(), "softmax", strength, temp)
 
 
 def unseen_matrix(classes: list[str], trained_with: list[list[str]]) -> np.ndarray:

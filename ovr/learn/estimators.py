@@ -17,7 +17,8 @@ from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import check_is_fitted, validate_data
 
 from ..config import DataConfig, TrainConfig
-from .heads import (Normalizer, autograd_grad, ce_columns, ce_linear_grad, check_head, init_linear, init_mlp,
+from .aggregate import fit_softmax
+from .heads import (Normalizer, autograd_grad, ce_columns, check_head, init_mlp,
                     stacked_logits)
 from .model import Model
 from ..runtime import head_seed, resolve_device
@@ -192,13 +193,16 @@ class OvRClassifier(_Base):
 
 
 class SoftmaxClassifier(_Base):
-    """The baseline: one K-way softmax head on the same features, trained with minibatch Adam; each L2 strength of
-    `l2_grid` is one column (a whole softmax model), and the one with the lowest validation loss is kept.
+    """The baseline: one K-way softmax head on the same features, under the protocol of the OvR heads. Linear:
+    solved exactly (`aggregate.fit_softmax`, the softmax gate's solver: L-BFGS to a gradient tolerance), classes
+    weighted to equal totals (as the OvR heads' pos_weight balances each head), the L2 strength of `l2_grid` with
+    the lowest validation NLL, then refit on train + validation. MLP: minibatch Adam, each strength one column, the
+    one with the lowest validation loss kept.
 
     Parameters
     ----------
     head, hidden, epochs, lr, batch_size, patience, l2_grid, normalize, val_fraction, seed, device
-        As for `OvRClassifier` (here Adam trains linear heads too).
+        As for `OvRClassifier` (epochs, lr, batch_size and patience: mlp only).
 
     Attributes
     ----------
@@ -227,14 +231,21 @@ class SoftmaxClassifier(_Base):
         X, y, Xv, yv = self._prepare(X, y, eval_set)
         dev = X.device
         K, D, G = len(self.classes_), X.shape[1], len(self.l2_grid)
+        t0 = time.perf_counter()
+        if self.head == "linear":
+            self.normalizer_ = Normalizer.fit(self.normalize, X, Xv)
+            Z, Zv = (P.to(torch.float64) for P in self.normalizer_.rows(X, Xv))
+            theta, self.l2_, _ = fit_softmax(Z, y.to(dev), Zv, yv.to(dev), K, self.l2_grid,
+                                             untuned=sorted(self.l2_grid)[G // 2])
+            self.params_ = {"weight": theta[None, :, :-1].float().cpu(), "bias": theta[None, :, -1].float().cpu()}
+            self.fit_seconds_ = time.perf_counter() - t0
+            return self
         self.normalizer_ = Normalizer.fit(self.normalize, X)
         has_val = len(Xv) > 0
         seeds = [head_seed(self.seed, "softmax")] * G
-        params = init_linear(seeds, D, K) if self.head == "linear" else init_mlp(seeds, D, self.hidden, K)
+        params = init_mlp(seeds, D, self.hidden, K)
         grid = torch.tensor(self.l2_grid if has_val else [sorted(self.l2_grid)[G // 2]] * G, dtype=torch.float32)
-        t0 = time.perf_counter()
-        grad = ce_linear_grad if self.head == "linear" else autograd_grad(ce_columns)
-        res = adam_columns(params, grad, ce_columns, self.normalizer_(X), y.to(dev),
+        res = adam_columns(params, autograd_grad(ce_columns), ce_columns, self.normalizer_(X), y.to(dev),
                            self.normalizer_(Xv) if has_val else None, yv.to(dev) if has_val else None, l2=grid, extra=None,
                            logits_fn=stacked_logits, epochs=self.epochs, lr=self.lr, batch_size=self.batch_size,
                            patience=self.patience, seed=self.seed, progress=progress)

@@ -204,14 +204,6 @@ def ce_columns(z: torch.Tensor, y: torch.Tensor, _unused=None) -> torch.Tensor:
     return F.cross_entropy(z.reshape(B * C, K), y.repeat_interleave(C), reduction="none").view(B, C).mean(0)
 
 
-def ce_linear_grad(p: Tensors, X: torch.Tensor, y: torch.Tensor, _unused=None) -> Tensors:
-    z = torch.einsum("bd,ckd->bck", X, p["weight"]) + p["bias"]
-    r = torch.softmax(z, -1)
-    r[torch.arange(len(y)), :, y] -= 1
-    r /= X.shape[0]
-    return {"weight": torch.einsum("bck,bd->ckd", r, X), "bias": r.sum(0)}
-
-
 def autograd_grad(loss_fn: Callable) -> Callable:
     def grad(p: Tensors, X: torch.Tensor, t: torch.Tensor, extra) -> Tensors:
         q = {k: v.detach().requires_grad_(True) for k, v in p.items()}
