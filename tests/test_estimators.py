@@ -72,3 +72,24 @@ def test_float32_and_float64_inputs_give_the_same_heads():
         for k, v in a.model_.heads[c].items():
             assert np.array_equal(v.numpy(), b.model_.heads[c][k].numpy())
     np.testing.assert_array_equal(a.predict_proba(X.astype(np.float32)), b.predict_proba(X))
+
+
+def test_the_linear_softmax_baseline_is_solved_exactly_and_balanced():
+    """The softmax baseline was minibatch Adam without class weights: its answer moved with the seed, and a class
+    with a tenth of the rows was outvoted. It is now the softmax gate's exact solve (`aggregate.fit_softmax`):
+    the same answer for any seed, and with classes weighted to equal totals, repeating a class's rows changes
+    nothing."""
+    X, y = blobs(3, 50, 6, seed=1)
+    held = np.arange(len(y)) % 5 == 0
+    ev = (X[held], y[held])
+    keep = ~held & ((y != 2) | (np.arange(len(y)) % 4 == 1))  # class 2: 10 rows against 40
+    X, y = X[keep], y[keep]
+    kw = dict(l2_grid=(1e-2, 1e-1, 1.0), normalize="l2", device="cpu")  # per row: repeated rows move no statistic
+    a = SoftmaxClassifier(seed=0, **kw).fit(X, y, eval_set=ev)
+    b = SoftmaxClassifier(seed=7, **kw).fit(X, y, eval_set=ev)
+    assert np.array_equal(a.params_["weight"].numpy(), b.params_["weight"].numpy())
+    assert a.score(*ev) > 0.6  # three classes: well above chance
+    # without validation rows (one strength, no refit): class 2's rows four times over are the same problem
+    rep = np.concatenate([np.arange(len(y)), np.repeat(np.flatnonzero(y == 2), 3)])
+    c, d = (SoftmaxClassifier(val_fraction=0, **kw).fit(X[r], y[r]) for r in (rep, np.arange(len(y))))
+    np.testing.assert_allclose(c.decision_function(ev[0]), d.decision_function(ev[0]), atol=1e-3)
