@@ -77,8 +77,8 @@ class _Method:
             kw["head"] = "ridge" if self.name == "ovr-ridge" else kw["head"]
             self.m = OvRClassifier(l2_grid=t.l2_grid, l2_search=t.l2_search, pos_weight=t.pos_weight,
                                    calibration=t.calibration, tol=t.tol, max_iter=t.max_iter, **kw).fit(Xn, yn, eval_set=ev)
-        elif self.name == "softmax":
-            self.m = SoftmaxClassifier(**kw).fit(Xn, yn, eval_set=ev)
+        elif self.name == "softmax":  # the heads' strengths: the two differ in the loss only
+            self.m = SoftmaxClassifier(l2_grid=t.l2_grid, **kw).fit(Xn, yn, eval_set=ev)
         else:
             from sklearn.linear_model import LogisticRegression
             from sklearn.multiclass import OneVsRestClassifier

@@ -217,7 +217,7 @@ class SoftmaxClassifier(_Base):
 
     def __init__(self, head: str = _T.head, *, hidden: int = _T.hidden, epochs: int = _T.epochs, lr: float = _T.lr,
                  batch_size: int = _T.head_batch_size, patience: int = _T.patience,
-                 l2_grid: tuple = (1e-4, 1e-3, 1e-2, 1e-1), normalize: str = _T.normalize,
+                 l2_grid: tuple = _T.l2_grid, normalize: str = _T.normalize,
                  val_fraction: float = _D.val_fraction, seed: int = _T.seed, device: str = "auto") -> None:
         self.head, self.hidden, self.epochs, self.lr = head, hidden, epochs, lr
         self.batch_size, self.patience, self.l2_grid = batch_size, patience, l2_grid
