@@ -49,13 +49,15 @@ def main() -> None:
     for n in a.rows:
         for s in a.class_sep:
             rs = [r for r in runs if r["rows"] == n and r["class_sep"] == s]
-            d = np.array([r["refit"]["accuracy_held_out"] - r["no_refit"]["accuracy_held_out"] for r in rs])
-            summary.append({"rows": n, "class_sep": s, **{k: {"accuracy_mean": float(np.mean([r[k]["accuracy_held_out"] for r in rs])),
-                                                               "accuracy_std": float(np.std([r[k]["accuracy_held_out"] for r in rs])),
-                                                               "fit_s_median": float(np.median([r[k]["fit_s"] for r in rs]))}
-                                                           for k in ("refit", "no_refit")},
-                            "refit_gain_points": {"mean": float(d.mean() * 100), "min": float(d.min() * 100),
-                                                  "max": float(d.max() * 100)}})
+            acc = {k: np.array([r[k]["accuracy_held_out"] for r in rs]) for k in ("refit", "no_refit")}
+            d = acc["refit"] - acc["no_refit"]
+            row = {"rows": n, "class_sep": s,
+                   "refit_gain_points": {"mean": float(d.mean() * 100), "min": float(d.min() * 100),
+                                         "max": float(d.max() * 100)}}
+            for k, v in acc.items():
+                row[k] = {"accuracy_mean": float(v.mean()), "accuracy_std": float(v.std()),
+                          "fit_s_median": float(np.median([r[k]["fit_s"] for r in rs]))}
+            summary.append(row)
             print(f"rows {n}, class_sep {s}: refit gains {d.mean() * 100:+.2f} points (min {d.min() * 100:+.2f}, "
                   f"max {d.max() * 100:+.2f}) over {len(d)} seeds", flush=True)
     a.out.parent.mkdir(parents=True, exist_ok=True)
