@@ -353,6 +353,12 @@ def _calibration_label(kind: str, asked: str, ridge: bool, val_positives: int | 
     return "none: no gain on held-out val rows"
 
 
+def _measured(val: dict | None) -> dict:
+    """A head's validation scores, or none where it had no validation positive (its precision, recall and F1 are
+    then 0 by convention, not a measurement)."""
+    return {} if not val or val.get("positives") == 0 else val
+
+
 def _train_table(model, title: str, names=None) -> Table:
     t = Table(title=title)
     for col, just in [("class", "left"), ("positives", "right"), ("negatives", "right"), ("L2", "right"),
@@ -366,7 +372,7 @@ def _train_table(model, title: str, names=None) -> Table:
         f = lambda x: "-" if x is None else f"{x:.3f}"  # noqa: E731
         its = (f"0 ({r.solver}: the warm start was already converged)" if r.iterations == 0 and r.solver == "lbfgs"
                else f"{r.iterations} ({r.solver})")
-        scored = v if v.get("positives") != 0 else {}  # no validation positive: nothing was measured
+        scored = _measured(v)
         t.add_row(escape(c), str(r.positives), str(r.negatives), f"{r.l2:g}", its,
                   f(r.val_loss), _calibration_label(r.calibration.kind, model.calibration, r.solver == "ridge",
                                                     v.get("positives")),
@@ -672,7 +678,7 @@ def info(
         for c in m["classes"]:
             h = m["heads"][c]
             val = h.get("val") or {}
-            f1 = val.get("f1") if val.get("positives") != 0 else None  # none to measure it on
+            f1 = _measured(val).get("f1")
             tw = h.get("trained_with")
             saw = "?" if tw is None else f"{len(set(tw) & set(m['classes']))}/{len(m['classes'])}"
             t.add_row(escape(c), str(h["positives"]), str(h["negatives"]), f"{h['l2']:g}",
