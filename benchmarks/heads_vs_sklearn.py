@@ -33,21 +33,10 @@ import datasets
 from ovr.config import TrainConfig
 from ovr.learn.estimators import OvRClassifier
 from ovr.learn.model import Model
-from ovr.runtime import resolve_device
+from ovr.runtime import cpu_model, resolve_device
 from ovr.learn.solver import weighted_bce
 
 GRID = TrainConfig().l2_grid
-
-
-def cpu_model() -> str:
-    """The processor's name (the figures differ between this project's machines)."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def timed(fn):

@@ -17,9 +17,9 @@ import numpy as np
 import torch
 
 import datasets
-from heads_vs_sklearn import cpu_model
 from ovr.config import TrainConfig
 from ovr.learn.heads import fit_ovr_heads
+from ovr.runtime import cpu_model
 
 
 def one(n: int, class_sep: float, seed: int) -> dict:

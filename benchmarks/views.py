@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -88,8 +87,9 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/views.json"))
     a = ap.parse_args()
     from ovr.embedding.data import write_digits_folder
+    from ovr.runtime import cpu_model
 
-    out: dict = {"machine": f"{os.cpu_count()} cores, {platform.processor() or platform.machine()}",
+    out: dict = {"machine": f"{cpu_model()}, {os.cpu_count()} cores",
                  "torch_threads": torch.get_num_threads(), "K": KS, "tta_views": TTA}
     for name in a.datasets.split(","):
         root = (write_digits_folder(Path(cache_dir()) / "digits-images") if name == "digits"

@@ -50,6 +50,22 @@ def busy_cores(cores: int, window: float = 0.05) -> float:
             return 0.0
 
 
+def cpu_model() -> str:
+    """The processor's name, for benchmark records: this project's machines differ (an AMD EPYC, an Intel Xeon) and
+    so do their figures. /proc/cpuinfo's "model name" where there is one; platform.processor() is only the
+    architecture ("x86_64") on Linux."""
+    import platform
+
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def _cpu_times() -> list[int]:
     with open("/proc/stat", encoding="ascii") as f:
         return [int(v) for v in f.readline().split()[1:]]

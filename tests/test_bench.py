@@ -1,5 +1,6 @@
 import json
 import os
+import platform
 import subprocess
 import sys
 
@@ -47,6 +48,8 @@ def test_report_has_every_method_metric_and_file(report):
     md = (tmp / "rep" / "report.md").read_text()
     assert all(m in md for m in METHODS) and "How to read it" in md
     assert rep["dataset"]["fingerprint"] and rep["versions"]["torch"] and rep["config"]["train"]
+    # the processor's name, not only its architecture (platform.processor() is "x86_64" on Linux)
+    assert rep["cpu"] and rep["cpu"] != platform.machine()
     assert "sklearn-multinomial" in out and "softmax" in out
     few = rep["n"]["train_per_scenario"]["few-shot"]
     assert few == 4 * rep["config"]["bench"]["few_shot_k"] < rep["n"]["train"]

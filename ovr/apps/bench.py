@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from ..learn import aggregate
+from ..runtime import cpu_model
 from ..version import __version__
 from ..config import Config, config_to_dict
 from ..embedding.features import Progress
@@ -239,7 +240,7 @@ def run_bench(emb, cfg: Config, progress: Progress | None = None, methods: tuple
         "backbone": emb.backbone.spec() if emb.backbone else None, "config": config_to_dict(cfg),
         "versions": {"ovr": __version__, "torch": torch.__version__, "python": platform.python_version(),
                      "numpy": np.__version__, "sklearn": __import__("sklearn").__version__},
-        "device": dev if dev == "cpu" else torch.cuda.get_device_name(0), "cpu": platform.processor() or platform.machine(),
+        "device": dev if dev == "cpu" else torch.cuda.get_device_name(0), "cpu": cpu_model(),
     }
 
 
