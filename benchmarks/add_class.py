@@ -26,7 +26,6 @@ import argparse
 import copy
 import json
 import os
-import platform
 import time
 from pathlib import Path
 
@@ -38,7 +37,7 @@ from ovr.learn import aggregate
 from ovr.config import TrainConfig
 from ovr.learn.model import Model, grow_in_order, stats_gate
 from ovr.learn.stats import GATE_SHRINKAGE
-from ovr.runtime import resolve_device
+from ovr.runtime import machine_name, resolve_device
 
 SETTINGS = TrainConfig()
 
@@ -295,7 +294,7 @@ def main() -> None:
     ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "add_class.json"))
     a = ap.parse_args()
     dev = resolve_device(a.device)
-    res = {"cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "machine": platform.machine(),
+    res = {"cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "machine": machine_name(),
            "device": str(dev) if dev.type == "cpu" else torch.cuda.get_device_name(0), "datasets": {}}
     if a.only_scaling:
         res["scaling"] = scalings(a.sizes, dev, a.new_rows)

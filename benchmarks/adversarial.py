@@ -28,6 +28,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parents[1] / "tests"))
 from conftest import make_folder  # noqa: E402  the tests' generated images
 from serving import start_server  # noqa: E402
+from ovr.runtime import machine_name  # noqa: E402
 
 TINY = ["--backbone", "tiny_cnn", "--device", "cpu", "--workers", "0"]
 
@@ -339,7 +340,7 @@ def main() -> None:
     counts["damaged_refused_with_one_line"] = sum(1 for c in cases if c.get("refused"))
     counts["damaged_runs"] = sum(1 for c in cases if c["kind"] == "damaged folder")
     a.out.parent.mkdir(parents=True, exist_ok=True)
-    a.out.write_text(json.dumps({"counts": counts, "cases": cases, "machine": f"{os.cpu_count()} cores"}, indent=1))
+    a.out.write_text(json.dumps({"counts": counts, "cases": cases, "machine": machine_name()}, indent=1))
     print(json.dumps(counts, indent=1))
     shutil.rmtree(base, ignore_errors=True)
 

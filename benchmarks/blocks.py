@@ -24,6 +24,7 @@ import torch
 from ovr.config import TrainConfig
 from ovr.learn.heads import Normalizer, fit_ovr_heads, one_block
 from ovr.learn.model import head_targets
+from ovr.runtime import machine_name
 
 
 def main() -> None:
@@ -48,7 +49,7 @@ def main() -> None:
     T, Tv = head_targets(yt[nv:], np.arange(K), "cpu"), head_targets(yt[hold:nv], np.arange(K), "cpu")
     cfg = TrainConfig()
     settings = a.blocks.split(",")
-    res = {"machine": f"{os.cpu_count()} cores", "rows": n, "heads": K, "dim": dim,
+    res = {"machine": machine_name(), "rows": n, "heads": K, "dim": dim,
            "search_rows": cfg.search_rows, "seconds": {s: [] for s in settings}}
     for _ in range(a.rounds):
         for s in settings:

@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import time
 from pathlib import Path
@@ -23,6 +22,7 @@ from pathlib import Path
 import torch
 
 from ovr.learn.solver import colsum
+from ovr.runtime import machine_name
 
 
 def timed(fn, repeats: int) -> float:
@@ -41,7 +41,7 @@ def main() -> None:
     a = ap.parse_args()
     torch.set_num_threads(len(os.sched_getaffinity(0)))
     g = torch.Generator().manual_seed(0)
-    out = {"machine": f"{os.cpu_count()} cores ({platform.machine()}), torch threads {torch.get_num_threads()}",
+    out = {"machine": f"{machine_name()}, torch threads {torch.get_num_threads()}",
            "rounds": a.rounds, "shapes": []}
     for shape in a.shapes.split(","):
         n, C = map(int, shape.split("x"))

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -15,6 +14,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
 from datasets import digits, photos  # noqa: E402
+from ovr.runtime import machine_name  # noqa: E402
 
 
 def main() -> None:
@@ -24,7 +24,7 @@ def main() -> None:
     a = ap.parse_args()
     from ovr.learn.estimators import OvRClassifier
 
-    out = {"machine": f"{os.cpu_count()} cores", "resplits": a.resplits}
+    out = {"machine": machine_name(), "resplits": a.resplits}
     for name, load in (("digits", digits), ("photos", photos)):
         (X, y, Xv, yv, Xt, yt), _ = load()
         Xa, ya = np.concatenate([X, Xv, Xt]), np.concatenate([y, yv, yt])

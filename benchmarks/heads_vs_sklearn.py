@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import time
 from pathlib import Path
 
@@ -33,7 +32,7 @@ import datasets
 from ovr.config import TrainConfig
 from ovr.learn.estimators import OvRClassifier
 from ovr.learn.model import Model
-from ovr.runtime import cpu_model, resolve_device
+from ovr.runtime import cpu_model, machine_name, resolve_device
 from ovr.learn.solver import weighted_bce
 
 GRID = TrainConfig().l2_grid
@@ -245,7 +244,7 @@ def main() -> None:
             Path(a.out).parent.mkdir(parents=True, exist_ok=True)
             Path(a.out).write_text(json.dumps(res, indent=2))
         return
-    out = {"cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "machine": platform.machine(),
+    out = {"cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(), "machine": machine_name(),
            "device": str(dev) if dev.type == "cpu" else torch.cuda.get_device_name(0), "results": []}
     for d in a.datasets:
         if d == "synthetic":

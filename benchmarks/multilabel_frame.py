@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import tempfile
 from pathlib import Path
@@ -24,6 +23,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
 from datasets import cache_dir, write_photos_folder  # noqa: E402
+from ovr.runtime import machine_name  # noqa: E402
 
 SOURCES = ("astronaut", "coffee", "chelsea", "rocket", "camera", "coins", "china.jpg", "flower.jpg")
 
@@ -94,7 +94,7 @@ def main() -> None:
 
     single = {"photos": write_photos_folder(Path(cache_dir()) / "photos-images"),
               "digits": write_digits_folder(Path(cache_dir()) / "digits-images")}
-    res: dict = {"machine": f"{os.cpu_count()} cores", "backbone": "efficientnet_lite0", "resplits": a.resplits,
+    res: dict = {"machine": machine_name(), "backbone": "efficientnet_lite0", "resplits": a.resplits,
                  "multilabel": {"ovr crop": [], "ovr full": [], "sklearn OvR C=0.1, full": []},
                  "single_label": {f"{d} ovr {f}": [] for d in single for f in ("crop", "full")}}
     for seed in range(a.resplits):

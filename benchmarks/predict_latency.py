@@ -25,6 +25,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
 from datasets import write_photos_folder  # noqa: E402
+from ovr.runtime import machine_name  # noqa: E402
 
 
 def main() -> None:
@@ -64,7 +65,7 @@ def main() -> None:
                                       *flags], env=env, check=True, capture_output=True, text=True).stdout
                 times.setdefault(f"{engine} {phase}", []).append(time.perf_counter() - t0)
                 answers.setdefault(f"{engine} {phase}", []).append(json.loads(out.splitlines()[0])["class"])
-    res = {"machine": f"{os.cpu_count()} cores", "backbone": "efficientnet_lite0", "repeats": a.repeats,
+    res = {"machine": machine_name(), "backbone": "efficientnet_lite0", "repeats": a.repeats,
            "seconds": {k: {"median": float(np.median(v)), "min": min(v), "max": max(v)} for k, v in times.items()},
            "same_answers_across_engines": answers["torch cold"] == answers["onnxruntime cold"],
            "import_torch_s": _import_time("torch"),

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import time
 from pathlib import Path
 
@@ -19,7 +18,7 @@ import torch
 import datasets
 from ovr.config import TrainConfig
 from ovr.learn.heads import fit_ovr_heads
-from ovr.runtime import cpu_model
+from ovr.runtime import machine_name
 
 
 def one(n: int, class_sep: float, seed: int) -> dict:
@@ -61,7 +60,7 @@ def main() -> None:
             print(f"rows {n}, class_sep {s}: refit gains {d.mean() * 100:+.2f} points (min {d.min() * 100:+.2f}, "
                   f"max {d.max() * 100:+.2f}) over {len(d)} seeds", flush=True)
     a.out.parent.mkdir(parents=True, exist_ok=True)
-    a.out.write_text(json.dumps({"machine": f"{cpu_model()}, {len(os.sched_getaffinity(0))} cores",
+    a.out.write_text(json.dumps({"machine": machine_name(),
                                  "torch": torch.__version__, "summary": summary, "runs": runs}, indent=2))
 
 

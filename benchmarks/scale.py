@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from ovr.runtime import machine_name
 
 
 def rss_mb() -> float:
@@ -131,7 +132,7 @@ def main() -> None:
     if a.index_one:
         print(json.dumps(index_only(a.index_one, a.root)))
         return
-    res = {"machine": f"{os.cpu_count()} cores", "dim": a.dim, "points": [], "index": []}
+    res = {"machine": machine_name(), "dim": a.dim, "points": [], "index": []}
     for N in map(int, a.index_sizes.split(",")):
         r = subprocess.run([sys.executable, __file__, "--index-one", str(N), "--root", str(a.root)],
                            capture_output=True, text=True, check=True)

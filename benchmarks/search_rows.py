@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import time
 from pathlib import Path
 
@@ -20,6 +19,7 @@ import torch
 import datasets
 from ovr.config import TrainConfig
 from ovr.learn.heads import fit_ovr_heads
+from ovr.runtime import machine_name
 
 
 def one(n: int, search_rows: int, class_sep: float) -> dict:
@@ -61,7 +61,7 @@ def main() -> None:
     ap.add_argument("--class-sep", type=float, nargs="+", default=[2.0, 1.5])
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "search_rows.json")
     a = ap.parse_args()
-    res = {"machine": f"{os.cpu_count()} cores", "torch_threads": torch.get_num_threads(), "results": []}
+    res = {"machine": machine_name(), "torch_threads": torch.get_num_threads(), "results": []}
     for sep in a.class_sep:
         res["results"].append(one(a.rows, a.search_rows, sep))
         a.out.write_text(json.dumps(res, indent=1))

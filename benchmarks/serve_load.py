@@ -26,6 +26,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).parent))
 from datasets import write_photos_folder  # noqa: E402  the real-photo set of the other benchmarks
 from serving import start_server  # noqa: E402
+from ovr.runtime import machine_name  # noqa: E402
 
 
 def load(url: str, files: list[Path], batch: int, clients: int, seconds: float, max_requests: int,
@@ -125,7 +126,7 @@ def main() -> None:
         return r
 
     files = sorted(data.rglob("*.png"))
-    res = {"machine": f"{os.cpu_count()} cores", "backbone": a.backbone, "image": "64x64 PNG crops of real photographs",
+    res = {"machine": machine_name(), "backbone": a.backbone, "image": "64x64 PNG crops of real photographs",
            "phases": []}
     if a.only_protocol:  # the same server, the same images: /predict and /v2 infer, interleaved in pairs
         server, url = start()

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -22,6 +21,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from datasets import cache_dir, write_photos_folder  # noqa: E402
+from ovr.runtime import machine_name  # noqa: E402
 
 KS = (0, 2, 5, 10)
 TTA = 5
@@ -87,9 +87,8 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path("benchmarks/results/views.json"))
     a = ap.parse_args()
     from ovr.embedding.data import write_digits_folder
-    from ovr.runtime import cpu_model
 
-    out: dict = {"machine": f"{cpu_model()}, {os.cpu_count()} cores",
+    out: dict = {"machine": machine_name(),
                  "torch_threads": torch.get_num_threads(), "K": KS, "tta_views": TTA}
     for name in a.datasets.split(","):
         root = (write_digits_folder(Path(cache_dir()) / "digits-images") if name == "digits"

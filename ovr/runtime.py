@@ -66,6 +66,14 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+def machine_name() -> str:
+    """The processor and the cores this process may use, as benchmark records name their machine."""
+    import os
+
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return f"{cpu_model()}, {cores} cores"
+
+
 def _cpu_times() -> list[int]:
     with open("/proc/stat", encoding="ascii") as f:
         return [int(v) for v in f.readline().split()[1:]]
