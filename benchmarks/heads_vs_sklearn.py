@@ -32,7 +32,7 @@ import datasets
 from ovr.config import TrainConfig
 from ovr.learn.estimators import OvRClassifier
 from ovr.learn.model import Model
-from ovr.runtime import cpu_model, machine_name, resolve_device
+from ovr.runtime import machine_name, resolve_device
 from ovr.learn.solver import weighted_bce
 
 GRID = TrainConfig().l2_grid
@@ -236,8 +236,7 @@ def main() -> None:
                          ("heads_defaults.json" if a.only_defaults else "heads_vs_sklearn.json"))
     dev = resolve_device(a.device)
     if a.only_defaults:
-        res = {"cpu_count": os.cpu_count(), "cpu": cpu_model(), "torch_threads": torch.get_num_threads(),
-               "results": []}
+        res = {"machine": machine_name(), "torch_threads": torch.get_num_threads(), "results": []}
         for d in ("synthetic64" if d == "synthetic" else d for d in a.datasets):  # the defaults' synthetic set
             arrays = synthetic64() if d == "synthetic64" else getattr(datasets, d)(a.device)[0]
             res["results"].append(defaults(d, *arrays, dev, a.resplits, a.repeats))
