@@ -19,13 +19,18 @@ def head_seed(seed: int, class_name: str) -> int:
 _THREADS_SET = False
 
 
+def usable_cores() -> int:
+    """The cores this process may run on (its affinity where the system has one)."""
+    import os
+
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
 def compute_threads(requested: int = 0) -> int:
     """Threads for the compute pools (torch's, onnxruntime's): `requested` if > 0, else the cores not already busy
     (cores minus what other processes use right now, at least 1): threads beyond the free cores fight the other
     processes for them, and everything slows down several times."""
-    import os
-
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    cores = usable_cores()
     if requested > 0:
         return requested
     return max(1, min(cores, int(cores - busy_cores(cores) + 0.5)))
@@ -68,10 +73,7 @@ def cpu_model() -> str:
 
 def machine_name() -> str:
     """The processor and the cores this process may use, as benchmark records name their machine."""
-    import os
-
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return f"{cpu_model()}, {cores} cores"
+    return f"{cpu_model()}, {usable_cores()} cores"
 
 
 def _cpu_times() -> list[int]:

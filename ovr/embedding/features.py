@@ -10,6 +10,7 @@ from typing import Callable
 import numpy as np
 import torch
 
+from ..runtime import usable_cores
 from .backbones import Backbone
 from .cache import EmbeddingCache, hash_files
 from .data import ImageFolder, describe_error, map_decoding, read_image_file
@@ -87,7 +88,7 @@ def default_workers(workers: int, device: torch.device | str = "cpu") -> int:
     2 compute threads, decoding runs in the main process), so the two pools do not fight over them."""
     if workers >= 0:
         return workers
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    cores = usable_cores()
     if torch.device(device).type == "cuda":
         return max(0, min(8, cores - 1))
     return max(0, min(8, cores - torch.get_num_threads()))
